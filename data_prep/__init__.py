@@ -1,0 +1,1 @@
+"""The prep stage: clips -> reviewed captions -> latent shards (issue #3)."""

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random-init Wan pipelines built locally, and an offline, sandboxed hub.
+
+The environment is set before anything imports huggingface_hub, so no test can reach the
+network or write into the user's caches.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SANDBOX = Path(tempfile.mkdtemp(prefix="wan-tune-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = str(_SANDBOX / "hf")
+os.environ["WAN_TUNE_HOME"] = str(_SANDBOX / "wan-tune-home")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory) -> dict[str, Path]:
+    """{'tiny': folder, 'tiny-i2v': folder}: complete diffusers-format pipeline folders."""
+    from wan_tune.models.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {v: save_tiny_pipeline(root / v, v, seed=0) for v in ("tiny", "tiny-i2v")}
+
+
+def transformer_inputs(variant_name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fixed inputs for a tiny transformer forward: 1 clip, 3 latent frames of 8x12."""
+    from wan_tune.models.variants import get_variant
+
+    v = get_variant(variant_name)
+    g = torch.Generator().manual_seed(seed)
+    cfg = v.transformer
+    inputs = {
+        "hidden_states": torch.randn(1, cfg["in_channels"], 3, 8, 12, generator=g),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 7, cfg["text_dim"], generator=g),
+    }
+    if v.is_i2v:
+        inputs["encoder_hidden_states_image"] = torch.randn(1, 5, cfg["image_dim"], generator=g)
+    return inputs
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    """Write YAML text to a recipe file and return its path."""
+
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

@@ -1,0 +1,50 @@
+"""Every shipped recipe validates, and the README's key reference matches the schema."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from wan_tune.cli import main
+from wan_tune.config import load_recipe
+from wan_tune.config.reference import BEGIN, END, reference_markdown
+from wan_tune.models import get_variant
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_the_promised_recipes_are_shipped():
+    names = {p.stem for p in RECIPES}
+    assert {
+        "wan2.1-t2v-1.3b-lora", "wan2.1-t2v-14b-lora", "wan2.1-i2v-14b-480p-lora", "wan2.1-t2v-1.3b-full", "demo-tiny",
+    } <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_checks_clean(path, capsys):
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    recipe = load_recipe(path)
+    assert f"variant: {recipe.model.variant}" in out
+    # A recipe's method and variant agree with its file name.
+    variant = get_variant(recipe.model.variant)
+    if path.stem != "demo-tiny":
+        assert path.stem.startswith(variant.name)
+        assert path.stem.endswith("full" if recipe.adapter.method == "full" else "lora")
+
+
+def test_console_script_reports_errors_with_status_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian: {lr: 1}\n")
+    proc = subprocess.run(["wan-tune", "check", str(bad), "data.frames=[80]"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "did you mean 'train'" in proc.stderr and "4k+1" in proc.stderr
+
+
+def test_readme_reference_matches_schema():
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(BEGIN), readme.index(END) + len(END)
+    assert readme[start:end] == reference_markdown(), "regenerate it: python -m wan_tune.config.reference"

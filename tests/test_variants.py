@@ -1,0 +1,54 @@
+"""The variant registry: real configs built on the meta device, LoRA target presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from wan_tune.models import VARIANTS, get_variant
+from wan_tune.models.lora_targets import expand_targets
+from wan_tune.models.variants import architecture_mismatches
+
+REAL = [v for v in VARIANTS.values() if not v.tiny]
+
+
+@pytest.mark.parametrize("variant", REAL, ids=lambda v: v.name)
+def test_real_variant_parameter_count_matches_design(variant):
+    with torch.device("meta"):  # no memory: shapes only
+        model = WanTransformer3DModel(**variant.transformer)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count / variant.expected_params - 1) < 0.01, f"{variant.name}: {count / 1e9:.3f} B"
+    assert variant.hub_id.startswith("Wan-AI/Wan2.1-") and variant.hub_id.endswith("-Diffusers")
+
+
+def test_i2v_variants_take_mask_and_condition_channels():
+    for v in VARIANTS.values():
+        assert v.in_channels == (36 if v.is_i2v else 16)
+        assert (v.transformer["image_dim"] is not None) == v.is_i2v
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(KeyError, match="wan2.1-t2v-1.3b"):
+        get_variant("wan9")
+
+
+def test_architecture_mismatch_names_the_differing_keys():
+    t2v, i2v = get_variant("tiny"), get_variant("tiny-i2v")
+    problems = architecture_mismatches(t2v, dict(i2v.transformer))
+    assert any(p.startswith("in_channels") for p in problems)
+    assert architecture_mismatches(t2v, dict(t2v.transformer)) == []
+
+
+def test_target_presets_expand_to_real_module_names():
+    i2v = get_variant("tiny-i2v")
+    model = WanTransformer3DModel(**i2v.transformer)
+    names = [n for n, _ in model.named_modules()]
+    targets = expand_targets(["attention", "ffn", "attn1.to_q"], i2v)
+    assert targets.count("attn1.to_q") == 1  # explicit names already in a preset are not repeated
+    assert "attn2.add_k_proj" in targets  # the I2V image branch belongs to cross-attention
+    for t in targets:  # every suffix names a Linear in each block, never anything else
+        hits = [n for n in names if n.endswith("." + t)]
+        assert len(hits) == i2v.transformer["num_layers"], t
+        assert all(isinstance(model.get_submodule(h), torch.nn.Linear) for h in hits)
+    assert "attn2.add_k_proj" not in expand_targets(["attention"], get_variant("tiny"))

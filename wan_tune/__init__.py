@@ -1,0 +1,3 @@
+"""wan-tune: fine-tune Wan video diffusion transformers on your own footage."""
+
+__version__ = "0.1.0"

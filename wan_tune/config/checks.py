@@ -1,0 +1,64 @@
+"""Rules that involve more than one key, run on the merged recipe before any model loads."""
+
+from __future__ import annotations
+
+import difflib
+
+from ..models.lora_targets import PRESETS
+from ..models.variants import VARIANTS
+from .schema import Recipe
+
+LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets")
+
+
+def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list[tuple[str, str]]:
+    """(key, message) for every rule the recipe breaks; `explicit` = keys the user wrote,
+    `invalid` = keys already reported (rules about the variant are skipped if it was invalid)."""
+    errors: list[tuple[str, str]] = []
+    variant = None if "model.variant" in invalid else VARIANTS.get(r.model.variant)
+
+    if variant is not None and r.data.task != "auto" and r.data.task != variant.task:
+        errors.append(
+            (
+                "data.task",
+                f"data.task={r.data.task} does not fit model.variant={variant.name}, a {variant.task.upper()} model; "
+                f"set data.task=auto or use one of: {', '.join(n for n, v in VARIANTS.items() if v.task == r.data.task)}",
+            )
+        )
+
+    if r.adapter.method == "full":
+        for key in LORA_ONLY_KEYS:
+            if f"adapter.{key}" in explicit:
+                errors.append((f"adapter.{key}", "is a LoRA setting, but adapter.method=full; remove it"))
+        if r.train.fp8_base:
+            errors.append(
+                ("train.fp8_base", "stores frozen base weights in fp8, but a full fine-tune trains them; use adapter.method=lora")
+            )
+    else:
+        for t in r.adapter.targets:
+            if "." not in t and t not in PRESETS:
+                close = difflib.get_close_matches(t, PRESETS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(PRESETS)}"
+                errors.append(("adapter.targets", f"{t!r} is neither a preset nor a module name like 'attn1.to_q'{hint}"))
+        if not r.adapter.targets:
+            errors.append(("adapter.targets", "a LoRA needs at least one target"))
+
+    if r.timesteps.sigma_min >= r.timesteps.sigma_max:
+        errors.append(
+            ("timesteps.sigma_min", f"must be below timesteps.sigma_max ({r.timesteps.sigma_min} >= {r.timesteps.sigma_max})")
+        )
+    if r.train.warmup_steps >= r.train.steps:
+        errors.append(("train.warmup_steps", f"must be below train.steps ({r.train.warmup_steps} >= {r.train.steps})"))
+
+    v = r.validation
+    if variant is not None:
+        if v.images and not variant.is_i2v:
+            errors.append(("validation.images", f"first frames are for I2V variants; {variant.name} is text-to-video"))
+        if variant.is_i2v and v.every and len(v.images) != len(v.prompts):
+            errors.append(
+                ("validation.images", f"I2V validation needs one first frame per prompt ({len(v.images)} images, {len(v.prompts)} prompts)")
+            )
+    if v.every and not v.prompts:
+        errors.append(("validation.prompts", "validation.every is set but there are no prompts; add prompts or set every=0"))
+    return errors
+

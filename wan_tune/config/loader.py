@@ -1,0 +1,173 @@
+"""Recipe = YAML file + dotted overrides, checked against the schema, every error reported at once.
+
+OmegaConf does the merging, typing and `${...}` interpolation; it stops at the first error,
+so each key is first validated on its own against its section, and only the keys that pass
+are merged. A recipe with five mistakes gets five lines in one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .checks import cross_field_errors
+from .schema import SECTIONS, Recipe
+
+
+class ConfigError(ValueError):
+    """One or more recipe problems; `problems` holds (key, message) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        n = len(problems)
+        lines = [f"{source}: {n} problem{'s' if n != 1 else ''}"]
+        lines += [f"  {key}: {msg}" if key else f"  {msg}" for key, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    name = getattr(tp, "__name__", None) or str(tp)
+    return str(tp).replace("typing.", "") if "[" in str(tp) else name
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _check_section(name: str, cls: type, raw: Any, errors: list[tuple[str, str]]) -> dict:
+    """The keys of one section that are valid on their own; problems appended to `errors`."""
+    if not isinstance(raw, DictConfig):
+        errors.append((name, f"must be a mapping of {cls.__name__} keys, got {raw!r}"))
+        return {}
+    fields = _fields(cls)
+    good: dict[str, Any] = {}
+    for key in raw.keys():
+        key = str(key)
+        full = f"{name}.{key}"
+        if key not in fields:
+            errors.append((full, f"unknown key in section '{name}'{_did_you_mean(key, fields)}"))
+            continue
+        value = raw._get_node(key)._value()  # keep `${...}` unresolved: it may point anywhere
+        if isinstance(value, bool) and fields[key].type == "str":
+            errors.append((full, f"expected a string, got the boolean {value} (YAML reads bare no/yes/off/on as booleans: quote it, e.g. \"no\")"))
+            continue
+        try:
+            typed = OmegaConf.merge(OmegaConf.structured(cls), {key: value})
+        except OmegaConfBaseException as err:
+            got = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+            errors.append((full, f"expected {_type_name(fields[key].type)}, got {got!r} ({str(err).splitlines()[0]})"))
+            continue
+        meta = fields[key].metadata
+        if not OmegaConf.is_interpolation(typed, key):
+            plain = OmegaConf.to_container(typed[key]) if isinstance(typed[key], (DictConfig, ListConfig)) else typed[key]
+            if meta.get("choices") and plain not in meta["choices"]:
+                errors.append((full, f"must be one of {', '.join(meta['choices'])}; got {plain!r}{_did_you_mean(str(plain), meta['choices'])}"))
+                continue
+            problem = meta["check"](plain) if meta.get("check") and plain is not None else None
+            if problem:
+                errors.append((full, problem))
+                continue
+        good[key] = value
+    return good
+
+
+def _section_hint(name: str) -> str:
+    """'; did you mean ...?' for a top-level name: a misspelt section, or a key put outside its section."""
+    in_section = [f"{s}.{name}" for s, cls in SECTIONS.items() if name in _fields(cls)]
+    return f"; did you mean {in_section[0]!r}?" if in_section else _did_you_mean(name, SECTIONS)
+
+
+def _explicit_keys(raw: DictConfig) -> set[str]:
+    return {f"{s}.{k}" for s in raw.keys() if isinstance(raw.get(s), DictConfig) for k in raw[s].keys()}
+
+
+def _parse_overrides(overrides: Iterable[str], errors: list[tuple[str, str]]) -> DictConfig:
+    good = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            errors.append((item, "overrides look like section.key=value, e.g. train.lr=5e-5"))
+        elif "." not in item.split("=", 1)[0]:
+            key = item.split("=", 1)[0]
+            errors.append((key, f"overrides name section.key, e.g. train.lr=5e-5{_section_hint(key)}"))
+        else:
+            good.append(item)
+    try:
+        return OmegaConf.from_dotlist(good)
+    except OmegaConfBaseException as err:
+        errors.append(("", f"could not parse overrides: {err}"))
+        return OmegaConf.create({})
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> Recipe:
+    """The checked recipe from a YAML file (None: defaults only) plus `section.key=value` overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    errors: list[tuple[str, str]] = []
+    raw: Any = OmegaConf.create({})
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(source, [("", "recipe file not found; shipped recipes are in recipes/")])
+        try:
+            raw = OmegaConf.load(file)
+        except Exception as err:  # YAML syntax: name the line, not a stack trace
+            raise ConfigError(source, [("", f"not valid YAML: {err}")]) from None
+        if raw is None:
+            raw = OmegaConf.create({})
+        if not isinstance(raw, DictConfig):
+            raise ConfigError(source, [("", "a recipe is a mapping of sections (run:, model:, data:, ...)")])
+    raw = OmegaConf.merge(raw, _parse_overrides(overrides, errors))
+
+    valid: dict[str, dict] = {}
+    for section in raw.keys():
+        section = str(section)
+        if section in SECTIONS:
+            valid[section] = _check_section(section, SECTIONS[section], raw._get_node(section), errors)
+            continue
+        errors.append((section, f"unknown section{_section_hint(section)} (sections: {', '.join(SECTIONS)})"))
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Recipe), valid)
+    recipe = _resolve(cfg, errors)
+    # Cross-field rules run even when single keys failed (those fell back to defaults), but a
+    # key already reported is not reported twice.
+    bad_keys = {k for k, _ in errors}
+    errors += [(k, m) for k, m in cross_field_errors(recipe, _explicit_keys(raw), bad_keys) if k not in bad_keys]
+    if errors:
+        raise ConfigError(source, errors)
+    return recipe
+
+
+def _resolve(cfg: DictConfig, errors: list[tuple[str, str]]) -> Recipe:
+    """Resolve `${...}` into plain dataclasses; a broken interpolation is reported by key and
+    replaced by the default so the remaining checks still run."""
+    defaults = OmegaConf.structured(Recipe)
+    for section, cls in SECTIONS.items():
+        for key in _fields(cls):
+            try:
+                OmegaConf.select(cfg, f"{section}.{key}", throw_on_missing=True)
+            except OmegaConfBaseException as err:
+                errors.append((f"{section}.{key}", f"cannot resolve {cfg[section]._get_node(key)._value()!r}: {str(err).splitlines()[0]}"))
+                cfg[section][key] = defaults[section]._get_node(key)._value()
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML: what `check` prints and every checkpoint saves."""
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Short content hash of the resolved recipe (goes into exported file headers)."""
+    return hashlib.sha256(to_yaml(recipe).encode()).hexdigest()[:12]

@@ -1,0 +1,290 @@
+"""Every recipe key: one dataclass per section, each field with its one-line doc.
+
+The docs here are the README's recipe reference (`wan_tune.config.reference`), so a key is
+documented exactly once. Field-level rules (`choices`, `check`) live beside the field; rules
+that involve several keys live in `checks.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from ..models.variants import VARIANTS
+
+Check = Callable[[Any], Optional[str]]
+
+
+def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, check: Check | None = None) -> Any:
+    meta = {"doc": doc, "choices": choices, "check": check}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- field checks: return a message, or None when the value is fine --------------------------
+
+
+def positive(v: Any) -> str | None:
+    return None if v is None or v > 0 else f"must be > 0, got {v}"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v is None or v >= 0 else f"must be >= 0, got {v}"
+
+
+def unit_interval(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else f"must be in [0, 1], got {v}"
+
+
+def below_one(v: Any) -> str | None:
+    return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
+
+
+def _frame_hint(n: int) -> str:
+    lo = max(1, (n - 1) // 4 * 4 + 1)
+    return f"{lo} or {lo + 4}" if lo != n else str(n)
+
+
+def frames_4k1(v: Any) -> str | None:
+    values = v if isinstance(v, list) else [v]
+    if not values:
+        return "needs at least one frame count"
+    bad = [n for n in values if n < 1 or (n - 1) % 4]
+    if bad:
+        return (
+            "frame counts must be 4k+1 (1, 5, 9, ..., 81: the VAE packs 4 frames per latent after the first); "
+            + ", ".join(f"{n} (try {_frame_hint(n)})" for n in bad)
+        )
+    return None
+
+
+def resolutions_16(v: Any) -> str | None:
+    if not v:
+        return "needs at least one [height, width] pair"
+    for pair in v:
+        if len(pair) != 2:
+            return f"each entry is a [height, width] pair, got {list(pair)}"
+        if any(side <= 0 or side % 16 for side in pair):
+            return f"height and width must be positive multiples of 16 (VAE 8x, patch 2x), got {list(pair)}"
+    return None
+
+
+def multiple_of_16(v: Any) -> str | None:
+    return None if v is None or (v > 0 and v % 16 == 0) else f"must be a positive multiple of 16, got {v}"
+
+
+def two_betas(v: Any) -> str | None:
+    return None if len(v) == 2 and all(0 <= b < 1 for b in v) else f"must be two values in [0, 1), got {list(v)}"
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """Naming and reproducibility of a run."""
+
+    name: str = opt("wan-lora", "Run name; checkpoints go to `<output_dir>/<name>/step-NNNNNN/`.")
+    output_dir: str = opt("checkpoints", "Folder holding the run folders.")
+    seed: int = opt(42, "One seed for data order, noise, sigmas, caption dropout and LoRA init.")
+
+
+@dataclass
+class ModelConfig:
+    """Which Wan model, and where its weights are."""
+
+    variant: str = opt("wan2.1-t2v-1.3b", "Model variant (see the variant table).", choices=tuple(VARIANTS))
+    path: Optional[str] = opt(
+        None,
+        "Hub id or local diffusers-format folder; empty = the variant's hub id (tiny variants are built locally).",
+    )
+    transformer_file: Optional[str] = opt(
+        None,
+        "Original-key single-file transformer (`.safetensors`, as ComfyUI users hold it); its config comes from `path`.",
+    )
+    revision: Optional[str] = opt(None, "Hub branch, tag or commit when `path` is a hub id.")
+    dtype: str = opt(
+        "bf16",
+        "Dtype of the frozen weights (base transformer, VAE, encoders); use fp32 on CPU (no bf16 matmul units).",
+        choices=("fp32", "bf16", "fp16"),
+    )
+
+
+@dataclass
+class DataConfig:
+    """Footage, how it is cut into training clips, and where the shards go."""
+
+    source: Optional[str] = opt(
+        None,
+        "Footage: a folder of videos/images with optional sidecar `.txt` captions, a CSV/JSONL/Parquet manifest, "
+        "or a `datasets` dataset saved to disk.",
+    )
+    shards: str = opt("data/shards/${run.name}", "Folder prep writes latent shards to and training reads from.")
+    task: str = opt(
+        "auto",
+        "What prep encodes: t2v = text only; i2v = also the first frame (CLIP embedding + condition latents); "
+        "auto = the variant's task.",
+        choices=("auto", "t2v", "i2v"),
+    )
+    fps: float = opt(16.0, "Frame rate clips are resampled to (Wan is trained at 16).", check=positive)
+    frames: list[int] = opt(
+        [81],
+        "Frame-count buckets, each 4k+1; a clip window takes the largest bucket its video can fill.",
+        check=frames_4k1,
+    )
+    resolutions: list[list[int]] = opt(
+        [[480, 832]],
+        "Pixel areas as [height, width] pairs (multiples of 16); each clip goes to the aspect bucket of that area "
+        "closest to its shape.",
+        check=resolutions_16,
+    )
+    max_clips_per_video: int = opt(1, "Windows taken from one video at most.", check=positive)
+    clip_stride: int = opt(0, "Frames between the starts of consecutive windows; 0 = back to back.", check=non_negative)
+    max_text_tokens: int = opt(512, "umT5 token limit (Wan: 512); longer captions are truncated.", check=positive)
+    num_workers: int = opt(2, "Data-loader worker processes while training.", check=non_negative)
+
+
+@dataclass
+class CaptionConfig:
+    """How captions are made before encoding (`wan-tune caption`), for review."""
+
+    mode: str = opt(
+        "sidecar",
+        "sidecar: the `.txt` beside each clip (or the manifest's caption); template: fill `template`; "
+        "vlm: describe each clip with a vision-language model.",
+        choices=("sidecar", "template", "vlm"),
+    )
+    trigger_word: str = opt("", "Word that names your style; template and vlm modes put it at the start of each caption.")
+    template: str = opt("{trigger} a video", "Caption for mode=template; `{trigger}` and `{stem}` (file name) are filled in.")
+    vlm_model: str = opt("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen2-VL / Qwen2.5-VL checkpoint: hub id or local folder.")
+    vlm_prompt: str = opt(
+        "Describe this video in one detailed sentence: subject, motion, camera, lighting and style.",
+        "Instruction given to the vision-language model with each clip's frames.",
+    )
+    vlm_frames: int = opt(8, "Frames sampled evenly from each clip for the vision-language model.", check=positive)
+    vlm_batch_size: int = opt(4, "Clips captioned per forward pass.", check=positive)
+    vlm_max_new_tokens: int = opt(120, "Longest caption the vision-language model may write, in tokens.", check=positive)
+    overwrite: bool = opt(False, "Re-caption clips that already have a caption (otherwise reviewed captions are kept).")
+
+
+@dataclass
+class AdapterConfig:
+    """LoRA or full fine-tuning."""
+
+    method: str = opt("lora", "lora: train low-rank adapters; full: train every transformer weight.", choices=("lora", "full"))
+    rank: int = opt(32, "LoRA rank: capacity and file size grow with it.", check=positive)
+    alpha: Optional[float] = opt(None, "LoRA alpha; the update is scaled by alpha/rank. Empty = rank (scale 1).", check=positive)
+    dropout: float = opt(0.0, "LoRA dropout on the adapter input.", check=below_one)
+    targets: list[str] = opt(
+        ["attention", "ffn"],
+        "Presets `attention` (self + cross q,k,v,o), `self_attention`, `cross_attention`, `ffn`, or diffusers module "
+        "names such as `attn1.to_q`.",
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and precision."""
+
+    steps: int = opt(2000, "Optimizer steps in the run.", check=positive)
+    batch_size: int = opt(1, "Clips per step per GPU (one bucket per batch).", check=positive)
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.", check=positive)
+    lr: float = opt(1e-4, "Peak learning rate.", check=positive)
+    lr_schedule: str = opt("constant", "Learning-rate schedule after warmup.", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = opt(0, "Steps of linear warmup from 0 to `lr`.", check=non_negative)
+    optimizer: str = opt("adamw", "adamw (torch) or adamw8bit (bitsandbytes, when installed).", choices=("adamw", "adamw8bit"))
+    weight_decay: float = opt(0.01, "AdamW weight decay.", check=non_negative)
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas.", check=two_betas)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 = off.", check=non_negative)
+    mixed_precision: str = opt("bf16", "Autocast dtype of the forward pass (`no` on CPU).", choices=("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward: ~30% slower, far less memory.")
+    fp8_base: bool = opt(False, "Store frozen base weights in fp8 (LoRA only): halves their memory, slight quality cost.")
+    caption_dropout: float = opt(0.1, "Share of steps trained on the empty prompt (keeps guidance working).", check=unit_interval)
+
+
+@dataclass
+class TimestepsConfig:
+    """How flow-matching noise levels (sigmas) are drawn."""
+
+    sampling: str = opt(
+        "shift",
+        "uniform, logit_normal (mean, std), shift (sigma' = s*sigma / (1 + (s-1)*sigma)) or sigmoid (of scaled normal).",
+        choices=("uniform", "logit_normal", "shift", "sigmoid"),
+    )
+    shift: Optional[float] = opt(None, "Shift s for sampling=shift; empty = the variant's flow shift.", check=positive)
+    logit_mean: float = opt(0.0, "Mean of the normal for logit_normal.")
+    logit_std: float = opt(1.0, "Std of the normal for logit_normal.", check=positive)
+    sigmoid_scale: float = opt(1.0, "Scale of the normal before the sigmoid, for sampling=sigmoid.", check=positive)
+    sigma_min: float = opt(0.0, "Lowest sigma trained (Wan2.2 experts train one side of the boundary).", check=unit_interval)
+    sigma_max: float = opt(1.0, "Highest sigma trained.", check=unit_interval)
+    loss_weighting: str = opt("none", "Per-sample loss weight over sigma.", choices=("none", "sigma_sqrt", "cosmap"))
+
+
+@dataclass
+class CheckpointConfig:
+    """What is saved, how often, and resuming."""
+
+    every: int = opt(250, "Save every N optimizer steps (and always at the end).", check=positive)
+    keep_last: int = opt(3, "Checkpoints kept; older ones are deleted. 0 = keep all.", check=non_negative)
+    resume: str = opt("auto", "auto: continue from this run's newest complete checkpoint; never; or a step folder path.")
+
+
+@dataclass
+class ValidationConfig:
+    """Sample videos during training."""
+
+    every: int = opt(0, "Render the prompts every N steps; 0 = off.", check=non_negative)
+    prompts: list[str] = opt([], "Prompts to render; include the trigger word.")
+    images: list[str] = opt([], "I2V only: first-frame image per prompt.")
+    frames: int = opt(33, "Frames per validation video (4k+1).", check=frames_4k1)
+    height: Optional[int] = opt(None, "Height in pixels; empty = the first `data.resolutions` entry.", check=multiple_of_16)
+    width: Optional[int] = opt(None, "Width in pixels; empty = the first `data.resolutions` entry.", check=multiple_of_16)
+    steps: int = opt(30, "Denoising steps.", check=positive)
+    guidance_scale: float = opt(5.0, "Classifier-free guidance scale.", check=non_negative)
+    seed: int = opt(0, "Noise seed, fixed so videos compare across steps.")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (rank 0 only)."""
+
+    backend: str = opt("wandb", "wandb, tensorboard or none.", choices=("wandb", "tensorboard", "none"))
+    project: str = opt("wan-tune", "W&B project (or TensorBoard subfolder).")
+    entity: Optional[str] = opt(None, "W&B team or user; empty = your default.")
+    offline: bool = opt(False, "W&B offline: log to disk only, upload later with `wandb sync`.")
+    log_every: int = opt(10, "Log metrics every N steps.", check=positive)
+
+
+@dataclass
+class ExportConfig:
+    """What `wan-tune export` writes."""
+
+    format: str = opt(
+        "comfyui",
+        "comfyui (original keys: ComfyUI and diffusers load it), diffusers (PEFT keys), kohya, or all.",
+        choices=("comfyui", "diffusers", "kohya", "all"),
+    )
+    out: Optional[str] = opt(None, "Output folder; empty = `<checkpoint>/export/`.")
+    merge: bool = opt(False, "Bake the LoRA into the base weights and write a full transformer.")
+
+
+@dataclass
+class Recipe:
+    """A whole project: every stage reads its section."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+SECTIONS: dict[str, type] = {name: f.default_factory for name, f in Recipe.__dataclass_fields__.items()}  # type: ignore[misc]

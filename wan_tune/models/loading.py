@@ -1,0 +1,202 @@
+"""Load the parts of a Wan pipeline from wherever a user holds them.
+
+Three layouts, one code path: (a) a hub id is first resolved to its local snapshot folder,
+then everything loads from (b) a diffusers-format folder; (c) an original-key single-file
+transformer (what ComfyUI users hold) takes its config from that folder, never from a guess
+through the hub. The tiny variants are built into a local folder on first use.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .variants import Variant, architecture_mismatches, get_variant
+
+# Files every component needs besides weights (configs, tokenizer, processor).
+_META_PATTERNS = ["model_index.json", "*.json", "*.txt", "*.model", "*.spm"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a recipe's model lives on this machine."""
+
+    variant: Variant
+    folder: Path
+    """Local diffusers-format pipeline folder (a hub snapshot, a user folder, or the tiny cache)."""
+    transformer_file: Path | None = None
+    """Original-key single-file transformer that replaces `folder/transformer` weights."""
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or "\\" in ref or not _HUB_ID.match(ref)
+
+
+def _download(repo_id: str, revision: str | None, patterns: list[str], from_recipe: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as err:  # offline, unknown repo, gated, disk full: all end the same way
+        raise ModelLoadError(
+            f"could not get {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}).\n"
+            f"  On a machine with access, download it:\n"
+            f"    hf download {repo_id} --local-dir /models/{repo_id.split('/')[-1]}\n"
+            f"  then point the recipe at the folder: model.path=/models/{repo_id.split('/')[-1]}"
+            + (f"\n  (there is no local folder {repo_id!r} either)" if from_recipe else "")
+        ) from None
+
+
+def resolve_source(
+    variant: str | Variant,
+    path: str | None = None,
+    transformer_file: str | None = None,
+    revision: str | None = None,
+    components: tuple[str, ...] = ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor"),
+) -> ModelSource:
+    """Find (or fetch) the folder holding `components` of a variant's pipeline.
+
+    `path` is a local diffusers folder or a hub id; None means the variant's own hub id (or,
+    for tiny variants, the locally built folder). Weights of components not asked for are not
+    downloaded, nor the transformer's when `transformer_file` replaces it.
+    """
+    variant = get_variant(variant) if isinstance(variant, str) else variant
+    file = None
+    if transformer_file is not None:
+        file = Path(transformer_file).expanduser()
+        if not file.is_file():
+            raise ModelLoadError(f"model.transformer_file: {file} does not exist (expected an original-key .safetensors transformer)")
+
+    if path is None and variant.tiny:
+        from .tiny import ensure_tiny_pipeline
+
+        folder = ensure_tiny_pipeline(variant)
+    elif path is None or (not Path(path).expanduser().exists() and not _looks_like_path(path)):
+        repo_id = path or variant.hub_id
+        weights = [c for c in components if not (c == "transformer" and file is not None)]
+        folder = _download(repo_id, revision, _META_PATTERNS + [f"{c}/*" for c in weights], path is not None)
+    else:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(
+                f"model.path: {folder} is not a folder. Point it at a diffusers-format pipeline folder "
+                f"(with model_index.json) or a hub id such as {variant.hub_id or 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'}"
+            )
+    if not (folder / "model_index.json").is_file() and not (folder / "transformer" / "config.json").is_file():
+        raise ModelLoadError(
+            f"model.path: {folder} is not a diffusers-format Wan folder (no model_index.json, no transformer/config.json)"
+        )
+    return ModelSource(variant=variant, folder=folder, transformer_file=file)
+
+
+def _component_dir(source: ModelSource, name: str) -> Path:
+    sub = source.folder / name
+    if not sub.is_dir():
+        raise ModelLoadError(f"{source.folder} has no {name}/ folder; variant {source.variant.name!r} needs it")
+    return sub
+
+
+def check_transformer_config(source: ModelSource) -> dict:
+    """The folder's transformer config, refused if it is not the recipe's variant."""
+    from diffusers import WanTransformer3DModel
+
+    config = WanTransformer3DModel.load_config(_component_dir(source, "transformer"))
+    problems = architecture_mismatches(source.variant, config)
+    if problems:
+        raise ModelLoadError(
+            f"{source.folder}/transformer does not hold model.variant={source.variant.name!r}:\n  "
+            + "\n  ".join(problems)
+            + "\n  Fix model.variant or model.path."
+        )
+    return config
+
+
+def _check_single_file(source: ModelSource) -> None:
+    from safetensors import safe_open
+
+    file = source.transformer_file
+    assert file is not None
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+            shapes = {k: f.get_slice(k).get_shape() for k in keys if k.endswith("patch_embedding.weight")}
+    except Exception as err:
+        raise ModelLoadError(f"model.transformer_file: {file} is not a readable safetensors file ({err})") from None
+    keys = [k.removeprefix("model.diffusion_model.") for k in keys]
+    if not any(k.startswith("blocks.0.self_attn.") for k in keys):
+        hint = " (it has diffusers keys: use model.path for a diffusers folder instead)" if any(".attn1." in k for k in keys) else ""
+        raise ModelLoadError(f"model.transformer_file: {file} is not an original-key Wan transformer{hint}")
+    layers = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
+    patch_shape = next(iter(shapes.values()), None)  # [inner_dim, in_channels, 1, 2, 2]
+    want = source.variant.transformer
+    got = {"num_layers": layers, "inner_dim": patch_shape[0] if patch_shape else None, "in_channels": patch_shape[1] if patch_shape else None}
+    expected = {"num_layers": want["num_layers"], "inner_dim": source.variant.inner_dim, "in_channels": want["in_channels"]}
+    if got != expected:
+        raise ModelLoadError(
+            f"model.transformer_file: {file} does not hold model.variant={source.variant.name!r}: "
+            f"it has {got}, the variant needs {expected}"
+        )
+
+
+def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32):
+    """The `WanTransformer3DModel` of a source, checked against the variant."""
+    from diffusers import WanTransformer3DModel
+
+    check_transformer_config(source)
+    if source.transformer_file is None:
+        model = WanTransformer3DModel.from_pretrained(source.folder, subfolder="transformer", torch_dtype=dtype)
+    else:
+        _check_single_file(source)
+        # `config=` a local folder keeps diffusers from guessing the variant through the hub.
+        model = WanTransformer3DModel.from_single_file(
+            str(source.transformer_file), config=str(source.folder), subfolder="transformer", torch_dtype=dtype
+        )
+    return _own_memory(model)
+
+
+def _own_memory(model):
+    """Copy every tensor into freshly allocated memory.
+
+    Loaders may leave tensors as views into a memory-mapped file; matmuls on such tensors took
+    other CPU kernel paths (outputs off by ~7e-7 on the tiny model with identical weights), and
+    in-place optimizer updates would write into mapped pages. Owned tensors make every layout
+    load to bit-identical outputs. One tensor at a time, so the peak is one tensor's size.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
+    return model
+
+
+def load_vae(source: ModelSource, dtype: torch.dtype = torch.float32):
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan.from_pretrained(_component_dir(source, "vae"), torch_dtype=dtype)
+
+
+def load_text_encoder(source: ModelSource, dtype: torch.dtype = torch.float32):
+    """(tokenizer, umT5 encoder)."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(_component_dir(source, "tokenizer"))
+    encoder = UMT5EncoderModel.from_pretrained(_component_dir(source, "text_encoder"), torch_dtype=dtype)
+    return tokenizer, encoder.eval().requires_grad_(False)
+
+
+def load_image_encoder(source: ModelSource, dtype: torch.dtype = torch.float32):
+    """(CLIP image processor, CLIP vision encoder), for I2V variants."""
+    from transformers import AutoImageProcessor, CLIPVisionModel
+
+    if not source.variant.is_i2v:
+        raise ModelLoadError(f"variant {source.variant.name!r} is text-to-video and has no image encoder")
+    processor = AutoImageProcessor.from_pretrained(_component_dir(source, "image_processor"))
+    encoder = CLIPVisionModel.from_pretrained(_component_dir(source, "image_encoder"), torch_dtype=dtype)
+    return processor, encoder.eval().requires_grad_(False)
