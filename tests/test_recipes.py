@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ def test_shipped_recipe_checks_clean(path, capsys):
 def test_console_script_reports_errors_with_status_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trian: {lr: 1}\n")
-    proc = subprocess.run(["wan-tune", "check", str(bad), "data.frames=[80]"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "wan-tune"  # the installed console script of this env
+    proc = subprocess.run([str(script), "check", str(bad), "data.frames=[80]"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "did you mean 'train'" in proc.stderr and "4k+1" in proc.stderr
 
