@@ -49,4 +49,4 @@ def test_console_script_reports_errors_with_status_2(tmp_path):
 def test_readme_reference_matches_schema():
     readme = (ROOT / "README.md").read_text()
     start, end = readme.index(BEGIN), readme.index(END) + len(END)
-    assert readme[start:end] == reference_markdown(), "regenerate it: python -m wan_tune.config.reference"
+    assert readme[start:end] == reference_markdown(), "regenerate it: python -m wan_tune.config.reference --update-readme"

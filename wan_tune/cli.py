@@ -14,6 +14,9 @@ from . import __version__
 EPILOG = """\
 workflow:
   wan-tune check recipes/my_brand.yaml            validate a recipe (no model is loaded)
+  wan-tune caption recipes/my_brand.yaml          write captions to review (data.captions)
+  wan-tune prep recipes/my_brand.yaml             encode clips + captions into latent shards
+  accelerate launch --multi_gpu -m data_prep recipes/my_brand.yaml   the same, one share per GPU
   wan-tune make-tiny /tmp/tiny-wan                build the tiny random-init test model
 
 Overrides are dotted keys after the recipe: wan-tune check recipes/x.yaml train.lr=5e-5 run.name=test
@@ -21,15 +24,71 @@ Overrides are dotted keys after the recipe: wan-tune check recipes/x.yaml train.
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_recipe, to_yaml
+    from .config import to_yaml
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    recipe = _load(args)
+    if recipe is None:
         return 2
     print(f"# {args.recipe}: OK (resolved recipe follows)")
     print(to_yaml(recipe), end="")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    """The checked recipe, or None after printing its problems (exit status 2)."""
+    from .config import ConfigError, load_recipe
+
+    try:
+        return load_recipe(args.recipe, args.overrides)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return None
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from data_prep.captions import make_captions
+    from data_prep.sources import SourceError, discover
+    from data_prep.vlm import CaptionModelError
+
+    recipe = _load(args)
+    if recipe is None:
+        return 2
+    try:
+        items = discover(recipe.data.source)
+        counts = make_captions(items, recipe.caption, recipe.data.captions)
+    except (SourceError, CaptionModelError) as err:
+        print(f"wan-tune caption: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {sum(counts.values())} caption(s) to {recipe.data.captions} ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})")
+    if counts.get("missing"):
+        print(f"{counts['missing']} item(s) have no caption yet: fill them in before `wan-tune prep`, or they are skipped")
+    return 0
+
+
+def _prep(args: argparse.Namespace) -> int:
+    from data_prep.prep import PrepError, run_prep
+    from data_prep.sources import SourceError
+    from data_prep.summary import format_summary
+    from data_prep.vlm import CaptionModelError
+    from .models.loading import ModelLoadError
+
+    recipe = _load(args)
+    if recipe is None:
+        return 2
+    try:
+        summary = run_prep(recipe, strict=args.strict)
+    except (SourceError, ModelLoadError, PrepError, CaptionModelError) as err:
+        print(f"wan-tune prep: {err}", file=sys.stderr)
+        return 1
+    if not summary:  # not rank 0
+        return 0
+    print(format_summary(summary))
+    if summary["samples"] == 0:
+        print("nothing was encoded: see the skipped inputs above", file=sys.stderr)
+        return 1
+    if args.strict and summary["skips"]:
+        print(f"--strict: {len(summary['skips'])} input(s) were skipped", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -39,6 +98,11 @@ def _make_tiny(args: argparse.Namespace) -> int:
     path = save_tiny_pipeline(args.out, args.variant, seed=args.seed)
     print(f"wrote the {args.variant} pipeline (random weights) to {path}")
     return 0
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/wan2.1-t2v-1.3b-lora.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=5e-5 data.frames=[33,81]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate a recipe before anything loads: unknown keys, wrong types and impossible "
         "combinations are all reported at once, each naming its key.",
     )
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/wan2.1-t2v-1.3b-lora.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=5e-5 data.frames=[33,81]")
+    _recipe_args(p)
     p.set_defaults(func=_check)
+
+    p = sub.add_parser(
+        "caption",
+        help="write the caption review file (sidecars, a template, or a vision-language model)",
+        description="Make one caption per clip or image in data.captions (CSV) for review before encoding. "
+        "Captions already in the file are kept unless caption.overwrite=true.",
+    )
+    _recipe_args(p)
+    p.set_defaults(func=_caption)
+
+    p = sub.add_parser(
+        "prep",
+        help="encode footage + captions into latent shards (resumable; ranks split the work)",
+        description="Decode, bucket and encode (Wan VAE, umT5, and CLIP for I2V) into data.shards. Bad inputs are "
+        "skipped with a reason in prep_report.csv; a rerun skips finished samples. Exit 0 when something was "
+        "encoded. Multi-GPU: accelerate launch --multi_gpu -m data_prep RECIPE.",
+    )
+    _recipe_args(p)
+    p.add_argument("--strict", action="store_true", help="fail (non-zero) if any input is skipped")
+    p.set_defaults(func=_prep)
 
     p = sub.add_parser(
         "make-tiny",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import string
 
 from ..models.lora_targets import PRESETS
 from ..models.variants import VARIANTS
@@ -42,6 +43,14 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
                 errors.append(("adapter.targets", f"{t!r} is neither a preset nor a module name like 'attn1.to_q'{hint}"))
         if not r.adapter.targets:
             errors.append(("adapter.targets", "a LoRA needs at least one target"))
+
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(r.caption.template) if name is not None}
+        unknown = fields - {"trigger", "stem", "caption"}
+        if unknown:
+            errors.append(("caption.template", f"unknown placeholder(s) {sorted(unknown)}; use {{trigger}}, {{stem}}, {{caption}}"))
+    except ValueError as err:
+        errors.append(("caption.template", f"not a valid template ({err}); write literal braces as {{{{ and }}}}"))
 
     if r.timesteps.sigma_min >= r.timesteps.sigma_max:
         errors.append(

@@ -95,20 +95,19 @@ def _explicit_keys(raw: DictConfig) -> set[str]:
 
 
 def _parse_overrides(overrides: Iterable[str], errors: list[tuple[str, str]]) -> DictConfig:
-    good = []
+    merged = OmegaConf.create({})
     for item in overrides:
-        if "=" not in item or item.startswith("="):
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key:
             errors.append((item, "overrides look like section.key=value, e.g. train.lr=5e-5"))
-        elif "." not in item.split("=", 1)[0]:
-            key = item.split("=", 1)[0]
+        elif "." not in key:
             errors.append((key, f"overrides name section.key, e.g. train.lr=5e-5{_section_hint(key)}"))
         else:
-            good.append(item)
-    try:
-        return OmegaConf.from_dotlist(good)
-    except OmegaConfBaseException as err:
-        errors.append(("", f"could not parse overrides: {err}"))
-        return OmegaConf.create({})
+            try:  # values are YAML: `[33,81]` is a list, `{a}` would be a mapping
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            except Exception as err:
+                errors.append((key, f"cannot parse the value ({str(err).splitlines()[0]}); quote it: {key}='\"...\"'"))
+    return merged
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> Recipe:

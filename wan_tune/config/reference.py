@@ -1,6 +1,7 @@
 """The README's recipe reference, generated from the schema so the two cannot disagree.
 
-`python -m wan_tune.config.reference` prints it; a test checks the README holds exactly this.
+`python -m wan_tune.config.reference` prints it, `... --update-readme` rewrites the README's
+block; a test checks the README holds exactly this.
 """
 
 from __future__ import annotations
@@ -47,5 +48,19 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def update_readme(path: str = "README.md") -> None:
+    """Replace the generated block in the README with the current reference."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    Path(path).write_text(text[:start] + reference_markdown() + text[end:])
+
+
 if __name__ == "__main__":
-    print(reference_markdown())
+    import sys
+
+    if sys.argv[1:] == ["--update-readme"]:
+        update_readme()
+    else:
+        print(reference_markdown())

@@ -122,6 +122,10 @@ class DataConfig:
         "or a `datasets` dataset saved to disk.",
     )
     shards: str = opt("data/shards/${run.name}", "Folder prep writes latent shards to and training reads from.")
+    captions: str = opt(
+        "${data.shards}/captions.csv",
+        "Caption review file `wan-tune caption` writes and `wan-tune prep` reads (edit it between the two).",
+    )
     task: str = opt(
         "auto",
         "What prep encodes: t2v = text only; i2v = also the first frame (CLIP embedding + condition latents); "
@@ -143,6 +147,10 @@ class DataConfig:
     max_clips_per_video: int = opt(1, "Windows taken from one video at most.", check=positive)
     clip_stride: int = opt(0, "Frames between the starts of consecutive windows; 0 = back to back.", check=non_negative)
     max_text_tokens: int = opt(512, "umT5 token limit (Wan: 512); longer captions are truncated.", check=positive)
+    shard_dtype: str = opt(
+        "bf16", "Dtype of stored latents and embeddings: bf16 halves the disk of fp32.", choices=("bf16", "fp16", "fp32")
+    )
+    samples_per_shard: int = opt(64, "Samples per shard file; a killed prep redoes at most one file's worth.", check=positive)
     num_workers: int = opt(2, "Data-loader worker processes while training.", check=non_negative)
 
 

@@ -1,0 +1,104 @@
+"""Captions a studio can review before anything is encoded.
+
+`wan-tune caption` writes one row per source item to `data.captions` (a CSV: key, caption,
+origin); the studio edits it; `wan-tune prep` encodes what it says. Rerunning keeps every
+caption already in the file unless `caption.overwrite` is set, so reviewed text is never lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from wan_tune.config.schema import CaptionConfig
+from wan_tune.atomic import write_text
+
+from .sources import SourceItem
+from .video import SkipClip, Window, probe, read_frames
+
+COLUMNS = ("key", "caption", "origin")
+
+
+def read_captions(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as f:
+        return {row["key"]: (row.get("caption") or "").strip() for row in csv.DictReader(f)}
+
+
+def write_captions(path: str | Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def fill_template(cfg: CaptionConfig, item: SourceItem) -> str:
+    text = cfg.template.format(trigger=cfg.trigger_word, stem=Path(item.path).stem, caption=item.caption or "")
+    return " ".join(text.replace(" ,", ",").split()).strip(" ,")
+
+
+def sample_frames(item: SourceItem, count: int):
+    """`count` frames spread evenly over the item, as PIL images (one for a still)."""
+    from PIL import Image
+
+    info = probe(item.path, item.is_image)
+    if info.is_image:
+        frames = read_frames(item.path, Window(0, (0,), 0, 0), True)
+    else:
+        start = item.start_s or 0.0
+        end = min(info.duration, item.end_s) if item.end_s is not None else info.duration
+        first, last = int(start * info.fps), max(int(start * info.fps), min(info.frames, int(end * info.fps)) - 1)
+        idx = tuple(int(i) for i in np.linspace(first, last, num=min(count, last - first + 1)).round())
+        frames = read_frames(item.path, Window(0, idx, start, end), False)
+    return [Image.fromarray(f) for f in frames]
+
+
+def make_captions(items: list[SourceItem], cfg: CaptionConfig, path: str | Path, progress: bool = True) -> dict[str, int]:
+    """Write the caption review file for `items`; returns how many captions came from where."""
+    existing = read_captions(path)
+    rows, todo = [], []
+    for item in items:
+        kept = existing.get(item.key)
+        if kept and not cfg.overwrite:
+            rows.append({"key": item.key, "caption": kept, "origin": "kept"})
+        elif cfg.mode == "template":
+            rows.append({"key": item.key, "caption": fill_template(cfg, item), "origin": "template"})
+        elif cfg.mode == "vlm":
+            rows.append({"key": item.key, "caption": "", "origin": "vlm"})
+            todo.append(len(rows) - 1)
+        else:
+            rows.append({"key": item.key, "caption": item.caption or "", "origin": "sidecar" if item.caption else "missing"})
+    if todo:
+        _vlm_fill(rows, [items[i] for i in todo], todo, cfg, progress)
+    write_captions(path, rows)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["origin"]] = counts.get(row["origin"], 0) + 1
+    return counts
+
+
+def _vlm_fill(rows: list[dict], items: list[SourceItem], where: list[int], cfg: CaptionConfig, progress: bool) -> None:
+    from .vlm import VLMCaptioner
+
+    captioner = VLMCaptioner(cfg.vlm_model, cfg.vlm_prompt, max_new_tokens=cfg.vlm_max_new_tokens, batch_size=cfg.vlm_batch_size)
+    bar = tqdm(total=len(items), desc="caption (vlm)", unit="clip", disable=not progress)
+    for lo in range(0, len(items), cfg.vlm_batch_size):
+        batch, slots = [], []
+        for item, row_i in zip(items[lo : lo + cfg.vlm_batch_size], where[lo : lo + cfg.vlm_batch_size]):
+            try:
+                batch.append(sample_frames(item, cfg.vlm_frames))
+                slots.append(row_i)
+            except SkipClip as err:  # prep reports unreadable inputs; the caption stays empty
+                rows[row_i]["origin"] = f"unreadable: {err}"
+        for row_i, text in zip(slots, captioner.caption(batch) if batch else []):
+            rows[row_i]["caption"] = f"{cfg.trigger_word}, {text}" if cfg.trigger_word else text
+        bar.update(len(items[lo : lo + cfg.vlm_batch_size]))
+    bar.close()
+

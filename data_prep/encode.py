@@ -1,0 +1,122 @@
+"""Encode clips and captions exactly as the diffusers Wan pipelines do at inference.
+
+The encoders are held inside a real `WanPipeline` / `WanImageToVideoPipeline` (with no
+transformer) and the pipeline's own methods do the work: prompt cleaning + umT5 for text,
+`encode_image` (CLIP penultimate hidden states) and `prepare_latents` (mask + VAE condition
+latents) for I2V. So what training sees is what sampling will feed, by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from wan_tune.models.loading import ModelSource, load_image_encoder, load_text_encoder, load_vae
+
+
+def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, dtype=like.dtype, device=like.device).view(shape)
+    std = torch.tensor(vae.config.latents_std, dtype=like.dtype, device=like.device).view(shape)
+    return mean, std
+
+
+def normalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    """(z - mean) / std per channel: the inverse of what the pipelines apply before decoding."""
+    mean, std = _latent_stats(vae, latents)
+    return (latents - mean) / std
+
+
+def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    mean, std = _latent_stats(vae, latents)
+    return latents * std + mean
+
+
+class Encoders:
+    """umT5 + Wan VAE (+ CLIP for I2V), for one source model."""
+
+    def __init__(self, source: ModelSource, i2v: bool, dtype: torch.dtype = torch.float32, device: str = "cpu", max_tokens: int = 512):
+        from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+
+        self.source, self.i2v, self.device, self.max_tokens = source, i2v, torch.device(device), max_tokens
+        tokenizer, text_encoder = load_text_encoder(source, dtype)
+        vae = load_vae(source, dtype).eval().requires_grad_(False)
+        parts = dict(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(),  # unused: the pipeline just requires one
+            transformer=None,
+        )
+        if i2v:
+            processor, image_encoder = load_image_encoder(source, dtype)
+            self.pipe = WanImageToVideoPipeline(**parts, image_encoder=image_encoder, image_processor=processor)
+        else:
+            self.pipe = WanPipeline(**parts)
+        self.pipe.to(self.device)
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    def identity(self) -> dict:
+        """What decides the encodings (goes into meta.json and every sample id)."""
+        files = ["text_encoder/config.json", "vae/config.json", "tokenizer/tokenizer_config.json"]
+        if self.i2v:
+            files += ["image_encoder/config.json"]
+        digest = hashlib.sha256()
+        for rel in files:
+            path = self.source.folder / rel
+            digest.update(path.read_bytes() if path.is_file() else rel.encode())
+        return {
+            "variant": self.source.variant.name,
+            "model": str(self.source.folder.name),
+            "configs_sha256": digest.hexdigest()[:16],
+            "max_tokens": self.max_tokens,
+            "vae_z_dim": self.vae.config.z_dim,
+        }
+
+    def vae_meta(self) -> dict:
+        c = self.vae.config
+        return {"z_dim": c.z_dim, "latents_mean": list(c.latents_mean), "latents_std": list(c.latents_std)}
+
+    @torch.no_grad()
+    def text(self, captions: list[str]) -> list[torch.Tensor]:
+        """umT5 embeddings of the real tokens only, [L_i, D] each (the pipeline pads them with zeros)."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        padded, _ = self.pipe.encode_prompt(
+            captions, do_classifier_free_guidance=False, max_sequence_length=self.max_tokens, device=self.device
+        )
+        lengths = self.pipe.tokenizer(
+            [prompt_clean(c) for c in captions], max_length=self.max_tokens, truncation=True, add_special_tokens=True
+        )["input_ids"]
+        return [emb[: len(ids)].cpu() for emb, ids in zip(padded, lengths)]
+
+    @torch.no_grad()
+    def latents(self, video: torch.Tensor) -> torch.Tensor:
+        """Pixel video [3, T, H, W] in [-1, 1] -> normalised latents [16, (T-1)/4+1, H/8, W/8]."""
+        x = video.unsqueeze(0).to(self.device, self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mode()  # the mode, as the I2V pipeline's condition: deterministic
+        return normalize_latents(z.float(), self.vae)[0].cpu()
+
+    @torch.no_grad()
+    def image_condition(self, first_frame, num_frames: int) -> dict[str, torch.Tensor]:
+        """I2V inputs for a clip whose first frame is `first_frame` (a PIL image at bucket size).
+
+        `condition` [20, F', H', W']: 4 mask channels + 16 condition-latent channels, as
+        `WanImageToVideoPipeline.prepare_latents` builds them; `image_embeds` [257, 1280] (CLIP).
+        """
+        width, height = first_frame.size
+        image = self.pipe.video_processor.preprocess(first_frame, height=height, width=width).to(self.device, torch.float32)
+        _, condition = self.pipe.prepare_latents(
+            image, 1, self.vae.config.z_dim, height, width, num_frames, torch.float32, self.device
+        )
+        embeds = self.pipe.encode_image(first_frame, self.device)
+        return {"condition": condition[0].cpu(), "image_embeds": embeds[0].float().cpu()}
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

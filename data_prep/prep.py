@@ -1,0 +1,249 @@
+"""`wan-tune prep`: footage + captions -> latent shards, resumable, one share per rank.
+
+Top to bottom: find the items, caption them if the review file is missing, plan the windows
+(skipping bad inputs with a reason), encode what is not done yet, merge the index, report.
+Under `accelerate launch` every rank plans and encodes its own items (round-robin by path) and
+writes its own files; rank 0 merges the index and writes the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from wan_tune.atomic import write_json, write_text
+from wan_tune.config import Recipe, to_yaml
+from wan_tune.data import shards
+from wan_tune.dist import process_state
+from wan_tune.models import get_variant
+from wan_tune.models.loading import resolve_source
+
+from .buckets import aspect_buckets, fit_problem, nearest_bucket, resize_crop
+from .captions import make_captions, read_captions
+from .encode import Encoders, settings_hash
+from .sources import SourceItem, discover
+from .video import SkipClip, Window, plan_windows, probe, read_frames
+
+REPORT_FILE = "prep_report.csv"
+PLAN_FILE = ".plan-rank{rank}.json"
+
+
+class PrepError(RuntimeError):
+    """Prep cannot start or produced nothing; the message says why."""
+
+
+@dataclass
+class Sample:
+    id: str
+    item: SourceItem
+    window: Window
+    bucket: tuple[int, int, int]  # (frames, height, width)
+    caption: str
+
+
+@dataclass
+class Timer:
+    seconds: Counter = field(default_factory=Counter)
+
+    def add(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] += now - since
+        return now
+
+
+def content_hash(path: str) -> str:
+    """Size + first and last 4 MiB: tells edited footage apart without reading whole files."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with p.open("rb") as f:
+        h.update(f.read(4 << 20))
+        if size > 8 << 20:
+            f.seek(-(4 << 20), 2)
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def prep_settings(recipe: Recipe, i2v: bool) -> dict:
+    """Everything besides the source file and caption that decides a sample's tensors."""
+    d = recipe.data
+    return {
+        "fps": d.fps,
+        "frames": sorted(d.frames),
+        "resolutions": d.resolutions,
+        "max_clips_per_video": d.max_clips_per_video,
+        "clip_stride": d.clip_stride,
+        "max_text_tokens": d.max_text_tokens,
+        "shard_dtype": d.shard_dtype,
+        "i2v": i2v,
+    }
+
+
+def _plan_item(item: SourceItem, caption: str, recipe: Recipe, identity: str) -> list[Sample]:
+    d = recipe.data
+    if not caption:
+        raise SkipClip("missing caption: no sidecar .txt or manifest caption; add one in the captions file, or use caption.mode=template/vlm")
+    info = probe(item.path, item.is_image)
+    windows = plan_windows(info, d.fps, d.frames, d.clip_stride, d.max_clips_per_video, item.start_s, item.end_s)
+    digest = content_hash(item.path)
+    samples, problems = [], []
+    for h, w in d.resolutions:
+        bucket_hw = nearest_bucket(info.height, info.width, aspect_buckets(h, w))
+        problem = fit_problem(info.height, info.width, bucket_hw)
+        if problem:
+            problems.append(problem)
+            continue
+        for win in windows:
+            key = {"content": digest, "key": item.key, "start": win.start_frame, "frames": win.frames, "bucket": bucket_hw, "caption": caption, "settings": identity}
+            sid = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+            samples.append(Sample(sid, item, win, (win.frames, *bucket_hw), caption))
+    if not samples:
+        raise SkipClip(problems[0])
+    return samples
+
+
+def plan(items: list[SourceItem], captions: dict[str, str], recipe: Recipe, identity: str, progress: bool):
+    samples, skips = [], []
+    for item in tqdm(items, desc="probe", unit="file", disable=not progress):
+        try:
+            samples += _plan_item(item, captions.get(item.key) or "", recipe, identity)
+        except SkipClip as err:
+            skips.append((item.name, str(err)))
+    return samples, skips
+
+
+def _announce_changes(root: Path, settings: dict, encoder_identity: dict, say) -> None:
+    try:
+        old = shards.read_meta(root)
+    except shards.ShardFormatError:
+        return
+    before = {**old.get("settings", {}), **{f"encoder.{k}": v for k, v in old.get("encoders", {}).items()}}
+    now = {**settings, **{f"encoder.{k}": v for k, v in encoder_identity.items()}}
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(now) if before.get(k) != now.get(k)]
+    if changed:
+        say("prep settings changed since the last run (" + "; ".join(changed) + "): affected samples get new ids and are re-encoded")
+
+
+def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=print) -> dict:
+    """Run prep for this process's share; returns the summary (complete on rank 0)."""
+    state = process_state()
+    main = state.is_main_process
+    say = say if main else (lambda *_: None)
+    progress = progress and main
+    timer = Timer()
+    t = time.perf_counter()
+
+    root = Path(recipe.data.shards)
+    variant = get_variant(recipe.model.variant)
+    i2v = variant.is_i2v if recipe.data.task == "auto" else recipe.data.task == "i2v"
+    items = discover(recipe.data.source)
+    captions_path = Path(recipe.data.captions)
+    if main and not captions_path.is_file():
+        say(f"no caption file at {captions_path}: captioning first (mode={recipe.caption.mode}); review it and rerun prep to change captions")
+        make_captions(items, recipe.caption, captions_path, progress)
+    state.wait_for_everyone()
+    captions = read_captions(captions_path)
+    t = timer.add("caption", t)
+
+    source = resolve_source(variant, recipe.model.path, recipe.model.transformer_file, recipe.model.revision,
+                            components=("vae", "text_encoder", "tokenizer") + (("image_encoder", "image_processor") if i2v else ()))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.model.dtype]
+    if state.device.type == "cpu" and dtype != torch.float32:
+        say(f"encoding in fp32 on CPU (model.dtype={recipe.model.dtype} is for GPUs; this CPU has no fast bf16)")
+        dtype = torch.float32
+    encoders = Encoders(source, i2v, dtype, str(state.device), recipe.data.max_text_tokens)
+    settings = prep_settings(recipe, i2v)
+    # What a sample's tensors depend on besides its file, window, bucket and caption (all in
+    # its id too). The frame buckets, clip cap and stride are not here: they decide which
+    # windows exist, and a window that still exists keeps its id and is not re-encoded.
+    identity = settings_hash({k: settings[k] for k in ("fps", "max_text_tokens", "shard_dtype", "i2v")} | encoders.identity())
+    t = timer.add("load encoders", t)
+
+    mine = items[state.process_index :: state.num_processes]
+    samples, skips = plan(mine, captions, recipe, identity, progress)
+    t = timer.add("probe", t)
+    if strict and skips:
+        raise PrepError(f"--strict: {len(skips)} input(s) unusable, nothing encoded; first: {skips[0][0]}: {skips[0][1]}")
+
+    storage = shards.DTYPES[recipe.data.shard_dtype]
+    if main:
+        _announce_changes(root, settings, encoders.identity(), say)
+        shards.write_meta(root, {
+            "variant": variant.name, "task": "i2v" if i2v else "t2v", "encoders": encoders.identity(),
+            "vae": encoders.vae_meta(), "settings": settings, "settings_hash": identity,
+            "text_dim": variant.transformer["text_dim"], "recipe": to_yaml(recipe),
+        })
+        shards.save_empty_prompt(root, encoders.text([""])[0], storage)
+    state.wait_for_everyone()
+
+    done = set(shards.read_parts(root)["id"])
+    todo = [s for s in samples if s.id not in done]
+    say(f"{len(samples)} clip(s) planned on this rank, {len(samples) - len(todo)} already encoded, {len(todo)} to encode")
+    writer = shards.ShardWriter(root, state.process_index, recipe.data.samples_per_shard, storage)
+    text_cache: dict[str, torch.Tensor] = {}
+    for sample in tqdm(todo, desc="encode", unit="clip", disable=not progress):
+        try:
+            frames = read_frames(sample.item.path, sample.window, sample.item.is_image)
+        except SkipClip as err:
+            skips.append((sample.item.name, str(err)))
+            t = timer.add("decode+resize", t)
+            continue
+        video = resize_crop(frames, sample.bucket[1:])
+        t = timer.add("decode+resize", t)
+        if sample.caption not in text_cache:
+            text_cache[sample.caption] = encoders.text([sample.caption])[0]
+        t = timer.add("text encode", t)
+        tensors = {"latents": encoders.latents(video), "text": text_cache[sample.caption]}
+        if i2v:
+            from PIL import Image
+
+            first = Image.fromarray(((video[:, 0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+            tensors.update(encoders.image_condition(first, sample.bucket[0]))
+        t = timer.add("vae encode", t)
+        w = sample.window
+        writer.add({"id": sample.id, "source": sample.item.name, "caption": sample.caption, "frames": sample.bucket[0],
+                    "height": sample.bucket[1], "width": sample.bucket[2], "start_frame": w.start_frame,
+                    "start_s": w.start_s, "end_s": w.end_s}, tensors)
+        t = timer.add("write", t)
+    writer.close()
+    t = timer.add("write", t)
+
+    write_json(root / PLAN_FILE.format(rank=state.process_index),
+               {"planned": [s.id for s in samples], "skips": skips, "seconds": dict(timer.seconds)})
+    state.wait_for_everyone()
+    summary = _finish(root, state.num_processes) if main else {}
+    state.wait_for_everyone()
+    return summary
+
+
+def _finish(root: Path, world: int) -> dict:
+    planned, skips, seconds = [], [], Counter()
+    for rank in range(world):
+        part = json.loads((root / PLAN_FILE.format(rank=rank)).read_text())
+        planned += part["planned"]
+        skips += [tuple(s) for s in part["skips"]]
+        seconds.update(part["seconds"])
+    index, stale = shards.merge_index(root, keep=planned)
+    report = io.StringIO()
+    csv.writer(report).writerows([("path", "reason"), *skips])
+    write_text(root / REPORT_FILE, report.getvalue())
+    files = sorted((root / shards.DATA_DIR).glob("*.safetensors"))
+    return {
+        "root": str(root),
+        "samples": len(index),
+        "buckets": Counter(f"{r.frames}x{r.height}x{r.width}" for r in index.itertuples()),
+        "skips": skips,
+        "stale": stale,
+        "files": len(files),
+        "bytes": sum(f.stat().st_size for f in files),
+        "seconds": dict(seconds),
+    }

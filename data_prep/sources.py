@@ -1,0 +1,156 @@
+"""Where footage comes from: a folder, a manifest (CSV / JSONL / Parquet) or a saved `datasets` dataset.
+
+Every source becomes the same list of `SourceItem`s, so the rest of prep never asks which kind
+it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+VIDEO_EXTS = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
+PATH_COLUMNS = ("path", "video", "file", "file_name", "image")
+CAPTION_COLUMNS = ("caption", "text", "prompt")
+
+
+class SourceError(ValueError):
+    """The footage source itself is unusable (not a single bad file: those are skipped)."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    path: str
+    """Absolute path of the video or image."""
+    name: str
+    """Path relative to the source (folder, manifest's folder, dataset): stable across machines."""
+    caption: str | None = None
+    """Caption given by the source (sidecar .txt or manifest column); None when there is none."""
+    start_s: float | None = None
+    end_s: float | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return Path(self.path).suffix.lower() in IMAGE_EXTS
+
+    @property
+    def key(self) -> str:
+        """One caption per item: the path, plus the time range when a manifest cuts one file several ways."""
+        if self.start_s is None and self.end_s is None:
+            return self.name
+        return f"{self.name}#{self.start_s or 0:g}-{'' if self.end_s is None else f'{self.end_s:g}'}"
+
+
+def _sidecar(path: Path) -> str | None:
+    txt = path.with_suffix(".txt")
+    if txt.is_file():
+        text = txt.read_text(encoding="utf-8", errors="replace").strip()
+        return text or None
+    return None
+
+
+def _name(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def from_folder(folder: Path) -> list[SourceItem]:
+    folder = folder.resolve()
+    items = []
+    # is_file() is False for a broken link; list links too so they are reported, not ignored.
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+        if path.name.startswith("."):
+            continue
+        if path.suffix.lower() in VIDEO_EXTS | IMAGE_EXTS:
+            items.append(SourceItem(str(path), _name(path, folder), _sidecar(path)))
+    return items
+
+
+def _pick(columns, wanted: tuple[str, ...], what: str, where: str, required: bool = True) -> str | None:
+    for name in wanted:
+        if name in columns:
+            return name
+    if required:
+        raise SourceError(f"{where}: no {what} column (looked for {', '.join(wanted)}; found {', '.join(map(str, columns))})")
+    return None
+
+
+def _number(value) -> float | None:
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def _from_records(records: list[dict], columns, where: str, base: Path) -> list[SourceItem]:
+    path_col = _pick(columns, PATH_COLUMNS, "path", where)
+    cap_col = _pick(columns, CAPTION_COLUMNS, "caption", where, required=False)
+    items = []
+    for rec in records:
+        raw = rec.get(path_col)
+        if not isinstance(raw, str) or not raw:
+            continue
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = base / path  # relative paths are relative to the manifest
+        caption = rec.get(cap_col) if cap_col else None
+        caption = caption.strip() if isinstance(caption, str) and caption.strip() else None
+        start, end = _number(rec.get("start")), _number(rec.get("end"))
+        items.append(SourceItem(str(path), _name(path, base), caption, start, end))
+    return items
+
+
+def from_manifest(path: Path) -> list[SourceItem]:
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path, keep_default_na=False)
+        elif suffix in (".jsonl", ".json"):
+            frame = pd.read_json(path, lines=suffix == ".jsonl")
+        else:
+            frame = pd.read_parquet(path)
+    except Exception as err:
+        raise SourceError(f"{path}: cannot read the manifest ({err})") from None
+    frame = frame.rename(columns={"start_s": "start", "end_s": "end"})
+    return _from_records(frame.to_dict("records"), list(frame.columns), str(path), path.parent.resolve())
+
+
+def from_dataset(path: Path) -> list[SourceItem]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise SourceError(f"{path}: cannot open the saved dataset ({err})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return _from_records(ds.to_list(), ds.column_names, str(path), path.resolve())
+
+
+def discover(source: str | None) -> list[SourceItem]:
+    """The items of `data.source`, sorted by path."""
+    if not source:
+        raise SourceError("data.source is empty: set it to a folder of clips, a manifest file or a saved dataset")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SourceError(f"data.source: {path} does not exist")
+    if path.is_file():
+        if path.suffix.lower() not in (".csv", ".jsonl", ".json", ".parquet"):
+            raise SourceError(f"data.source: {path} is a file but not a CSV / JSONL / Parquet manifest")
+        items = from_manifest(path)
+    elif (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        items = from_dataset(path)
+    else:
+        items = from_folder(path)
+    if not items:
+        raise SourceError(f"data.source: {path} holds no videos ({', '.join(sorted(VIDEO_EXTS))}) or images")
+    return sorted(items, key=lambda it: it.key)

@@ -1,0 +1,157 @@
+"""Probe and decode footage with decord, and cut it into frame windows at the target fps.
+
+A window is a list of source frame indices, fetched in one batched `get_batch` call (decord
+seeks once and decodes forward), which is what makes prep fast; see bench/prep_throughput.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MIN_FPS, MAX_FPS = 1.0, 240.0
+
+
+class SkipClip(Exception):
+    """This input cannot be used; the message is the one-line reason for the report."""
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    frames: int
+    fps: float
+    height: int
+    width: int
+    is_image: bool = False
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.fps if self.fps else 0.0
+
+
+@dataclass(frozen=True)
+class Window:
+    start_frame: int
+    """Index of the window's first frame on the resampled (target fps) timeline."""
+    indices: tuple[int, ...]
+    """Source frame indices, one per output frame."""
+    start_s: float
+    end_s: float
+
+    @property
+    def frames(self) -> int:
+        return len(self.indices)
+
+
+def _check_file(path: str) -> None:
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise SkipClip("cannot read: broken link")
+    if not p.exists():
+        raise SkipClip("cannot read: file not found")
+    if not p.is_file():
+        raise SkipClip("cannot read: not a regular file")
+    if not os.access(p, os.R_OK):
+        raise SkipClip("cannot read: permission denied")
+    if p.stat().st_size == 0:
+        raise SkipClip("empty file (0 bytes)")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:120] if text else type(err).__name__
+
+
+def _reader(path: str):
+    import decord
+
+    try:
+        return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except Exception as err:  # decord raises RuntimeError / DECORDError with ffmpeg's words
+        raise SkipClip(f"not a readable video ({_first_line(err)})") from None
+
+
+def probe(path: str, is_image: bool) -> MediaInfo:
+    _check_file(path)
+    if is_image:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as err:
+            raise SkipClip(f"not a readable image ({type(err).__name__})") from None
+        return MediaInfo(frames=1, fps=1.0, height=h, width=w, is_image=True)
+    vr = _reader(path)
+    frames, fps = len(vr), float(vr.get_avg_fps())
+    if frames <= 0:
+        raise SkipClip("video has no frames")
+    if not math.isfinite(fps) or not MIN_FPS <= fps <= MAX_FPS:
+        raise SkipClip(f"unusable frame rate {fps:g} fps (expected {MIN_FPS:g}-{MAX_FPS:g})")
+    h, w = _frame_size(vr)
+    return MediaInfo(frames=frames, fps=fps, height=h, width=w)
+
+
+def _frame_size(vr) -> tuple[int, int]:
+    shape = vr.next().shape  # decodes one frame: proves the stream decodes at all
+    vr.seek(0)
+    return int(shape[0]), int(shape[1])
+
+
+def plan_windows(
+    info: MediaInfo,
+    target_fps: float,
+    buckets: list[int],
+    stride: int,
+    max_clips: int,
+    start_s: float | None = None,
+    end_s: float | None = None,
+) -> list[Window]:
+    """Windows of the largest frame bucket the (trimmed) video fills, resampled to `target_fps`.
+
+    Raises SkipClip when even the smallest bucket does not fit.
+    """
+    if info.is_image:
+        return [Window(0, (0,), 0.0, 0.0)]
+    a = max(0.0, start_s or 0.0)
+    b = min(info.duration, end_s) if end_s is not None else info.duration
+    if b <= a:
+        raise SkipClip(f"empty time range {a:g}-{b:g} s (video is {info.duration:.2f} s)")
+    available = int(math.floor((b - a) * target_fps + 1e-6))
+    fitting = [n for n in sorted(buckets) if n <= available]
+    if not fitting:
+        raise SkipClip(
+            f"too short: {b - a:.2f} s gives {available} frames at {target_fps:g} fps; the smallest bucket is {min(buckets)}"
+        )
+    length = fitting[-1]
+    step = stride or length
+    windows = []
+    for j in range(max_clips):
+        start = j * step
+        if start + length > available:
+            break
+        idx = tuple(
+            min(info.frames - 1, int(math.floor((a + (start + k) / target_fps) * info.fps + 1e-6))) for k in range(length)
+        )
+        windows.append(Window(start, idx, a + start / target_fps, a + (start + length) / target_fps))
+    return windows
+
+
+def read_frames(path: str, window: Window, is_image: bool) -> np.ndarray:
+    """uint8 [T, H, W, 3] for the window's frames (one batched fetch)."""
+    if is_image:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))[None]
+    vr = _reader(path)
+    try:
+        return vr.get_batch(list(window.indices)).asnumpy()
+    except Exception as err:
+        raise SkipClip(f"decode failed (truncated or damaged file?): {_first_line(err)}") from None
