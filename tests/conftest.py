@@ -56,3 +56,24 @@ def recipe_file(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_folders, tmp_path_factory) -> dict[str, Path]:
+    """Prepped shards (fp32) of 4 generated clips for each tiny variant: 9-frame windows, 64x96."""
+    from data_prep.prep import run_prep
+    from data_prep.synthetic import make_clips
+    from wan_tune.config import load_recipe
+
+    root = tmp_path_factory.mktemp("shards")
+    clips = make_clips(root / "clips", 4, frames=20, height=96, width=128, fps=16)[0].parent
+    out = {}
+    for variant in ("tiny", "tiny-i2v"):
+        recipe = load_recipe(
+            Path(__file__).resolve().parents[1] / "recipes" / "demo-tiny.yaml",
+            [f"model.variant={variant}", f"model.path={tiny_folders[variant]}", f"data.source={clips}",
+             f"data.shards={root / variant}", "data.shard_dtype=fp32", "data.frames=[9]"],
+        )
+        run_prep(recipe, progress=False, say=lambda *_: None)
+        out[variant] = root / variant
+    return out

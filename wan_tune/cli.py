@@ -17,6 +17,8 @@ workflow:
   wan-tune caption recipes/my_brand.yaml          write captions to review (data.captions)
   wan-tune prep recipes/my_brand.yaml             encode clips + captions into latent shards
   accelerate launch --multi_gpu -m data_prep recipes/my_brand.yaml   the same, one share per GPU
+  wan-tune train recipes/my_brand.yaml train.lr=5e-5                 train in one process
+  accelerate launch --config_file launch/accelerate/zero2.yaml -m wan_tune.train recipes/my_brand.yaml
   wan-tune make-tiny /tmp/tiny-wan                build the tiny random-init test model
 
 Overrides are dotted keys after the recipe: wan-tune check recipes/x.yaml train.lr=5e-5 run.name=test
@@ -92,6 +94,12 @@ def _prep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train import main as train_main
+
+    return train_main([args.recipe, *args.overrides] + (["--resume", args.resume] if args.resume else []))
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from .models.tiny import save_tiny_pipeline
 
@@ -143,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--strict", action="store_true", help="fail (non-zero) if any input is skipped")
     p.set_defaults(func=_prep)
+
+    p = sub.add_parser(
+        "train",
+        help="train a recipe in this one process (multi-GPU: accelerate launch -m wan_tune.train)",
+        description="Train (LoRA or full fine-tune) from the recipe's shards. Checkpoints go to "
+        "<run.output_dir>/<run.name>/step-NNNNNN/; a rerun resumes from the newest by itself. SIGTERM/SIGUSR1 "
+        "finish the step, checkpoint and exit 0. For several GPUs or nodes: accelerate launch --config_file "
+        "launch/accelerate/<setup>.yaml -m wan_tune.train RECIPE [overrides].",
+    )
+    _recipe_args(p)
+    p.add_argument("--resume", default=None, help="auto (newest checkpoint), never, or a step folder")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser(
         "make-tiny",

@@ -1,0 +1,83 @@
+"""The narrow interface the trainer uses: load the transformer for a recipe, adapt it (LoRA or
+full), and turn a batch + sigmas into (prediction, target).
+
+How Wan conditions (I2V: noisy latents ++ mask ++ condition latents, CLIP tokens as
+`encoder_hidden_states_image`; timestep = sigma * 1000) is said here once, the way
+`WanImageToVideoPipeline.__call__` feeds the transformer at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Recipe
+from ..training import flow_matching as fm
+from .loading import load_transformer, resolve_source
+from .lora_targets import expand_targets
+from .variants import Variant, get_variant
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Kept in their stored dtype under fp8 storage: small, precision-critical, or the adapters.
+FP8_SKIP = ("patch_embedding", "condition_embedder", "norm", "lora_A", "lora_B", "proj_out", "scale_shift_table")
+
+
+def lora_config(recipe: Recipe, variant: Variant):
+    from peft import LoraConfig
+
+    a = recipe.adapter
+    return LoraConfig(
+        r=a.rank,
+        lora_alpha=a.alpha if a.alpha is not None else a.rank,
+        lora_dropout=a.dropout,
+        target_modules=expand_targets(a.targets, variant),
+        init_lora_weights=True,  # B = 0: training starts exactly at the base model
+    )
+
+
+def load_for_training(recipe: Recipe, use_cpu: bool = False):
+    """The transformer, frozen except what the recipe trains, ready for accelerate.prepare."""
+    variant = get_variant(recipe.model.variant)
+    source = resolve_source(variant, recipe.model.path, recipe.model.transformer_file, recipe.model.revision, components=("transformer",))
+    full = recipe.adapter.method == "full"
+    # A full fine-tune keeps fp32 master weights (autocast does the low precision); a LoRA keeps
+    # the frozen base in model.dtype. CPUs have no fast bf16, so CPU runs stay fp32.
+    dtype = torch.float32 if full or use_cpu else DTYPES[recipe.model.dtype]
+    model = load_transformer(source, dtype)
+    model.requires_grad_(full)
+    if not full:
+        model.add_adapter(lora_config(recipe, variant))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
+        if recipe.train.fp8_base:
+            from diffusers.hooks import apply_layerwise_casting
+
+            # After add_adapter, never before: the other order casts the LoRA weights to fp8 too.
+            apply_layerwise_casting(
+                model, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype, skip_modules_pattern=FP8_SKIP
+            )
+    if recipe.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    return model
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def predict(
+    model, batch: dict, sigmas: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(velocity prediction, flow-matching target) for a collated batch; inputs go in as `dtype`."""
+    x0 = batch["latents"]
+    x_t = fm.noisy_latents(x0, noise, sigmas)
+    hidden = torch.cat([x_t, batch["condition"]], dim=1) if "condition" in batch else x_t
+    pred = model(
+        hidden_states=hidden.to(dtype),
+        timestep=fm.timesteps_for(sigmas),
+        encoder_hidden_states=batch["text"].to(dtype),
+        encoder_hidden_states_image=batch["image_embeds"].to(dtype) if "image_embeds" in batch else None,
+        return_dict=False,
+    )[0]
+    return pred, fm.velocity_target(x0, noise)

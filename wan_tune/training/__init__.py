@@ -1,0 +1,1 @@
+"""Training: flow matching (pure functions), optimisation, checkpoints, and the loop."""

@@ -1,0 +1,84 @@
+"""Flow matching for Wan, as pure functions (DESIGN.md section 4).
+
+x_t = (1 - sigma) * x0 + sigma * noise; the transformer predicts the velocity noise - x0 and is
+told timestep = sigma * 1000. Everything random takes an explicit generator, so a step's draws
+depend only on (seed, step, rank) and resume is exact without saving RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """sigma' = s * sigma / (1 + (s - 1) * sigma): s > 1 spends more steps at high noise."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sample_sigmas(
+    n: int,
+    scheme: str,
+    generator: torch.Generator,
+    *,
+    shift: float = 1.0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    sigmoid_scale: float = 1.0,
+    sigma_min: float = 0.0,
+    sigma_max: float = 1.0,
+) -> torch.Tensor:
+    """`n` sigmas in (sigma_min, sigma_max) drawn by `scheme`.
+
+    uniform: U(0,1); logit_normal: sigmoid(N(mean, std)); sigmoid: sigmoid(scale * N(0,1));
+    shift: uniform, then shifted. The [min, max] range is applied last by an affine map, so the
+    shape of the distribution is kept (Wan2.2 experts train one side of the boundary).
+    """
+    if scheme == "uniform":
+        u = torch.rand(n, generator=generator)
+    elif scheme == "logit_normal":
+        u = torch.sigmoid(torch.randn(n, generator=generator) * logit_std + logit_mean)
+    elif scheme == "sigmoid":
+        u = torch.sigmoid(torch.randn(n, generator=generator) * sigmoid_scale)
+    elif scheme == "shift":
+        u = shift_sigmas(torch.rand(n, generator=generator), shift)
+    else:
+        raise ValueError(f"unknown sigma sampling scheme {scheme!r}")
+    # Keep clear of exactly 0 and 1: both are degenerate (no noise / no signal).
+    u = u.clamp(1e-5, 1 - 1e-5)
+    return sigma_min + (sigma_max - sigma_min) * u
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    s = sigmas.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - s) * x0 + s * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def timesteps_for(sigmas: torch.Tensor) -> torch.Tensor:
+    return sigmas * NUM_TRAIN_TIMESTEPS
+
+
+def loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Per-sample loss weights, normalised to mean 1 over the batch so lr keeps its meaning."""
+    if scheme == "none":
+        return torch.ones_like(sigmas)
+    if scheme == "sigma_sqrt":
+        w = sigmas.clamp_min(1e-4) ** -2.0
+    elif scheme == "cosmap":
+        w = 2.0 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    else:
+        raise ValueError(f"unknown loss weighting {scheme!r}")
+    return w / w.mean()
+
+
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over elements of each sample, weighted mean over the batch; computed in fp32."""
+    per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+    return (per_sample * weights.to(per_sample)).mean()

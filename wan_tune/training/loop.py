@@ -1,0 +1,276 @@
+"""The training loop, top to bottom: setup -> resume -> steps -> checkpoints -> cleanup.
+
+Launch-agnostic: plain `python`, `accelerate launch` (DDP, DeepSpeed ZeRO, FSDP) or SLURM all
+arrive here; accelerate decides what `prepare` wraps. Every random draw of a step comes from a
+generator seeded by (seed, step, micro-batch, rank), so a resumed run repeats the exact losses of
+an uninterrupted one without saving any RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..atomic import write_text
+from ..config import Recipe, to_yaml
+from ..data.dataset import ShardDataset, collate, pad_text
+from ..data.sampler import BucketBatchSampler
+from ..dist import use_cpu
+from ..models.spec import load_for_training, predict, trainable_parameters
+from ..models.variants import get_variant
+from . import flow_matching as fm
+from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
+from .optim import make_optimizer, make_scheduler
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped; the message says why and what was kept."""
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a clean stop after the current step."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.received = signal.Signals(signum).name
+
+
+def _accelerator(recipe: Recipe, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    cpu = use_cpu()
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and multi else []  # gloo: multi-process on CPU
+    tracker = None if recipe.tracking.backend == "none" else recipe.tracking.backend
+    accelerator = Accelerator(
+        cpu=cpu and not deepspeed,  # cpu=True would drop DeepSpeed; DeepSpeed finds the CPU by itself
+        mixed_precision="no" if cpu else recipe.train.mixed_precision,
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=handlers,
+    )
+    if accelerator.state.deepspeed_plugin is not None:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = recipe.train.batch_size  # we feed batches ourselves
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = recipe.train.max_grad_norm or 0.0
+        if cpu:  # torch AdamW instead of DeepSpeed's CPU Adam: no ~50 s JIT build per op
+            ds["zero_force_ds_cpu_optimizer"] = False
+    return accelerator
+
+
+def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 8191 + rank)
+
+
+def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=print) -> dict:
+    """Run (or continue) the recipe's training; returns a summary (rank 0)."""
+    run_dir = Path(recipe.run.output_dir) / recipe.run.name
+    accelerator = _accelerator(recipe, run_dir)
+    main = accelerator.is_main_process
+    say = say if main else (lambda *_: None)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    variant = get_variant(recipe.model.variant)
+    stop = StopSignal()
+
+    # --- data -------------------------------------------------------------------------------
+    dataset = ShardDataset(recipe.data.shards)
+    if dataset.meta["variant"] != variant.name and not (variant.tiny and dataset.meta["variant"].startswith("tiny")):
+        raise TrainingError(
+            f"{recipe.data.shards} was prepped for {dataset.meta['variant']!r} but model.variant={variant.name!r}; rerun prep"
+        )
+    if (dataset.meta["task"] == "i2v") != variant.is_i2v:
+        raise TrainingError(f"{recipe.data.shards} holds {dataset.meta['task']} data; {variant.name} needs {variant.task}")
+    sampler = BucketBatchSampler(dataset.buckets, recipe.train.batch_size, recipe.run.seed, rank, world)
+
+    # --- model, optimizer -------------------------------------------------------------------
+    torch.manual_seed(recipe.run.seed)
+    model = load_for_training(recipe, use_cpu=use_cpu())
+    params = list(trainable_parameters(model).values())
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = make_optimizer(params, recipe.train, say)
+    scheduler = make_scheduler(optimizer, recipe.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    compute_dtype = accelerator.unwrap_model(model).dtype  # the base weights' dtype (LoRA params are fp32)
+
+    # --- resume -----------------------------------------------------------------------------
+    start_step, consumed = 0, 0
+    if main:
+        for p in remove_partial(run_dir):
+            say(f"removed {p.name}: a checkpoint whose save was interrupted")
+    accelerator.wait_for_everyone()
+    checkpoint = _resume_point(recipe, run_dir, resume)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
+        start_step, consumed = state["step"], state["batches_consumed"]
+        if state["world_size"] != world:
+            say(f"resuming a {state['world_size']}-process run on {world}: data order changes from here on")
+            consumed = consumed * state["world_size"] // world
+        say(f"resumed from {checkpoint} (step {start_step})")
+    sampler.seek(consumed)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=recipe.data.num_workers,
+        collate_fn=partial(collate, max_text_tokens=recipe.data.max_text_tokens),
+        persistent_workers=recipe.data.num_workers > 0,
+    )
+    batches = iter(loader)
+    empty_padded = pad_text([dataset.empty_prompt], recipe.data.max_text_tokens)[0]
+
+    if recipe.tracking.backend != "none":
+        _init_tracking(accelerator, recipe, run_dir)
+    shift = recipe.timesteps.shift if recipe.timesteps.shift is not None else variant.flow_shift
+    t = recipe.timesteps
+    say(f"training {recipe.adapter.method}: {n_trainable:,} trainable parameters, {len(dataset)} samples, "
+        f"{world} process(es), steps {start_step} -> {recipe.train.steps}")
+
+    # --- steps ------------------------------------------------------------------------------
+    recipe_yaml = to_yaml(recipe)
+    bar = tqdm(total=recipe.train.steps, initial=start_step, desc="train", unit="step", disable=not (progress and main))
+    step, last_saved, first_losses, last_losses = start_step, None, [], []
+    metrics = _open_metrics(run_dir / METRICS_FILE, start_step) if main else None
+    try:
+        while step < recipe.train.steps:
+            t0 = time.perf_counter()
+            step_loss, samples, tokens, grad_norm = 0.0, 0, 0, None
+            for micro in range(recipe.train.grad_accum):
+                batch = next(batches)
+                consumed += 1
+                gen = _step_generator(recipe.run.seed, step, micro, rank)
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # LoRA dropout etc.
+                x0 = batch["latents"]
+                n = x0.shape[0]
+                drop = torch.rand(n, generator=gen) < recipe.train.caption_dropout
+                if drop.any():  # caption dropout: the empty prompt, padded as the pipeline pads it
+                    batch["text"][drop] = empty_padded
+                sigmas = fm.sample_sigmas(n, t.sampling, gen, shift=shift, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                                          sigmoid_scale=t.sigmoid_scale, sigma_min=t.sigma_min, sigma_max=t.sigma_max)
+                noise = torch.randn(x0.shape, generator=gen)
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with accelerator.accumulate(model), accelerator.autocast():
+                    pred, target = predict(model, batch, sigmas.to(accelerator.device), noise.to(accelerator.device), compute_dtype)
+                    loss = fm.flow_matching_loss(pred, target, fm.loss_weights(sigmas, t.loss_weighting).to(pred.device))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and recipe.train.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach().float() / recipe.train.grad_accum
+                samples += n
+                tokens += n * x0.shape[2] * (x0.shape[3] // 2) * (x0.shape[4] // 2)
+            scheduler.step()
+            step += 1
+            mean_loss = accelerator.reduce(step_loss.to(accelerator.device), reduction="mean").item()
+            if not math.isfinite(mean_loss):
+                kept = list_checkpoints(run_dir)
+                raise TrainingError(
+                    f"loss is {mean_loss} at step {step}: training stopped. Nothing was saved for this step; "
+                    f"last good checkpoint: {kept[-1] if kept else 'none yet'}. Lower train.lr, or check the shards."
+                )
+            seconds = time.perf_counter() - t0
+            record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "step_time": seconds,
+                      "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds}
+            if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none here
+                record["grad_norm"] = float(grad_norm)
+            if torch.cuda.is_available():
+                record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            if main:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                (first_losses if len(first_losses) < 10 else last_losses).append(mean_loss)
+                last_losses[:] = last_losses[-10:]
+            if recipe.tracking.backend != "none" and step % recipe.tracking.log_every == 0:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", s_step=f"{seconds:.2f}")
+
+            stopping = _agree(accelerator, stop.received is not None)
+            if step % recipe.checkpoint.every == 0 or step == recipe.train.steps or stopping:
+                last_saved = save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, consumed,
+                                             recipe_yaml, recipe.checkpoint.keep_last)
+            if stopping:
+                say(f"received {stop.received or 'a stop signal on another rank'}: saved {last_saved}; "
+                    f"rerun the same command to resume")
+                break
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+        if recipe.tracking.backend != "none":
+            accelerator.end_training()
+    unwrapped = accelerator.unwrap_model(model)
+    return {"run_dir": str(run_dir), "step": step, "checkpoint": str(last_saved) if last_saved else None,
+            "trainable": n_trainable, "first_losses": first_losses, "last_losses": last_losses,
+            "stopped_by": stop.received, "main": main, "rank": rank, "world": world,
+            "weights_sha256": weights_digest(unwrapped), "model": unwrapped}
+
+
+def weights_digest(model) -> str:
+    """sha256 over the trainable weights, to show every rank ends with the same model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(trainable_parameters(model).items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _open_metrics(path: Path, start_step: int):
+    """metrics.jsonl for appending, without the steps after `start_step` a killed run had logged
+    (they are trained again, so they must not appear twice)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+        write_text(path, "".join(line + "\n" for line in kept))
+    return path.open("a")
+
+
+def _agree(accelerator, flag: bool) -> bool:
+    """True on every rank if any rank got a stop signal (all must checkpoint together)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None) -> Path | None:
+    choice = resume or recipe.checkpoint.resume
+    if choice == "never":
+        return None
+    if choice == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(choice)
+    if not (path / "state.json").is_file():
+        raise TrainingError(f"checkpoint.resume={choice}: not a complete checkpoint folder (no state.json)")
+    return path
+
+
+def _init_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.structured(recipe))
+    flat = {f"{section}.{k}": v for section, values in config.items() for k, v in values.items()}
+    init = {}
+    if recipe.tracking.backend == "wandb":
+        init["wandb"] = {"name": recipe.run.name, "dir": str(run_dir), "mode": "offline" if recipe.tracking.offline else None,
+                         "entity": recipe.tracking.entity}
+    accelerator.init_trackers(recipe.tracking.project, config=flat, init_kwargs=init)
