@@ -10,30 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from wan_tune.video_io import write_video
+
+__all__ = ["make_clips", "moving_shape", "still_image", "write_video"]
+
 SHAPES = ("circle", "square", "ring")
 COLORS = {"red": (255, 60, 60), "green": (60, 230, 120), "blue": (70, 120, 255), "yellow": (250, 220, 60)}
-
-
-def write_video(path: str | Path, frames: np.ndarray, fps: float = 16, codec: str = "libx264", faststart: bool = False) -> Path:
-    """Write uint8 frames [T, H, W, 3] (H, W even) as a video file."""
-    import av
-    from fractions import Fraction
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    options = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), "w", options=options) as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.height, stream.width = frames.shape[1], frames.shape[2]
-        stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "veryfast"}  # near-lossless: tests compare pixels
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def moving_shape(

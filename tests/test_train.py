@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import statistics
@@ -192,3 +193,49 @@ def test_offline_wandb_run_holds_the_printed_losses(tiny_folders, tiny_shards, t
     config = next(r.config for r in records(run_file) if r.WhichOneof("record_type") == "config")
     keys = {item.key for item in config.update}
     assert {"train.lr", "adapter.rank", "model.variant"} <= keys  # the resolved recipe is the run config
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny-i2v"])
+def test_validation_videos_render_from_the_current_weights(tiny_folders, tiny_shards, tmp_path, variant):
+    import decord
+    from data_prep.synthetic import still_image
+
+    extra = {"train.steps": "4", "validation.every": "2", "validation.prompts": "[wtune a red circle, a blue ring]",
+             "validation.frames": "9", "validation.steps": "2", "validation.height": "48", "validation.width": "64"}
+    if variant == "tiny-i2v":
+        first = still_image(tmp_path / "first.png", 96, 128)
+        extra["validation.images"] = f"[{first}, {first}]"
+    summary = train(demo(tiny_folders, tiny_shards, tmp_path, variant, **extra), progress=False, say=lambda *_: None)
+    videos = sorted(Path(summary["run_dir"], "validation").rglob("*.mp4"))
+    assert [v.relative_to(Path(summary["run_dir"], "validation")).as_posix() for v in videos] == [
+        "step-000002/00.mp4", "step-000002/01.mp4", "step-000004/00.mp4", "step-000004/01.mp4"]
+    for v in videos:
+        reader = decord.VideoReader(str(v))
+        assert len(reader) == 9 and reader[0].shape == (48, 64, 3)
+    # The weights changed between the two renders, so the same prompt and seed give other pixels.
+    a = decord.VideoReader(str(videos[0])).get_batch(range(9)).asnumpy().astype(int)
+    b = decord.VideoReader(str(videos[2])).get_batch(range(9)).asnumpy().astype(int)
+    assert abs(a - b).mean() > 0.5
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_folders, tiny_shards, tmp_path):
+    runs = []
+    for gc in ("false", "true"):
+        s = train(demo(tiny_folders, tiny_shards, tmp_path / gc, **{"train.steps": "5", "train.gradient_checkpointing": gc}),
+                  progress=False, say=lambda *_: None)
+        runs.append(losses(s["run_dir"]))
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_fp8_base_weights_train_a_lora(tiny_folders, tiny_shards, tmp_path):
+    summary = train(demo(tiny_folders, tiny_shards, tmp_path, **{"train.steps": "5", "train.fp8_base": "true"}),
+                    progress=False, say=lambda *_: None)
+    model = summary["model"]
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn  # stored in fp8
+    assert dtypes["blocks.0.attn1.to_q.lora_A.default.weight"] == torch.float32  # adapters are not
+    assert dtypes["patch_embedding.weight"] == torch.float32  # skipped modules keep their dtype
+    assert all(math.isfinite(x) for x in losses(summary["run_dir"]))
+    fp32 = train(demo(tiny_folders, tiny_shards, tmp_path / "fp32", **{"train.steps": "5"}), progress=False, say=lambda *_: None)
+    assert losses(summary["run_dir"]) != losses(fp32["run_dir"])  # fp8 really was in the forward
+    assert losses(summary["run_dir"]) == pytest.approx(losses(fp32["run_dir"]), rel=0.05)

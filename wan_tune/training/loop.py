@@ -136,6 +136,14 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
 
     if recipe.tracking.backend != "none":
         _init_tracking(accelerator, recipe, run_dir)
+    validator = None
+    if recipe.validation.every and main:
+        if _zero_stage(accelerator) == 3:
+            say("validation videos are off under ZeRO-3 (the weights are partitioned across ranks)")
+        else:
+            from .validation import Validator
+
+            validator = Validator(recipe, accelerator.device, compute_dtype)
     shift = recipe.timesteps.shift if recipe.timesteps.shift is not None else variant.flow_shift
     t = recipe.timesteps
     say(f"training {recipe.adapter.method}: {n_trainable:,} trainable parameters, {len(dataset)} samples, "
@@ -205,6 +213,14 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             if step % recipe.checkpoint.every == 0 or step == recipe.train.steps or stopping:
                 last_saved = save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, consumed,
                                              recipe_yaml, recipe.checkpoint.keep_last)
+            if recipe.validation.every and step % recipe.validation.every == 0:
+                if validator is not None:
+                    from .validation import log_videos
+
+                    paths = validator.render(accelerator.unwrap_model(model), step, run_dir / "validation")
+                    log_videos(accelerator, recipe, paths, step)
+                    say(f"validation videos: {paths[0].parent}")
+                accelerator.wait_for_everyone()
             if stopping:
                 say(f"received {stop.received or 'a stop signal on another rank'}: saved {last_saved}; "
                     f"rerun the same command to resume")
@@ -243,6 +259,11 @@ def _open_metrics(path: Path, start_step: int):
     return path.open("a")
 
 
+def _zero_stage(accelerator) -> int | None:
+    plugin = accelerator.state.deepspeed_plugin
+    return None if plugin is None else plugin.zero_stage
+
+
 def _agree(accelerator, flag: bool) -> bool:
     """True on every rank if any rank got a stop signal (all must checkpoint together)."""
     if accelerator.num_processes == 1:
@@ -270,6 +291,12 @@ def _init_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
     config = OmegaConf.to_container(OmegaConf.structured(recipe))
     flat = {f"{section}.{k}": v for section, values in config.items() for k, v in values.items()}
     init = {}
+    if recipe.tracking.backend == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise TrainingError("tracking.backend=tensorboard needs TensorBoard: pip install 'wan-tune[tensorboard]' "
+                                "(or set tracking.backend=wandb / none)")
     if recipe.tracking.backend == "wandb":
         init["wandb"] = {"name": recipe.run.name, "dir": str(run_dir), "mode": "offline" if recipe.tracking.offline else None,
                          "entity": recipe.tracking.entity}

@@ -1,0 +1,76 @@
+"""Validation videos from the current weights, through the diffusers pipeline itself.
+
+The pipeline is built once (VAE, scheduler, CLIP for I2V) around the live transformer; prompt
+embeddings are computed once at start and the text encoder is dropped again, so the 11 GB umT5
+does not sit in memory through training. Videos land in `<run>/validation/step-NNNNNN/NN.mp4`
+and go to W&B when it is the tracker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Recipe
+from ..models.loading import resolve_source
+from ..models.variants import get_variant
+from ..video_io import to_uint8, write_video
+
+
+class Validator:
+    def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype):
+        from diffusers import WanImageToVideoPipeline, WanPipeline
+        from PIL import Image
+
+        v = recipe.validation
+        self.recipe, self.device, self.dtype = recipe, device, dtype
+        self.variant = get_variant(recipe.model.variant)
+        source = resolve_source(self.variant, recipe.model.path, None, recipe.model.revision,
+                                components=("vae", "text_encoder", "tokenizer", "scheduler", "image_encoder", "image_processor"))
+        cls = WanImageToVideoPipeline if self.variant.is_i2v else WanPipeline
+        # transformer=None: the live, training transformer is plugged in at render time.
+        self.pipe = cls.from_pretrained(source.folder, transformer=None, torch_dtype=dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.to(device)
+        self.height = v.height or recipe.data.resolutions[0][0]
+        self.width = v.width or recipe.data.resolutions[0][1]
+        with torch.no_grad():
+            self.embeds = [
+                self.pipe.encode_prompt(p, negative_prompt="", do_classifier_free_guidance=v.guidance_scale > 1.0,
+                                        max_sequence_length=recipe.data.max_text_tokens, device=device)
+                for p in v.prompts
+            ]
+        self.pipe.text_encoder = None  # embeddings are cached; free the encoder
+        self.images = [Image.open(p).convert("RGB") for p in v.images] if self.variant.is_i2v else []
+
+    @torch.no_grad()
+    def render(self, transformer, step: int, out_dir: Path) -> list[Path]:
+        v = self.recipe.validation
+        was_training = transformer.training
+        transformer.eval()
+        self.pipe.transformer = transformer
+        paths = []
+        try:
+            for i, (pos, neg) in enumerate(self.embeds):
+                kwargs = dict(prompt_embeds=pos, negative_prompt_embeds=neg, height=self.height, width=self.width,
+                              num_frames=v.frames, num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
+                              generator=torch.Generator().manual_seed(v.seed), output_type="np")
+                if self.variant.is_i2v:
+                    kwargs["image"] = self.images[i]
+                frames = self.pipe(**kwargs).frames[0]
+                paths.append(write_video(Path(out_dir) / f"step-{step:06d}" / f"{i:02d}.mp4", to_uint8(frames), fps=self.recipe.data.fps))
+        finally:
+            self.pipe.transformer = None
+            transformer.train(was_training)
+        return paths
+
+
+def log_videos(accelerator, recipe: Recipe, paths: list[Path], step: int) -> None:
+    if recipe.tracking.backend != "wandb":
+        return
+    import wandb
+
+    tracker = accelerator.get_tracker("wandb", unwrap=True)
+    tracker.log({f"validation/{i:02d}": wandb.Video(str(p), caption=recipe.validation.prompts[i], format="mp4")
+                 for i, p in enumerate(paths)}, step=step)
