@@ -68,9 +68,12 @@ train: {fp8_base: true}
     assert "LoRA setting" in p["adapter.alpha"]
 
 
-def test_lora_keys_left_at_default_are_fine_on_full(recipe_file):
+def test_lora_keys_left_at_default_are_fine_on_full(recipe_file, tmp_path):
     r = load_recipe(recipe_file("adapter: {method: full}\n"))
     assert r.adapter.method == "full"
+    saved = tmp_path / "resolved.yaml"  # what a full fine-tune checkpoint stores
+    saved.write_text(to_yaml(r))
+    assert load_recipe(saved) == r
 
 
 def test_i2v_rules(recipe_file):

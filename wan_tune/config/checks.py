@@ -7,7 +7,7 @@ import string
 
 from ..models.lora_targets import PRESETS
 from ..models.variants import VARIANTS
-from .schema import Recipe
+from .schema import AdapterConfig, Recipe
 
 LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets")
 
@@ -28,8 +28,11 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
         )
 
     if r.adapter.method == "full":
+        defaults = AdapterConfig()
         for key in LORA_ONLY_KEYS:
-            if f"adapter.{key}" in explicit:
+            # Set by the user to something else than the default: a saved, resolved recipe
+            # lists every key at its default and must load back.
+            if f"adapter.{key}" in explicit and getattr(r.adapter, key) != getattr(defaults, key):
                 errors.append((f"adapter.{key}", "is a LoRA setting, but adapter.method=full; remove it"))
         if r.train.fp8_base:
             errors.append(

@@ -1,0 +1,155 @@
+"""Export: every format loads in diffusers to the trained model's outputs; merge; clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import transformer_inputs
+from wan_tune.cli import main
+from wan_tune.config import load_recipe
+from wan_tune.export.adapters import ExportError
+from wan_tune.export.run import export, read_checkpoint
+from wan_tune.training.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# alpha != rank, so a format that loses alpha shows up as a wrong output.
+LORA = ["train.steps=6", "adapter.rank=4", "adapter.alpha=8", "train.lr=2e-2", "checkpoint.every=6"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_folders, tiny_shards, tmp_path_factory):
+    """{variant: (summary, checkpoint)} for short tiny LoRA runs."""
+    out = {}
+    for variant in ("tiny", "tiny-i2v"):
+        root = tmp_path_factory.mktemp(f"run-{variant}")
+        recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+            f"model.variant={variant}", f"model.path={tiny_folders[variant]}", f"data.shards={tiny_shards[variant]}",
+            f"run.output_dir={root}", "data.num_workers=0", *LORA])
+        summary = train(recipe, progress=False, say=lambda *_: None)
+        out[variant] = (summary, Path(summary["checkpoint"]))
+    return out
+
+
+def forward(model, variant):
+    with torch.no_grad():
+        return model(**transformer_inputs(variant), return_dict=False)[0]
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny-i2v"])
+def test_every_format_loads_in_diffusers_to_the_trained_outputs(trained, tiny_folders, tmp_path, variant):
+    summary, ckpt = trained[variant]
+    in_memory = summary["model"].eval()
+    expected = forward(in_memory, variant)
+    base_out = forward(WanTransformer3DModel.from_pretrained(tiny_folders[variant], subfolder="transformer"), variant)
+    assert (expected - base_out).abs().max() > 1e-3  # the LoRA really changes the output
+
+    checks = export(ckpt, ["comfyui", "diffusers", "kohya"], tmp_path, merge=True, say=lambda *_: None)
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    cls = WanImageToVideoPipeline if variant == "tiny-i2v" else WanPipeline
+    for fmt in ("comfyui", "diffusers", "kohya"):
+        (file,) = tmp_path.glob(f"*-{fmt}.safetensors")
+        pipe = cls.from_pretrained(tiny_folders[variant])
+        pipe.load_lora_weights(str(file))
+        got = forward(pipe.transformer, variant)
+        # Tolerance 1e-5 absolute (fp32); seen: <= 2e-6 (summation order of the folded scale).
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5, msg=f"{variant} {fmt}")
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata()
+        assert meta["wan_tune.variant"] == variant and meta["wan_tune.rank"] == "4" and meta["wan_tune.alpha"] == "8"
+        assert meta["wan_tune.steps"] == "6" and meta["wan_tune.trigger_word"] == "wtune"
+
+    # The merged transformer equals base + (alpha/rank) * B @ A, and gives the trained outputs.
+    base = WanTransformer3DModel.from_pretrained(tiny_folders[variant], subfolder="transformer").state_dict()
+    merged_dir = next(tmp_path.glob("*-merged"))
+    merged = WanTransformer3DModel.from_pretrained(merged_dir / "transformer")
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    module = "blocks.1.attn2.to_v"
+    a, b = weights[f"{module}.lora_A.default.weight"], weights[f"{module}.lora_B.default.weight"]
+    torch.testing.assert_close(merged.state_dict()[f"{module}.weight"], base[f"{module}.weight"] + 2.0 * b @ a, rtol=0, atol=1e-6)
+    untouched = "blocks.0.norm2.weight"
+    assert torch.equal(merged.state_dict()[untouched], base[untouched])
+    torch.testing.assert_close(forward(merged, variant), expected, rtol=0, atol=1e-5)
+    original = load_file(str(merged_dir / "transformer_original.safetensors"))
+    assert "blocks.1.cross_attn.v.weight" in original and "head.head.weight" in original
+
+
+def test_self_test_catches_what_diffusers_would_silently_drop(trained, tmp_path):
+    from wan_tune.export.adapters import adapter_from_trainable
+    from wan_tune.export.selftest import check_adapter_file
+    from wan_tune.models.variants import get_variant
+
+    summary, ckpt = trained["tiny"]
+    export(ckpt, ["diffusers"], tmp_path, say=lambda *_: None)
+    (good,) = tmp_path.glob("*-diffusers.safetensors")
+    adapter = adapter_from_trainable(load_file(str(ckpt / "trainable.safetensors")), 4, 8.0, {})
+    tensors = load_file(str(good))
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    no_prefix = tmp_path / "no_prefix.safetensors"  # diffusers ignores these keys without an error
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, no_prefix, metadata=meta)
+    no_alpha = tmp_path / "no_alpha.safetensors"  # alpha lost: the update is off by alpha/rank = 2
+    save_file(tensors, no_alpha, metadata={"format": "pt"})
+    assert check_adapter_file(good, adapter, get_variant("tiny")).ok
+    dropped = check_adapter_file(no_prefix, adapter, get_variant("tiny"))
+    assert not dropped.ok and "applied the LoRA to 0 of 20 modules" in dropped.problem
+    scaled = check_adapter_file(no_alpha, adapter, get_variant("tiny"))
+    assert not scaled.ok and scaled.max_rel_error == pytest.approx(0.5, rel=1e-4)
+
+
+def test_kohya_is_refused_when_targets_do_not_cover_every_block(tiny_folders, tiny_shards, tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        f"model.path={tiny_folders['tiny']}", f"data.shards={tiny_shards['tiny']}", f"run.output_dir={tmp_path}",
+        "data.num_workers=0", "train.steps=2", "adapter.targets=[attention]"])
+    ckpt = Path(train(recipe, progress=False, say=lambda *_: None)["checkpoint"])
+    with pytest.raises(ExportError, match=r"kohya format refused.*ffn\.net\.0\.proj.*--format comfyui"):
+        export(ckpt, ["kohya"], tmp_path / "out", say=lambda *_: None)
+    assert all(c.ok for c in export(ckpt, ["comfyui", "diffusers"], tmp_path / "out", say=lambda *_: None))
+
+
+def test_full_finetune_exports_both_layouts(tiny_folders, tiny_shards, tmp_path, recipe_file):
+    path = recipe_file("run: {name: full}\nmodel: {variant: tiny, dtype: fp32}\nadapter: {method: full}\n"
+                       "train: {steps: 2, batch_size: 2, mixed_precision: 'no', gradient_checkpointing: false}\n"
+                       "tracking: {backend: none}\n")
+    recipe = load_recipe(path, [f"model.path={tiny_folders['tiny']}", f"data.shards={tiny_shards['tiny']}",
+                                f"run.output_dir={tmp_path}", "data.num_workers=0"])
+    summary = train(recipe, progress=False, say=lambda *_: None)
+    assert main(["export", summary["checkpoint"], "--out", str(tmp_path / "out")]) == 0
+    folder = tmp_path / "out" / "full-step000002"
+    assert (folder / "transformer" / "config.json").is_file()
+    trained_sd = summary["model"].state_dict()
+    reloaded = WanTransformer3DModel.from_pretrained(folder / "transformer").state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in trained_sd.items())
+
+
+def test_broken_checkpoints_and_foreign_loras_get_clear_errors(trained, tmp_path, capsys):
+    _, ckpt = trained["tiny"]
+    bad = tmp_path / "step-000001"
+    shutil.copytree(ckpt, bad)
+    (bad / "state.json").unlink()
+    assert main(["export", str(bad)]) == 1
+    assert "missing state.json" in capsys.readouterr().err
+
+    shutil.copy(ckpt / "state.json", bad / "state.json")
+    (bad / "trainable.safetensors").write_text("not a tensor file")
+    with pytest.raises(ExportError, match="trainable.safetensors is not a readable safetensors file"):
+        read_checkpoint(bad)
+
+    # An I2V adapter whose recipe claims the T2V variant: shapes and modules do not fit.
+    _, i2v_ckpt = trained["tiny-i2v"]
+    foreign = tmp_path / "step-000002"
+    shutil.copytree(i2v_ckpt, foreign)
+    text = (foreign / "recipe.yaml").read_text().replace("variant: tiny-i2v", "variant: tiny")
+    (foreign / "recipe.yaml").write_text(text)
+    with pytest.raises(ExportError, match="does not fit tiny: module blocks.0.attn2.add_k_proj"):
+        export(foreign, ["comfyui"], tmp_path / "x", say=lambda *_: None)
+    assert main(["export", str(tmp_path / "nowhere")]) == 1
+    assert "not a checkpoint folder" in capsys.readouterr().err
+    json.loads((ckpt / "state.json").read_text())  # the original is untouched

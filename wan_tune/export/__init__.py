@@ -1,0 +1,1 @@
+"""Export: adapters in ComfyUI / diffusers / kohya formats, full-model export, self-test."""

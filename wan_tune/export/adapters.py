@@ -1,0 +1,111 @@
+"""LoRA adapters in the formats other tools load (DESIGN.md section 6).
+
+All three start from the same thing: per diffusers module name, the pair (A [r, in], B [out, r])
+and alpha. Only key names and where alpha lives differ:
+
+- comfyui (original keys): `diffusion_model.<original module>.lora_down.weight` / `.lora_up.weight`
+  / `.alpha`. ComfyUI and diffusers both load it.
+- diffusers (PEFT keys): `transformer.<module>.lora_A.weight` / `.lora_B.weight`; alpha only in
+  the `lora_adapter_metadata` header (diffusers' own convention), so diffusers alone loads it.
+- kohya / musubi: `lora_unet_<original module with _>.lora_down.weight` ... + `.alpha`. diffusers'
+  converter for it needs every block to carry q,k,v,o (self and cross), ffn.0 and ffn.2.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from ..models.keymap import to_original
+
+FORMATS = ("comfyui", "diffusers", "kohya")
+
+
+class ExportError(RuntimeError):
+    """An export cannot be written as asked; the message says why."""
+
+
+@dataclass
+class Adapter:
+    """A trained LoRA: module -> (A, B), plus its config."""
+
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    alpha: float
+    peft_config: dict
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, module: str) -> torch.Tensor:
+        a, b = self.pairs[module]
+        return self.scale * (b.float() @ a.float())
+
+
+def adapter_from_trainable(weights: dict[str, torch.Tensor], rank: int, alpha: float, peft_config: dict) -> Adapter:
+    """From a checkpoint's trainable.safetensors (`<module>.lora_A.default.weight` names)."""
+    pairs: dict[str, list] = {}
+    for name, tensor in weights.items():
+        for i, part in enumerate((".lora_A.", ".lora_B.")):
+            if part in name:
+                module = name.split(part)[0]
+                pairs.setdefault(module, [None, None])[i] = tensor
+    broken = [m for m, (a, b) in pairs.items() if a is None or b is None]
+    if not pairs or broken:
+        raise ExportError(f"no complete LoRA pairs in the checkpoint (incomplete: {broken[:3]})")
+    return Adapter({m: (a, b) for m, (a, b) in sorted(pairs.items())}, rank, alpha, peft_config)
+
+
+def _alpha(adapter: Adapter) -> torch.Tensor:
+    return torch.tensor(float(adapter.alpha), dtype=torch.float32)
+
+
+def comfyui_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, (a, b) in adapter.pairs.items():
+        key = f"diffusion_model.{to_original(module)}"
+        out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"], out[f"{key}.alpha"] = a, b, _alpha(adapter)
+    return out
+
+
+def diffusers_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, (a, b) in adapter.pairs.items():
+        out[f"transformer.{module}.lora_A.weight"], out[f"transformer.{module}.lora_B.weight"] = a, b
+    return out
+
+
+def diffusers_metadata(adapter: Adapter) -> dict[str, str]:
+    """The `lora_adapter_metadata` header as diffusers' `save_lora_weights` writes it (prefixed)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    config = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in adapter.peft_config.items()}
+    return {LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True, default=str)}
+
+
+def kohya_problems(adapter: Adapter, is_i2v: bool) -> list[str]:
+    """What diffusers' kohya/musubi converter needs and this adapter lacks."""
+    blocks = sorted({int(m.split(".")[1]) for m in adapter.pairs if m.startswith("blocks.")})
+    need = [f"attn{n}.{p}" for n in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")] + ["ffn.net.0.proj", "ffn.net.2"]
+    if is_i2v and any("add_k_proj" in m for m in adapter.pairs):
+        need += ["attn2.add_k_proj", "attn2.add_v_proj"]
+    missing = sorted({n for i in range(max(blocks, default=-1) + 1) for n in need if f"blocks.{i}.{n}" not in adapter.pairs})
+    return missing if blocks else ["no transformer blocks"]
+
+
+def kohya_state_dict(adapter: Adapter, is_i2v: bool) -> dict[str, torch.Tensor]:
+    missing = kohya_problems(adapter, is_i2v)
+    if missing:
+        raise ExportError(
+            "kohya format refused: diffusers' kohya/musubi loader needs every block to carry q,k,v,o of self- and "
+            f"cross-attention and ffn.0/ffn.2, and this adapter lacks {', '.join(missing)}. Train with "
+            "adapter.targets=[attention, ffn], or export --format comfyui (loads in ComfyUI and diffusers)."
+        )
+    out = {}
+    for module, (a, b) in adapter.pairs.items():
+        key = "lora_unet_" + to_original(module).replace(".", "_")
+        out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"], out[f"{key}.alpha"] = a, b, _alpha(adapter)
+    return out

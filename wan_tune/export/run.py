@@ -1,0 +1,182 @@
+"""`wan-tune export CHECKPOINT`: adapters (or the full transformer), each self-tested.
+
+The recipe comes from the checkpoint's recipe.yaml, so no flags are needed. Files go to
+`<checkpoint>/export/` unless `--out` says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..atomic import save_tensors
+from ..config import Recipe, load_recipe, recipe_hash
+from ..models.keymap import state_dict_to_original
+from ..models.variants import Variant, get_variant
+from .adapters import (
+    FORMATS,
+    Adapter,
+    ExportError,
+    adapter_from_trainable,
+    comfyui_state_dict,
+    diffusers_metadata,
+    diffusers_state_dict,
+    kohya_state_dict,
+)
+from .selftest import Check, check_adapter_file, check_original_keys, empty_transformer
+
+REQUIRED = ("recipe.yaml", "state.json", "trainable.safetensors")
+
+
+def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict[str, torch.Tensor]]:
+    """(recipe, state, trainable weights) of a step folder, or a clear ExportError."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportError(f"{path} is not a checkpoint folder (expected checkpoints/<run>/step-NNNNNN/)")
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        raise ExportError(f"{path} is missing {', '.join(missing)}: not a complete wan-tune checkpoint")
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+    except Exception as err:
+        raise ExportError(f"{path / 'trainable.safetensors'} is not a readable safetensors file ({err})") from None
+    recipe = load_recipe(path / "recipe.yaml")
+    return recipe, json.loads((path / "state.json").read_text()), weights
+
+
+def check_fits(adapter: Adapter, variant: Variant) -> None:
+    """Refuse a LoRA whose modules or shapes are not the variant's (another model's adapter)."""
+    with torch.device("meta"):
+        from diffusers import WanTransformer3DModel
+
+        model = WanTransformer3DModel(**variant.transformer)
+    modules = dict(model.named_modules())
+    for name, (a, b) in adapter.pairs.items():
+        m = modules.get(name)
+        if not isinstance(m, torch.nn.Linear) or a.shape[1] != m.in_features or b.shape[0] != m.out_features:
+            shape = f"[{b.shape[0]} x {a.shape[1]}]"
+            have = f"[{m.out_features} x {m.in_features}]" if isinstance(m, torch.nn.Linear) else "no such Linear"
+            raise ExportError(
+                f"this LoRA does not fit {variant.name}: module {name} is {shape} in the adapter but {have} in the model. "
+                "Was it trained for another variant?"
+            )
+
+
+def header(recipe: Recipe, state: dict, fmt: str) -> dict[str, str]:
+    a = recipe.adapter
+    return {
+        "wan_tune.version": __version__,
+        "wan_tune.variant": recipe.model.variant,
+        "wan_tune.format": fmt,
+        "wan_tune.method": a.method,
+        "wan_tune.rank": str(a.rank),
+        "wan_tune.alpha": f"{a.alpha if a.alpha is not None else a.rank:g}",
+        "wan_tune.targets": json.dumps(a.targets),
+        "wan_tune.trigger_word": recipe.caption.trigger_word,
+        "wan_tune.steps": str(state["step"]),
+        "wan_tune.recipe_hash": recipe_hash(recipe),
+    }
+
+
+def export(checkpoint: str | Path, formats: list[str], out: str | Path | None = None, merge: bool = False, say=print) -> list[Check]:
+    """Write the checkpoint in `formats` (or the full model), self-test each file; returns the checks."""
+    checkpoint = Path(checkpoint)
+    recipe, state, weights = read_checkpoint(checkpoint)
+    variant = get_variant(recipe.model.variant)
+    out = Path(out or recipe.export.out or checkpoint / "export")
+    stem = f"{recipe.run.name}-step{state['step']:06d}"
+    if recipe.adapter.method == "full":
+        return export_full(recipe, weights, out / stem, say)
+
+    from ..models.spec import lora_config
+
+    config = lora_config(recipe, variant)
+    adapter = adapter_from_trainable(weights, config.r, config.lora_alpha, config.to_dict())
+    check_fits(adapter, variant)
+    checks = []
+    for fmt in formats:
+        if fmt == "comfyui":
+            sd, meta = comfyui_state_dict(adapter), {}
+            bad = check_original_keys(sd, variant, "diffusion_model.")
+            if bad:
+                raise ExportError(f"original-format keys that name no module of the original model: {bad[:3]}")
+        elif fmt == "diffusers":
+            sd, meta = diffusers_state_dict(adapter), diffusers_metadata(adapter)
+        else:
+            sd, meta = kohya_state_dict(adapter, variant.is_i2v), {}
+        path = save_tensors(out / f"{stem}-{fmt}.safetensors", sd, {"format": "pt", **meta, **header(recipe, state, fmt)})
+        checks.append(check_adapter_file(path, adapter, variant))
+        say(f"wrote {path}")
+    if merge:
+        checks += export_merged(recipe, adapter, out / f"{stem}-merged", say)
+    return checks
+
+
+def _write_transformer(model, folder: Path, recipe: Recipe, say) -> list[Path]:
+    """The transformer as a diffusers folder (sharded safetensors + config) and one original-key file."""
+    model.save_pretrained(folder / "transformer", safe_serialization=True, max_shard_size="5GB")
+    single = save_tensors(folder / "transformer_original.safetensors", state_dict_to_original(model.state_dict()),
+                          {"format": "pt", "wan_tune.variant": recipe.model.variant, "wan_tune.version": __version__})
+    say(f"wrote {folder / 'transformer'} (diffusers) and {single} (original keys, ComfyUI)")
+    return [folder / "transformer", single]
+
+
+def _reload_check(model, folder: Path, recipe: Recipe) -> list[Check]:
+    """Both layouts load back (through wan-tune's own loaders) to exactly the exported weights."""
+    from ..models.loading import ModelSource, load_transformer
+
+    variant = get_variant(recipe.model.variant)
+    want = model.state_dict()
+    checks = []
+    for label, source in (
+        ("diffusers folder", ModelSource(variant, folder)),
+        ("original single file", ModelSource(variant, folder, folder / "transformer_original.safetensors")),
+    ):
+        got = load_transformer(source, next(iter(want.values())).dtype).state_dict()
+        worst = max(((got[k].float() - v.float()).abs().max().item() for k, v in want.items()), default=0.0)
+        checks.append(Check(f"{folder} ({label})", len(want), worst, 0.0, "" if got.keys() == want.keys() else "key sets differ"))
+    return checks
+
+
+def export_full(recipe: Recipe, weights: dict[str, torch.Tensor], folder: Path, say) -> list[Check]:
+    from diffusers import WanTransformer3DModel
+
+    variant = get_variant(recipe.model.variant)
+    model = empty_transformer(variant, torch.float32)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"the checkpoint's weights do not match {variant.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    assert isinstance(model, WanTransformer3DModel)
+    _write_transformer(model, folder, recipe, say)
+    return _reload_check(model, folder, recipe)
+
+
+def export_merged(recipe: Recipe, adapter: Adapter, folder: Path, say) -> list[Check]:
+    """Base weights + scale * B @ A baked in, written as a full transformer."""
+    from ..models.loading import load_transformer, resolve_source
+
+    variant = get_variant(recipe.model.variant)
+    source = resolve_source(variant, recipe.model.path, recipe.model.transformer_file, recipe.model.revision, components=("transformer",))
+    model = load_transformer(source, torch.float32)
+    with torch.no_grad():
+        for module, _ in adapter.pairs.items():
+            linear = model.get_submodule(module)
+            linear.weight += adapter.delta(module).to(linear.weight.dtype)
+    _write_transformer(model, folder, recipe, say)
+    return _reload_check(model, folder, recipe)
+
+
+def format_checks(checks: list[Check]) -> str:
+    lines = [f"  {'file':<70}{'modules':>8}{'max rel err':>14}{'tolerance':>11}  result"]
+    for c in checks:
+        name = c.file if len(c.file) <= 68 else "..." + c.file[-65:]
+        lines.append(f"  {name:<70}{c.modules:>8}{c.max_rel_error:>14.2e}{c.tolerance:>11.0e}  {'ok' if c.ok else 'FAIL ' + c.problem}")
+    return "\n".join(lines)
+
+
+__all__ = ["FORMATS", "ExportError", "export", "format_checks", "read_checkpoint"]

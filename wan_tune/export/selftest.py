@@ -1,0 +1,93 @@
+"""Load what export wrote with diffusers' own loader and compare, module by module.
+
+"No error" proves nothing: diffusers silently ignores a LoRA dict without the `transformer.`
+prefix, and a lost alpha only rescales the update. So each written file is loaded into a
+transformer of the same architecture through `WanPipeline.load_lora_weights`, and every
+module's effective update (scale * B @ A, as peft computes it) is compared with the trained one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.keymap import to_original
+from ..models.variants import Variant
+from .adapters import Adapter
+
+# Above this size the check model is materialised in bf16 to halve its memory.
+FP32_LIMIT = 2e9
+
+
+@dataclass
+class Check:
+    file: str
+    modules: int
+    max_rel_error: float
+    tolerance: float
+    problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem and self.max_rel_error <= self.tolerance
+
+
+def empty_transformer(variant: Variant, dtype: torch.dtype | None = None):
+    """A transformer of the variant's architecture with uninitialised weights (no random-init cost)."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**variant.transformer)
+    params = sum(p.numel() for p in model.parameters())
+    dtype = dtype or (torch.float32 if params <= FP32_LIMIT else torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def original_module_names(variant: Variant) -> set[str]:
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**variant.transformer)
+    out = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            try:
+                out.add(to_original(name))
+            except KeyError:
+                pass
+    return out
+
+
+def check_original_keys(state_dict: dict, variant: Variant, prefix: str) -> list[str]:
+    """Keys whose module is not a Linear of the original-key model (ComfyUI would drop them)."""
+    known = original_module_names(variant)
+    bad = []
+    for key in state_dict:
+        module = key[len(prefix):].rsplit(".", 2)[0] if key.endswith(".weight") else key[len(prefix):].rsplit(".", 1)[0]
+        if module not in known:
+            bad.append(key)
+    return bad
+
+
+def check_adapter_file(path, adapter: Adapter, variant: Variant) -> Check:
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    model = empty_transformer(variant)
+    tol = 1e-5 if model.dtype == torch.float32 else 2e-2
+    parts = dict(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=model)
+    pipe = WanImageToVideoPipeline(**parts) if variant.is_i2v else WanPipeline(**parts)
+    pipe.load_lora_weights(str(path), adapter_name="selftest")
+    loaded = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and "selftest" in getattr(m, "lora_A", {})}
+    if loaded != set(adapter.pairs):
+        missing, extra = sorted(set(adapter.pairs) - loaded), sorted(loaded - set(adapter.pairs))
+        return Check(str(path), len(loaded), float("inf"), tol,
+                     f"diffusers applied the LoRA to {len(loaded)} of {len(adapter.pairs)} modules "
+                     f"(missing {missing[:2]}, unexpected {extra[:2]})")
+    worst = 0.0
+    for module in adapter.pairs:
+        got = model.get_submodule(module).get_delta_weight("selftest").float()
+        want = adapter.delta(module)
+        worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
+    return Check(str(path), len(loaded), worst, tol)
