@@ -153,3 +153,39 @@ def test_broken_checkpoints_and_foreign_loras_get_clear_errors(trained, tmp_path
     assert main(["export", str(tmp_path / "nowhere")]) == 1
     assert "not a checkpoint folder" in capsys.readouterr().err
     json.loads((ckpt / "state.json").read_text())  # the original is untouched
+
+
+def test_sample_renders_with_and_without_the_lora(trained, tiny_folders, tmp_path):
+    import decord
+    from PIL import Image
+
+    _, ckpt = trained["tiny"]
+    export(ckpt, ["comfyui"], tmp_path, say=lambda *_: None)
+    (lora,) = tmp_path.glob("*-comfyui.safetensors")
+    common = ["sample", "--base", str(tiny_folders["tiny"]), "--prompt", "wtune style, a red circle", "--frames", "9",
+              "--steps", "2", "--height", "48", "--width", "64", "--seed", "3"]
+    assert main([*common, "--lora", str(lora), "--out", str(tmp_path / "with.mp4")]) == 0
+    assert main([*common, "--out", str(tmp_path / "base.mp4")]) == 0
+    assert main([*common, "--lora", str(lora), "--lora-scale", "0", "--out", str(tmp_path / "zero.mp4")]) == 0
+    clips = {n: decord.VideoReader(str(tmp_path / f"{n}.mp4")).get_batch(range(9)).asnumpy().astype(int) for n in ("with", "base", "zero")}
+    assert clips["with"].shape == (9, 48, 64, 3)
+    assert abs(clips["with"] - clips["base"]).mean() > 0.5  # the LoRA changes the video
+    assert abs(clips["zero"] - clips["base"]).mean() < 0.5  # scale 0 is the base model (codec noise only)
+    sheet = Image.open(tmp_path / "with.png")
+    assert sheet.size == (64 * 8, 48)  # 8 frames side by side
+
+
+def test_sample_refuses_mismatches_clearly(trained, tiny_folders, tmp_path, capsys):
+    _, i2v_ckpt = trained["tiny-i2v"]
+    export(i2v_ckpt, ["comfyui"], tmp_path, say=lambda *_: None)
+    (lora,) = tmp_path.glob("*-comfyui.safetensors")
+    base = ["sample", "--prompt", "x", "--frames", "9", "--steps", "1", "--out", str(tmp_path / "o.mp4")]
+    assert main([*base, "--base", str(tiny_folders["tiny"]), "--lora", str(lora)]) == 1
+    assert "trained for tiny-i2v, but --base" in capsys.readouterr().err
+    assert main([*base, "--base", str(tiny_folders["tiny-i2v"])]) == 1
+    assert "give the first frame with --image" in capsys.readouterr().err
+    assert main([*base, "--base", str(tiny_folders["tiny"]), "--frames", "10"]) == 1
+    assert "4k+1" in capsys.readouterr().err
+    (tmp_path / "junk.safetensors").write_text("junk")
+    assert main([*base, "--base", str(tiny_folders["tiny"]), "--lora", str(tmp_path / "junk.safetensors")]) == 1
+    assert "not a safetensors file" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""`wan-tune sample`: a base model (+ an exported LoRA) -> mp4 and a contact sheet, through the
+diffusers Wan pipelines. The pipeline class comes from the base folder's model_index.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_write, write_json
+from .models.loading import ModelLoadError, resolve_source
+from .models.variants import VARIANTS, Variant, architecture_mismatches
+from .video_io import to_uint8, write_video
+
+
+class SampleError(RuntimeError):
+    pass
+
+
+@dataclass
+class SampleArgs:
+    base: str
+    prompt: str
+    out: str
+    lora: str | None = None
+    lora_scale: float = 1.0
+    image: str | None = None
+    negative_prompt: str = ""
+    frames: int = 33
+    steps: int = 30
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float = 5.0
+    variant: str | None = None
+
+
+def lora_header(path: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise SampleError(f"--lora: {path} does not exist")
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception as err:
+        raise SampleError(f"--lora: {path} is not a safetensors file ({err})") from None
+
+
+def variant_of(folder: Path) -> Variant | None:
+    """The registered variant whose architecture the folder's transformer has."""
+    from diffusers import WanTransformer3DModel
+
+    config = WanTransformer3DModel.load_config(folder / "transformer")
+    return next((v for v in VARIANTS.values() if not architecture_mismatches(v, config)), None)
+
+
+def contact_sheet(frames: np.ndarray, count: int = 8) -> "Image.Image":
+    """`count` evenly spaced frames side by side (uint8 [T, H, W, 3] in)."""
+    from PIL import Image
+
+    idx = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
+    return Image.fromarray(np.concatenate([frames[i] for i in idx], axis=1))
+
+
+def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    header = lora_header(args.lora) if args.lora else {}
+    hint = args.variant or header.get("wan_tune.variant") or "wan2.1-t2v-1.3b"
+    try:
+        folder = resolve_source(VARIANTS.get(hint, VARIANTS["wan2.1-t2v-1.3b"]), path=args.base).folder
+    except ModelLoadError as err:
+        raise SampleError(f"--base: {err}") from None
+    variant = variant_of(folder)
+    if header.get("wan_tune.variant") and variant and header["wan_tune.variant"] != variant.name:
+        raise SampleError(
+            f"--lora {args.lora} was trained for {header['wan_tune.variant']}, but --base {args.base} is {variant.name}"
+        )
+    is_i2v = variant.is_i2v if variant else False
+    if is_i2v and not args.image:
+        raise SampleError(f"{args.base} is an image-to-video model: give the first frame with --image")
+    if args.image and not is_i2v:
+        raise SampleError(f"--image is for image-to-video models; {args.base} is text-to-video")
+    if (args.frames - 1) % 4:
+        raise SampleError(f"--frames must be 4k+1 (e.g. {(args.frames - 1) // 4 * 4 + 1} or {(args.frames - 1) // 4 * 4 + 5})")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # no fast bf16 on CPUs
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+    if args.lora:
+        try:
+            pipe.load_lora_weights(args.lora, adapter_name="lora")
+        except Exception as err:
+            raise SampleError(f"--lora {args.lora} does not load into {args.base}: {err}") from None
+        pipe.set_adapters(["lora"], [args.lora_scale])
+    height = args.height or (variant.resolution[0] if variant else 480)
+    width = args.width or (variant.resolution[1] if variant else 832)
+    kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height, width=width,
+                  num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                  generator=torch.Generator().manual_seed(args.seed), output_type="np")
+    if args.image:
+        kwargs["image"] = Image.open(args.image).convert("RGB")
+    say(f"sampling {args.frames} frames at {width}x{height}, {args.steps} steps on {device}")
+    frames = to_uint8(pipe(**kwargs).frames[0])
+    out = write_video(args.out, frames, fps=16)
+    sheet = atomic_write(Path(out).with_suffix(".png"), lambda tmp: contact_sheet(frames).save(tmp, format="PNG"))
+    write_json(Path(out).with_suffix(".json"), {**vars(args), "height": height, "width": width})  # how it was made
+    return out, sheet
