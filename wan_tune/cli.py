@@ -13,6 +13,7 @@ from . import __version__
 
 EPILOG = """\
 workflow:
+  wan-tune demo                                   the whole chain on the tiny model, a few minutes on a CPU
   wan-tune check recipes/my_brand.yaml            validate a recipe (no model is loaded)
   wan-tune caption recipes/my_brand.yaml          write captions to review (data.captions)
   wan-tune prep recipes/my_brand.yaml             encode clips + captions into latent shards
@@ -140,6 +141,13 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.recipe, args.overrides, clips=args.clips)
+    return 0 if result["selftest_ok"] and result["last_loss"] < result["first_loss"] else 1
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from .models.tiny import save_tiny_pipeline
 
@@ -240,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, help="only for a hub id not yet downloaded")
     p.add_argument("--out", default="sample.mp4", help="output mp4; the contact sheet goes beside it as .png")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole chain on generated clips and the tiny model, in minutes on a CPU",
+        description="Generate clips, build the tiny random-init Wan model, then caption -> prep -> train -> export -> "
+        "sample with the same code and recipe machinery as a real run (recipes/demo-tiny.yaml). Outputs: data/demo/ "
+        "and checkpoints/demo-tiny/ (replaced on every run).",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe, e.g. train.steps=50")
+    p.add_argument("--recipe", default=None, help="another demo recipe (default: recipes/demo-tiny.yaml)")
+    p.add_argument("--clips", type=int, default=8, help="how many clips to generate")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser(
         "make-tiny",

@@ -1,0 +1,110 @@
+"""`wan-tune demo`: the whole chain on the embedded default, in minutes, on a CPU.
+
+Generated clips (a neon shape over a dark gradient, captions with the trigger word) -> the tiny
+random-init Wan model -> caption -> prep -> train -> export -> sample, through the same functions
+and recipe machinery as a real run (this module only calls them in order, as the CLI would; like
+the CLI it reaches `data_prep` lazily). Ends with a table of artifacts, losses and stage times.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from .config import load_recipe
+
+DEMO_RECIPE = "demo-tiny.yaml"
+
+
+def find_demo_recipe() -> Path:
+    """recipes/demo-tiny.yaml in this checkout (the cwd first, then beside the package)."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        path = root / "recipes" / DEMO_RECIPE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"recipes/{DEMO_RECIPE} not found: run from the wan-tune checkout or pass --recipe")
+
+
+def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None = None, clips: int = 8, say=print) -> dict:
+    from data_prep.captions import make_captions
+    from data_prep.prep import run_prep
+    from data_prep.sources import discover
+    from data_prep.summary import format_summary
+    from data_prep.synthetic import make_clips
+
+    from .export.run import export, format_checks
+    from .models.loading import resolve_source
+    from .sampling import SampleArgs, sample
+    from .training.loop import train
+
+    recipe = load_recipe(recipe_path or find_demo_recipe(), overrides or [])
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        times[stage] = now - t
+        t = now
+
+    run_dir = Path(recipe.run.output_dir) / recipe.run.name
+    for old in (Path(recipe.data.source), Path(recipe.data.shards), run_dir):
+        if old.exists():
+            say(f"demo: starting fresh, removing the previous demo output {old}")
+            shutil.rmtree(old)
+
+    say(f"[1/6] generating {clips} clips in {recipe.data.source}")
+    make_clips(recipe.data.source, clips, trigger=recipe.caption.trigger_word or "wtune", frames=24, height=96, width=128)
+    source = resolve_source(recipe.model.variant, recipe.model.path)  # builds the tiny model on first use
+    lap("clips + tiny model")
+
+    say(f"[2/6] captions -> {recipe.data.captions} (review file)")
+    make_captions(discover(recipe.data.source), recipe.caption, recipe.data.captions)
+    lap("caption")
+
+    say("[3/6] prep: decode, bucket, encode -> shards")
+    prep = run_prep(recipe)
+    say(format_summary(prep))
+    lap("prep")
+
+    say(f"[4/6] train: {recipe.train.steps} steps of {recipe.adapter.method}")
+    trained = train(recipe)
+    lap("train")
+
+    say("[5/6] export + self-test")
+    formats = ["comfyui", "diffusers", "kohya"] if recipe.export.format == "all" else [recipe.export.format]
+    checks = export(trained["checkpoint"], formats, say=say)
+    say(format_checks(checks))
+    lap("export")
+
+    say("[6/6] sample with the exported LoRA")
+    lora = next(Path(trained["checkpoint"], "export").glob("*-comfyui.safetensors"), None) or \
+        next(Path(trained["checkpoint"], "export").glob("*.safetensors"))
+    h, w = recipe.data.resolutions[0]
+    video, sheet = sample(SampleArgs(base=str(source.folder), lora=str(lora), prompt=f"{recipe.caption.trigger_word} style, a red circle drifting over a dark gradient",
+                                     frames=recipe.data.frames[0], steps=10, height=h, width=w, out=str(run_dir / "sample.mp4")), say=say)
+    lap("sample")
+
+    first, last = statistics.mean(trained["first_losses"]), statistics.mean(trained["last_losses"])
+    result = {
+        "clips": recipe.data.source, "captions": recipe.data.captions, "shards": recipe.data.shards,
+        "checkpoint": trained["checkpoint"], "adapters": [c.file for c in checks], "video": str(video), "contact_sheet": str(sheet),
+        "samples": prep["samples"], "first_loss": first, "last_loss": last, "selftest_ok": all(c.ok for c in checks), "times": times,
+    }
+    say(format_result(result))
+    return result
+
+
+def format_result(r: dict) -> str:
+    rows = [("footage", r["clips"]), ("captions (review)", r["captions"]), ("shards", f"{r['shards']} ({r['samples']} samples)"),
+            ("checkpoint", r["checkpoint"]), *[("adapter", a) for a in r["adapters"]], ("video", r["video"]),
+            ("contact sheet", r["contact_sheet"])]
+    lines = ["", "demo summary", ""] + [f"  {k:<20}{v}" for k, v in rows]
+    lines += ["", f"  loss: first 10 steps {r['first_loss']:.4f} -> last 10 steps {r['last_loss']:.4f} "
+                  f"({(1 - r['last_loss'] / r['first_loss']):.0%} lower)",
+              f"  export self-test: {'all ok' if r['selftest_ok'] else 'FAILED'}", "",
+              "  time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["times"].items()),
+              f"  total: {sum(r['times'].values()):.1f} s"]
+    return "\n".join(lines)
