@@ -62,6 +62,12 @@ def load_for_training(recipe: Recipe, use_cpu: bool = False):
     return model
 
 
+def tokens_per_sample(variant: Variant, latent_shape) -> int:
+    """Transformer sequence length of one latent [B, C, F, H, W] after patchify."""
+    pt, ph, pw = variant.transformer["patch_size"]
+    return (latent_shape[2] // pt) * (latent_shape[3] // ph) * (latent_shape[4] // pw)
+
+
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 

@@ -25,7 +25,7 @@ from ..config import Recipe, to_yaml
 from ..data.dataset import ShardDataset, collate, pad_text
 from ..data.sampler import BucketBatchSampler
 from ..dist import use_cpu
-from ..models.spec import load_for_training, predict, trainable_parameters
+from ..models.spec import load_for_training, predict, tokens_per_sample, trainable_parameters
 from ..models.variants import get_variant
 from . import flow_matching as fm
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
@@ -152,7 +152,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     # --- steps ------------------------------------------------------------------------------
     recipe_yaml = to_yaml(recipe)
     bar = tqdm(total=recipe.train.steps, initial=start_step, desc="train", unit="step", disable=not (progress and main))
-    step, last_saved, first_losses, last_losses = start_step, None, [], []
+    step, last_saved, run_losses = start_step, None, []
     metrics = _open_metrics(run_dir / METRICS_FILE, start_step) if main else None
     try:
         while step < recipe.train.steps:
@@ -182,7 +182,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach().float() / recipe.train.grad_accum
                 samples += n
-                tokens += n * x0.shape[2] * (x0.shape[3] // 2) * (x0.shape[4] // 2)
+                tokens += n * tokens_per_sample(variant, x0.shape)
             scheduler.step()
             step += 1
             mean_loss = accelerator.reduce(step_loss.to(accelerator.device), reduction="mean").item()
@@ -199,11 +199,10 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                 record["grad_norm"] = float(grad_norm)
             if torch.cuda.is_available():
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            run_losses.append(mean_loss)
             if main:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                (first_losses if len(first_losses) < 10 else last_losses).append(mean_loss)
-                last_losses[:] = last_losses[-10:]
             if recipe.tracking.backend != "none" and step % recipe.tracking.log_every == 0:
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
             bar.update(1)
@@ -233,7 +232,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             accelerator.end_training()
     unwrapped = accelerator.unwrap_model(model)
     return {"run_dir": str(run_dir), "step": step, "checkpoint": str(last_saved) if last_saved else None,
-            "trainable": n_trainable, "first_losses": first_losses, "last_losses": last_losses,
+            "trainable": n_trainable, "first_losses": run_losses[:10], "last_losses": run_losses[-10:],
             "stopped_by": stop.received, "main": main, "rank": rank, "world": world,
             "weights_sha256": weights_digest(unwrapped), "model": unwrapped}
 
