@@ -100,9 +100,11 @@ def test_broken_interpolation_is_reported_with_the_others(recipe_file):
     assert "did you mean 'attention'" in p["adapter.targets"]
 
 
-def test_bare_no_in_yaml_gets_a_quoting_hint(recipe_file):
+def test_bare_no_in_yaml_gets_a_quoting_hint_and_is_a_word_on_the_command_line(recipe_file):
     p = problems(recipe_file("train: {mixed_precision: no}\n"))
     assert "quote it" in p["train.mixed_precision"]
+    r = load_recipe(recipe_file("{}\n"), ["train.mixed_precision=no", "train.gradient_checkpointing=false"])
+    assert r.train.mixed_precision == "no" and r.train.gradient_checkpointing is False
 
 
 def test_unreadable_recipes_name_the_file(recipe_file, tmp_path):

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from wan_tune.data.dataset import collate, pad_text
+from wan_tune.data.dataset import collate, to_device
 from wan_tune.data.sampler import BucketBatchSampler
 from wan_tune.training import flow_matching as fm
 
@@ -78,12 +78,14 @@ def test_no_full_batch_is_a_clear_error():
         next(iter(BucketBatchSampler([(9, 64, 96)] * 3, 4, seed=0)))
 
 
-def test_collate_pads_text_with_zeros_to_the_pipeline_length():
-    a, b = torch.ones(3, 8), 2 * torch.ones(5, 8)
-    padded = pad_text([a, b], 512)
-    assert padded.shape == (2, 512, 8)
-    assert torch.equal(padded[0, :3], a) and padded[0, 3:].abs().sum() == 0
-    batch = collate([{"index": 0, "text": a, "latents": torch.zeros(16, 3, 8, 12)},
-                     {"index": 5, "text": b, "latents": torch.ones(16, 3, 8, 12)}], 16)
-    assert batch["text"].shape == (2, 16, 8) and batch["latents"].shape == (2, 16, 3, 8, 12)
-    assert batch["index"].tolist() == [0, 5]
+def test_collate_and_to_device_pad_text_with_zeros_to_the_pipeline_length():
+    a, b = torch.ones(3, 8, dtype=torch.bfloat16), 2 * torch.ones(5, 8, dtype=torch.bfloat16)
+    batch = collate([{"index": 0, "text": a, "latents": torch.zeros(16, 3, 8, 12, dtype=torch.bfloat16)},
+                     {"index": 5, "text": b, "latents": torch.ones(16, 3, 8, 12, dtype=torch.bfloat16)}])
+    assert batch["text"].shape == (2, 5, 8) and batch["text"].dtype == torch.bfloat16  # stored dtype, batch length
+    assert batch["latents"].shape == (2, 16, 3, 8, 12) and batch["index"].tolist() == [0, 5]
+    ready = to_device(batch, "cpu", torch.float32, 512)
+    assert ready["text"].shape == (2, 512, 8) and ready["text"].dtype == torch.float32
+    assert torch.equal(ready["text"][0, :3], a.float()) and ready["text"][0, 3:].abs().sum() == 0
+    assert torch.equal(ready["text"][1, :5], b.float()) and ready["text"][1, 5:].abs().sum() == 0
+    assert ready["index"].dtype == torch.int64

@@ -103,6 +103,11 @@ def _parse_overrides(overrides: Iterable[str], errors: list[tuple[str, str]]) ->
         elif "." not in key:
             errors.append((key, f"overrides name section.key, e.g. train.lr=5e-5{_section_hint(key)}"))
         else:
+            text = item.split("=", 1)[1]
+            if text.strip().lower() in ("no", "yes", "on", "off"):
+                # YAML 1.1 would make these booleans; on a command line they are words
+                # (train.mixed_precision=no). true/false stay booleans.
+                item = f"{key}='{text.strip()}'"
             try:  # values are YAML: `[33,81]` is a list, `{a}` would be a mapping
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
             except Exception as err:

@@ -9,19 +9,21 @@ from .shards import ShardReader
 
 
 class ShardDataset(Dataset):
-    """Samples of a shard folder: dicts of tensors (cast to `dtype`) plus their bucket.
+    """Samples of a shard folder: dicts of tensors in their stored dtype (bf16 halves what crosses
+    from worker processes), plus their bucket. Casting and padding happen on the device
+    (`to_device`).
 
     The reader (and its memory-mapped files) is opened lazily in each worker process, so the
     dataset pickles cheaply into DataLoader workers.
     """
 
-    def __init__(self, root, dtype: torch.dtype = torch.float32):
-        self.root, self.dtype = root, dtype
+    def __init__(self, root):
+        self.root = root
         self._reader: ShardReader | None = None
         probe = ShardReader(root)
         self.meta = probe.meta
         self.buckets = [tuple(b) for b in probe.index[["frames", "height", "width"]].itertuples(index=False)]
-        self.empty_prompt = probe.empty_prompt().to(dtype)
+        self.empty_prompt = probe.empty_prompt()
 
     def __len__(self) -> int:
         return len(self.buckets)
@@ -32,26 +34,36 @@ class ShardDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         if self._reader is None:
             self._reader = ShardReader(self.root)
-        tensors = self._reader.tensors(i)
-        return {"index": i, **{k: v.to(self.dtype) for k, v in tensors.items()}}
+        return {"index": i, **self._reader.tensors(i)}
 
 
-def collate(samples: list[dict], max_text_tokens: int) -> dict:
-    """Stack one bucket's samples; text embeddings are zero-padded to `max_text_tokens`, exactly
-    as `WanPipeline.encode_prompt` pads them (Wan's cross-attention takes no mask, so the pad
-    length matters and must match inference)."""
+def collate(samples: list[dict]) -> dict:
+    """Stack one bucket's samples; text is zero-padded only to the batch's longest prompt here
+    (the full pad to max_text_tokens happens on the device, in `to_device`)."""
     out = {"index": torch.tensor([s["index"] for s in samples])}
-    out["text"] = pad_text([s["text"] for s in samples], max_text_tokens)
+    out["text"] = pad_text([s["text"] for s in samples], max(s["text"].shape[0] for s in samples))
     for key in samples[0]:
         if key not in ("index", "text"):
             out[key] = torch.stack([s[key] for s in samples])
     return out
 
 
-def pad_text(embeds: list[torch.Tensor], max_text_tokens: int) -> torch.Tensor:
+def pad_text(embeds: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Zero-pad (or cut) text embeddings [L_i, D] to [N, length, D]."""
     dim = embeds[0].shape[-1]
-    out = embeds[0].new_zeros(len(embeds), max_text_tokens, dim)
+    out = embeds[0].new_zeros(len(embeds), length, dim)
     for i, e in enumerate(embeds):
-        n = min(e.shape[0], max_text_tokens)
+        n = min(e.shape[0], length)
         out[i, :n] = e[:n]
+    return out
+
+
+def to_device(batch: dict, device, dtype: torch.dtype, max_text_tokens: int) -> dict:
+    """Move a collated batch to the device as `dtype`, text zero-padded to `max_text_tokens`
+    exactly as `WanPipeline.encode_prompt` pads it (Wan's cross-attention takes no mask, so
+    the pad length matters and must match inference)."""
+    out = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+    text = out["text"]
+    if text.shape[1] != max_text_tokens:
+        out["text"] = pad_text(list(text), max_text_tokens)
     return out

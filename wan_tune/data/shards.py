@@ -181,7 +181,9 @@ class ShardReader:
         if not index.is_file():
             raise ShardFormatError(f"{self.root}: {INDEX_FILE} missing; prep did not finish, rerun `wan-tune prep`")
         self.index = pd.read_parquet(index)
+        self._ids, self._files_col = self.index["id"].tolist(), self.index["file"].tolist()  # no pandas per sample
         self._files: dict[str, Any] = {}
+        self._names: dict[str, dict[str, list[str]]] = {}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -193,14 +195,18 @@ class ShardReader:
             path = self.root / rel
             if not path.is_file():
                 raise ShardFormatError(f"{path} is listed in {INDEX_FILE} but missing; rerun `wan-tune prep`")
-            self._files[rel] = safe_open(str(path), framework="pt")
+            f = safe_open(str(path), framework="pt")
+            names: dict[str, list[str]] = {}
+            for key in f.keys():  # "<id>/<tensor name>", listed once per file, not per sample
+                sid, name = key.split("/", 1)
+                names.setdefault(sid, []).append(name)
+            self._files[rel], self._names[rel] = f, names
         return self._files[rel]
 
     def tensors(self, i: int) -> dict[str, torch.Tensor]:
-        row = self.index.iloc[i]
-        f = self._open(row["file"])
-        prefix = f"{row['id']}/"
-        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        rel, sid = self._files_col[i], self._ids[i]
+        f = self._open(rel)
+        return {name: f.get_tensor(f"{sid}/{name}") for name in self._names[rel][sid]}
 
     def row(self, i: int) -> dict:
         return self.index.iloc[i].to_dict()

@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from ..atomic import write_text
 from ..config import Recipe, to_yaml
-from ..data.dataset import ShardDataset, collate, pad_text
+from ..data.dataset import ShardDataset, collate, pad_text, to_device
 from ..data.sampler import BucketBatchSampler
 from ..dist import use_cpu
 from ..models.spec import load_for_training, predict, tokens_per_sample, trainable_parameters
@@ -128,11 +127,11 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     sampler.seek(consumed)
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=recipe.data.num_workers,
-        collate_fn=partial(collate, max_text_tokens=recipe.data.max_text_tokens),
+        collate_fn=collate,
         persistent_workers=recipe.data.num_workers > 0,
     )
     batches = iter(loader)
-    empty_padded = pad_text([dataset.empty_prompt], recipe.data.max_text_tokens)[0]
+    empty_padded = pad_text([dataset.empty_prompt], recipe.data.max_text_tokens)[0].to(accelerator.device, torch.float32)
 
     if recipe.tracking.backend != "none":
         _init_tracking(accelerator, recipe, run_dir)
@@ -159,19 +158,20 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             t0 = time.perf_counter()
             step_loss, samples, tokens, grad_norm = 0.0, 0, 0, None
             for micro in range(recipe.train.grad_accum):
-                batch = next(batches)
+                batch = to_device(next(batches), accelerator.device, torch.float32, recipe.data.max_text_tokens)
                 consumed += 1
                 gen = _step_generator(recipe.run.seed, step, micro, rank)
-                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # LoRA dropout etc.
+                if recipe.adapter.dropout > 0:  # LoRA dropout draws from the global RNG; torch.manual_seed
+                    # costs ~1 ms (it seeds every device type), so only when something uses it.
+                    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
                 x0 = batch["latents"]
                 n = x0.shape[0]
                 drop = torch.rand(n, generator=gen) < recipe.train.caption_dropout
                 if drop.any():  # caption dropout: the empty prompt, padded as the pipeline pads it
-                    batch["text"][drop] = empty_padded
+                    batch["text"][drop.to(accelerator.device)] = empty_padded
                 sigmas = fm.sample_sigmas(n, t.sampling, gen, shift=shift, logit_mean=t.logit_mean, logit_std=t.logit_std,
                                           sigmoid_scale=t.sigmoid_scale, sigma_min=t.sigma_min, sigma_max=t.sigma_max)
                 noise = torch.randn(x0.shape, generator=gen)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(model), accelerator.autocast():
                     pred, target = predict(model, batch, sigmas.to(accelerator.device), noise.to(accelerator.device), compute_dtype)
                     loss = fm.flow_matching_loss(pred, target, fm.loss_weights(sigmas, t.loss_weighting).to(pred.device))
