@@ -29,7 +29,7 @@ from common import synthetic_shards, transformer_folder, workdir  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def recipe_for(args, folder: Path, shards_dir: Path, run_dir: Path):
+def recipe_for(args, folder: Path, shards_dir: Path, run_dir: Path, extra: tuple[str, ...] = ()):
     from wan_tune.config import load_recipe
 
     return load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
@@ -37,7 +37,7 @@ def recipe_for(args, folder: Path, shards_dir: Path, run_dir: Path):
         "data.num_workers=0", f"train.steps={args.steps}", f"train.batch_size={args.batch}", "train.mixed_precision=no",
         "train.gradient_checkpointing=false", "train.caption_dropout=0", f"adapter.rank={args.rank}",
         f"adapter.alpha={args.rank}", "adapter.targets=[attention,ffn]", "checkpoint.every=1000000",
-        "tracking.backend=none", "timesteps.sampling=uniform", f"run.output_dir={run_dir}", "run.name=bench",
+        "tracking.backend=none", "timesteps.sampling=uniform", f"run.output_dir={run_dir}", "run.name=bench", *extra,
     ])
 
 
