@@ -61,7 +61,8 @@ def sample_frames(item: SourceItem, count: int):
 
 
 def make_captions(items: list[SourceItem], cfg: CaptionConfig, path: str | Path, progress: bool = True) -> dict[str, int]:
-    """Write the caption review file for `items`; returns how many captions came from where."""
+    """Write the caption review file for `items`, keeping every caption already in it (unless
+    caption.overwrite) and adding rows for new items; returns how many captions came from where."""
     existing = read_captions(path)
     rows, todo = [], []
     for item in items:
@@ -77,6 +78,10 @@ def make_captions(items: list[SourceItem], cfg: CaptionConfig, path: str | Path,
             rows.append({"key": item.key, "caption": item.caption or "", "origin": "sidecar" if item.caption else "missing"})
     if todo:
         _vlm_fill(rows, [items[i] for i in todo], todo, cfg, progress)
+    # Reviewed captions of clips no longer in the source stay in the file (a studio's work is
+    # never dropped); prep only encodes the items it finds.
+    current = {item.key for item in items}
+    rows += [{"key": k, "caption": c, "origin": "not in source"} for k, c in existing.items() if k not in current]
     write_captions(path, rows)
     counts: dict[str, int] = {}
     for row in rows:

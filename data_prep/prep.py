@@ -147,8 +147,12 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
     i2v = variant.is_i2v if recipe.data.task == "auto" else recipe.data.task == "i2v"
     items = discover(recipe.data.source)
     captions_path = Path(recipe.data.captions)
-    if main and not captions_path.is_file():
-        say(f"no caption file at {captions_path}: captioning first (mode={recipe.caption.mode}); review it and rerun prep to change captions")
+    if main:
+        if not captions_path.is_file():
+            say(f"no caption file at {captions_path}: captioning first (mode={recipe.caption.mode}); "
+                "review it and rerun prep to change captions")
+        # Adds rows for clips added since the last run (their sidecars, template or VLM text);
+        # rows already in the file, reviewed or not, are kept as they are.
         make_captions(items, recipe.caption, captions_path, progress)
     state.wait_for_everyone()
     captions = read_captions(captions_path)

@@ -281,3 +281,15 @@ def test_i2v_conditioning_equals_the_diffusers_pipeline(tiny_folders, footage, t
     torch.testing.assert_close(stored["image_embeds"], embeds[0], rtol=0, atol=1e-5)
     with safe_open(str(out / row["file"]), "pt") as f:
         assert f.metadata()["format_version"] == str(shards.FORMAT_VERSION)
+
+
+def test_clips_added_after_captioning_use_their_sidecars(tiny_folders, footage, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(footage, src)
+    out = tmp_path / "shards"
+    first = run_prep(recipe_for(tiny_folders, src, out), progress=False, say=lambda *_: None)
+    write_video(src / "late.mp4", moving_shape(20, 96, 128, seed=9), fps=16)
+    (src / "late.txt").write_text("wtune style, a late addition")
+    second = run_prep(recipe_for(tiny_folders, src, out), progress=False, say=lambda *_: None)
+    assert second["samples"] == first["samples"] + 2 and second["skips"] == []
+    assert "wtune style, a late addition" in set(index_of(out)["caption"])

@@ -86,6 +86,9 @@ def test_template_captions_and_reviewed_edits_survive_a_rerun(clips, tmp_path):
         w.writerows(rows)
     assert make_captions(items, cfg, out, progress=False) == {"kept": 4}
     assert read_captions(out)[rows[0]["key"]] == "edited by a person"
+    # A clip removed from the source keeps its reviewed row; a new clip gets one.
+    assert make_captions(items[1:], cfg, out, progress=False) == {"kept": 3, "not in source": 1}
+    assert read_captions(out)[rows[0]["key"]] == "edited by a person"
     cfg.overwrite = True
     make_captions(items, cfg, out, progress=False)
     assert read_captions(out)[rows[0]["key"]] != "edited by a person"
