@@ -56,6 +56,7 @@ def load_for_training(recipe: Recipe, use_cpu: bool = False):
             apply_layerwise_casting(
                 model, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype, skip_modules_pattern=FP8_SKIP
             )
+            _return_freed_memory()
     if recipe.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -66,6 +67,20 @@ def tokens_per_sample(variant: Variant, latent_shape) -> int:
     """Transformer sequence length of one latent [B, C, F, H, W] after patchify."""
     pt, ph, pw = variant.transformer["patch_size"]
     return (latent_shape[2] // pt) * (latent_shape[3] // ph) * (latent_shape[4] // pw)
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory of the weights just cast to fp8 back to the OS. glibc keeps freed blocks
+    in its heap, so without this the process kept the full-precision footprint (measured:
+    5.73 GiB step peak against a 2.26 GiB floor for 1.3B). No-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
