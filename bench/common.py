@@ -16,12 +16,20 @@ from wan_tune.data import shards
 from wan_tune.models.variants import get_variant
 
 
-def transformer_folder(variant_name: str, root: Path) -> Path:
-    """<root>/<variant>/transformer/ with random weights, built once."""
+def model_folder(variant_name: str, root: Path) -> Path:
+    """A folder wan-tune loads the variant from: the whole tiny pipeline for tiny variants, else
+    <root>/<variant>/transformer/ with random weights of the real architecture. Built once."""
     from diffusers import WanTransformer3DModel
 
     folder = root / variant_name
+    if get_variant(variant_name).tiny:
+        from wan_tune.models.tiny import save_tiny_pipeline
+
+        if not (folder / "model_index.json").is_file():
+            save_tiny_pipeline(folder, variant_name)
+        return folder
     if not (folder / "transformer" / "config.json").is_file():
+        print(f"building a random-init {variant_name} transformer folder in {folder} (once) ...", flush=True)
         torch.manual_seed(0)
         model = WanTransformer3DModel(**get_variant(variant_name).transformer).to(torch.bfloat16)
         model.save_pretrained(folder / "transformer", safe_serialization=True)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import synthetic_shards, transformer_folder, workdir  # noqa: E402
+from common import model_folder, synthetic_shards, workdir  # noqa: E402
 
 
 def loader_rate(shards_dir: Path, workers: int, batches: int, batch_size: int = 1) -> float:
@@ -67,14 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     fhw = tuple(int(x) for x in args.latent.split("x"))
     root = workdir()
-    if args.variant.startswith("tiny"):
-        from wan_tune.models.tiny import save_tiny_pipeline
-
-        folder = root / args.variant
-        if not (folder / "model_index.json").is_file():
-            save_tiny_pipeline(folder, args.variant)
-    else:
-        folder = transformer_folder(args.variant, root)
+    folder = model_folder(args.variant, root)
     small = synthetic_shards(args.variant, root, max(64, args.steps * args.batch * 2), fhw)
     real = synthetic_shards("wan2.1-t2v-1.3b", root, 24, (21, 60, 104), text_len=226)
 

@@ -39,7 +39,7 @@ def rss_bytes() -> int:
 def child(args) -> None:
     import torch
 
-    from common import synthetic_shards, transformer_folder, workdir
+    from common import model_folder, synthetic_shards, workdir
     from trainer_overhead import recipe_for
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
@@ -48,14 +48,7 @@ def child(args) -> None:
 
     root = workdir()
     fhw = tuple(int(x) for x in args.latent.split("x"))
-    if args.variant.startswith("tiny"):
-        from wan_tune.models.tiny import save_tiny_pipeline
-
-        folder = root / args.variant
-        if not (folder / "model_index.json").is_file():
-            save_tiny_pipeline(folder, args.variant)
-    else:
-        folder = transformer_folder(args.variant, root)
+    folder = model_folder(args.variant, root)
     shards_dir = synthetic_shards(args.variant, root, 8, fhw)
     recipe = recipe_for(argparse.Namespace(variant=args.variant, steps=2, batch=1, rank=args.rank), folder, shards_dir,
                         root / "runs-mem", tuple(CONFIGS[args.child]))

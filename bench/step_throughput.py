@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import synthetic_shards, transformer_folder, workdir  # noqa: E402
+from common import model_folder, synthetic_shards, workdir  # noqa: E402
 from trainer_overhead import recipe_for  # noqa: E402
 
 BACKENDS = ("native", "_native_cudnn", "_native_flash", "flash", "sage")
@@ -83,7 +83,7 @@ def main() -> None:
     device = torch.device("cuda" if gpu else "cpu")
     root = workdir()
     fhw = tuple(int(x) for x in args.latent.split("x"))
-    folder = transformer_folder(args.variant, root)
+    folder = model_folder(args.variant, root)
     shards_dir = synthetic_shards(args.variant, root, 4, fhw)
     extra = ("model.dtype=bf16", "train.mixed_precision=bf16") if gpu else ()
     extra += (f"train.gradient_checkpointing={'true' if args.checkpointing else 'false'}",)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import synthetic_shards, transformer_folder, workdir  # noqa: E402
+from common import model_folder, synthetic_shards, workdir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,15 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     fhw = tuple(int(x) for x in args.latent.split("x"))
     root = workdir()
-    if args.variant.startswith("tiny"):
-        from wan_tune.models.tiny import save_tiny_pipeline
-
-        folder = root / args.variant
-        if not (folder / "model_index.json").is_file():
-            save_tiny_pipeline(folder, args.variant)
-    else:
-        print(f"building a random-init {args.variant} transformer folder (once) ...", flush=True)
-        folder = transformer_folder(args.variant, root)
+    folder = model_folder(args.variant, root)
     shards_dir = synthetic_shards(args.variant, root, args.steps * args.batch * 2, fhw)
     recipe = recipe_for(args, folder, shards_dir, root / "runs")
 
