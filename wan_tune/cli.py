@@ -109,13 +109,8 @@ def _export(args: argparse.Namespace) -> int:
     from .export.run import export, format_checks
     from .models.loading import ModelLoadError
 
-    formats = list(FORMATS) if args.format == "all" else [args.format] if args.format else None
+    formats = list(FORMATS) if args.format == "all" else [args.format] if args.format else None  # None: the recipe's
     try:
-        if formats is None:  # the recipe's export.format
-            from .export.run import read_checkpoint
-
-            fmt = read_checkpoint(args.checkpoint)[0].export.format
-            formats = list(FORMATS) if fmt == "all" else [fmt]
         checks = export(args.checkpoint, formats, args.out, merge=args.merge)
     except (ExportError, ConfigError, ModelLoadError) as err:
         print(f"wan-tune export: {err}", file=sys.stderr)

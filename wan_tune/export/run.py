@@ -83,10 +83,15 @@ def header(recipe: Recipe, state: dict, fmt: str) -> dict[str, str]:
     }
 
 
-def export(checkpoint: str | Path, formats: list[str], out: str | Path | None = None, merge: bool = False, say=print) -> list[Check]:
-    """Write the checkpoint in `formats` (or the full model), self-test each file; returns the checks."""
+def export(
+    checkpoint: str | Path, formats: list[str] | None = None, out: str | Path | None = None, merge: bool = False, say=print
+) -> list[Check]:
+    """Write the checkpoint in `formats` (None: the recipe's export.format; ignored for a full
+    fine-tune, which writes the whole model), self-test each file; returns the checks."""
     checkpoint = Path(checkpoint)
     recipe, state, weights = read_checkpoint(checkpoint)
+    if formats is None:
+        formats = list(FORMATS) if recipe.export.format == "all" else [recipe.export.format]
     variant = get_variant(recipe.model.variant)
     out = Path(out or recipe.export.out or checkpoint / "export")
     stem = f"{recipe.run.name}-step{state['step']:06d}"

@@ -89,11 +89,12 @@ def save_checkpoint(
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     if deepspeed:
         accelerator.save_state(str(tmp / "deepspeed"))  # collective: each rank writes its partition
-    unwrapped = accelerator.unwrap_model(model)
-    trainable = {n: p.detach().float().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
-    if deepspeed and not trainable:
-        raise CheckpointError("no trainable parameters found on the unwrapped model")
     if accelerator.is_main_process:
+        # Only rank 0 writes, so only rank 0 copies the weights to CPU (a whole model for a full fine-tune).
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {n: p.detach().float().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise CheckpointError("no trainable parameters found on the unwrapped model")
         save_tensors(tmp / "trainable.safetensors", trainable, {"step": str(step)})
         if not deepspeed:
             tensors, meta = optimizer_to_tensors(optimizer.state_dict())
