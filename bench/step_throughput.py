@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
-    from wan_tune.models.spec import load_for_training, predict, tokens_per_sample, trainable_parameters
+    from wan_tune.models.spec import load_for_training, tokens_per_sample, trainable_parameters
     from wan_tune.models.variants import get_variant
     from wan_tune.training import flow_matching as fm
 
@@ -102,7 +102,7 @@ def main() -> None:
         sigmas = torch.rand(1, generator=g).to(device)
         noise = torch.randn(batch["latents"].shape, generator=g).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-            pred, target = predict(model, batch, sigmas, noise, dtype)
+            pred, target = fm.predict(model, batch, sigmas, noise, dtype)
             loss = fm.flow_matching_loss(pred, target, torch.ones(1, device=device))
         loss.backward()
         opt.step()

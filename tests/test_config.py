@@ -50,12 +50,12 @@ data:
   frames: [80]
   resolutions: [[480, 830]]
   task: i2v
-adapter: {method: full, alpha: 16}
+adapter: {method: full}
 timesteps: {sampling: logitnormal, sigma_min: 0.8, sigma_max: 0.2}
 train: {fp8_base: true}
 """
     )
-    p = problems(path, ["train.lr=abc", "model.variant=wan2.1-t2v-1.3", "validation.every=10"])
+    p = problems(path, ["train.lr=abc", "model.variant=wan2.1-t2v-1.3", "validation.every=10", "adapter.alpha=16"])
     assert set(p) == {
         "trian", "run.nmae", "data.frames", "data.resolutions", "adapter.alpha",
         "timesteps.sampling", "timesteps.sigma_min", "train.fp8_base", "train.lr", "model.variant",
@@ -74,6 +74,28 @@ def test_lora_keys_left_at_default_are_fine_on_full(recipe_file, tmp_path):
     saved = tmp_path / "resolved.yaml"  # what a full fine-tune checkpoint stores
     saved.write_text(to_yaml(r))
     assert load_recipe(saved) == r
+
+
+def test_a_lora_recipe_switches_to_full_from_the_command_line(recipe_file, tmp_path):
+    path = recipe_file("adapter: {method: lora, rank: 16, alpha: 8, targets: [attention]}\n")
+    notes = []
+    r = load_recipe(path, ["adapter.method=full"], warn=notes.append)
+    assert r.adapter.method == "full"
+    # One line names what is ignored; the keys go back to their defaults, so the saved recipe
+    # of the full fine-tune does not claim a rank (and loads back without a note).
+    assert len(notes) == 1 and "adapter.rank, adapter.alpha, adapter.targets" in notes[0] and str(path) in notes[0]
+    assert (r.adapter.rank, r.adapter.alpha, r.adapter.targets) == (32, None, ["attention", "ffn"])
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(to_yaml(r))
+    again = []
+    assert load_recipe(saved, warn=again.append) == r and again == []
+    # `null` unsets a LoRA key; a value typed on the command line beside method=full is a contradiction.
+    assert load_recipe(path, ["adapter.method=full", "adapter.rank=null"], warn=notes.append).adapter.method == "full"
+    p = problems(path, ["adapter.method=full", "adapter.rank=8"])
+    assert set(p) == {"adapter.rank"} and "command line" in p["adapter.rank"]
+    # On a LoRA run nothing is ignored and nothing is said.
+    quiet = []
+    assert load_recipe(path, warn=quiet.append).adapter.rank == 16 and quiet == []
 
 
 def test_i2v_rules(recipe_file):

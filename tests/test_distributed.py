@@ -3,33 +3,8 @@ both ranks (DESIGN.md section 7). Launched exactly as users launch: accelerate +
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def launch(config: str, tiny_folders, tiny_shards, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "accelerate" / config),
-        "-m", "wan_tune.train", str(ROOT / "recipes" / "demo-tiny.yaml"),
-        f"model.path={tiny_folders['tiny']}", f"data.shards={tiny_shards['tiny']}", f"run.output_dir={out}",
-        "data.num_workers=0", "train.steps=4", "checkpoint.every=2", *extra,
-    ]
-    # Plain DDP on CPU needs ACCELERATE_USE_CPU; DeepSpeed must not get it (accelerate would drop DeepSpeed).
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    if not config.startswith("zero"):
-        env["ACCELERATE_USE_CPU"] = "1"
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-
-
-def rank_digests(stdout: str) -> dict[int, str]:
-    return {int(r): d for r, d in re.findall(r"\[rank (\d)\] trainable weights sha256 (\w+)", stdout)}
+from launching import launch, rank_digests
 
 
 @pytest.mark.slow

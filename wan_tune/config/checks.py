@@ -30,10 +30,11 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
     if r.adapter.method == "full":
         defaults = AdapterConfig()
         for key in LORA_ONLY_KEYS:
-            # Set by the user to something else than the default: a saved, resolved recipe
-            # lists every key at its default and must load back.
+            # Only keys typed on the command line are still set here: the loader resets the
+            # recipe file's LoRA keys with a warning, and a saved, resolved recipe lists every
+            # key at its default and must load back.
             if f"adapter.{key}" in explicit and getattr(r.adapter, key) != getattr(defaults, key):
-                errors.append((f"adapter.{key}", "is a LoRA setting, but adapter.method=full; remove it"))
+                errors.append((f"adapter.{key}", "is a LoRA setting, but adapter.method=full; drop it from the command line"))
         if r.train.fp8_base:
             errors.append(
                 ("train.fp8_base", "stores frozen base weights in fp8, but a full fine-tune trains them; use adapter.method=lora")

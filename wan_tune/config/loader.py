@@ -11,14 +11,15 @@ import dataclasses
 import difflib
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .checks import cross_field_errors
-from .schema import SECTIONS, Recipe
+from .checks import LORA_ONLY_KEYS, cross_field_errors
+from .schema import SECTIONS, AdapterConfig, Recipe
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,8 @@ def _check_section(name: str, cls: type, raw: Any, errors: list[tuple[str, str]]
             errors.append((full, f"unknown key in section '{name}'{_did_you_mean(key, fields)}"))
             continue
         value = raw._get_node(key)._value()  # keep `${...}` unresolved: it may point anywhere
+        if value is None and name == "adapter" and key in LORA_ONLY_KEYS:
+            continue  # `adapter.rank=null`: not set (e.g. switching a LoRA recipe to method=full)
         if isinstance(value, bool) and fields[key].type == "str":
             errors.append((full, f"expected a string, got the boolean {value} (YAML reads bare no/yes/off/on as booleans: quote it, e.g. \"no\")"))
             continue
@@ -115,8 +118,31 @@ def _parse_overrides(overrides: Iterable[str], errors: list[tuple[str, str]]) ->
     return merged
 
 
-def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> Recipe:
-    """The checked recipe from a YAML file (None: defaults only) plus `section.key=value` overrides."""
+def _warn_once(message: str) -> None:
+    """A warning on stderr, from one process only under a multi-process launch."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _ignore_file_lora_keys(recipe: Recipe, file_keys: set[str], cli_keys: set[str], source: str, warn) -> None:
+    """A full fine-tune ignores the LoRA settings a recipe file carries (so `adapter.method=full`
+    on the command line turns a LoRA recipe into a full fine-tune), with one warning line. They
+    are reset to their defaults, so the checkpoint's saved recipe does not claim a rank.
+    LoRA keys typed on the command line stay errors (checks.py): that is a contradiction."""
+    if recipe.adapter.method != "full":
+        return
+    defaults = AdapterConfig()
+    ignored = [k for k in LORA_ONLY_KEYS if f"adapter.{k}" in file_keys - cli_keys
+               and getattr(recipe.adapter, k) != getattr(defaults, k)]
+    for key in ignored:
+        setattr(recipe.adapter, key, getattr(defaults, key))
+    if ignored:
+        warn(f"{source}: adapter.method=full ignores the LoRA setting(s) {', '.join('adapter.' + k for k in ignored)}")
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = (), warn=_warn_once) -> Recipe:
+    """The checked recipe from a YAML file (None: defaults only) plus `section.key=value` overrides.
+    `warn` receives notes that do not stop the run (LoRA settings a full fine-tune ignores)."""
     source = str(path) if path is not None else "<defaults>"
     errors: list[tuple[str, str]] = []
     raw: Any = OmegaConf.create({})
@@ -132,7 +158,9 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
             raw = OmegaConf.create({})
         if not isinstance(raw, DictConfig):
             raise ConfigError(source, [("", "a recipe is a mapping of sections (run:, model:, data:, ...)")])
-    raw = OmegaConf.merge(raw, _parse_overrides(overrides, errors))
+    cli = _parse_overrides(overrides, errors)
+    file_keys, cli_keys = _explicit_keys(raw), _explicit_keys(cli)
+    raw = OmegaConf.merge(raw, cli)
 
     valid: dict[str, dict] = {}
     for section in raw.keys():
@@ -144,10 +172,11 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
 
     cfg = OmegaConf.merge(OmegaConf.structured(Recipe), valid)
     recipe = _resolve(cfg, errors)
+    _ignore_file_lora_keys(recipe, file_keys, cli_keys, source, warn)
     # Cross-field rules run even when single keys failed (those fell back to defaults), but a
     # key already reported is not reported twice.
     bad_keys = {k for k, _ in errors}
-    errors += [(k, m) for k, m in cross_field_errors(recipe, _explicit_keys(raw), bad_keys) if k not in bad_keys]
+    errors += [(k, m) for k, m in cross_field_errors(recipe, file_keys | cli_keys, bad_keys) if k not in bad_keys]
     if errors:
         raise ConfigError(source, errors)
     return recipe

@@ -1,5 +1,5 @@
 """The narrow interface the trainer uses: load the transformer for a recipe, adapt it (LoRA or
-full), and turn a batch + sigmas into (prediction, target).
+full), and turn a collated batch + noisy latents + sigmas into the transformer's inputs.
 
 How Wan conditions (I2V: noisy latents ++ mask ++ condition latents, CLIP tokens as
 `encoder_hidden_states_image`; timestep = sigma * 1000) is said here once, the way
@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from ..config import Recipe
-from ..training import flow_matching as fm
 from .loading import load_transformer, resolve_source
 from .lora_targets import expand_targets
 from .variants import Variant, get_variant
 
+NUM_TRAIN_TIMESTEPS = 1000  # the Wan schedulers' num_train_timesteps: timestep = sigma * 1000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Kept in their stored dtype under fp8 storage: small, precision-critical, or the adapters.
 FP8_SKIP = ("patch_embedding", "condition_embedder", "norm", "lora_A", "lora_B", "proj_out", "scale_shift_table")
@@ -87,18 +87,18 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def predict(
-    model, batch: dict, sigmas: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(velocity prediction, flow-matching target) for a collated batch; inputs go in as `dtype`."""
-    x0 = batch["latents"]
-    x_t = fm.noisy_latents(x0, noise, sigmas)
+def timesteps_for(sigmas: torch.Tensor) -> torch.Tensor:
+    return sigmas * NUM_TRAIN_TIMESTEPS
+
+
+def transformer_inputs(batch: dict, x_t: torch.Tensor, sigmas: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Keyword arguments of the transformer's forward for noisy latents `x_t` at `sigmas`, as the
+    pipeline builds them at inference; tensors go in as `dtype`."""
     hidden = torch.cat([x_t, batch["condition"]], dim=1) if "condition" in batch else x_t
-    pred = model(
+    return dict(
         hidden_states=hidden.to(dtype),
-        timestep=fm.timesteps_for(sigmas),
+        timestep=timesteps_for(sigmas),
         encoder_hidden_states=batch["text"].to(dtype),
         encoder_hidden_states_image=batch["image_embeds"].to(dtype) if "image_embeds" in batch else None,
         return_dict=False,
-    )[0]
-    return pred, fm.velocity_target(x0, noise)
+    )

@@ -2,16 +2,19 @@
 
 ```
 step-000250/
-  trainable.safetensors   the trained weights (LoRA adapters, or the whole transformer)
+  trainable.safetensors   the trained weights at full shape (LoRA adapters, or the whole transformer),
+                          gathered from the ranks' shards under ZeRO-3 / FSDP2
   optimizer.safetensors   optimizer state tensors; optimizer.json: param groups + scalars
-  state.json              step, batches consumed, lr-scheduler state, world size
+                          (FSDP2: whole tensors keyed by parameter name, so any world size resumes)
+  state.json              step, batches consumed, lr-scheduler state, world size, sharding
   recipe.yaml             the resolved recipe: export and resume need no flags
   deepspeed/              DeepSpeed runs only: the engine's own (partitioned) checkpoint
 ```
 
 Everything is written into `.step-NNNNNN.tmp/` and renamed when complete, so a checkpoint
-killed half-way is never chosen. Loads never unpickle, except DeepSpeed's partitioned optimizer
-state, which only DeepSpeed can read (it uses torch.load).
+killed half-way is never chosen. Only rank 0 writes; the other ranks take part in the gathers.
+Loads never unpickle, except DeepSpeed's partitioned optimizer state, which only DeepSpeed can
+read (it uses torch.load).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import save_tensors, write_json, write_text
+from .sharding import fsdp2_load, fsdp2_optimizer_state, full_shape, gather_trainable, sharding
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -66,23 +70,38 @@ def optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+    """Inverse of `optimizer_to_tensors`. State is keyed by parameter index (torch's own
+    state_dict) or by parameter name (FSDP2's whole-state dict, names hold dots)."""
+    state: dict[int | str, dict] = {}
+
+    def put(entry: str, value) -> None:
+        idx, key = entry.rsplit(".", 1)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {})[key] = value
+
     for name, value in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = value
+        put(name.removeprefix("state."), value)
     for name, value in meta["scalars"].items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
+        put(name, value)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save_checkpoint(
     accelerator, run_dir: Path, step: int, model, optimizer, scheduler, consumed: int, recipe_yaml: str, keep_last: int
 ) -> Path:
-    """Write step-N (collective: every rank calls it). Returns the final path."""
+    """Write step-N (collective: every rank calls it). Returns the final path.
+
+    Weights are gathered to full shape one module at a time (only rank 0 keeps the copies), and
+    every tensor is checked against its parameter's whole shape before anything is written: a
+    weight that is still a shard stops the save with a CheckpointError, the previous checkpoint
+    stays the newest."""
     final = step_dir(run_dir, step)
     tmp = Path(run_dir) / f".{final.name}.tmp"
+    kind = sharding(accelerator)
+    trainable = gather_trainable(accelerator, model)  # collective; checks shapes on every rank
+    optim_state = fsdp2_optimizer_state(model, optimizer) if kind == "fsdp2" else None  # collective
     if accelerator.is_main_process:
+        if not trainable:
+            raise CheckpointError("no trainable parameters found on the unwrapped model")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -90,19 +109,14 @@ def save_checkpoint(
     if deepspeed:
         accelerator.save_state(str(tmp / "deepspeed"))  # collective: each rank writes its partition
     if accelerator.is_main_process:
-        # Only rank 0 writes, so only rank 0 copies the weights to CPU (a whole model for a full fine-tune).
-        unwrapped = accelerator.unwrap_model(model)
-        trainable = {n: p.detach().float().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
-        if not trainable:
-            raise CheckpointError("no trainable parameters found on the unwrapped model")
         save_tensors(tmp / "trainable.safetensors", trainable, {"step": str(step)})
         if not deepspeed:
-            tensors, meta = optimizer_to_tensors(optimizer.state_dict())
+            tensors, meta = optimizer_to_tensors(optim_state if optim_state is not None else optimizer.state_dict())
             save_tensors(tmp / "optimizer.safetensors", tensors)
             write_json(tmp / "optimizer.json", meta)
         write_json(tmp / "state.json", {
             "step": step, "batches_consumed": consumed, "scheduler": scheduler.state_dict(),
-            "world_size": accelerator.num_processes, "deepspeed": deepspeed,
+            "world_size": accelerator.num_processes, "deepspeed": deepspeed, "sharding": kind,
         })
         write_text(tmp / "recipe.yaml", recipe_yaml)
         if final.exists():
@@ -125,18 +139,39 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
     state = json.loads((path / "state.json").read_text())
     if state["deepspeed"] != (accelerator.distributed_type.name == "DEEPSPEED"):
         raise CheckpointError(f"{path} was written {'with' if state['deepspeed'] else 'without'} DeepSpeed; resume it the same way")
+    kind, unwrapped = sharding(accelerator), accelerator.unwrap_model(model)
+    if (state.get("sharding") == "fsdp2") != (kind == "fsdp2"):
+        raise CheckpointError(f"{path} was written {'with' if kind != 'fsdp2' else 'without'} FSDP2; resume it the same way")
     if state["deepspeed"]:
         accelerator.load_state(str(path / "deepspeed"))
+    elif kind == "fsdp2":  # whole tensors, read on rank 0 and scattered to every rank's shards
+        weights, optim = {}, {}
+        if accelerator.is_main_process:
+            weights = _read_weights(path, unwrapped)
+            meta = json.loads((path / "optimizer.json").read_text())
+            optim = optimizer_from_tensors(load_file(str(path / "optimizer.safetensors")), meta)
+        fsdp2_load(unwrapped, optimizer, weights, optim)
     else:
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(accelerator.unwrap_model(model).named_parameters())
-        missing = [n for n in weights if n not in params]
-        if missing:
-            raise CheckpointError(f"{path}: weights for modules this model lacks ({missing[:3]}...): another recipe?")
+        params = dict(unwrapped.named_parameters())
         with torch.no_grad():
-            for name, value in weights.items():
+            for name, value in _read_weights(path, unwrapped).items():
                 params[name].copy_(value)
         meta = json.loads((path / "optimizer.json").read_text())
         optimizer.load_state_dict(optimizer_from_tensors(load_file(str(path / "optimizer.safetensors")), meta))
     scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def _read_weights(path: Path, model) -> dict[str, torch.Tensor]:
+    """trainable.safetensors, refused unless every tensor names a parameter of this model at its whole shape."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise CheckpointError(f"{path}: weights for modules this model lacks ({missing[:3]}...): another recipe?")
+    wrong = [f"{n} {tuple(v.shape)} vs {tuple(full_shape(params[n]))}" for n, v in weights.items() if v.shape != full_shape(params[n])]
+    if wrong:
+        raise CheckpointError(f"{path / 'trainable.safetensors'}: tensors of the wrong shape ({wrong[:3]}): another recipe?")
+    return weights

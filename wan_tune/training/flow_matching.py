@@ -1,7 +1,7 @@
 """Flow matching for Wan, as pure functions (DESIGN.md section 4).
 
-x_t = (1 - sigma) * x0 + sigma * noise; the transformer predicts the velocity noise - x0 and is
-told timestep = sigma * 1000. Everything random takes an explicit generator, so a step's draws
+x_t = (1 - sigma) * x0 + sigma * noise; the transformer predicts the velocity noise - x0 (how
+the model is told sigma, and conditioned, is `models.spec`'s business). Everything random takes an explicit generator, so a step's draws
 depend only on (seed, step, rank) and resume is exact without saving RNG state.
 """
 
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
+from ..models.spec import transformer_inputs
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -61,10 +61,6 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def timesteps_for(sigmas: torch.Tensor) -> torch.Tensor:
-    return sigmas * NUM_TRAIN_TIMESTEPS
-
-
 def loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
     """Per-sample loss weights, normalised to mean 1 over the batch so lr keeps its meaning."""
     if scheme == "none":
@@ -82,3 +78,12 @@ def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.
     """Mean over elements of each sample, weighted mean over the batch; computed in fp32."""
     per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
     return (per_sample * weights.to(per_sample)).mean()
+
+
+def predict(
+    model, batch: dict, sigmas: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(velocity prediction, flow-matching target) for a collated batch; inputs go in as `dtype`."""
+    x0 = batch["latents"]
+    pred = model(**transformer_inputs(batch, noisy_latents(x0, noise, sigmas), sigmas, dtype))[0]
+    return pred, velocity_target(x0, noise)

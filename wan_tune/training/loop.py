@@ -1,9 +1,11 @@
 """The training loop, top to bottom: setup -> resume -> steps -> checkpoints -> cleanup.
 
 Launch-agnostic: plain `python`, `accelerate launch` (DDP, DeepSpeed ZeRO, FSDP) or SLURM all
-arrive here; accelerate decides what `prepare` wraps. Every random draw of a step comes from a
-generator seeded by (seed, step, micro-batch, rank), so a resumed run repeats the exact losses of
-an uninterrupted one without saving any RNG state.
+arrive here; accelerate decides what `prepare` wraps. Every random draw of a micro-batch comes
+from a generator seeded by (seed, its global position), so a resumed run repeats the exact losses
+of an uninterrupted one without saving any RNG state. The position counts micro-batches across
+ranks in the order the sampler deals them out, so W processes with grad_accum A draw the same
+batches and noise as one process with grad_accum A*W: the same run, up to float reduction order.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from ..config import Recipe, to_yaml
 from ..data.dataset import ShardDataset, collate, pad_text, to_device
 from ..data.sampler import BucketBatchSampler
 from ..dist import use_cpu
-from ..models.spec import load_for_training, predict, tokens_per_sample, trainable_parameters
+from ..models.spec import load_for_training, tokens_per_sample, trainable_parameters
 from ..models.variants import get_variant
 from . import flow_matching as fm
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from .optim import make_optimizer, make_scheduler
+from .sharding import fsdp_on_cpu, local_share, sharding, unpartitioned_loading, weights_digest
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -66,6 +69,8 @@ def _accelerator(recipe: Recipe, run_dir: Path):
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         kwargs_handlers=handlers,
     )
+    if cpu and multi:
+        fsdp_on_cpu(accelerator)
     if accelerator.state.deepspeed_plugin is not None:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = recipe.train.batch_size  # we feed batches ourselves
@@ -76,8 +81,11 @@ def _accelerator(recipe: Recipe, run_dir: Path):
     return accelerator
 
 
-def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 8191 + rank)
+def _micro_generator(seed: int, step: int, micro: int, accum: int, rank: int, world: int) -> torch.Generator:
+    """The generator of one micro-batch, seeded by its global position: rank r's micro-batch m of
+    step s is the sampler's global batch (s * accum + m) * world + r."""
+    position = (step * accum + micro) * world + rank
+    return torch.Generator().manual_seed(seed * 1_000_003 + position)
 
 
 def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=print) -> dict:
@@ -108,7 +116,13 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     optimizer = make_optimizer(params, recipe.train, say)
     scheduler = make_scheduler(optimizer, recipe.train)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP2 replaces the parameters by sharded ones: clip what the optimizer now holds.
+    params = list(trainable_parameters(accelerator.unwrap_model(model)).values())
     compute_dtype = accelerator.unwrap_model(model).dtype  # the base weights' dtype (LoRA params are fp32)
+    sharded = sharding(accelerator)
+    if sharded:
+        held, total = local_share(accelerator.unwrap_model(model))
+        say(f"{sharded}: rank 0 holds {held:,} of the model's {total:,} weights ({held / total:.1%})")
 
     # --- resume -----------------------------------------------------------------------------
     start_step, consumed = 0, 0
@@ -136,12 +150,12 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     if recipe.tracking.backend != "none":
         _init_tracking(accelerator, recipe, run_dir)
     validator = None
-    if recipe.validation.every and main:
-        if _zero_stage(accelerator) == 3:
-            say("validation videos are off under ZeRO-3 (the weights are partitioned across ranks)")
-        else:
-            from .validation import Validator
+    if recipe.validation.every and (main or sharded):
+        from .validation import Validator
 
+        # Sharded weights: every rank runs the same pipeline (its forwards gather the shards
+        # together), rank 0 writes the videos.
+        with unpartitioned_loading(accelerator):
             validator = Validator(recipe, accelerator.device, compute_dtype)
     shift = recipe.timesteps.shift if recipe.timesteps.shift is not None else variant.flow_shift
     t = recipe.timesteps
@@ -160,7 +174,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             for micro in range(recipe.train.grad_accum):
                 batch = to_device(next(batches), accelerator.device, torch.float32, recipe.data.max_text_tokens)
                 consumed += 1
-                gen = _step_generator(recipe.run.seed, step, micro, rank)
+                gen = _micro_generator(recipe.run.seed, step, micro, recipe.train.grad_accum, rank, world)
                 if recipe.adapter.dropout > 0:  # LoRA dropout draws from the global RNG; torch.manual_seed
                     # costs ~1 ms (it seeds every device type), so only when something uses it.
                     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
@@ -173,7 +187,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                                           sigmoid_scale=t.sigmoid_scale, sigma_min=t.sigma_min, sigma_max=t.sigma_max)
                 noise = torch.randn(x0.shape, generator=gen)
                 with accelerator.accumulate(model), accelerator.autocast():
-                    pred, target = predict(model, batch, sigmas.to(accelerator.device), noise.to(accelerator.device), compute_dtype)
+                    pred, target = fm.predict(model, batch, sigmas.to(accelerator.device), noise.to(accelerator.device), compute_dtype)
                     loss = fm.flow_matching_loss(pred, target, fm.loss_weights(sigmas, t.loss_weighting).to(pred.device))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and recipe.train.max_grad_norm > 0:
@@ -216,9 +230,10 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                 if validator is not None:
                     from .validation import log_videos
 
-                    paths = validator.render(accelerator.unwrap_model(model), step, run_dir / "validation")
-                    log_videos(accelerator, recipe, paths, step)
-                    say(f"validation videos: {paths[0].parent}")
+                    paths = validator.render(accelerator.unwrap_model(model), step, run_dir / "validation", write=main)
+                    if main:
+                        log_videos(accelerator, recipe, paths, step)
+                        say(f"validation videos: {paths[0].parent}")
                 accelerator.wait_for_everyone()
             if stopping:
                 say(f"received {stop.received or 'a stop signal on another rank'}: saved {last_saved}; "
@@ -230,22 +245,10 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             metrics.close()
         if recipe.tracking.backend != "none":
             accelerator.end_training()
-    unwrapped = accelerator.unwrap_model(model)
     return {"run_dir": str(run_dir), "step": step, "checkpoint": str(last_saved) if last_saved else None,
             "trainable": n_trainable, "first_losses": run_losses[:10], "last_losses": run_losses[-10:],
             "stopped_by": stop.received, "main": main, "rank": rank, "world": world,
-            "weights_sha256": weights_digest(unwrapped), "model": unwrapped}
-
-
-def weights_digest(model) -> str:
-    """sha256 over the trainable weights, to show every rank ends with the same model."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in sorted(trainable_parameters(model).items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+            "weights_sha256": weights_digest(accelerator, model), "model": accelerator.unwrap_model(model)}
 
 
 def _open_metrics(path: Path, start_step: int):
@@ -256,11 +259,6 @@ def _open_metrics(path: Path, start_step: int):
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
         write_text(path, "".join(line + "\n" for line in kept))
     return path.open("a")
-
-
-def _zero_stage(accelerator) -> int | None:
-    plugin = accelerator.state.deepspeed_plugin
-    return None if plugin is None else plugin.zero_stage
 
 
 def _agree(accelerator, flag: bool) -> bool:

@@ -45,7 +45,9 @@ class Validator:
         self.images = [Image.open(p).convert("RGB") for p in v.images] if self.variant.is_i2v else []
 
     @torch.no_grad()
-    def render(self, transformer, step: int, out_dir: Path) -> list[Path]:
+    def render(self, transformer, step: int, out_dir: Path, write: bool = True) -> list[Path]:
+        """Videos of every prompt; `write=False` renders without writing (the other ranks of a
+        sharded run, whose forwards must take part in the gathers)."""
         v = self.recipe.validation
         was_training = transformer.training
         transformer.eval()
@@ -59,7 +61,8 @@ class Validator:
                 if self.variant.is_i2v:
                     kwargs["image"] = self.images[i]
                 frames = self.pipe(**kwargs).frames[0]
-                paths.append(write_video(Path(out_dir) / f"step-{step:06d}" / f"{i:02d}.mp4", to_uint8(frames), fps=self.recipe.data.fps))
+                if write:
+                    paths.append(write_video(Path(out_dir) / f"step-{step:06d}" / f"{i:02d}.mp4", to_uint8(frames), fps=self.recipe.data.fps))
         finally:
             self.pipe.transformer = None
             transformer.train(was_training)
