@@ -44,8 +44,10 @@ def child(args) -> None:
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
     from wan_tune.models.spec import load_for_training, trainable_parameters
+    from wan_tune.models.variants import get_variant
     from wan_tune.training import flow_matching as fm
 
+    variant = get_variant(args.variant)
     root = workdir()
     fhw = tuple(int(x) for x in args.latent.split("x"))
     folder = model_folder(args.variant, root)
@@ -85,7 +87,7 @@ def child(args) -> None:
     for step in range(2):
         sigmas, noise = torch.rand(1, generator=g), torch.randn(batch["latents"].shape, generator=g)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            pred, target = fm.predict(model, batch, sigmas, noise, model.dtype)
+            pred, target = fm.predict(model, variant, batch, sigmas, noise, model.dtype)
             loss = fm.flow_matching_loss(pred, target, torch.ones(1))
         if step == 0:
             param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -94,7 +94,8 @@ def main() -> None:
     params = list(trainable_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=1e-4)
     batch = to_device(collate([ShardDataset(shards_dir)[0]]), device, torch.float32, 512)
-    tokens = tokens_per_sample(get_variant(args.variant), batch["latents"].shape)
+    variant = get_variant(args.variant)
+    tokens = tokens_per_sample(variant, batch["latents"].shape)
     flops = step_flops(model, tokens, recipe.adapter.method == "full")
     peak = matmul_peak(device, dtype, 8192 if gpu else 2048)
 
@@ -102,7 +103,7 @@ def main() -> None:
         sigmas = torch.rand(1, generator=g).to(device)
         noise = torch.randn(batch["latents"].shape, generator=g).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-            pred, target = fm.predict(model, batch, sigmas, noise, dtype)
+            pred, target = fm.predict(model, variant, batch, sigmas, noise, dtype)
             loss = fm.flow_matching_loss(pred, target, torch.ones(1, device=device))
         loss.backward()
         opt.step()

@@ -25,7 +25,7 @@ from wan_tune.config import Recipe, to_yaml
 from wan_tune.data import shards
 from wan_tune.dist import process_state
 from wan_tune.models import get_variant
-from wan_tune.models.loading import resolve_source
+from wan_tune.models.loading import recipe_source
 
 from .buckets import aspect_buckets, fit_problem, nearest_bucket, resize_crop
 from .captions import make_captions, read_captions
@@ -158,8 +158,7 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
     captions = read_captions(captions_path)
     t = timer.add("caption", t)
 
-    source = resolve_source(variant, recipe.model.path, recipe.model.transformer_file, recipe.model.revision,
-                            components=("vae", "text_encoder", "tokenizer") + (("image_encoder", "image_processor") if i2v else ()))
+    source = recipe_source(recipe, ("vae", "text_encoder", "tokenizer") + (("image_encoder", "image_processor") if i2v else ()))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.model.dtype]
     if state.device.type == "cpu" and dtype != torch.float32:
         say(f"encoding in fp32 on CPU (model.dtype={recipe.model.dtype} is for GPUs; this CPU has no fast bf16)")

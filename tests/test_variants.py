@@ -19,13 +19,28 @@ def test_real_variant_parameter_count_matches_design(variant):
         model = WanTransformer3DModel(**variant.transformer)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count / variant.expected_params - 1) < 0.01, f"{variant.name}: {count / 1e9:.3f} B"
-    assert variant.hub_id.startswith("Wan-AI/Wan2.1-") and variant.hub_id.endswith("-Diffusers")
+    assert variant.hub_id.startswith(("Wan-AI/Wan2.1-", "Wan-AI/Wan2.2-")) and variant.hub_id.endswith("-Diffusers")
 
 
 def test_i2v_variants_take_mask_and_condition_channels():
     for v in VARIANTS.values():
-        assert v.in_channels == (36 if v.is_i2v else 16)
-        assert (v.transformer["image_dim"] is not None) == v.is_i2v
+        if v.vae_z_dim == 16:
+            assert v.in_channels == (36 if v.is_i2v else 16)
+        # CLIP image tokens: Wan2.1 I2V only (Wan2.2 A14B I2V conditions on latents alone).
+        assert v.clip_image_tokens == (v.is_i2v and not v.name.startswith("wan2.2"))
+
+
+def test_wan22_facts_from_the_diffusers_pipelines():
+    """Pinned from diffusers' Wan conversion script (the hub pipelines' model_index / scheduler)."""
+    ti2v, t2v, i2v = (get_variant(n) for n in ("wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"))
+    assert (ti2v.vae_z_dim, ti2v.in_channels, ti2v.transformer["out_channels"], ti2v.expand_timesteps) == (48, 48, 48, True)
+    assert (ti2v.flow_shift, ti2v.fps, ti2v.resolution, ti2v.frames, ti2v.two_experts) == (5.0, 24, (704, 1280), 121, False)
+    assert (t2v.boundary_ratio, i2v.boundary_ratio, t2v.flow_shift, i2v.flow_shift) == (0.875, 0.9, 3.0, 3.0)
+    assert t2v.experts == i2v.experts == ("transformer", "transformer_2")
+    assert (t2v.in_channels, i2v.in_channels, i2v.clip_image_tokens) == (16, 36, False)
+    # The high-noise expert owns the boundary itself and everything above it.
+    assert [t2v.expert_for(s) for s in (0.99, 0.875, 0.874, 0.1)] == ["transformer", "transformer", "transformer_2", "transformer_2"]
+    assert t2v.expert_for(0.85, boundary_ratio=0.8) == "transformer" and ti2v.expert_for(0.1) == "transformer"
 
 
 def test_unknown_variant_lists_the_known_ones():

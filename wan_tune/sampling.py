@@ -11,7 +11,7 @@ import torch
 
 from .atomic import atomic_write, write_json
 from .models.loading import ModelLoadError, resolve_source
-from .models.variants import VARIANTS, Variant, architecture_mismatches
+from .models.variants import VARIANTS, Variant, architecture_mismatches, pipeline_mismatches
 from .video_io import to_uint8, write_video
 
 
@@ -50,11 +50,14 @@ def lora_header(path: str) -> dict[str, str]:
 
 
 def variant_of(folder: Path) -> Variant | None:
-    """The registered variant whose architecture the folder's transformer has."""
+    """The registered variant whose architecture (and pipeline) the folder has."""
+    import json
+
     from diffusers import WanTransformer3DModel
 
     config = WanTransformer3DModel.load_config(folder / "transformer")
-    return next((v for v in VARIANTS.values() if not architecture_mismatches(v, config)), None)
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    return next((v for v in VARIANTS.values() if not architecture_mismatches(v, config) + pipeline_mismatches(v, index)), None)
 
 
 def contact_sheet(frames: np.ndarray, count: int = 8) -> "Image.Image":
@@ -106,7 +109,7 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
         kwargs["image"] = Image.open(args.image).convert("RGB")
     say(f"sampling {args.frames} frames at {width}x{height}, {args.steps} steps on {device}")
     frames = to_uint8(pipe(**kwargs).frames[0])
-    out = write_video(args.out, frames, fps=16)
+    out = write_video(args.out, frames, fps=variant.fps if variant else 16)  # TI2V-5B: 24 fps
     sheet = atomic_write(Path(out).with_suffix(".png"), lambda tmp: contact_sheet(frames).save(tmp, format="PNG"))
     write_json(Path(out).with_suffix(".json"), {**vars(args), "height": height, "width": width})  # how it was made
     return out, sheet

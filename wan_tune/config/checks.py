@@ -63,6 +63,12 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
     if r.train.warmup_steps >= r.train.steps:
         errors.append(("train.warmup_steps", f"must be below train.steps ({r.train.warmup_steps} >= {r.train.steps})"))
 
+    if variant is not None and variant.vae_z_dim == 48:
+        # The Wan2.2 VAE compresses 16x and the transformer patchifies 2x2: 32-pixel steps.
+        bad = [f"{h}x{w}" for h, w in r.data.resolutions if h % 32 or w % 32]
+        if bad and "data.resolutions" not in invalid:
+            errors.append(("data.resolutions", f"{variant.name} needs multiples of 32 (its VAE compresses 16x, patches are 2x2): {', '.join(bad)}"))
+
     v = r.validation
     if variant is not None:
         if v.images and not variant.is_i2v:

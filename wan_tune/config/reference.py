@@ -40,10 +40,13 @@ def reference_markdown() -> str:
                 doc += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
             lines.append(f"| `{section}.{f.name}` | {_type(f.type)} | {_default(f)} | {doc.replace('|', chr(92) + '|')} |")
         lines.append("")
-    lines += ["#### Variants (`model.variant`)", "", "| variant | task | hub id | native size | flow shift |", "|---|---|---|---|---|"]
+    lines += ["#### Variants (`model.variant`)", "", "| variant | task | hub id | native size | flow shift | notes |",
+              "|---|---|---|---|---|---|"]
     for v in VARIANTS.values():
-        hub = f"`{v.hub_id}`" if v.hub_id else "built locally (random init)"
-        lines.append(f"| `{v.name}` | {v.task.upper()} | {hub} | {v.resolution[0]}x{v.resolution[1]}, {v.frames} frames | {v.flow_shift} |")
+        hub = f"`{v.hub_id}`" if v.hub_id else "built locally"
+        size = f"{v.resolution[0]}x{v.resolution[1]}, {v.frames} frames at {v.fps} fps"
+        notes = v.notes + (f"; boundary {v.boundary_ratio}" if v.boundary_ratio else "")
+        lines.append(f"| `{v.name}` | {v.task.upper()} | {hub} | {size} | {v.flow_shift} | {notes} |")
     lines += ["", END]
     return "\n".join(lines)
 

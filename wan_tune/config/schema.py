@@ -102,7 +102,11 @@ class ModelConfig:
     )
     transformer_file: Optional[str] = opt(
         None,
-        "Original-key single-file transformer (`.safetensors`, as ComfyUI users hold it); its config comes from `path`.",
+        "Original-key single-file transformer (`.safetensors`, as ComfyUI users hold it); its config comes from `path`. "
+        "Wan2.2 A14B: the high-noise expert.",
+    )
+    transformer_2_file: Optional[str] = opt(
+        None, "Wan2.2 A14B: the low-noise expert's original-key single file (ComfyUI holds one file per expert)."
     )
     revision: Optional[str] = opt(None, "Hub branch, tag or commit when `path` is a hub id.")
     dtype: str = opt(

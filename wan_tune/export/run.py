@@ -163,10 +163,9 @@ def export_full(recipe: Recipe, weights: dict[str, torch.Tensor], folder: Path, 
 
 def export_merged(recipe: Recipe, adapter: Adapter, folder: Path, say) -> list[Check]:
     """Base weights + scale * B @ A baked in, written as a full transformer."""
-    from ..models.loading import load_transformer, resolve_source
+    from ..models.loading import load_transformer, recipe_source
 
-    variant = get_variant(recipe.model.variant)
-    source = resolve_source(variant, recipe.model.path, recipe.model.transformer_file, recipe.model.revision, components=("transformer",))
+    source = recipe_source(recipe)
     model = load_transformer(source, torch.float32)
     with torch.no_grad():
         for module, _ in adapter.pairs.items():

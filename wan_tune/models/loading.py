@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .variants import Variant, architecture_mismatches, get_variant
+from .variants import Variant, architecture_mismatches, get_variant, pipeline_mismatches
 
 # Files every component needs besides weights (configs, tokenizer, processor).
 _META_PATTERNS = ["model_index.json", "*.json", "*.txt", "*.model", "*.spm"]
@@ -34,6 +34,23 @@ class ModelSource:
     """Local diffusers-format pipeline folder (a hub snapshot, a user folder, or the tiny cache)."""
     transformer_file: Path | None = None
     """Original-key single-file transformer that replaces `folder/transformer` weights."""
+    transformer_2_file: Path | None = None
+    """Wan2.2 A14B: the low-noise expert's single file, replacing `folder/transformer_2` weights."""
+
+    def single_file(self, expert: str) -> Path | None:
+        return self.transformer_2_file if expert == "transformer_2" else self.transformer_file
+
+    def pipeline_config(self) -> dict:
+        """The folder's model_index.json (the pipeline's own settings), or {} without one."""
+        import json
+
+        index = self.folder / "model_index.json"
+        return json.loads(index.read_text()) if index.is_file() else {}
+
+    @property
+    def boundary_ratio(self) -> float | None:
+        """Where a two-expert model hands over: the pipeline config's value, else the variant's."""
+        return self.pipeline_config().get("boundary_ratio") or self.variant.boundary_ratio
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -62,19 +79,22 @@ def resolve_source(
     transformer_file: str | None = None,
     revision: str | None = None,
     components: tuple[str, ...] = ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor"),
+    transformer_2_file: str | None = None,
 ) -> ModelSource:
     """Find (or fetch) the folder holding `components` of a variant's pipeline.
 
     `path` is a local diffusers folder or a hub id; None means the variant's own hub id (or,
     for tiny variants, the locally built folder). Weights of components not asked for are not
-    downloaded, nor the transformer's when `transformer_file` replaces it.
+    downloaded, nor an expert's when its single file replaces it. Asking for "transformer"
+    asks for every expert of a two-expert model.
     """
     variant = get_variant(variant) if isinstance(variant, str) else variant
-    file = None
-    if transformer_file is not None:
-        file = Path(transformer_file).expanduser()
-        if not file.is_file():
-            raise ModelLoadError(f"model.transformer_file: {file} does not exist (expected an original-key .safetensors transformer)")
+    file = _existing_file("model.transformer_file", transformer_file)
+    file_2 = _existing_file("model.transformer_2_file", transformer_2_file)
+    if file_2 is not None and not variant.two_experts:
+        raise ModelLoadError(f"model.transformer_2_file: {variant.name} has one transformer; the low-noise file is for Wan2.2 A14B")
+    if "transformer" in components and variant.two_experts:
+        components = (*components, "transformer_2")
 
     if path is None and variant.tiny:
         from .tiny import ensure_tiny_pipeline
@@ -82,7 +102,8 @@ def resolve_source(
         folder = ensure_tiny_pipeline(variant)
     elif path is None or (not Path(path).expanduser().exists() and not _looks_like_path(path)):
         repo_id = path or variant.hub_id
-        weights = [c for c in components if not (c == "transformer" and file is not None)]
+        replaced = {"transformer": file, "transformer_2": file_2}
+        weights = [c for c in components if replaced.get(c) is None]
         folder = _download(repo_id, revision, _META_PATTERNS + [f"{c}/*" for c in weights], path is not None)
     else:
         folder = Path(path).expanduser()
@@ -95,7 +116,22 @@ def resolve_source(
         raise ModelLoadError(
             f"model.path: {folder} is not a diffusers-format Wan folder (no model_index.json, no transformer/config.json)"
         )
-    return ModelSource(variant=variant, folder=folder, transformer_file=file)
+    return ModelSource(variant=variant, folder=folder, transformer_file=file, transformer_2_file=file_2)
+
+
+def recipe_source(recipe, components: tuple[str, ...] = ("transformer",)) -> ModelSource:
+    """`resolve_source` with the recipe's `model` settings."""
+    m = recipe.model
+    return resolve_source(m.variant, m.path, m.transformer_file, m.revision, components, m.transformer_2_file)
+
+
+def _existing_file(key: str, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    file = Path(value).expanduser()
+    if not file.is_file():
+        raise ModelLoadError(f"{key}: {file} does not exist (expected an original-key .safetensors transformer)")
+    return file
 
 
 def _component_dir(source: ModelSource, name: str) -> Path:
@@ -105,36 +141,39 @@ def _component_dir(source: ModelSource, name: str) -> Path:
     return sub
 
 
-def check_transformer_config(source: ModelSource) -> dict:
-    """The folder's transformer config, refused if it is not the recipe's variant."""
+def check_transformer_config(source: ModelSource, expert: str = "transformer") -> dict:
+    """The folder's config of a transformer (an expert), refused if it is not the recipe's variant."""
     from diffusers import WanTransformer3DModel
 
-    config = WanTransformer3DModel.load_config(_component_dir(source, "transformer"))
-    problems = architecture_mismatches(source.variant, config)
+    if expert not in source.variant.experts:
+        raise ModelLoadError(f"variant {source.variant.name!r} has no {expert!r} (experts: {', '.join(source.variant.experts)})")
+    config = WanTransformer3DModel.load_config(_component_dir(source, expert))
+    problems = architecture_mismatches(source.variant, config) + pipeline_mismatches(source.variant, source.pipeline_config())
     if problems:
         raise ModelLoadError(
-            f"{source.folder}/transformer does not hold model.variant={source.variant.name!r}:\n  "
+            f"{source.folder}/{expert} does not hold model.variant={source.variant.name!r}:\n  "
             + "\n  ".join(problems)
             + "\n  Fix model.variant or model.path."
         )
     return config
 
 
-def _check_single_file(source: ModelSource) -> None:
+def _check_single_file(source: ModelSource, expert: str) -> None:
     from safetensors import safe_open
 
-    file = source.transformer_file
+    file = source.single_file(expert)
+    key = "model.transformer_2_file" if expert == "transformer_2" else "model.transformer_file"
     assert file is not None
     try:
         with safe_open(str(file), framework="pt") as f:
             keys = list(f.keys())
             shapes = {k: f.get_slice(k).get_shape() for k in keys if k.endswith("patch_embedding.weight")}
     except Exception as err:
-        raise ModelLoadError(f"model.transformer_file: {file} is not a readable safetensors file ({err})") from None
+        raise ModelLoadError(f"{key}: {file} is not a readable safetensors file ({err})") from None
     keys = [k.removeprefix("model.diffusion_model.") for k in keys]
     if not any(k.startswith("blocks.0.self_attn.") for k in keys):
         hint = " (it has diffusers keys: use model.path for a diffusers folder instead)" if any(".attn1." in k for k in keys) else ""
-        raise ModelLoadError(f"model.transformer_file: {file} is not an original-key Wan transformer{hint}")
+        raise ModelLoadError(f"{key}: {file} is not an original-key Wan transformer{hint}")
     layers = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
     patch_shape = next(iter(shapes.values()), None)  # [inner_dim, in_channels, 1, 2, 2]
     want = source.variant.transformer
@@ -142,24 +181,24 @@ def _check_single_file(source: ModelSource) -> None:
     expected = {"num_layers": want["num_layers"], "inner_dim": source.variant.inner_dim, "in_channels": want["in_channels"]}
     if got != expected:
         raise ModelLoadError(
-            f"model.transformer_file: {file} does not hold model.variant={source.variant.name!r}: "
+            f"{key}: {file} does not hold model.variant={source.variant.name!r}: "
             f"it has {got}, the variant needs {expected}"
         )
 
 
-def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32):
-    """The `WanTransformer3DModel` of a source, checked against the variant."""
+def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32, expert: str = "transformer"):
+    """A `WanTransformer3DModel` of a source (`expert`: `transformer_2` is Wan2.2 A14B's
+    low-noise expert), checked against the variant."""
     from diffusers import WanTransformer3DModel
 
-    check_transformer_config(source)
-    if source.transformer_file is None:
-        model = WanTransformer3DModel.from_pretrained(source.folder, subfolder="transformer", torch_dtype=dtype)
+    check_transformer_config(source, expert)
+    file = source.single_file(expert)
+    if file is None:
+        model = WanTransformer3DModel.from_pretrained(source.folder, subfolder=expert, torch_dtype=dtype)
     else:
-        _check_single_file(source)
+        _check_single_file(source, expert)
         # `config=` a local folder keeps diffusers from guessing the variant through the hub.
-        model = WanTransformer3DModel.from_single_file(
-            str(source.transformer_file), config=str(source.folder), subfolder="transformer", torch_dtype=dtype
-        )
+        model = WanTransformer3DModel.from_single_file(str(file), config=str(source.folder), subfolder=expert, torch_dtype=dtype)
     return _own_memory(model)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Recipe
-from .loading import load_transformer, resolve_source
+from .loading import load_transformer, recipe_source
 from .lora_targets import expand_targets
 from .variants import Variant, get_variant
 
@@ -37,7 +37,7 @@ def lora_config(recipe: Recipe, variant: Variant):
 def load_for_training(recipe: Recipe, use_cpu: bool = False):
     """The transformer, frozen except what the recipe trains, ready for accelerate.prepare."""
     variant = get_variant(recipe.model.variant)
-    source = resolve_source(variant, recipe.model.path, recipe.model.transformer_file, recipe.model.revision, components=("transformer",))
+    source = recipe_source(recipe)
     full = recipe.adapter.method == "full"
     # A full fine-tune keeps fp32 master weights (autocast does the low precision); a LoRA keeps
     # the frozen base in model.dtype. CPUs have no fast bf16, so CPU runs stay fp32.
@@ -91,13 +91,27 @@ def timesteps_for(sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas * NUM_TRAIN_TIMESTEPS
 
 
-def transformer_inputs(batch: dict, x_t: torch.Tensor, sigmas: torch.Tensor, dtype: torch.dtype) -> dict:
+def transformer_inputs(
+    variant: Variant, batch: dict, x_t: torch.Tensor, sigmas: torch.Tensor, dtype: torch.dtype
+) -> dict:
     """Keyword arguments of the transformer's forward for noisy latents `x_t` at `sigmas`, as the
-    pipeline builds them at inference; tensors go in as `dtype`."""
+    variant's pipeline builds them at inference; tensors go in as `dtype`.
+
+    Wan2.1 I2V: noisy latents ++ mask ++ condition latents, CLIP tokens beside the text. Wan2.2
+    TI2V-5B (`expand_timesteps`): one timestep per token, [B, F' * H'/2 * W'/2]; without an
+    image every token carries the sample's own timestep.
+    """
+    if variant.expand_timesteps and "condition" in batch:
+        raise NotImplementedError("TI2V-5B image conditioning (first-frame latent replacement) is not built yet")
     hidden = torch.cat([x_t, batch["condition"]], dim=1) if "condition" in batch else x_t
+    timestep = timesteps_for(sigmas)
+    if variant.expand_timesteps:
+        pt, ph, pw = variant.transformer["patch_size"]
+        tokens = (x_t.shape[2] // pt) * (x_t.shape[3] // ph) * (x_t.shape[4] // pw)
+        timestep = timestep[:, None].expand(-1, tokens)
     return dict(
         hidden_states=hidden.to(dtype),
-        timestep=timesteps_for(sigmas),
+        timestep=timestep,
         encoder_hidden_states=batch["text"].to(dtype),
         encoder_hidden_states_image=batch["image_embeds"].to(dtype) if "image_embeds" in batch else None,
         return_dict=False,

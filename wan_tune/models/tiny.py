@@ -52,7 +52,7 @@ def _tokenizer():
 
 def build_tiny_pipeline(variant: Variant | str = "tiny", seed: int = 0):
     """The tiny diffusers pipeline for a tiny variant, in memory."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     variant = get_variant(variant) if isinstance(variant, str) else variant
@@ -74,8 +74,7 @@ def build_tiny_pipeline(variant: Variant | str = "tiny", seed: int = 0):
             decoder_start_token_id=0,
         )
     )
-    # Same compression as the real VAE (8x spatial, 4x temporal, 16 latent channels).
-    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    vae = _tiny_vae(variant)
     transformer = WanTransformer3DModel(**variant.transformer)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=variant.flow_shift
@@ -84,6 +83,10 @@ def build_tiny_pipeline(variant: Variant | str = "tiny", seed: int = 0):
     parts = dict(
         tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), scheduler=scheduler, transformer=transformer.eval()
     )
+    if variant.two_experts:  # the low-noise expert: same shape, its own random weights
+        parts.update(transformer_2=WanTransformer3DModel(**variant.transformer).eval(), boundary_ratio=variant.boundary_ratio)
+    if variant.expand_timesteps:
+        parts.update(expand_timesteps=True)
     if not variant.is_i2v:
         return WanPipeline(**parts)
     image_encoder = CLIPVisionModel(
@@ -98,6 +101,22 @@ def build_tiny_pipeline(variant: Variant | str = "tiny", seed: int = 0):
     )
     image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     return WanImageToVideoPipeline(**parts, image_encoder=image_encoder.eval(), image_processor=image_processor)
+
+
+def _tiny_vae(variant: Variant):
+    from diffusers import AutoencoderKLWan
+
+    if variant.vae_z_dim == 16:
+        # Same compression as the Wan2.1 VAE (8x spatial, 4x temporal, 16 latent channels).
+        return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    # The Wan2.2 VAE's layout (pixels patchified 2x2 into 12 channels, residual blocks, 4x16x16,
+    # 48 latent channels) at small widths, with its own latent normalisation.
+    g = torch.Generator().manual_seed(1)
+    return AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1, is_residual=True,
+        in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+        latents_mean=(torch.randn(48, generator=g) * 0.2).tolist(), latents_std=(1 + torch.rand(48, generator=g)).tolist(),
+    )
 
 
 def save_tiny_pipeline(path: str | os.PathLike, variant: Variant | str = "tiny", seed: int = 0) -> Path:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-# Shared by every Wan2.1 transformer (DESIGN.md section 3).
-_WAN21_COMMON: dict[str, Any] = {
+# Shared by every Wan2.1 and Wan2.2 transformer (DESIGN.md section 3).
+_WAN_COMMON: dict[str, Any] = {
     "patch_size": (1, 2, 2),
     "attention_head_dim": 128,
     "freq_dim": 256,
@@ -39,11 +39,17 @@ class Variant:
     """Native (height, width) in pixels."""
     frames: int = 81
     experts: tuple[str, ...] = ("transformer",)
-    """Pipeline components holding a denoiser; Wan2.2 A14B has two (high/low noise)."""
+    """Pipeline components holding a denoiser; Wan2.2 A14B has two: `transformer` (high noise)
+    and `transformer_2` (low noise)."""
     boundary_ratio: float | None = None
-    """Wan2.2 two-expert models: sigma above which the high-noise expert runs."""
+    """Wan2.2 two-expert models: sigma at or above which the high-noise expert runs (the
+    pipeline's `boundary_ratio`; a model folder's model_index.json overrides it)."""
+    expand_timesteps: bool = False
+    """Wan2.2 TI2V-5B: one timestep per token (the first frame's tokens get 0 when conditioned on an image)."""
+    fps: int = 16
+    """Frame rate of the model's training footage and samples."""
     expected_params: float | None = None
-    """Parameter count of the transformer (DESIGN.md), checked by a test."""
+    """Parameter count of the transformer (of each expert), checked by a test."""
     vae_z_dim: int = 16
     tiny: bool = False
     """Random-init model built locally for tests and the demo (nothing downloaded)."""
@@ -52,6 +58,24 @@ class Variant:
     @property
     def is_i2v(self) -> bool:
         return self.task == "i2v"
+
+    @property
+    def clip_image_tokens(self) -> bool:
+        """Wan2.1 I2V feeds CLIP image tokens to cross-attention; Wan2.2 I2V does not."""
+        return self.transformer.get("image_dim") is not None
+
+    @property
+    def two_experts(self) -> bool:
+        return len(self.experts) > 1
+
+    def expert_for(self, sigma: float, boundary_ratio: float | None = None) -> str:
+        """The expert that denoises `sigma` at inference: high noise (`transformer`) at or above
+        the boundary (a model folder's own, when given), as the pipeline compares timestep =
+        sigma * 1000 with boundary * 1000."""
+        if not self.two_experts:
+            return self.experts[0]
+        boundary = self.boundary_ratio if boundary_ratio is None else boundary_ratio
+        return self.experts[0] if sigma >= boundary else self.experts[1]
 
     @property
     def in_channels(self) -> int:
@@ -63,7 +87,7 @@ class Variant:
 
 
 def _wan21(heads: int, layers: int, ffn: int, *, i2v: bool = False) -> dict[str, Any]:
-    cfg = dict(_WAN21_COMMON, num_attention_heads=heads, num_layers=layers, ffn_dim=ffn)
+    cfg = dict(_WAN_COMMON, num_attention_heads=heads, num_layers=layers, ffn_dim=ffn)
     if i2v:
         # 16 noisy latent channels + 4 mask channels + 16 condition-latent channels.
         cfg.update(in_channels=36, image_dim=1280, added_kv_proj_dim=heads * 128)
@@ -72,10 +96,22 @@ def _wan21(heads: int, layers: int, ffn: int, *, i2v: bool = False) -> dict[str,
     return cfg
 
 
+def _wan22_5b() -> dict[str, Any]:
+    # 48 latent channels in and out (the Wan2.2 VAE); no image branch: TI2V conditions on an
+    # image by replacing the first latent frame.
+    return dict(_WAN_COMMON, num_attention_heads=24, num_layers=30, ffn_dim=14336, in_channels=48, out_channels=48,
+                image_dim=None, added_kv_proj_dim=None)
+
+
+def _wan22_a14b(*, i2v: bool) -> dict[str, Any]:
+    # Each expert is a Wan2.1 14B; the I2V one takes mask + condition latents but no CLIP tokens.
+    return dict(_wan21(40, 40, 13824), in_channels=36 if i2v else 16)
+
+
 def _tiny(*, i2v: bool) -> dict[str, Any]:
     # Two layers and small dims; the head dim must leave room for the 3-axis RoPE split.
     cfg = dict(
-        _WAN21_COMMON,
+        _WAN_COMMON,
         num_attention_heads=2,
         attention_head_dim=24,
         num_layers=2,
@@ -92,6 +128,10 @@ def _tiny(*, i2v: bool) -> dict[str, Any]:
 
 TINY_TEXT_DIM = 32
 TINY_IMAGE_DIM = 32
+
+
+def _tiny22(**changes) -> dict[str, Any]:
+    return dict(_tiny(i2v=False), **changes)
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -133,6 +173,44 @@ VARIANTS: dict[str, Variant] = {
             expected_params=16.4e9,
         ),
         Variant(
+            name="wan2.2-ti2v-5b",
+            task="t2v",
+            hub_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            transformer=_wan22_5b(),
+            flow_shift=5.0,
+            resolution=(704, 1280),
+            frames=121,
+            fps=24,
+            vae_z_dim=48,
+            expand_timesteps=True,
+            expected_params=5.0e9,
+            notes="text-to-video with the 48-channel Wan2.2 VAE (4x16x16 compression)",
+        ),
+        Variant(
+            name="wan2.2-t2v-a14b",
+            task="t2v",
+            hub_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+            transformer=_wan22_a14b(i2v=False),
+            flow_shift=3.0,
+            resolution=(720, 1280),
+            experts=("transformer", "transformer_2"),
+            boundary_ratio=0.875,
+            expected_params=14.3e9,
+            notes="two 14B experts: high noise (transformer) above the boundary, low noise (transformer_2) below",
+        ),
+        Variant(
+            name="wan2.2-i2v-a14b",
+            task="i2v",
+            hub_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+            transformer=_wan22_a14b(i2v=True),
+            flow_shift=3.0,
+            resolution=(720, 1280),
+            experts=("transformer", "transformer_2"),
+            boundary_ratio=0.9,
+            expected_params=14.3e9,
+            notes="two 14B experts; conditions on mask + first-frame latents, no CLIP image tokens",
+        ),
+        Variant(
             name="tiny",
             task="t2v",
             hub_id=None,
@@ -153,6 +231,33 @@ VARIANTS: dict[str, Variant] = {
             frames=9,
             tiny=True,
             notes="random init, for tests and the demo",
+        ),
+        Variant(
+            name="tiny-ti2v",
+            task="t2v",
+            hub_id=None,
+            transformer=_tiny22(in_channels=48, out_channels=48),
+            flow_shift=5.0,
+            resolution=(64, 96),
+            frames=9,
+            fps=24,
+            vae_z_dim=48,
+            expand_timesteps=True,
+            tiny=True,
+            notes="random init, TI2V-5B-shaped (48-channel Wan2.2 VAE, per-token timesteps)",
+        ),
+        Variant(
+            name="tiny-a14b",
+            task="t2v",
+            hub_id=None,
+            transformer=_tiny22(),
+            flow_shift=3.0,
+            resolution=(64, 96),
+            frames=9,
+            experts=("transformer", "transformer_2"),
+            boundary_ratio=0.875,
+            tiny=True,
+            notes="random init, A14B-shaped: two experts split at the boundary",
         ),
     ]
 }
@@ -193,4 +298,21 @@ def architecture_mismatches(variant: Variant, config: dict[str, Any]) -> list[st
         want, got = variant.transformer.get(key), config.get(key)
         if want != got:
             out.append(f"{key}: variant {variant.name!r} has {want}, the weights have {got}")
+    return out
+
+
+def pipeline_mismatches(variant: Variant, index: dict[str, Any]) -> list[str]:
+    """Differences between a pipeline folder's model_index.json and the variant's pipeline: a
+    Wan2.2 A14B expert has exactly a Wan2.1 14B's config, only the pipeline tells them apart.
+    An empty index (a bare transformer folder) says nothing."""
+    if not index:
+        return []
+    out = []
+    has_second = (index.get("transformer_2") or [None])[0] is not None
+    if has_second != variant.two_experts:
+        out.append(f"the folder has {'two experts (transformer, transformer_2)' if has_second else 'one transformer'}, "
+                   f"variant {variant.name!r} has {'two' if variant.two_experts else 'one'}")
+    if bool(index.get("expand_timesteps")) != variant.expand_timesteps:
+        out.append(f"expand_timesteps: variant {variant.name!r} has {variant.expand_timesteps}, "
+                   f"the pipeline has {bool(index.get('expand_timesteps'))}")
     return out

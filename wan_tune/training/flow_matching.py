@@ -81,9 +81,10 @@ def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.
 
 
 def predict(
-    model, batch: dict, sigmas: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype
+    model, variant, batch: dict, sigmas: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(velocity prediction, flow-matching target) for a collated batch; inputs go in as `dtype`."""
+    """(velocity prediction, flow-matching target) of `variant`'s transformer for a collated
+    batch; inputs go in as `dtype`."""
     x0 = batch["latents"]
-    pred = model(**transformer_inputs(batch, noisy_latents(x0, noise, sigmas), sigmas, dtype))[0]
+    pred = model(**transformer_inputs(variant, batch, noisy_latents(x0, noise, sigmas), sigmas, dtype))[0]
     return pred, velocity_target(x0, noise)

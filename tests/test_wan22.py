@@ -1,0 +1,156 @@
+"""Wan 2.2 on tiny random-init models: TI2V-5B-shaped (48-channel Wan2.2 VAE, one timestep per
+token) and A14B-shaped (two experts split at the boundary). What wan-tune feeds the transformer
+at training time is compared with what the diffusers pipeline itself feeds it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from wan_tune.models.keymap import state_dict_to_original
+from wan_tune.models.loading import ModelLoadError, load_transformer, resolve_source
+from wan_tune.models.spec import transformer_inputs
+from wan_tune.models.variants import get_variant
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    from wan_tune.models.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny22")
+    return {v: save_tiny_pipeline(root / v, v, seed=0) for v in ("tiny-ti2v", "tiny-a14b")}
+
+
+def record_calls(pipe, expert: str, calls: list):
+    """Keep (expert, kwargs, output) of every forward of one of the pipeline's transformers."""
+    module = getattr(pipe, expert)
+
+    def hook(_module, _args, kwargs, output):
+        calls.append((expert, {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}, output[0].clone()))
+
+    return module.register_forward_hook(hook, with_kwargs=True)
+
+
+def run_pipeline(pipe, latents: torch.Tensor, text: torch.Tensor, steps: int):
+    pipe.set_progress_bar_config(disable=True)
+    f, h, w = latents.shape[2:]
+    return pipe(prompt_embeds=text, guidance_scale=1.0, num_inference_steps=steps, latents=latents,
+                num_frames=(f - 1) * 4 + 1, height=h * pipe.vae_scale_factor_spatial, width=w * pipe.vae_scale_factor_spatial,
+                output_type="latent")
+
+
+def test_ti2v_training_inputs_are_what_the_pipeline_feeds(folders):
+    from diffusers import WanPipeline
+
+    variant = get_variant("tiny-ti2v")
+    pipe = WanPipeline.from_pretrained(folders["tiny-ti2v"])
+    assert pipe.config.expand_timesteps and pipe.vae.config.z_dim == 48 and pipe.vae_scale_factor_spatial == 16
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(1, 48, 3, 4, 6, generator=g)
+    text = torch.randn(1, 7, variant.transformer["text_dim"], generator=g)
+    calls = []
+    handle = record_calls(pipe, "transformer", calls)
+    run_pipeline(pipe, x_t, text, steps=2)
+    handle.remove()
+    _, fed, out = calls[0]
+    # The step's noise level as the pipeline states it (UniPC rounds timesteps to integers, so
+    # its sigma table is 1e-3 off the timestep it feeds).
+    sigma = fed["timestep"][0, 0] / 1000
+    ours = transformer_inputs(variant, {"text": text}, x_t, sigma.view(1), torch.float32)
+    assert ours["timestep"].shape == fed["timestep"].shape == (1, 3 * 2 * 3)  # one per token
+    torch.testing.assert_close(ours["timestep"], fed["timestep"])
+    torch.testing.assert_close(ours["hidden_states"], fed["hidden_states"])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.transformer(**ours)[0], out)
+
+
+def test_a14b_sigmas_go_to_the_expert_the_pipeline_uses(folders, tmp_path):
+    from diffusers import WanPipeline
+
+    # A copy whose pipeline config moves the boundary: the folder's value is the one that counts.
+    folder = tmp_path / "a14b"
+    shutil.copytree(folders["tiny-a14b"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["boundary_ratio"] = 0.95
+    (folder / "model_index.json").write_text(json.dumps(index))
+    variant = get_variant("tiny-a14b")
+    source = resolve_source(variant, path=str(folder))
+    assert variant.boundary_ratio == 0.875 and source.boundary_ratio == 0.95
+
+    pipe = WanPipeline.from_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    x_t, text = torch.randn(1, 16, 3, 8, 12, generator=g), torch.randn(1, 7, variant.transformer["text_dim"], generator=g)
+    calls = []
+    handles = [record_calls(pipe, e, calls) for e in variant.experts]
+    run_pipeline(pipe, x_t, text, steps=12)
+    for h in handles:
+        h.remove()
+    used = [(expert, float(kw["timestep"][0]) / 1000) for expert, kw, _ in calls]
+    assert {e for e, _ in used} == {"transformer", "transformer_2"}  # the schedule crosses the boundary
+    for expert, sigma in used:
+        assert variant.expert_for(sigma, source.boundary_ratio) == expert, (expert, sigma)
+    # Each expert loads on its own, from the folder; its output is what the pipeline got.
+    expert, kw, out = calls[-1]
+    model = load_transformer(source, expert=expert)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw)[0], out)
+
+
+def test_a14b_experts_load_from_one_original_file_each(folders, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = folders["tiny-a14b"]
+    files = {}
+    for expert in ("transformer", "transformer_2"):
+        sd = load_transformer(resolve_source("tiny-a14b", path=str(folder)), expert=expert).state_dict()
+        files[expert] = tmp_path / f"{expert}.safetensors"  # ComfyUI holds each expert as one original-key file
+        save_file({k: v.contiguous() for k, v in state_dict_to_original(sd).items()}, files[expert])
+    source = resolve_source("tiny-a14b", path=str(folder), transformer_file=str(files["transformer"]),
+                            transformer_2_file=str(files["transformer_2"]))
+    for expert in ("transformer", "transformer_2"):
+        want = load_transformer(resolve_source("tiny-a14b", path=str(folder)), expert=expert).state_dict()
+        got = load_transformer(source, expert=expert).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    high = load_transformer(source, expert="transformer").state_dict()
+    assert not torch.equal(high["blocks.0.attn1.to_q.weight"], want["blocks.0.attn1.to_q.weight"])  # two different experts
+
+    # A one-transformer variant pointed at a two-expert folder (their configs are identical) is refused.
+    with pytest.raises(ModelLoadError, match="two experts"):
+        load_transformer(resolve_source("tiny", path=str(folder)))
+    with pytest.raises(ModelLoadError, match="transformer_2_file: tiny has one transformer"):
+        resolve_source("tiny", path=str(folder), transformer_2_file=str(files["transformer_2"]))
+
+
+def test_ti2v_preps_48_channel_latents_and_trains(folders, tmp_path):
+    from data_prep.prep import run_prep
+    from data_prep.synthetic import make_clips
+    from safetensors.torch import load_file
+
+    from wan_tune.config import ConfigError, load_recipe
+    from wan_tune.training.loop import TrainingError, train
+
+    clips = make_clips(tmp_path / "clips", 2, frames=20, height=96, width=128, fps=24)[0].parent
+    base = [f"model.path={folders['tiny-ti2v']}", f"data.source={clips}", f"data.shards={tmp_path / 'shards'}",
+            "data.shard_dtype=fp32", f"run.output_dir={tmp_path / 'runs'}", "train.steps=20", "checkpoint.every=1000"]
+    with pytest.raises(ConfigError, match="multiples of 32"):  # 16x VAE, 2x2 patches
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.variant=tiny-ti2v", "data.resolutions=[[48,64]]", *base])
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.variant=tiny-ti2v", *base])
+    run_prep(recipe, progress=False, say=lambda *_: None)
+    meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
+    assert meta["variant"] == "tiny-ti2v" and meta["vae"]["z_dim"] == 48 and len(meta["vae"]["latents_mean"]) == 48
+    first = load_file(next((tmp_path / "shards" / "data").glob("*.safetensors")))
+    latents = [t for k, t in first.items() if k.endswith("latents")]
+    assert latents and all(t.shape[:2] == (48, 3) for t in latents)  # 9 frames -> 3, 64x96 -> 4x6
+    summary = train(recipe, progress=False, say=lambda *_: None)
+    losses = [json.loads(line)["loss"] for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 20 and sum(losses[-5:]) < sum(losses[:5])
+
+    a14b = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.variant=tiny-a14b", f"model.path={folders['tiny-a14b']}", *base[1:]])
+    with pytest.raises(TrainingError, match="two Wan2.2 A14B experts is not built yet"):
+        train(a14b, progress=False, say=lambda *_: None)
