@@ -115,7 +115,9 @@ def test_a_weight_still_in_shards_stops_the_save_and_keeps_the_last_checkpoint(t
     from accelerate import Accelerator
 
     from wan_tune.config import to_yaml
+    from wan_tune.models.variants import get_variant
     from wan_tune.training.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+    from wan_tune.training.experts import make_trainee
     from wan_tune.training.optim import make_optimizer, make_scheduler
 
     r = recipe(tiny_folders, tiny_shards, tmp_path, "train.steps=2", "adapter.method=full")
@@ -127,6 +129,7 @@ def test_a_weight_still_in_shards_stops_the_save_and_keeps_the_last_checkpoint(t
     p = model.blocks[1].attn1.to_k.weight
     p.ds_shape = p.shape
     p.data = torch.empty(0)
+    trainee = make_trainee(get_variant("tiny"), "transformer", None, model, optimizer, make_scheduler(optimizer, r.train))
     with pytest.raises(CheckpointError, match=r"blocks\.1\.attn1\.to_k\.weight: got a tensor of shape \(0,\) for a parameter of shape \(48, 48\)"):
-        save_checkpoint(Accelerator(cpu=True), run, 3, model, optimizer, make_scheduler(optimizer, r.train), 6, to_yaml(r), 0)
+        save_checkpoint(Accelerator(cpu=True), run, 3, [trainee], 6, to_yaml(r), 0)
     assert list_checkpoints(run) == before and not list(run.glob(".step-*"))

@@ -133,7 +133,7 @@ def test_ti2v_preps_48_channel_latents_and_trains(folders, tmp_path):
     from safetensors.torch import load_file
 
     from wan_tune.config import ConfigError, load_recipe
-    from wan_tune.training.loop import TrainingError, train
+    from wan_tune.training.loop import train
 
     clips = make_clips(tmp_path / "clips", 2, frames=20, height=96, width=128, fps=24)[0].parent
     base = [f"model.path={folders['tiny-ti2v']}", f"data.source={clips}", f"data.shards={tmp_path / 'shards'}",
@@ -151,6 +151,122 @@ def test_ti2v_preps_48_channel_latents_and_trains(folders, tmp_path):
     losses = [json.loads(line)["loss"] for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 20 and sum(losses[-5:]) < sum(losses[:5])
 
-    a14b = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.variant=tiny-a14b", f"model.path={folders['tiny-a14b']}", *base[1:]])
-    with pytest.raises(TrainingError, match="two Wan2.2 A14B experts is not built yet"):
-        train(a14b, progress=False, say=lambda *_: None)
+
+
+def test_routing_follows_the_schedule_and_keeps_each_expert_on_its_side():
+    from wan_tune.config import load_recipe
+    from wan_tune.training.experts import make_trainee, route, sigma_bounds, sigma_sampler
+
+    variant = get_variant("tiny-a14b")
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.variant=tiny-a14b"])  # shift 3
+    draw = sigma_sampler(recipe, recipe.timesteps.shift)
+    trainees = [make_trainee(variant, e, 0.875, None, None, None) for e in variant.experts]
+    picks = [route(trainees, variant, 0.875, 0, step, lambda g: draw(1, g, 0.0, 1.0)) for step in range(2000)]
+    # shift 3 puts sigma >= 0.875 where u >= 0.875 / (3 - 2 * 0.875) = 0.7: 30% of steps train high noise.
+    share = sum(p.label == "high_noise" for p in picks) / len(picks)
+    assert 0.26 < share < 0.34
+    assert picks == [route(trainees, variant, 0.875, 0, step, lambda g: draw(1, g, 0.0, 1.0)) for step in range(2000)]
+    for tr in trainees:
+        lo, hi = sigma_bounds(tr, 0.0, 1.0)
+        sigmas = draw(500, torch.Generator().manual_seed(1), lo, hi)
+        assert (sigmas >= 0.875).all() if tr.label == "high_noise" else (sigmas < 0.875).all()
+    with pytest.raises(ValueError, match="high_noise expert denoises sigmas in"):
+        sigma_bounds(trainees[0], 0.0, 0.5)
+
+
+@pytest.fixture(scope="module")
+def a14b_shards(folders, tmp_path_factory):
+    from data_prep.prep import run_prep
+    from data_prep.synthetic import make_clips
+
+    from wan_tune.config import load_recipe
+
+    root = tmp_path_factory.mktemp("a14b")
+    clips = make_clips(root / "clips", 2, frames=20, height=96, width=128, fps=16)[0].parent
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        "model.variant=tiny-a14b", f"model.path={folders['tiny-a14b']}", f"data.source={clips}",
+        f"data.shards={root / 'shards'}", "data.shard_dtype=fp32"])
+    run_prep(recipe, progress=False, say=lambda *_: None)
+    return root / "shards"
+
+
+def a14b_run(folders, shards, out: Path, *extra: str):
+    from wan_tune.config import load_recipe
+    from wan_tune.training.loop import train
+
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        "model.variant=tiny-a14b", f"model.path={folders['tiny-a14b']}", f"data.shards={shards}",
+        f"run.output_dir={out}", "checkpoint.every=4", "data.num_workers=0", *extra])
+    return train(recipe, progress=False, say=lambda *_: None)
+
+
+def frames_of(video: Path) -> torch.Tensor:
+    import decord
+
+    reader = decord.VideoReader(str(video))
+    return torch.from_numpy(reader.get_batch(range(len(reader))).asnumpy()).float()
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a14b_trains_both_experts_resumes_exactly_and_exports_one_file_each(folders, a14b_shards, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from wan_tune.export.run import export
+    from wan_tune.sampling import SampleArgs, SampleError, sample
+
+    straight = a14b_run(folders, a14b_shards, tmp_path / "straight", "train.steps=10", "validation.every=5",
+                        "validation.prompts=[wtune a red circle]", "validation.frames=9", "validation.steps=4",
+                        "validation.height=48", "validation.width=64")
+    rows = records(straight["run_dir"])
+    videos = sorted(p.relative_to(straight["run_dir"]).as_posix() for p in Path(straight["run_dir"]).rglob("*.mp4"))
+    assert videos == ["validation/step-000005/00.mp4", "validation/step-000010/00.mp4"]  # both experts render
+    assert {r["expert"] for r in rows} == {"high_noise", "low_noise"}
+    assert all(r[f"loss/{r['expert']}"] == r["loss"] for r in rows)  # each expert's loss under its own name
+    final = Path(straight["checkpoint"])
+    assert {p.name for p in final.iterdir()} >= {"trainable.safetensors", "trainable.transformer_2.safetensors",
+                                                  "optimizer.transformer_2.safetensors", "state.json"}
+    high, low = (load_file(final / f) for f in ("trainable.safetensors", "trainable.transformer_2.safetensors"))
+    assert not all(torch.equal(high[k], low[k]) for k in high)  # two adapters, each trained on its own steps
+
+    # Stopped at step 4 and resumed: the same routing, losses and both experts' weights, bit for bit.
+    a14b_run(folders, a14b_shards, tmp_path / "resumed", "train.steps=4")
+    resumed = a14b_run(folders, a14b_shards, tmp_path / "resumed", "train.steps=10")
+    assert [(r["expert"], r["loss"]) for r in records(resumed["run_dir"])] == [(r["expert"], r["loss"]) for r in rows]
+    for f in ("trainable.safetensors", "trainable.transformer_2.safetensors"):
+        a, b = load_file(final / f), load_file(Path(resumed["checkpoint"]) / f)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # One file per expert and format, named and labelled so they cannot be swapped; diffusers
+    # loads the low-noise one into transformer_2 in the self-test.
+    checks = export(final, formats=["comfyui", "kohya"], out=tmp_path / "export", say=lambda *_: None)
+    assert len(checks) == 4 and all(c.ok for c in checks)
+    files = sorted(p.name for p in (tmp_path / "export").glob("*.safetensors"))
+    assert files == [f"demo-tiny-step000010-{e}-{fmt}.safetensors" for e in ("high_noise", "low_noise") for fmt in ("comfyui", "kohya")]
+    for e in ("high_noise", "low_noise"):
+        with safe_open(str(tmp_path / "export" / f"demo-tiny-step000010-{e}-comfyui.safetensors"), "pt") as fh:
+            assert fh.metadata()["wan_tune.expert"] == e
+    pair = [str(tmp_path / "export" / f"demo-tiny-step000010-{e}-comfyui.safetensors") for e in ("high_noise", "low_noise")]
+    # Sampling takes the pair; each file goes to its expert. The strength is raised so that 10
+    # tiny steps show in uint8 pixels; the low-noise file alone changes them too (so it did
+    # reach transformer_2, which denoises the last steps).
+    args = dict(base=str(folders["tiny-a14b"]), prompt="wtune a red circle", frames=9, steps=4, height=48, width=64,
+                lora_scale=50.0)
+    pixels = {}
+    for name, loras in (("base", None), ("pair", pair), ("low", pair[1:])):
+        video, _ = sample(SampleArgs(**args, lora=loras, out=str(tmp_path / f"{name}.mp4")), say=lambda *_: None)
+        pixels[name] = frames_of(video)
+    assert (pixels["pair"] - pixels["base"]).abs().mean() > 0.5
+    assert (pixels["low"] - pixels["base"]).abs().mean() > 0.5
+    with pytest.raises(SampleError, match="two files for the same expert"):
+        sample(SampleArgs(**args, lora=[pair[0], pair[0]], out=str(tmp_path / "x.mp4")), say=lambda *_: None)
+
+
+def test_a14b_trains_one_expert_without_loading_the_other(folders, a14b_shards, tmp_path):
+    summary = a14b_run(folders, a14b_shards, tmp_path, "train.steps=4", "model.experts=[low_noise]")
+    assert list(summary["models"]) == ["low_noise"]
+    assert {r["expert"] for r in records(summary["run_dir"])} == {"low_noise"}
+    assert sorted(p.name for p in Path(summary["checkpoint"]).glob("trainable*")) == ["trainable.transformer_2.safetensors"]

@@ -229,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         "optional LoRA from `wan-tune export` (any of its formats).",
     )
     p.add_argument("--base", required=True, help="diffusers-format folder or hub id of the base model")
-    p.add_argument("--lora", default=None, help="adapter .safetensors (comfyui, diffusers or kohya format)")
+    p.add_argument("--lora", action="append", default=None,
+                   help="adapter .safetensors (comfyui, diffusers or kohya format); Wan2.2 A14B: give --lora twice, "
+                   "the high_noise and the low_noise file (their headers say which expert each is for)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (0 = base model)")
     p.add_argument("--prompt", required=True, help="include the trigger word")
     p.add_argument("--negative-prompt", default="", help="what to steer away from")

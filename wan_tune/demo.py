@@ -79,10 +79,11 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     lap("export")
 
     say("[6/6] sample with the exported LoRA")
-    lora = next(Path(trained["checkpoint"], "export").glob("*-comfyui.safetensors"), None) or \
-        next(Path(trained["checkpoint"], "export").glob("*.safetensors"))
+    exported = Path(trained["checkpoint"], "export")
+    # The comfyui file of each expert (Wan2.2 A14B: the high- and the low-noise one).
+    loras = [str(p) for p in sorted(exported.glob("*-comfyui.safetensors"))] or [str(next(exported.glob("*.safetensors")))]
     h, w = recipe.data.resolutions[0]
-    video, sheet = sample(SampleArgs(base=str(source.folder), lora=str(lora), prompt=f"{recipe.caption.trigger_word} style, a red circle drifting over a dark gradient",
+    video, sheet = sample(SampleArgs(base=str(source.folder), lora=loras, prompt=f"{recipe.caption.trigger_word} style, a red circle drifting over a dark gradient",
                                      frames=recipe.data.frames[0], steps=10, height=h, width=w, out=str(run_dir / "sample.mp4")), say=say)
     lap("sample")
 

@@ -24,7 +24,8 @@ class SampleArgs:
     base: str
     prompt: str
     out: str
-    lora: str | None = None
+    lora: str | list[str] | None = None
+    """One adapter, or a Wan2.2 A14B pair (each file's header says its expert)."""
     lora_scale: float = 1.0
     image: str | None = None
     negative_prompt: str = ""
@@ -72,17 +73,21 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     from diffusers import DiffusionPipeline
     from PIL import Image
 
-    header = lora_header(args.lora) if args.lora else {}
+    loras = [args.lora] if isinstance(args.lora, str) else list(args.lora or [])
+    headers = [(path, lora_header(path)) for path in loras]
+    header = headers[0][1] if headers else {}
     hint = args.variant or header.get("wan_tune.variant") or "wan2.1-t2v-1.3b"
     try:
         folder = resolve_source(VARIANTS.get(hint, VARIANTS["wan2.1-t2v-1.3b"]), path=args.base).folder
     except ModelLoadError as err:
         raise SampleError(f"--base: {err}") from None
     variant = variant_of(folder)
-    if header.get("wan_tune.variant") and variant and header["wan_tune.variant"] != variant.name:
-        raise SampleError(
-            f"--lora {args.lora} was trained for {header['wan_tune.variant']}, but --base {args.base} is {variant.name}"
-        )
+    for path, h in headers:
+        if h.get("wan_tune.variant") and variant and h["wan_tune.variant"] != variant.name:
+            raise SampleError(f"--lora {path} was trained for {h['wan_tune.variant']}, but --base {args.base} is {variant.name}")
+    experts = [h.get("wan_tune.expert", "high_noise") for _, h in headers]
+    if len(set(experts)) != len(experts):
+        raise SampleError(f"--lora: two files for the same expert ({', '.join(experts)}); give one per expert")
     is_i2v = variant.is_i2v if variant else False
     if is_i2v and not args.image:
         raise SampleError(f"{args.base} is an image-to-video model: give the first frame with --image")
@@ -94,12 +99,14 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # no fast bf16 on CPUs
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
-    if args.lora:
+    for (path, h), expert in zip(headers, experts):
+        low = h.get("wan_tune.expert") == "low_noise"  # A14B: the low-noise file goes into transformer_2
         try:
-            pipe.load_lora_weights(args.lora, adapter_name="lora")
+            pipe.load_lora_weights(path, adapter_name=f"lora_{expert}", load_into_transformer_2=low)
         except Exception as err:
-            raise SampleError(f"--lora {args.lora} does not load into {args.base}: {err}") from None
-        pipe.set_adapters(["lora"], [args.lora_scale])
+            raise SampleError(f"--lora {path} does not load into {args.base}: {err}") from None
+    if loras:
+        pipe.set_adapters([f"lora_{e}" for e in experts], [args.lora_scale] * len(experts))
     height = args.height or (variant.resolution[0] if variant else 480)
     width = args.width or (variant.resolution[1] if variant else 832)
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height, width=width,

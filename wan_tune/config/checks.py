@@ -63,6 +63,8 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
     if r.train.warmup_steps >= r.train.steps:
         errors.append(("train.warmup_steps", f"must be below train.steps ({r.train.warmup_steps} >= {r.train.steps})"))
 
+    if variant is not None and r.model.experts and not variant.two_experts:
+        errors.append(("model.experts", f"{variant.name} has one transformer; model.experts is for Wan2.2 A14B (two experts)"))
     if variant is not None and variant.vae_z_dim == 48:
         # The Wan2.2 VAE compresses 16x and the transformer patchifies 2x2: 32-pixel steps.
         bad = [f"{h}x{w}" for h, w in r.data.resolutions if h % 32 or w % 32]

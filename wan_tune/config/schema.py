@@ -75,6 +75,13 @@ def multiple_of_16(v: Any) -> str | None:
     return None if v is None or (v > 0 and v % 16 == 0) else f"must be a positive multiple of 16, got {v}"
 
 
+def expert_labels(v: Any) -> str | None:
+    bad = [x for x in v if x not in ("high_noise", "low_noise")]
+    if bad:
+        return f"experts are high_noise and low_noise; got {bad}"
+    return "each expert once" if len(set(v)) != len(v) else None
+
+
 def two_betas(v: Any) -> str | None:
     return None if len(v) == 2 and all(0 <= b < 1 for b in v) else f"must be two values in [0, 1), got {list(v)}"
 
@@ -107,6 +114,12 @@ class ModelConfig:
     )
     transformer_2_file: Optional[str] = opt(
         None, "Wan2.2 A14B: the low-noise expert's original-key single file (ComfyUI holds one file per expert)."
+    )
+    experts: list[str] = opt(
+        [],
+        "Wan2.2 A14B: which experts to train, `high_noise` (sigmas at or above the boundary) and/or `low_noise`; "
+        "empty = both. Each trains on its own sigma range with its own LoRA and optimizer.",
+        check=expert_labels,
     )
     revision: Optional[str] = opt(None, "Hub branch, tag or commit when `path` is a hub id.")
     dtype: str = opt(

@@ -15,7 +15,7 @@ from .. import __version__
 from ..atomic import save_tensors
 from ..config import Recipe, load_recipe, recipe_hash
 from ..models.keymap import state_dict_to_original
-from ..models.variants import Variant, get_variant
+from ..models.variants import Variant, expert_label, get_variant
 from .adapters import (
     FORMATS,
     Adapter,
@@ -28,25 +28,33 @@ from .adapters import (
 )
 from .selftest import Check, check_adapter_file, check_original_keys, empty_transformer
 
-REQUIRED = ("recipe.yaml", "state.json", "trainable.safetensors")
+REQUIRED = ("recipe.yaml", "state.json")
 
 
-def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict[str, torch.Tensor]]:
-    """(recipe, state, trainable weights) of a step folder, or a clear ExportError."""
+def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict[str, dict[str, torch.Tensor]]]:
+    """(recipe, state, {expert: trainable weights}) of a step folder, or a clear ExportError.
+    One expert (`transformer`) except for Wan2.2 A14B runs."""
     from safetensors.torch import load_file
+
+    from ..training.checkpoint import expert_file
 
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"{path} is not a checkpoint folder (expected checkpoints/<run>/step-NNNNNN/)")
     missing = [f for f in REQUIRED if not (path / f).is_file()]
+    state = json.loads((path / "state.json").read_text()) if not missing else {}
+    files = {e: expert_file("trainable.safetensors", e) for e in state.get("experts", ["transformer"])}
+    missing += [f for f in files.values() if not (path / f).is_file()]
     if missing:
         raise ExportError(f"{path} is missing {', '.join(missing)}: not a complete wan-tune checkpoint")
-    try:
-        weights = load_file(str(path / "trainable.safetensors"))
-    except Exception as err:
-        raise ExportError(f"{path / 'trainable.safetensors'} is not a readable safetensors file ({err})") from None
+    weights = {}
+    for expert, file in files.items():
+        try:
+            weights[expert] = load_file(str(path / file))
+        except Exception as err:
+            raise ExportError(f"{path / file} is not a readable safetensors file ({err})") from None
     recipe = load_recipe(path / "recipe.yaml")
-    return recipe, json.loads((path / "state.json").read_text()), weights
+    return recipe, state, weights
 
 
 def check_fits(adapter: Adapter, variant: Variant) -> None:
@@ -67,9 +75,11 @@ def check_fits(adapter: Adapter, variant: Variant) -> None:
             )
 
 
-def header(recipe: Recipe, state: dict, fmt: str) -> dict[str, str]:
+def header(recipe: Recipe, state: dict, fmt: str, expert: str = "transformer") -> dict[str, str]:
     a = recipe.adapter
-    return {
+    variant = get_variant(recipe.model.variant)
+    which = {"wan_tune.expert": expert_label(variant, expert)} if variant.two_experts else {}
+    return {**which,
         "wan_tune.version": __version__,
         "wan_tune.variant": recipe.model.variant,
         "wan_tune.format": fmt,
@@ -89,17 +99,27 @@ def export(
     """Write the checkpoint in `formats` (None: the recipe's export.format; ignored for a full
     fine-tune, which writes the whole model), self-test each file; returns the checks."""
     checkpoint = Path(checkpoint)
-    recipe, state, weights = read_checkpoint(checkpoint)
+    recipe, state, experts = read_checkpoint(checkpoint)
     if formats is None:
         formats = list(FORMATS) if recipe.export.format == "all" else [recipe.export.format]
     variant = get_variant(recipe.model.variant)
     out = Path(out or recipe.export.out or checkpoint / "export")
     stem = f"{recipe.run.name}-step{state['step']:06d}"
-    if recipe.adapter.method == "full":
-        return export_full(recipe, weights, out / stem, say)
+    if recipe.adapter.method == "full":  # A14B: both experts in one folder, as the pipeline lays them out
+        return [c for expert, weights in experts.items() for c in export_full(recipe, weights, out / stem, say, expert)]
+    checks = []
+    for expert, weights in experts.items():
+        # A14B: one file per expert (ComfyUI loads one LoRA per model node), its name says which.
+        named = f"{stem}-{expert_label(variant, expert)}" if variant.two_experts else stem
+        checks += export_adapter(recipe, state, weights, formats, out, named, merge, say, expert)
+    return checks
 
+
+def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str], out: Path, stem: str, merge: bool,
+                   say, expert: str = "transformer") -> list[Check]:
     from ..models.spec import lora_config
 
+    variant = get_variant(recipe.model.variant)
     config = lora_config(recipe, variant)
     adapter = adapter_from_trainable(weights, config.r, config.lora_alpha, config.to_dict())
     check_fits(adapter, variant)
@@ -114,41 +134,45 @@ def export(
             sd, meta = diffusers_state_dict(adapter), diffusers_metadata(adapter)
         else:
             sd, meta = kohya_state_dict(adapter, variant.is_i2v), {}
-        path = save_tensors(out / f"{stem}-{fmt}.safetensors", sd, {"format": "pt", **meta, **header(recipe, state, fmt)})
-        checks.append(check_adapter_file(path, adapter, variant))
+        path = save_tensors(out / f"{stem}-{fmt}.safetensors", sd, {"format": "pt", **meta, **header(recipe, state, fmt, expert)})
+        checks.append(check_adapter_file(path, adapter, variant, expert))
         say(f"wrote {path}")
     if merge:
-        checks += export_merged(recipe, adapter, out / f"{stem}-merged", say)
+        checks += export_merged(recipe, adapter, out / f"{stem}-merged", say, expert)
     return checks
 
 
-def _write_transformer(model, folder: Path, recipe: Recipe, say) -> list[Path]:
-    """The transformer as a diffusers folder (sharded safetensors + config) and one original-key file."""
-    model.save_pretrained(folder / "transformer", safe_serialization=True, max_shard_size="5GB")
-    single = save_tensors(folder / "transformer_original.safetensors", state_dict_to_original(model.state_dict()),
-                          {"format": "pt", "wan_tune.variant": recipe.model.variant, "wan_tune.version": __version__})
-    say(f"wrote {folder / 'transformer'} (diffusers) and {single} (original keys, ComfyUI)")
-    return [folder / "transformer", single]
+def _write_transformer(model, folder: Path, recipe: Recipe, say, expert: str = "transformer") -> list[Path]:
+    """The transformer (an expert) as a diffusers subfolder (sharded safetensors + config) and one
+    original-key file (`transformer_original.safetensors`, A14B's low noise: `transformer_2_original...`)."""
+    variant = get_variant(recipe.model.variant)
+    which = {"wan_tune.expert": expert_label(variant, expert)} if variant.two_experts else {}
+    model.save_pretrained(folder / expert, safe_serialization=True, max_shard_size="5GB")
+    single = save_tensors(folder / f"{expert}_original.safetensors", state_dict_to_original(model.state_dict()),
+                          {"format": "pt", "wan_tune.variant": recipe.model.variant, "wan_tune.version": __version__, **which})
+    say(f"wrote {folder / expert} (diffusers) and {single} (original keys, ComfyUI)")
+    return [folder / expert, single]
 
 
-def _reload_check(model, folder: Path, recipe: Recipe) -> list[Check]:
+def _reload_check(model, folder: Path, recipe: Recipe, expert: str = "transformer") -> list[Check]:
     """Both layouts load back (through wan-tune's own loaders) to exactly the exported weights."""
     from ..models.loading import ModelSource, load_transformer
 
     variant = get_variant(recipe.model.variant)
     want = model.state_dict()
+    single = folder / f"{expert}_original.safetensors"
     checks = []
     for label, source in (
         ("diffusers folder", ModelSource(variant, folder)),
-        ("original single file", ModelSource(variant, folder, folder / "transformer_original.safetensors")),
+        ("original single file", ModelSource(variant, folder, *((single, None) if expert == "transformer" else (None, single)))),
     ):
-        got = load_transformer(source, next(iter(want.values())).dtype).state_dict()
+        got = load_transformer(source, next(iter(want.values())).dtype, expert).state_dict()
         worst = max(((got[k].float() - v.float()).abs().max().item() for k, v in want.items()), default=0.0)
-        checks.append(Check(f"{folder} ({label})", len(want), worst, 0.0, "" if got.keys() == want.keys() else "key sets differ"))
+        checks.append(Check(f"{folder / expert} ({label})", len(want), worst, 0.0, "" if got.keys() == want.keys() else "key sets differ"))
     return checks
 
 
-def export_full(recipe: Recipe, weights: dict[str, torch.Tensor], folder: Path, say) -> list[Check]:
+def export_full(recipe: Recipe, weights: dict[str, torch.Tensor], folder: Path, say, expert: str = "transformer") -> list[Check]:
     from diffusers import WanTransformer3DModel
 
     variant = get_variant(recipe.model.variant)
@@ -157,22 +181,22 @@ def export_full(recipe: Recipe, weights: dict[str, torch.Tensor], folder: Path, 
     if missing or unexpected:
         raise ExportError(f"the checkpoint's weights do not match {variant.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     assert isinstance(model, WanTransformer3DModel)
-    _write_transformer(model, folder, recipe, say)
-    return _reload_check(model, folder, recipe)
+    _write_transformer(model, folder, recipe, say, expert)
+    return _reload_check(model, folder, recipe, expert)
 
 
-def export_merged(recipe: Recipe, adapter: Adapter, folder: Path, say) -> list[Check]:
+def export_merged(recipe: Recipe, adapter: Adapter, folder: Path, say, expert: str = "transformer") -> list[Check]:
     """Base weights + scale * B @ A baked in, written as a full transformer."""
     from ..models.loading import load_transformer, recipe_source
 
     source = recipe_source(recipe)
-    model = load_transformer(source, torch.float32)
+    model = load_transformer(source, torch.float32, expert)
     with torch.no_grad():
         for module, _ in adapter.pairs.items():
             linear = model.get_submodule(module)
             linear.weight += adapter.delta(module).to(linear.weight.dtype)
-    _write_transformer(model, folder, recipe, say)
-    return _reload_check(model, folder, recipe)
+    _write_transformer(model, folder, recipe, say, expert)
+    return _reload_check(model, folder, recipe, expert)
 
 
 def format_checks(checks: list[Check]) -> str:

@@ -71,14 +71,24 @@ def check_original_keys(state_dict: dict, variant: Variant, prefix: str) -> list
     return bad
 
 
-def check_adapter_file(path, adapter: Adapter, variant: Variant) -> Check:
+def check_adapter_file(path, adapter: Adapter, variant: Variant, expert: str = "transformer") -> Check:
+    """`expert="transformer_2"`: an A14B low-noise file, loaded the way diffusers users load it,
+    into the pipeline's `transformer_2` with `load_into_transformer_2=True`."""
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
     model = empty_transformer(variant)
     tol = 1e-5 if model.dtype == torch.float32 else 2e-2
-    parts = dict(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=model)
+    parts = dict(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=model, transformer_2=None)
+    if expert == "transformer_2":
+        # diffusers reads `transformer.config` even when loading into transformer_2: a
+        # weightless (meta) high-noise expert answers that without the memory of a second model.
+        from diffusers import WanTransformer3DModel
+
+        with torch.device("meta"):
+            parts.update(transformer=WanTransformer3DModel(**variant.transformer), transformer_2=model,
+                         boundary_ratio=variant.boundary_ratio)
     pipe = WanImageToVideoPipeline(**parts) if variant.is_i2v else WanPipeline(**parts)
-    pipe.load_lora_weights(str(path), adapter_name="selftest")
+    pipe.load_lora_weights(str(path), adapter_name="selftest", load_into_transformer_2=expert == "transformer_2")
     loaded = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and "selftest" in getattr(m, "lora_A", {})}
     if loaded != set(adapter.pairs):
         missing, extra = sorted(set(adapter.pairs) - loaded), sorted(loaded - set(adapter.pairs))

@@ -34,15 +34,16 @@ def lora_config(recipe: Recipe, variant: Variant):
     )
 
 
-def load_for_training(recipe: Recipe, use_cpu: bool = False):
-    """The transformer, frozen except what the recipe trains, ready for accelerate.prepare."""
+def load_for_training(recipe: Recipe, use_cpu: bool = False, expert: str = "transformer"):
+    """The transformer (`expert`: Wan2.2 A14B's `transformer_2` is the low-noise one), frozen
+    except what the recipe trains, ready for accelerate.prepare."""
     variant = get_variant(recipe.model.variant)
     source = recipe_source(recipe)
     full = recipe.adapter.method == "full"
     # A full fine-tune keeps fp32 master weights (autocast does the low precision); a LoRA keeps
     # the frozen base in model.dtype. CPUs have no fast bf16, so CPU runs stay fp32.
     dtype = torch.float32 if full or use_cpu else DTYPES[recipe.model.dtype]
-    model = load_transformer(source, dtype)
+    model = load_transformer(source, dtype, expert)
     model.requires_grad_(full)
     if not full:
         model.add_adapter(lora_config(recipe, variant))

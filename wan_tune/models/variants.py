@@ -68,6 +68,13 @@ class Variant:
     def two_experts(self) -> bool:
         return len(self.experts) > 1
 
+    def sigma_range(self, expert: str, boundary_ratio: float | None = None) -> tuple[float, float]:
+        """The sigmas an expert denoises at inference: [boundary, 1] high noise, [0, boundary) low."""
+        if not self.two_experts:
+            return (0.0, 1.0)
+        boundary = self.boundary_ratio if boundary_ratio is None else boundary_ratio
+        return (boundary, 1.0) if expert == self.experts[0] else (0.0, boundary)
+
     def expert_for(self, sigma: float, boundary_ratio: float | None = None) -> str:
         """The expert that denoises `sigma` at inference: high noise (`transformer`) at or above
         the boundary (a model folder's own, when given), as the pipeline compares timestep =
@@ -84,6 +91,22 @@ class Variant:
     @property
     def inner_dim(self) -> int:
         return self.transformer["num_attention_heads"] * self.transformer["attention_head_dim"]
+
+
+# What a recipe calls the two Wan2.2 A14B experts (`model.experts`), by pipeline component.
+EXPERT_LABELS = {"transformer": "high_noise", "transformer_2": "low_noise"}
+
+
+def expert_label(variant: Variant, expert: str) -> str:
+    """`high_noise` / `low_noise` for a two-expert model's components, else the component name."""
+    return EXPERT_LABELS[expert] if variant.two_experts else expert
+
+
+def trained_experts(variant: Variant, chosen: list[str]) -> list[str]:
+    """Pipeline components a run trains: `chosen` labels (empty: every expert), in pipeline order."""
+    if not chosen or not variant.two_experts:
+        return list(variant.experts)
+    return [e for e in variant.experts if EXPERT_LABELS[e] in chosen]
 
 
 def _wan21(heads: int, layers: int, ffn: int, *, i2v: bool = False) -> dict[str, Any]:

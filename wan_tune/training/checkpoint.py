@@ -4,9 +4,11 @@
 step-000250/
   trainable.safetensors   the trained weights at full shape (LoRA adapters, or the whole transformer),
                           gathered from the ranks' shards under ZeRO-3 / FSDP2
+  trainable.transformer_2.safetensors, optimizer.transformer_2.*
+                          Wan2.2 A14B: the low-noise expert's files (the high-noise one's are the above)
   optimizer.safetensors   optimizer state tensors; optimizer.json: param groups + scalars
                           (FSDP2: whole tensors keyed by parameter name, so any world size resumes)
-  state.json              step, batches consumed, lr-scheduler state, world size, sharding
+  state.json              step, batches consumed, lr-scheduler state per expert, world size, sharding
   recipe.yaml             the resolved recipe: export and resume need no flags
   deepspeed/              DeepSpeed runs only: the engine's own (partitioned) checkpoint
 ```
@@ -85,10 +87,20 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(
-    accelerator, run_dir: Path, step: int, model, optimizer, scheduler, consumed: int, recipe_yaml: str, keep_last: int
-) -> Path:
-    """Write step-N (collective: every rank calls it). Returns the final path.
+def expert_file(stem: str, expert: str) -> str:
+    """`trainable.safetensors` for the (high-noise) transformer, `trainable.transformer_2.safetensors`
+    for A14B's low-noise expert; likewise optimizer.*."""
+    return stem if expert == "transformer" else stem.replace(".", f".{expert}.", 1)
+
+
+def saved_experts(path: Path) -> list[str]:
+    """The experts whose weights a checkpoint holds."""
+    state = json.loads((Path(path) / "state.json").read_text())
+    return state.get("experts", ["transformer"])
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, trainees: list, consumed: int, recipe_yaml: str, keep_last: int) -> Path:
+    """Write step-N for every trainee (collective: every rank calls it). Returns the final path.
 
     Weights are gathered to full shape one module at a time (only rank 0 keeps the copies), and
     every tensor is checked against its parameter's whole shape before anything is written: a
@@ -97,10 +109,11 @@ def save_checkpoint(
     final = step_dir(run_dir, step)
     tmp = Path(run_dir) / f".{final.name}.tmp"
     kind = sharding(accelerator)
-    trainable = gather_trainable(accelerator, model)  # collective; checks shapes on every rank
-    optim_state = fsdp2_optimizer_state(model, optimizer) if kind == "fsdp2" else None  # collective
+    # Collectives, every rank: whole weights (shapes checked), FSDP2's whole optimizer state.
+    trainable = {tr.name: gather_trainable(accelerator, tr.model) for tr in trainees}
+    optim_state = {tr.name: fsdp2_optimizer_state(tr.model, tr.optimizer) for tr in trainees} if kind == "fsdp2" else {}
     if accelerator.is_main_process:
-        if not trainable:
+        if not all(trainable.values()):
             raise CheckpointError("no trainable parameters found on the unwrapped model")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -109,13 +122,15 @@ def save_checkpoint(
     if deepspeed:
         accelerator.save_state(str(tmp / "deepspeed"))  # collective: each rank writes its partition
     if accelerator.is_main_process:
-        save_tensors(tmp / "trainable.safetensors", trainable, {"step": str(step)})
-        if not deepspeed:
-            tensors, meta = optimizer_to_tensors(optim_state if optim_state is not None else optimizer.state_dict())
-            save_tensors(tmp / "optimizer.safetensors", tensors)
-            write_json(tmp / "optimizer.json", meta)
+        for tr in trainees:
+            save_tensors(tmp / expert_file("trainable.safetensors", tr.name), trainable[tr.name], {"step": str(step)})
+            if not deepspeed:
+                tensors, meta = optimizer_to_tensors(optim_state.get(tr.name) or tr.optimizer.state_dict())
+                save_tensors(tmp / expert_file("optimizer.safetensors", tr.name), tensors)
+                write_json(tmp / expert_file("optimizer.json", tr.name), meta)
         write_json(tmp / "state.json", {
-            "step": step, "batches_consumed": consumed, "scheduler": scheduler.state_dict(),
+            "step": step, "batches_consumed": consumed, "experts": [tr.name for tr in trainees],
+            "schedulers": {tr.name: tr.scheduler.state_dict() for tr in trainees},
             "world_size": accelerator.num_processes, "deepspeed": deepspeed, "sharding": kind,
         })
         write_text(tmp / "recipe.yaml", recipe_yaml)
@@ -129,8 +144,8 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer and scheduler from step-N; returns its state.json."""
+def load_checkpoint(accelerator, path: Path, trainees: list) -> dict:
+    """Restore every trainee's weights, optimizer and scheduler from step-N; returns its state.json."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -139,39 +154,47 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
     state = json.loads((path / "state.json").read_text())
     if state["deepspeed"] != (accelerator.distributed_type.name == "DEEPSPEED"):
         raise CheckpointError(f"{path} was written {'with' if state['deepspeed'] else 'without'} DeepSpeed; resume it the same way")
-    kind, unwrapped = sharding(accelerator), accelerator.unwrap_model(model)
+    kind = sharding(accelerator)
     if (state.get("sharding") == "fsdp2") != (kind == "fsdp2"):
         raise CheckpointError(f"{path} was written {'with' if kind != 'fsdp2' else 'without'} FSDP2; resume it the same way")
+    saved = state.get("experts", ["transformer"])
+    if saved != [tr.name for tr in trainees]:
+        raise CheckpointError(f"{path} holds the experts {saved}, this run trains {[tr.name for tr in trainees]}: "
+                              "resume with the same model.experts")
+    schedulers = state.get("schedulers") or {"transformer": state["scheduler"]}  # one-scheduler checkpoints
     if state["deepspeed"]:
         accelerator.load_state(str(path / "deepspeed"))
-    elif kind == "fsdp2":  # whole tensors, read on rank 0 and scattered to every rank's shards
-        weights, optim = {}, {}
-        if accelerator.is_main_process:
-            weights = _read_weights(path, unwrapped)
-            meta = json.loads((path / "optimizer.json").read_text())
-            optim = optimizer_from_tensors(load_file(str(path / "optimizer.safetensors")), meta)
-        fsdp2_load(unwrapped, optimizer, weights, optim)
-    else:
-        params = dict(unwrapped.named_parameters())
-        with torch.no_grad():
-            for name, value in _read_weights(path, unwrapped).items():
-                params[name].copy_(value)
-        meta = json.loads((path / "optimizer.json").read_text())
-        optimizer.load_state_dict(optimizer_from_tensors(load_file(str(path / "optimizer.safetensors")), meta))
-    scheduler.load_state_dict(state["scheduler"])
+    for tr in trainees:
+        unwrapped = accelerator.unwrap_model(tr.model)
+        optim_file, optim_meta = path / expert_file("optimizer.safetensors", tr.name), path / expert_file("optimizer.json", tr.name)
+        if state["deepspeed"]:
+            pass  # weights and optimizer came back with DeepSpeed's own checkpoint
+        elif kind == "fsdp2":  # whole tensors, read on rank 0 and scattered to every rank's shards
+            weights, optim = {}, {}
+            if accelerator.is_main_process:
+                weights = _read_weights(path, unwrapped, tr.name)
+                optim = optimizer_from_tensors(load_file(str(optim_file)), json.loads(optim_meta.read_text()))
+            fsdp2_load(unwrapped, tr.optimizer, weights, optim)
+        else:
+            params = dict(unwrapped.named_parameters())
+            with torch.no_grad():
+                for name, value in _read_weights(path, unwrapped, tr.name).items():
+                    params[name].copy_(value)
+            tr.optimizer.load_state_dict(optimizer_from_tensors(load_file(str(optim_file)), json.loads(optim_meta.read_text())))
+        tr.scheduler.load_state_dict(schedulers[tr.name])
     return state
 
 
-def _read_weights(path: Path, model) -> dict[str, torch.Tensor]:
-    """trainable.safetensors, refused unless every tensor names a parameter of this model at its whole shape."""
+def _read_weights(path: Path, model, expert: str = "transformer") -> dict[str, torch.Tensor]:
+    """An expert's trainable weights, refused unless every tensor names a parameter of this model at its whole shape."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = load_file(str(path / expert_file("trainable.safetensors", expert)))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
         raise CheckpointError(f"{path}: weights for modules this model lacks ({missing[:3]}...): another recipe?")
     wrong = [f"{n} {tuple(v.shape)} vs {tuple(full_shape(params[n]))}" for n, v in weights.items() if v.shape != full_shape(params[n])]
     if wrong:
-        raise CheckpointError(f"{path / 'trainable.safetensors'}: tensors of the wrong shape ({wrong[:3]}): another recipe?")
+        raise CheckpointError(f"{path / expert_file('trainable.safetensors', expert)}: tensors of the wrong shape ({wrong[:3]}): another recipe?")
     return weights

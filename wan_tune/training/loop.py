@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,9 +27,11 @@ from ..config import Recipe, to_yaml
 from ..data.dataset import ShardDataset, collate, pad_text, to_device
 from ..data.sampler import BucketBatchSampler
 from ..dist import use_cpu
+from ..models.loading import recipe_source
 from ..models.spec import load_for_training, tokens_per_sample, trainable_parameters
-from ..models.variants import get_variant
+from ..models.variants import get_variant, trained_experts
 from . import flow_matching as fm
+from .experts import make_trainee, route, sigma_bounds, sigma_sampler
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from .optim import make_optimizer, make_scheduler
 from .sharding import fsdp_on_cpu, local_share, sharding, unpartitioned_loading, weights_digest
@@ -96,10 +99,11 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     say = say if main else (lambda *_: None)
     rank, world = accelerator.process_index, accelerator.num_processes
     variant = get_variant(recipe.model.variant)
-    if variant.two_experts:
+    names = trained_experts(variant, recipe.model.experts)
+    if len(names) > 1 and (accelerator.distributed_type.name == "DEEPSPEED" or accelerator.distributed_type.name == "FSDP"):
         raise TrainingError(
-            f"model.variant={variant.name}: training the two Wan2.2 A14B experts is not built yet in this version "
-            "(prep, loading and sampling work); train wan2.2-ti2v-5b or a Wan2.1 variant meanwhile"
+            "training both Wan2.2 A14B experts in one run works with one process or DDP; under DeepSpeed / FSDP "
+            "train one expert per run (model.experts=[high_noise], then [low_noise])"
         )
     stop = StopSignal()
 
@@ -113,21 +117,34 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         raise TrainingError(f"{recipe.data.shards} holds {dataset.meta['task']} data; {variant.name} needs {variant.task}")
     sampler = BucketBatchSampler(dataset.buckets, recipe.train.batch_size, recipe.run.seed, rank, world)
 
-    # --- model, optimizer -------------------------------------------------------------------
-    torch.manual_seed(recipe.run.seed)
-    model = load_for_training(recipe, use_cpu=use_cpu())
-    params = list(trainable_parameters(model).values())
-    n_trainable = sum(p.numel() for p in params)
-    optimizer = make_optimizer(params, recipe.train, say)
-    scheduler = make_scheduler(optimizer, recipe.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # FSDP2 replaces the parameters by sharded ones: clip what the optimizer now holds.
-    params = list(trainable_parameters(accelerator.unwrap_model(model)).values())
-    compute_dtype = accelerator.unwrap_model(model).dtype  # the base weights' dtype (LoRA params are fp32)
+    # --- models, optimizers (one per trained expert; only those are loaded) ------------------
+    boundary = recipe_source(recipe, components=()).boundary_ratio  # the folder's model_index.json
+    trainees, n_trainable = [], 0
+    for name in names:
+        torch.manual_seed(recipe.run.seed)  # LoRA init: the same for an expert trained alone or beside the other
+        model = load_for_training(recipe, use_cpu=use_cpu(), expert=name)
+        params = list(trainable_parameters(model).values())
+        n_trainable += sum(p.numel() for p in params)
+        optimizer = make_optimizer(params, recipe.train, say)
+        scheduler = make_scheduler(optimizer, recipe.train)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        trainee = make_trainee(variant, name, boundary, model, optimizer, scheduler)
+        # FSDP2 replaces the parameters by sharded ones: clip what the optimizer now holds.
+        trainee.params = list(trainable_parameters(accelerator.unwrap_model(model)).values())
+        trainees.append(trainee)
+    t = recipe.timesteps
+    try:
+        bounds = {tr.name: sigma_bounds(tr, t.sigma_min, t.sigma_max) for tr in trainees}
+    except ValueError as err:
+        raise TrainingError(f"{err}: widen the range or pick the other expert (model.experts)") from None
+    compute_dtype = accelerator.unwrap_model(trainees[0].model).dtype  # the base weights' dtype (LoRA params are fp32)
     sharded = sharding(accelerator)
     if sharded:
-        held, total = local_share(accelerator.unwrap_model(model))
+        held, total = local_share(accelerator.unwrap_model(trainees[0].model))
         say(f"{sharded}: rank 0 holds {held:,} of the model's {total:,} weights ({held / total:.1%})")
+    if variant.two_experts:
+        say(f"experts: {', '.join(f'{tr.label} (sigma {bounds[tr.name][0]:g}-{bounds[tr.name][1]:g})' for tr in trainees)}; "
+            f"boundary {boundary}")
 
     # --- resume -----------------------------------------------------------------------------
     start_step, consumed = 0, 0
@@ -137,7 +154,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     accelerator.wait_for_everyone()
     checkpoint = _resume_point(recipe, run_dir, resume)
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
+        state = load_checkpoint(accelerator, checkpoint, trainees)
         start_step, consumed = state["step"], state["batches_consumed"]
         if state["world_size"] != world:
             say(f"resuming a {state['world_size']}-process run on {world}: data order changes from here on")
@@ -161,9 +178,9 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         # Sharded weights: every rank runs the same pipeline (its forwards gather the shards
         # together), rank 0 writes the videos.
         with unpartitioned_loading(accelerator):
-            validator = Validator(recipe, accelerator.device, compute_dtype)
+            validator = Validator(recipe, accelerator.device, compute_dtype, trained=names)
     shift = recipe.timesteps.shift if recipe.timesteps.shift is not None else variant.flow_shift
-    t = recipe.timesteps
+    draw = sigma_sampler(recipe, shift)
     say(f"training {recipe.adapter.method}: {n_trainable:,} trainable parameters, {len(dataset)} samples, "
         f"{world} process(es), steps {start_step} -> {recipe.train.steps}")
 
@@ -176,6 +193,8 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         while step < recipe.train.steps:
             t0 = time.perf_counter()
             step_loss, samples, tokens, grad_norm = 0.0, 0, 0, None
+            trainee = route(trainees, variant, boundary, recipe.run.seed, step, lambda g: draw(1, g, t.sigma_min, t.sigma_max))
+            model, optimizer = trainee.model, trainee.optimizer
             for micro in range(recipe.train.grad_accum):
                 batch = to_device(next(batches), accelerator.device, torch.float32, recipe.data.max_text_tokens)
                 consumed += 1
@@ -188,21 +207,23 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                 drop = torch.rand(n, generator=gen) < recipe.train.caption_dropout
                 if drop.any():  # caption dropout: the empty prompt, padded as the pipeline pads it
                     batch["text"][drop.to(accelerator.device)] = empty_padded
-                sigmas = fm.sample_sigmas(n, t.sampling, gen, shift=shift, logit_mean=t.logit_mean, logit_std=t.logit_std,
-                                          sigmoid_scale=t.sigmoid_scale, sigma_min=t.sigma_min, sigma_max=t.sigma_max)
+                sigmas = draw(n, gen, *bounds[trainee.name])
                 noise = torch.randn(x0.shape, generator=gen)
                 with accelerator.accumulate(model), accelerator.autocast():
                     pred, target = fm.predict(model, variant, batch, sigmas.to(accelerator.device), noise.to(accelerator.device), compute_dtype)
                     loss = fm.flow_matching_loss(pred, target, fm.loss_weights(sigmas, t.loss_weighting).to(pred.device))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and recipe.train.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(trainee.params, recipe.train.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach().float() / recipe.train.grad_accum
                 samples += n
                 tokens += n * tokens_per_sample(variant, x0.shape)
-            scheduler.step()
+            for tr in trainees:  # lr schedules follow the run's steps, whichever expert trained
+                with warnings.catch_warnings():  # torch warns when an idle expert's schedule moves on
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    tr.scheduler.step()
             step += 1
             mean_loss = accelerator.reduce(step_loss.to(accelerator.device), reduction="mean").item()
             if not math.isfinite(mean_loss):
@@ -212,8 +233,10 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                     f"last good checkpoint: {kept[-1] if kept else 'none yet'}. Lower train.lr, or check the shards."
                 )
             seconds = time.perf_counter() - t0
-            record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "step_time": seconds,
+            record = {"step": step, "loss": mean_loss, "lr": trainee.scheduler.get_last_lr()[0], "step_time": seconds,
                       "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds}
+            if variant.two_experts:  # which expert trained, and its loss under its own name (W&B plots each)
+                record.update(expert=trainee.label, **{f"loss/{trainee.label}": mean_loss})
             if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none here
                 record["grad_norm"] = float(grad_norm)
             if torch.cuda.is_available():
@@ -223,19 +246,20 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if recipe.tracking.backend != "none" and step % recipe.tracking.log_every == 0:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                accelerator.log({k: v for k, v in record.items() if k not in ("step", "expert")}, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", s_step=f"{seconds:.2f}")
 
             stopping = _agree(accelerator, stop.received is not None)
             if step % recipe.checkpoint.every == 0 or step == recipe.train.steps or stopping:
-                last_saved = save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, consumed,
-                                             recipe_yaml, recipe.checkpoint.keep_last)
+                last_saved = save_checkpoint(accelerator, run_dir, step, trainees, consumed, recipe_yaml,
+                                             recipe.checkpoint.keep_last)
             if recipe.validation.every and step % recipe.validation.every == 0:
                 if validator is not None:
                     from .validation import log_videos
 
-                    paths = validator.render(accelerator.unwrap_model(model), step, run_dir / "validation", write=main)
+                    live = {tr.name: accelerator.unwrap_model(tr.model) for tr in trainees}
+                    paths = validator.render(live, step, run_dir / "validation", write=main)
                     if main:
                         log_videos(accelerator, recipe, paths, step)
                         say(f"validation videos: {paths[0].parent}")
@@ -253,7 +277,9 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     return {"run_dir": str(run_dir), "step": step, "checkpoint": str(last_saved) if last_saved else None,
             "trainable": n_trainable, "first_losses": run_losses[:10], "last_losses": run_losses[-10:],
             "stopped_by": stop.received, "main": main, "rank": rank, "world": world,
-            "weights_sha256": weights_digest(accelerator, model), "model": accelerator.unwrap_model(model)}
+            "weights_sha256": "-".join(weights_digest(accelerator, tr.model) for tr in trainees),
+            "model": accelerator.unwrap_model(trainees[0].model),
+            "models": {tr.label: accelerator.unwrap_model(tr.model) for tr in trainees}}
 
 
 def _open_metrics(path: Path, start_step: int):

@@ -13,13 +13,15 @@ from pathlib import Path
 import torch
 
 from ..config import Recipe
-from ..models.loading import resolve_source
+from ..models.loading import load_transformer, recipe_source, resolve_source
 from ..models.variants import get_variant
 from ..video_io import to_uint8, write_video
 
 
 class Validator:
-    def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype):
+    def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype, trained: list[str] = ("transformer",)):
+        """`trained`: the experts the run trains (their live weights render); a Wan2.2 A14B
+        expert that is not trained renders from the base weights, loaded here once."""
         from diffusers import WanImageToVideoPipeline, WanPipeline
         from PIL import Image
 
@@ -30,7 +32,9 @@ class Validator:
                                 components=("vae", "text_encoder", "tokenizer", "scheduler", "image_encoder", "image_processor"))
         cls = WanImageToVideoPipeline if self.variant.is_i2v else WanPipeline
         # transformer=None: the live, training transformer is plugged in at render time.
-        self.pipe = cls.from_pretrained(source.folder, transformer=None, torch_dtype=dtype)
+        self.pipe = cls.from_pretrained(source.folder, transformer=None, transformer_2=None, torch_dtype=dtype)
+        self.frozen = {name: load_transformer(recipe_source(recipe), dtype, name).to(device).eval().requires_grad_(False)
+                       for name in self.variant.experts if name not in trained}
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(device)
         self.height = v.height or recipe.data.resolutions[0][0]
@@ -45,13 +49,16 @@ class Validator:
         self.images = [Image.open(p).convert("RGB") for p in v.images] if self.variant.is_i2v else []
 
     @torch.no_grad()
-    def render(self, transformer, step: int, out_dir: Path, write: bool = True) -> list[Path]:
-        """Videos of every prompt; `write=False` renders without writing (the other ranks of a
-        sharded run, whose forwards must take part in the gathers)."""
+    def render(self, live: dict, step: int, out_dir: Path, write: bool = True) -> list[Path]:
+        """Videos of every prompt from the live transformers ({expert: module}); `write=False`
+        renders without writing (the other ranks of a sharded run, whose forwards must take part
+        in the gathers)."""
         v = self.recipe.validation
-        was_training = transformer.training
-        transformer.eval()
-        self.pipe.transformer = transformer
+        models = {**self.frozen, **live}
+        was_training = {name: m.training for name, m in live.items()}
+        for name, m in models.items():
+            m.eval()
+            setattr(self.pipe, name, m)
         paths = []
         try:
             for i, (pos, neg) in enumerate(self.embeds):
@@ -64,8 +71,10 @@ class Validator:
                 if write:
                     paths.append(write_video(Path(out_dir) / f"step-{step:06d}" / f"{i:02d}.mp4", to_uint8(frames), fps=self.recipe.data.fps))
         finally:
-            self.pipe.transformer = None
-            transformer.train(was_training)
+            for name in models:
+                setattr(self.pipe, name, None)
+            for name, m in live.items():
+                m.train(was_training[name])
         return paths
 
 
