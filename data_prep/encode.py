@@ -50,8 +50,9 @@ class Encoders:
             scheduler=FlowMatchEulerDiscreteScheduler(),  # unused: the pipeline just requires one
             transformer=None,
         )
+        self.clip = i2v and source.variant.clip_image_tokens  # Wan2.2 I2V conditions on latents alone
         if i2v:
-            processor, image_encoder = load_image_encoder(source, dtype)
+            processor, image_encoder = load_image_encoder(source, dtype) if self.clip else (None, None)
             self.pipe = WanImageToVideoPipeline(**parts, image_encoder=image_encoder, image_processor=processor)
         else:
             self.pipe = WanPipeline(**parts)
@@ -64,7 +65,7 @@ class Encoders:
     def identity(self) -> dict:
         """What decides the encodings (goes into meta.json and every sample id)."""
         files = ["text_encoder/config.json", "vae/config.json", "tokenizer/tokenizer_config.json"]
-        if self.i2v:
+        if self.clip:
             files += ["image_encoder/config.json"]
         digest = hashlib.sha256()
         for rel in files:
@@ -107,15 +108,18 @@ class Encoders:
         """I2V inputs for a clip whose first frame is `first_frame` (a PIL image at bucket size).
 
         `condition` [20, F', H', W']: 4 mask channels + 16 condition-latent channels, as
-        `WanImageToVideoPipeline.prepare_latents` builds them; `image_embeds` [257, 1280] (CLIP).
+        `WanImageToVideoPipeline.prepare_latents` builds them; `image_embeds` [257, 1280] (CLIP),
+        Wan2.1 only.
         """
         width, height = first_frame.size
         image = self.pipe.video_processor.preprocess(first_frame, height=height, width=width).to(self.device, torch.float32)
         _, condition = self.pipe.prepare_latents(
             image, 1, self.vae.config.z_dim, height, width, num_frames, torch.float32, self.device
         )
-        embeds = self.pipe.encode_image(first_frame, self.device)
-        return {"condition": condition[0].cpu(), "image_embeds": embeds[0].float().cpu()}
+        out = {"condition": condition[0].cpu()}
+        if self.clip:
+            out["image_embeds"] = self.pipe.encode_image(first_frame, self.device)[0].float().cpu()
+        return out
 
 
 def settings_hash(settings: dict) -> str:

@@ -158,7 +158,8 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
     captions = read_captions(captions_path)
     t = timer.add("caption", t)
 
-    source = recipe_source(recipe, ("vae", "text_encoder", "tokenizer") + (("image_encoder", "image_processor") if i2v else ()))
+    clip = i2v and variant.clip_image_tokens
+    source = recipe_source(recipe, ("vae", "text_encoder", "tokenizer") + (("image_encoder", "image_processor") if clip else ()))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.model.dtype]
     if state.device.type == "cpu" and dtype != torch.float32:
         say(f"encoding in fp32 on CPU (model.dtype={recipe.model.dtype} is for GPUs; this CPU has no fast bf16)")

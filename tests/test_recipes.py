@@ -21,7 +21,7 @@ def test_the_promised_recipes_are_shipped():
     names = {p.stem for p in RECIPES}
     assert {
         "wan2.1-t2v-1.3b-lora", "wan2.1-t2v-14b-lora", "wan2.1-i2v-14b-480p-lora", "wan2.1-t2v-1.3b-full", "demo-tiny",
-        "wan2.2-ti2v-5b-lora", "wan2.2-t2v-a14b-lora",
+        "wan2.2-ti2v-5b-lora", "wan2.2-t2v-a14b-lora", "wan2.2-i2v-a14b-lora",
     } <= names
 
 

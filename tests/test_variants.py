@@ -27,7 +27,7 @@ def test_i2v_variants_take_mask_and_condition_channels():
         if v.vae_z_dim == 16:
             assert v.in_channels == (36 if v.is_i2v else 16)
         # CLIP image tokens: Wan2.1 I2V only (Wan2.2 A14B I2V conditions on latents alone).
-        assert v.clip_image_tokens == (v.is_i2v and not v.name.startswith("wan2.2"))
+        assert v.clip_image_tokens == (v.is_i2v and not v.two_experts)
 
 
 def test_wan22_facts_from_the_diffusers_pipelines():

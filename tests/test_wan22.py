@@ -5,6 +5,7 @@ at training time is compared with what the diffusers pipeline itself feeds it.""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     from wan_tune.models.tiny import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny22")
-    return {v: save_tiny_pipeline(root / v, v, seed=0) for v in ("tiny-ti2v", "tiny-a14b")}
+    return {v: save_tiny_pipeline(root / v, v, seed=0) for v in ("tiny-ti2v", "tiny-a14b", "tiny-a14b-i2v")}
 
 
 def record_calls(pipe, expert: str, calls: list):
@@ -270,3 +271,53 @@ def test_a14b_trains_one_expert_without_loading_the_other(folders, a14b_shards, 
     assert list(summary["models"]) == ["low_noise"]
     assert {r["expert"] for r in records(summary["run_dir"])} == {"low_noise"}
     assert sorted(p.name for p in Path(summary["checkpoint"]).glob("trainable*")) == ["trainable.transformer_2.safetensors"]
+
+
+def test_a14b_i2v_prep_conditioning_is_what_the_pipeline_feeds_and_trains(folders, tmp_path):
+    """Wan2.2 I2V: noisy latents ++ mask ++ first-frame latents, and no CLIP tokens at all."""
+    from data_prep.encode import Encoders
+    from data_prep.prep import run_prep
+    from data_prep.synthetic import make_clips, still_image
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    from wan_tune.config import load_recipe
+    from wan_tune.training.loop import train
+
+    variant = get_variant("tiny-a14b-i2v")
+    source = resolve_source(variant, path=str(folders["tiny-a14b-i2v"]))
+    encoders = Encoders(source, i2v=True)
+    first = Image.open(still_image(tmp_path / "first.png", 64, 96)).convert("RGB")
+    stored = encoders.image_condition(first, 9)
+    assert set(stored) == {"condition"} and stored["condition"].shape == (20, 3, 8, 12)
+
+    pipe = WanImageToVideoPipeline.from_pretrained(folders["tiny-a14b-i2v"])
+    assert pipe.image_encoder is None and pipe.config.boundary_ratio == 0.9
+    g = torch.Generator().manual_seed(0)
+    x_t, text = torch.randn(1, 16, 3, 8, 12, generator=g), torch.randn(1, 7, variant.transformer["text_dim"], generator=g)
+    calls = []
+    handles = [record_calls(pipe, e, calls) for e in variant.experts]
+    pipe.set_progress_bar_config(disable=True)
+    pipe(image=first, prompt_embeds=text, guidance_scale=1.0, num_inference_steps=2, latents=x_t, num_frames=9,
+         height=64, width=96, output_type="latent")
+    for h in handles:
+        h.remove()
+    expert, fed, out = calls[0]
+    sigma = fed["timestep"] / 1000
+    ours = transformer_inputs(variant, {"text": text, "condition": stored["condition"][None]}, x_t, sigma, torch.float32)
+    assert fed["encoder_hidden_states_image"] is None and ours["encoder_hidden_states_image"] is None
+    torch.testing.assert_close(ours["hidden_states"], fed["hidden_states"])
+    # The pipeline passes UniPC's integer timestep; training passes sigma * 1000 as a float.
+    torch.testing.assert_close(ours["timestep"], fed["timestep"], check_dtype=False)
+    with torch.no_grad():
+        torch.testing.assert_close(getattr(pipe, expert)(**ours)[0], out)
+
+    clips = make_clips(tmp_path / "clips", 2, frames=20, height=96, width=128, fps=16)[0].parent
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        "model.variant=tiny-a14b-i2v", f"model.path={folders['tiny-a14b-i2v']}", f"data.source={clips}",
+        f"data.shards={tmp_path / 'shards'}", "data.shard_dtype=fp32", f"run.output_dir={tmp_path / 'runs'}",
+        "train.steps=6", "checkpoint.every=1000", "data.num_workers=0"])
+    run_prep(recipe, progress=False, say=lambda *_: None)
+    summary = train(recipe, progress=False, say=lambda *_: None)
+    assert sorted(summary["models"]) == ["high_noise", "low_noise"]
+    assert all(math.isfinite(r["loss"]) for r in records(summary["run_dir"]))

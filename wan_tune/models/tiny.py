@@ -89,6 +89,8 @@ def build_tiny_pipeline(variant: Variant | str = "tiny", seed: int = 0):
         parts.update(expand_timesteps=True)
     if not variant.is_i2v:
         return WanPipeline(**parts)
+    if not variant.clip_image_tokens:  # Wan2.2 I2V: the image enters as latents only
+        return WanImageToVideoPipeline(**parts)
     image_encoder = CLIPVisionModel(
         CLIPVisionConfig(
             hidden_size=TINY_IMAGE_DIM,

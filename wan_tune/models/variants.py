@@ -282,6 +282,19 @@ VARIANTS: dict[str, Variant] = {
             tiny=True,
             notes="random init, A14B-shaped: two experts split at the boundary",
         ),
+        Variant(
+            name="tiny-a14b-i2v",
+            task="i2v",
+            hub_id=None,
+            transformer=_tiny22(in_channels=36),
+            flow_shift=3.0,
+            resolution=(64, 96),
+            frames=9,
+            experts=("transformer", "transformer_2"),
+            boundary_ratio=0.9,
+            tiny=True,
+            notes="random init, I2V-A14B-shaped: two experts, mask + condition latents, no CLIP",
+        ),
     ]
 }
 
