@@ -53,7 +53,9 @@ class Encoders:
         self.clip = i2v and source.variant.clip_image_tokens  # Wan2.2 I2V conditions on latents alone
         if i2v:
             processor, image_encoder = load_image_encoder(source, dtype) if self.clip else (None, None)
-            self.pipe = WanImageToVideoPipeline(**parts, image_encoder=image_encoder, image_processor=processor)
+            # TI2V-5B (expand_timesteps): the image replaces the first latent frame instead.
+            self.pipe = WanImageToVideoPipeline(**parts, image_encoder=image_encoder, image_processor=processor,
+                                                expand_timesteps=source.variant.expand_timesteps)
         else:
             self.pipe = WanPipeline(**parts)
         self.pipe.to(self.device)
@@ -109,11 +111,12 @@ class Encoders:
 
         `condition` [20, F', H', W']: 4 mask channels + 16 condition-latent channels, as
         `WanImageToVideoPipeline.prepare_latents` builds them; `image_embeds` [257, 1280] (CLIP),
-        Wan2.1 only.
+        Wan2.1 only. TI2V-5B: `condition` [48, 1, H', W'], the image's latent that replaces the
+        first latent frame.
         """
         width, height = first_frame.size
         image = self.pipe.video_processor.preprocess(first_frame, height=height, width=width).to(self.device, torch.float32)
-        _, condition = self.pipe.prepare_latents(
+        _, condition, *_mask = self.pipe.prepare_latents(  # TI2V also returns its first-frame mask
             image, 1, self.vae.config.z_dim, height, width, num_frames, torch.float32, self.device
         )
         out = {"condition": condition[0].cpu()}

@@ -321,3 +321,58 @@ def test_a14b_i2v_prep_conditioning_is_what_the_pipeline_feeds_and_trains(folder
     summary = train(recipe, progress=False, say=lambda *_: None)
     assert sorted(summary["models"]) == ["high_noise", "low_noise"]
     assert all(math.isfinite(r["loss"]) for r in records(summary["run_dir"]))
+
+
+def test_ti2v_image_conditioning_is_what_the_pipeline_feeds_and_trains(folders, tmp_path):
+    """TI2V-5B with a first frame: the image's latent replaces the first latent frame, its tokens
+    get timestep 0, and the loss leaves that frame out (it is given, not denoised)."""
+    from data_prep.encode import Encoders
+    from data_prep.prep import run_prep
+    from data_prep.synthetic import make_clips, still_image
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    from wan_tune.config import load_recipe
+    from wan_tune.training import flow_matching as fm
+    from wan_tune.training.loop import train
+
+    variant = get_variant("tiny-ti2v")
+    encoders = Encoders(resolve_source(variant, path=str(folders["tiny-ti2v"])), i2v=True)
+    first = Image.open(still_image(tmp_path / "first.png", 64, 96)).convert("RGB")
+    stored = encoders.image_condition(first, 9)
+    assert set(stored) == {"condition"} and stored["condition"].shape == (48, 1, 4, 6)
+
+    pipe = WanImageToVideoPipeline.from_pretrained(folders["tiny-ti2v"])
+    assert pipe.config.expand_timesteps
+    g = torch.Generator().manual_seed(0)
+    x_t, text = torch.randn(1, 48, 3, 4, 6, generator=g), torch.randn(1, 7, variant.transformer["text_dim"], generator=g)
+    calls = []
+    handle = record_calls(pipe, "transformer", calls)
+    pipe.set_progress_bar_config(disable=True)
+    pipe(image=first, prompt_embeds=text, guidance_scale=1.0, num_inference_steps=2, latents=x_t, num_frames=9,
+         height=64, width=96, output_type="latent")
+    handle.remove()
+    _, fed, out = calls[0]
+    sigma = fed["timestep"][:, -1] / 1000  # the last token is not in the first frame
+    ours = transformer_inputs(variant, {"text": text, "condition": stored["condition"][None]}, x_t, sigma, torch.float32)
+    assert (fed["timestep"][0, :6] == 0).all() and (fed["timestep"][0, 6:] > 0).all()  # 2x3 first-frame tokens
+    torch.testing.assert_close(ours["timestep"], fed["timestep"])
+    torch.testing.assert_close(ours["hidden_states"], fed["hidden_states"])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.transformer(**ours)[0], out)
+        pred, target = fm.predict(pipe.transformer, variant, {"latents": x_t, "text": text, "condition": stored["condition"][None]},
+                                  sigma, torch.randn_like(x_t), torch.float32)
+    assert pred.shape == target.shape == (1, 48, 2, 4, 6)  # the loss covers the frames after the image
+
+    clips = make_clips(tmp_path / "clips", 2, frames=20, height=96, width=128, fps=24)[0].parent
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        "model.variant=tiny-ti2v", f"model.path={folders['tiny-ti2v']}", "data.task=i2v", f"data.source={clips}",
+        f"data.shards={tmp_path / 'shards'}", "data.shard_dtype=fp32", f"run.output_dir={tmp_path / 'runs'}",
+        "train.steps=4", "checkpoint.every=1000", "data.num_workers=0", "validation.every=4",
+        "validation.prompts=[wtune a red circle]", f"validation.images=[{tmp_path / 'first.png'}]", "validation.frames=9",
+        "validation.steps=2", "validation.height=64", "validation.width=96"])
+    run_prep(recipe, progress=False, say=lambda *_: None)
+    assert json.loads((tmp_path / "shards" / "meta.json").read_text())["task"] == "i2v"
+    summary = train(recipe, progress=False, say=lambda *_: None)
+    assert all(math.isfinite(r["loss"]) for r in records(summary["run_dir"]))
+    assert (Path(summary["run_dir"]) / "validation" / "step-000004" / "00.mp4").is_file()

@@ -91,14 +91,20 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     is_i2v = variant.is_i2v if variant else False
     if is_i2v and not args.image:
         raise SampleError(f"{args.base} is an image-to-video model: give the first frame with --image")
-    if args.image and not is_i2v:
+    takes_image = variant is not None and variant.image_conditioned("i2v")  # I2V, or TI2V-5B (either way)
+    if args.image and not takes_image:
         raise SampleError(f"--image is for image-to-video models; {args.base} is text-to-video")
     if (args.frames - 1) % 4:
         raise SampleError(f"--frames must be 4k+1 (e.g. {(args.frames - 1) // 4 * 4 + 1} or {(args.frames - 1) // 4 * 4 + 5})")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # no fast bf16 on CPUs
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+    if args.image and not is_i2v:  # TI2V-5B with a first frame: its folder names WanPipeline
+        from diffusers import WanImageToVideoPipeline
+
+        pipe = WanImageToVideoPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
     for (path, h), expert in zip(headers, experts):
         low = h.get("wan_tune.expert") == "low_noise"  # A14B: the low-noise file goes into transformer_2
         try:

@@ -18,7 +18,7 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
     errors: list[tuple[str, str]] = []
     variant = None if "model.variant" in invalid else VARIANTS.get(r.model.variant)
 
-    if variant is not None and r.data.task != "auto" and r.data.task != variant.task:
+    if variant is not None and r.data.task not in ("auto", variant.task) and not variant.image_conditioned(r.data.task):
         errors.append(
             (
                 "data.task",
@@ -73,9 +73,9 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
 
     v = r.validation
     if variant is not None:
-        if v.images and not variant.is_i2v:
+        if v.images and not variant.image_conditioned(r.data.task):
             errors.append(("validation.images", f"first frames are for I2V variants; {variant.name} is text-to-video"))
-        if variant.is_i2v and v.every and len(v.images) != len(v.prompts):
+        if variant.image_conditioned(r.data.task) and v.every and len(v.images) != len(v.prompts):
             errors.append(
                 ("validation.images", f"I2V validation needs one first frame per prompt ({len(v.images)} images, {len(v.prompts)} prompts)")
             )

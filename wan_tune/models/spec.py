@@ -92,24 +92,32 @@ def timesteps_for(sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas * NUM_TRAIN_TIMESTEPS
 
 
+def given_latent_frames(variant: Variant, batch: dict) -> int:
+    """Leading latent frames that are given, not denoised (TI2V-5B's image frame): the loss skips them."""
+    return 1 if variant.expand_timesteps and "condition" in batch else 0
+
+
 def transformer_inputs(
     variant: Variant, batch: dict, x_t: torch.Tensor, sigmas: torch.Tensor, dtype: torch.dtype
 ) -> dict:
     """Keyword arguments of the transformer's forward for noisy latents `x_t` at `sigmas`, as the
     variant's pipeline builds them at inference; tensors go in as `dtype`.
 
-    Wan2.1 I2V: noisy latents ++ mask ++ condition latents, CLIP tokens beside the text. Wan2.2
-    TI2V-5B (`expand_timesteps`): one timestep per token, [B, F' * H'/2 * W'/2]; without an
-    image every token carries the sample's own timestep.
+    Wan2.1 / Wan2.2 I2V: noisy latents ++ mask ++ condition latents (CLIP tokens beside the
+    text for Wan2.1). Wan2.2 TI2V-5B (`expand_timesteps`): one timestep per token,
+    [B, F' * H'/2 * W'/2]; with an image, its latent replaces the first latent frame and that
+    frame's tokens get timestep 0 (the pipeline's first-frame mask).
     """
-    if variant.expand_timesteps and "condition" in batch:
-        raise NotImplementedError("TI2V-5B image conditioning (first-frame latent replacement) is not built yet")
-    hidden = torch.cat([x_t, batch["condition"]], dim=1) if "condition" in batch else x_t
     timestep = timesteps_for(sigmas)
     if variant.expand_timesteps:
-        pt, ph, pw = variant.transformer["patch_size"]
-        tokens = (x_t.shape[2] // pt) * (x_t.shape[3] // ph) * (x_t.shape[4] // pw)
-        timestep = timestep[:, None].expand(-1, tokens)
+        mask = torch.ones_like(x_t[:, :1])  # [B, 1, F', H', W']: 0 where the image stands
+        if "condition" in batch:
+            mask[:, :, 0] = 0
+        hidden = (1 - mask) * batch["condition"] + mask * x_t if "condition" in batch else x_t
+        _, ph, pw = variant.transformer["patch_size"]
+        timestep = (mask[:, 0, :, ::ph, ::pw] * timestep.view(-1, 1, 1, 1)).flatten(1)
+    else:
+        hidden = torch.cat([x_t, batch["condition"]], dim=1) if "condition" in batch else x_t
     return dict(
         hidden_states=hidden.to(dtype),
         timestep=timestep,

@@ -64,6 +64,11 @@ class Variant:
         """Wan2.1 I2V feeds CLIP image tokens to cross-attention; Wan2.2 I2V does not."""
         return self.transformer.get("image_dim") is not None
 
+    def image_conditioned(self, task: str = "auto") -> bool:
+        """Whether a run conditions on a first frame: I2V variants always; TI2V-5B when the
+        recipe says data.task=i2v (it does both, the image replacing the first latent frame)."""
+        return self.is_i2v or (self.expand_timesteps and task == "i2v")
+
     @property
     def two_experts(self) -> bool:
         return len(self.experts) > 1

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..models.spec import transformer_inputs
+from ..models.spec import given_latent_frames, transformer_inputs
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -87,4 +87,5 @@ def predict(
     batch; inputs go in as `dtype`."""
     x0 = batch["latents"]
     pred = model(**transformer_inputs(variant, batch, noisy_latents(x0, noise, sigmas), sigmas, dtype))[0]
-    return pred, velocity_target(x0, noise)
+    given = given_latent_frames(variant, batch)  # TI2V's image frame is an input, not a prediction
+    return pred[:, :, given:], velocity_target(x0, noise)[:, :, given:]

@@ -113,7 +113,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         raise TrainingError(
             f"{recipe.data.shards} was prepped for {dataset.meta['variant']!r} but model.variant={variant.name!r}; rerun prep"
         )
-    if (dataset.meta["task"] == "i2v") != variant.is_i2v:
+    if (dataset.meta["task"] == "i2v") != variant.image_conditioned(dataset.meta["task"]):
         raise TrainingError(f"{recipe.data.shards} holds {dataset.meta['task']} data; {variant.name} needs {variant.task}")
     sampler = BucketBatchSampler(dataset.buckets, recipe.train.batch_size, recipe.run.seed, rank, world)
 

@@ -30,7 +30,8 @@ class Validator:
         self.variant = get_variant(recipe.model.variant)
         source = resolve_source(self.variant, recipe.model.path, None, recipe.model.revision,
                                 components=("vae", "text_encoder", "tokenizer", "scheduler", "image_encoder", "image_processor"))
-        cls = WanImageToVideoPipeline if self.variant.is_i2v else WanPipeline
+        self.with_image = self.variant.image_conditioned(recipe.data.task)
+        cls = WanImageToVideoPipeline if self.with_image else WanPipeline
         # transformer=None: the live, training transformer is plugged in at render time.
         self.pipe = cls.from_pretrained(source.folder, transformer=None, transformer_2=None, torch_dtype=dtype)
         self.frozen = {name: load_transformer(recipe_source(recipe), dtype, name).to(device).eval().requires_grad_(False)
@@ -46,7 +47,7 @@ class Validator:
                 for p in v.prompts
             ]
         self.pipe.text_encoder = None  # embeddings are cached; free the encoder
-        self.images = [Image.open(p).convert("RGB") for p in v.images] if self.variant.is_i2v else []
+        self.images = [Image.open(p).convert("RGB") for p in v.images] if self.with_image else []
 
     @torch.no_grad()
     def render(self, live: dict, step: int, out_dir: Path, write: bool = True) -> list[Path]:
@@ -65,7 +66,7 @@ class Validator:
                 kwargs = dict(prompt_embeds=pos, negative_prompt_embeds=neg, height=self.height, width=self.width,
                               num_frames=v.frames, num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
                               generator=torch.Generator().manual_seed(v.seed), output_type="np")
-                if self.variant.is_i2v:
+                if self.with_image:
                     kwargs["image"] = self.images[i]
                 frames = self.pipe(**kwargs).frames[0]
                 if write:
