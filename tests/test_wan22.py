@@ -262,6 +262,9 @@ def test_a14b_trains_both_experts_resumes_exactly_and_exports_one_file_each(fold
         pixels[name] = frames_of(video)
     assert (pixels["pair"] - pixels["base"]).abs().mean() > 0.5
     assert (pixels["low"] - pixels["base"]).abs().mean() > 0.5
+    # The low-noise expert's own guidance scale reaches the pipeline.
+    video, _ = sample(SampleArgs(**args, guidance_scale_2=1.0, out=str(tmp_path / "g2.mp4")), say=lambda *_: None)
+    assert (frames_of(video) - pixels["base"]).abs().mean() > 0.5
     with pytest.raises(SampleError, match="two files for the same expert"):
         sample(SampleArgs(**args, lora=[pair[0], pair[0]], out=str(tmp_path / "x.mp4")), say=lambda *_: None)
 
@@ -376,3 +379,14 @@ def test_ti2v_image_conditioning_is_what_the_pipeline_feeds_and_trains(folders, 
     summary = train(recipe, progress=False, say=lambda *_: None)
     assert all(math.isfinite(r["loss"]) for r in records(summary["run_dir"]))
     assert (Path(summary["run_dir"]) / "validation" / "step-000004" / "00.mp4").is_file()
+
+
+def test_two_expert_settings_are_refused_on_one_transformer():
+    from wan_tune.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError) as info:
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.experts=[low_noise]", "validation.guidance_scale_2=3.0"])
+    assert set(dict(info.value.problems)) == {"model.experts", "validation.guidance_scale_2"}
+    r = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.variant=tiny-a14b", "model.experts=[low_noise]",
+                                                          "validation.guidance_scale_2=3.0"])
+    assert (r.model.experts, r.validation.guidance_scale_2) == (["low_noise"], 3.0)

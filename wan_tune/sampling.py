@@ -35,6 +35,8 @@ class SampleArgs:
     height: int | None = None
     width: int | None = None
     guidance_scale: float = 5.0
+    guidance_scale_2: float | None = None
+    """Wan2.2 A14B: the low-noise expert's guidance (None: guidance_scale)."""
     variant: str | None = None
 
 
@@ -117,6 +119,7 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     width = args.width or (variant.resolution[1] if variant else 832)
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height, width=width,
                   num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                  **({"guidance_scale_2": args.guidance_scale_2} if variant and variant.two_experts else {}),
                   generator=torch.Generator().manual_seed(args.seed), output_type="np")
     if args.image:
         kwargs["image"] = Image.open(args.image).convert("RGB")

@@ -63,6 +63,8 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
     if r.train.warmup_steps >= r.train.steps:
         errors.append(("train.warmup_steps", f"must be below train.steps ({r.train.warmup_steps} >= {r.train.steps})"))
 
+    if variant is not None and r.validation.guidance_scale_2 is not None and not variant.two_experts:
+        errors.append(("validation.guidance_scale_2", f"is the low-noise expert's guidance; {variant.name} has one transformer"))
     if variant is not None and r.model.experts and not variant.two_experts:
         errors.append(("model.experts", f"{variant.name} has one transformer; model.experts is for Wan2.2 A14B (two experts)"))
     if variant is not None and variant.vae_z_dim == 48:

@@ -267,7 +267,10 @@ class ValidationConfig:
     height: Optional[int] = opt(None, "Height in pixels; empty = the first `data.resolutions` entry.", check=multiple_of_16)
     width: Optional[int] = opt(None, "Width in pixels; empty = the first `data.resolutions` entry.", check=multiple_of_16)
     steps: int = opt(30, "Denoising steps.", check=positive)
-    guidance_scale: float = opt(5.0, "Classifier-free guidance scale.", check=non_negative)
+    guidance_scale: float = opt(5.0, "Classifier-free guidance scale (Wan2.2 A14B: of the high-noise expert).", check=non_negative)
+    guidance_scale_2: Optional[float] = opt(
+        None, "Wan2.2 A14B: guidance of the low-noise expert; empty = guidance_scale.", check=non_negative
+    )
     seed: int = opt(0, "Noise seed, fixed so videos compare across steps.")
 
 

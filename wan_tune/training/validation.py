@@ -40,9 +40,10 @@ class Validator:
         self.pipe.to(device)
         self.height = v.height or recipe.data.resolutions[0][0]
         self.width = v.width or recipe.data.resolutions[0][1]
+        cfg = max(v.guidance_scale, v.guidance_scale_2 or 0) > 1.0  # A14B: either expert may guide
         with torch.no_grad():
             self.embeds = [
-                self.pipe.encode_prompt(p, negative_prompt="", do_classifier_free_guidance=v.guidance_scale > 1.0,
+                self.pipe.encode_prompt(p, negative_prompt="", do_classifier_free_guidance=cfg,
                                         max_sequence_length=recipe.data.max_text_tokens, device=device)
                 for p in v.prompts
             ]
@@ -66,6 +67,8 @@ class Validator:
                 kwargs = dict(prompt_embeds=pos, negative_prompt_embeds=neg, height=self.height, width=self.width,
                               num_frames=v.frames, num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
                               generator=torch.Generator().manual_seed(v.seed), output_type="np")
+                if self.variant.two_experts:  # the pipeline's default: the same scale for both experts
+                    kwargs["guidance_scale_2"] = v.guidance_scale_2
                 if self.with_image:
                     kwargs["image"] = self.images[i]
                 frames = self.pipe(**kwargs).frames[0]
