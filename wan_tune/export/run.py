@@ -75,11 +75,16 @@ def check_fits(adapter: Adapter, variant: Variant) -> None:
             )
 
 
+def expert_header(recipe: Recipe, expert: str) -> dict[str, str]:
+    """`wan_tune.expert: high_noise | low_noise` for a Wan2.2 A14B file (what `sample` routes by)."""
+    variant = get_variant(recipe.model.variant)
+    return {"wan_tune.expert": expert_label(variant, expert)} if variant.two_experts else {}
+
+
 def header(recipe: Recipe, state: dict, fmt: str, expert: str = "transformer") -> dict[str, str]:
     a = recipe.adapter
-    variant = get_variant(recipe.model.variant)
-    which = {"wan_tune.expert": expert_label(variant, expert)} if variant.two_experts else {}
-    return {**which,
+    return {
+        **expert_header(recipe, expert),
         "wan_tune.version": __version__,
         "wan_tune.variant": recipe.model.variant,
         "wan_tune.format": fmt,
@@ -145,11 +150,10 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
 def _write_transformer(model, folder: Path, recipe: Recipe, say, expert: str = "transformer") -> list[Path]:
     """The transformer (an expert) as a diffusers subfolder (sharded safetensors + config) and one
     original-key file (`transformer_original.safetensors`, A14B's low noise: `transformer_2_original...`)."""
-    variant = get_variant(recipe.model.variant)
-    which = {"wan_tune.expert": expert_label(variant, expert)} if variant.two_experts else {}
     model.save_pretrained(folder / expert, safe_serialization=True, max_shard_size="5GB")
     single = save_tensors(folder / f"{expert}_original.safetensors", state_dict_to_original(model.state_dict()),
-                          {"format": "pt", "wan_tune.variant": recipe.model.variant, "wan_tune.version": __version__, **which})
+                          {"format": "pt", "wan_tune.variant": recipe.model.variant, "wan_tune.version": __version__,
+                           **expert_header(recipe, expert)})
     say(f"wrote {folder / expert} (diffusers) and {single} (original keys, ComfyUI)")
     return [folder / expert, single]
 

@@ -93,12 +93,6 @@ def expert_file(stem: str, expert: str) -> str:
     return stem if expert == "transformer" else stem.replace(".", f".{expert}.", 1)
 
 
-def saved_experts(path: Path) -> list[str]:
-    """The experts whose weights a checkpoint holds."""
-    state = json.loads((Path(path) / "state.json").read_text())
-    return state.get("experts", ["transformer"])
-
-
 def save_checkpoint(accelerator, run_dir: Path, step: int, trainees: list, consumed: int, recipe_yaml: str, keep_last: int) -> Path:
     """Write step-N for every trainee (collective: every rank calls it). Returns the final path.
 
