@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write, write_json
-from .models.loading import ModelLoadError, resolve_source
+from .models.loading import ModelLoadError, read_pipeline_config, resolve_source
 from .models.variants import VARIANTS, Variant, architecture_mismatches, pipeline_mismatches
 from .video_io import to_uint8, write_video
 
@@ -54,12 +54,10 @@ def lora_header(path: str) -> dict[str, str]:
 
 def variant_of(folder: Path) -> Variant | None:
     """The registered variant whose architecture (and pipeline) the folder has."""
-    import json
-
     from diffusers import WanTransformer3DModel
 
     config = WanTransformer3DModel.load_config(folder / "transformer")
-    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    index = read_pipeline_config(folder)
     return next((v for v in VARIANTS.values() if not architecture_mismatches(v, config) + pipeline_mismatches(v, index)), None)
 
 

@@ -41,16 +41,20 @@ class ModelSource:
         return self.transformer_2_file if expert == "transformer_2" else self.transformer_file
 
     def pipeline_config(self) -> dict:
-        """The folder's model_index.json (the pipeline's own settings), or {} without one."""
-        import json
-
-        index = self.folder / "model_index.json"
-        return json.loads(index.read_text()) if index.is_file() else {}
+        return read_pipeline_config(self.folder)
 
     @property
     def boundary_ratio(self) -> float | None:
         """Where a two-expert model hands over: the pipeline config's value, else the variant's."""
         return self.pipeline_config().get("boundary_ratio") or self.variant.boundary_ratio
+
+
+def read_pipeline_config(folder: Path) -> dict:
+    """A folder's model_index.json (the pipeline's own settings), or {} without one."""
+    import json
+
+    index = Path(folder) / "model_index.json"
+    return json.loads(index.read_text()) if index.is_file() else {}
 
 
 def _looks_like_path(ref: str) -> bool:
