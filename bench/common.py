@@ -31,9 +31,21 @@ def model_folder(variant_name: str, root: Path) -> Path:
     if not (folder / "transformer" / "config.json").is_file():
         print(f"building a random-init {variant_name} transformer folder in {folder} (once) ...", flush=True)
         torch.manual_seed(0)
-        model = WanTransformer3DModel(**get_variant(variant_name).transformer).to(torch.bfloat16)
+        if torch.cuda.is_available():
+            # Built in bf16 on the GPU: a 14B initialises in seconds there (minutes on the host), and
+            # an fp32 14B (57 GB) plus its bf16 copy would not fit an 80 GB card.
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.bfloat16)
+            try:
+                with torch.device("cuda"):
+                    model = WanTransformer3DModel(**get_variant(variant_name).transformer)
+            finally:
+                torch.set_default_dtype(default)
+        else:
+            model = WanTransformer3DModel(**get_variant(variant_name).transformer).to(torch.bfloat16)
         model.save_pretrained(folder / "transformer", safe_serialization=True)
         del model
+        torch.cuda.empty_cache()
     return folder
 
 

@@ -9,7 +9,8 @@ loads the model with wan-tune's `load_for_training`, runs two steps of the train
 code (`predict`, flow-matching loss, backward, AdamW), samples its RSS every 2 ms, and counts the
 bytes autograd saves for backward (unique storages, through saved_tensors_hooks). The floor is
 weights + trainable state (param, grad, 2 AdamW moments, fp32) + those saved activations; the
-ratio is (peak RSS - RSS before the model) / floor. fp32 on CPU.
+ratio is (peak RSS of the steps - RSS before the model) / floor. `load` is the peak RSS while the
+model loads (fp8: streamed straight into fp8), minus the same base. fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -58,15 +59,7 @@ def child(args) -> None:
     import peft  # noqa: F401
 
     before = rss_bytes()
-    model = load_for_training(recipe, use_cpu=True)
-    params = list(trainable_parameters(model).values())
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
-    trainable = sum(p.numel() for p in params) * 4 * 4
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    ds = ShardDataset(shards_dir)
-    batch = to_device(collate([ds[0]]), "cpu", torch.float32, 512)
-
-    peak = [rss_bytes()]
+    peak = [before]
     stop = threading.Event()
 
     def sample():
@@ -76,6 +69,16 @@ def child(args) -> None:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
+    model = load_for_training(recipe, use_cpu=True)
+    load_peak = peak[0]
+    params = list(trainable_parameters(model).values())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable = sum(p.numel() for p in params) * 4 * 4
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ds = ShardDataset(shards_dir)
+    batch = to_device(collate([ds[0]]), "cpu", torch.float32, 512)
+
+    peak[0] = rss_bytes()  # from here on: the steps' peak
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -97,7 +100,7 @@ def child(args) -> None:
         opt.zero_grad(set_to_none=True)
     stop.set()
     thread.join()
-    print(json.dumps({"before": before, "peak": peak[0], "weights": weights, "trainable": trainable, "activations": activations}))
+    print(json.dumps({"before": before, "load_peak": load_peak, "peak": peak[0], "weights": weights, "trainable": trainable, "activations": activations}))
 
 
 def main() -> None:
@@ -118,12 +121,12 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"\nmemory of a LoRA r{args.rank} step: {args.variant}, latent {args.latent}, fp32 CPU (GiB)")
-    print(f"  {'':<28}{'peak-base':>10}{'weights':>9}{'train st':>9}{'activ.':>8}{'floor':>8}{'ratio':>7}")
+    print(f"  {'':<28}{'load':>7}{'peak-base':>10}{'weights':>9}{'train st':>9}{'activ.':>8}{'floor':>8}{'ratio':>7}")
     for name, r in rows.items():
         used = (r["peak"] - r["before"]) / gib
         floor = (r["weights"] + r["trainable"] + r["activations"]) / gib
-        print(f"  {name:<28}{used:>10.2f}{r['weights'] / gib:>9.2f}{r['trainable'] / gib:>9.2f}"
-              f"{r['activations'] / gib:>8.2f}{floor:>8.2f}{used / floor:>7.2f}")
+        print(f"  {name:<28}{(r['load_peak'] - r['before']) / gib:>7.2f}{used:>10.2f}{r['weights'] / gib:>9.2f}"
+              f"{r['trainable'] / gib:>9.2f}{r['activations'] / gib:>8.2f}{floor:>8.2f}{used / floor:>7.2f}")
     base = rows["baseline"]["peak"] - rows["baseline"]["before"]
     for name in list(CONFIGS)[1:]:
         r = rows[name]

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import model_folder, synthetic_shards, workdir  # noqa: E402
 from trainer_overhead import recipe_for  # noqa: E402
 
+from wan_tune.plan.flops import step_flops  # noqa: E402  (wan-tune plan counts FLOPs with the same function)
+
 BACKENDS = ("native", "_native_cudnn", "_native_flash", "flash", "sage")
 
 
@@ -44,27 +46,6 @@ def matmul_peak(device, dtype, n: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def step_flops(model, tokens: int, full: bool, text_tokens: int = 512) -> float:
-    """Matmul FLOPs of one step. Linears that read the text (the text embedder, cross-attention
-    k/v, and the I2V image k/v, counted at the text length) run on `text_tokens`, the rest on the
-    video tokens; attention adds 4*S*S*D (self) and 4*S*T*D (cross) per block. A LoRA step is ~2x
-    the forward (backward to activations only; frozen weights get no gradient), full fine-tuning ~3x."""
-    cfg = model.config
-    dim = cfg.num_attention_heads * cfg.attention_head_dim
-    text_side = ("text_embedder", "attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj")
-    video = text = 0
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and not name.endswith(("lora_A.default", "lora_B.default")):
-            if "time_embedder" in name or "time_proj" in name or "image_embedder" in name:
-                continue  # once per sample (or per image): negligible
-            if any(t in name for t in text_side):
-                text += m.in_features * m.out_features
-            else:
-                video += m.in_features * m.out_features
-    forward = 2 * (video * tokens + text * text_tokens) + cfg.num_layers * (4 * tokens**2 * dim + 4 * tokens * text_tokens * dim)
-    return (3 if full else 2) * forward
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="wan2.1-t2v-1.3b")
@@ -72,6 +53,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per backend (after one warm-up)")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    ap.add_argument("--fp8", action="store_true", help="fp8 base weights (train.fp8_base=true)")
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (compile_repeated_blocks)")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="attention backends to time, comma-separated")
     args = ap.parse_args()
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
@@ -87,9 +71,12 @@ def main() -> None:
     shards_dir = synthetic_shards(args.variant, root, 4, fhw)
     extra = ("model.dtype=bf16", "train.mixed_precision=bf16") if gpu else ()
     extra += (f"train.gradient_checkpointing={'true' if args.checkpointing else 'false'}",)
+    extra += ("train.fp8_base=true",) if args.fp8 else ()
     recipe = recipe_for(argparse.Namespace(variant=args.variant, steps=2, batch=1, rank=args.rank), folder, shards_dir,
                         root / "runs-step", extra)
     model = load_for_training(recipe, use_cpu=not gpu).to(device)
+    if args.compile:
+        model.compile_repeated_blocks(fullgraph=False, dynamic=False)
     dtype = model.dtype
     params = list(trainable_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -110,7 +97,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     rows = []
-    for backend in BACKENDS:
+    for backend in args.backends.split(","):
         try:
             model.set_attention_backend(backend)
             g = torch.Generator().manual_seed(0)
@@ -124,7 +111,10 @@ def main() -> None:
                 one_step(g)
                 sync(device)
                 times.append(time.perf_counter() - t)
-        except Exception as err:  # backend not installed / not supported on this device
+        except Exception as err:  # backend not installed / not supported on this device, or out of memory
+            opt.zero_grad(set_to_none=True)
+            if gpu:
+                torch.cuda.empty_cache()
             rows.append((backend, None, f"unavailable ({type(err).__name__})"))
             continue
         s = statistics.median(times)
@@ -133,7 +123,8 @@ def main() -> None:
 
     where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nLoRA r{args.rank} step: {args.variant}, latent {args.latent} = {tokens} tokens, {str(dtype).split('.')[-1]}, "
-          f"checkpointing {'on' if args.checkpointing else 'off'}, {where}")
+          f"checkpointing {'on' if args.checkpointing else 'off'}{', fp8 base' if args.fp8 else ''}"
+          f"{', compiled blocks' if args.compile else ''}, {where}")
     print(f"  matmul peak measured here: {peak / 1e12:.2f} TFLOP/s; step = {flops / 1e12:.2f} TFLOP")
     print(f"  {'attention backend':<18}{'s/step':>10}{'tokens/s':>11}{'MFU':>8}  peak memory")
     for backend, s, mem in rows:

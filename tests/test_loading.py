@@ -133,3 +133,58 @@ def test_tiny_without_path_is_built_once_in_wan_tune_home(monkeypatch, tmp_path)
     stamp = (first.folder / "model_index.json").stat().st_mtime_ns
     assert resolve_source("tiny").folder == first.folder
     assert (first.folder / "model_index.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny-i2v"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fp8_streamed_load_equals_load_then_cast_in_every_layout(tiny_folders, tmp_path, variant, dtype):
+    """train.fp8_base reads weights one at a time into fp8; the model (base weights, dtypes, LoRA
+    init) and its output are bit-identical to loading in full precision and casting after."""
+    from wan_tune.config import load_recipe
+    from wan_tune.models.spec import DTYPES, adapt, load_for_training
+    from wan_tune.models.variants import get_variant
+
+    folder = tiny_folders[variant]
+    recipe = load_recipe("recipes/demo-tiny.yaml", [f"model.variant={variant}", f"model.path={folder}", "train.fp8_base=true",
+                                                     f"model.dtype={dtype}"])
+    torch.manual_seed(0)
+    cast_after = adapt(load_transformer(resolve_source(variant, path=str(folder)), DTYPES[dtype]), recipe, get_variant(variant),
+                       DTYPES[dtype])
+    sharded = tmp_path / "sharded"  # a diffusers folder in several files, as the 14B models are published
+    shutil.copytree(folder, sharded, ignore=shutil.ignore_patterns("transformer"))
+    build_tiny_pipeline(variant, seed=0).transformer.save_pretrained(sharded / "transformer", max_shard_size="20KB")
+    assert len(list((sharded / "transformer").glob("*.safetensors"))) > 3
+    single = tmp_path / "wan_original.safetensors"  # ComfyUI's layout, with its key prefix
+    save_file({f"model.diffusion_model.{k}": v.contiguous()
+               for k, v in state_dict_to_original(build_tiny_pipeline(variant, seed=0).transformer.state_dict()).items()}, single)
+    layouts = {"folder": [], "sharded": [f"model.path={sharded}"], "single file": [f"model.transformer_file={single}"]}
+    for layout, extra in layouts.items():
+        torch.manual_seed(0)
+        streamed = load_for_training(load_recipe("recipes/demo-tiny.yaml", [
+            f"model.variant={variant}", f"model.path={folder}", "train.fp8_base=true", f"model.dtype={dtype}", *extra]))
+        sa, sb = cast_after.state_dict(), streamed.state_dict()
+        assert sa.keys() == sb.keys(), layout
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k].float(), sb[k].float()), f"{layout}: {k}"
+        assert sum(v.dtype == torch.float8_e4m3fn for v in sb.values()) >= 8  # the linear weights really are fp8
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):  # as the trainer runs it
+            inputs = {k: v.to(DTYPES[dtype]) for k, v in transformer_inputs(variant).items()}
+            assert torch.equal(cast_after(**inputs, return_dict=False)[0], streamed(**inputs, return_dict=False)[0]), layout
+
+
+def test_fp8_streamed_load_names_what_is_wrong(tiny_folders, tmp_path):
+    from wan_tune.models.spec import FP8_SKIP
+    from wan_tune.models.streamed import load_transformer_fp8
+
+    folder = tiny_folders["tiny"]
+    sd = state_dict_to_original(build_tiny_pipeline("tiny", seed=0).transformer.state_dict())
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items() if not k.startswith("head.")}, partial)
+    with pytest.raises(ModelLoadError, match=r"weight\(s\) of the tiny transformer are missing, e.g. scale_shift_table, proj_out"):
+        load_transformer_fp8(resolve_source("tiny", path=str(folder), transformer_file=str(partial)), torch.float32,
+                             "transformer", FP8_SKIP)
+    bin_only = tmp_path / "bin"
+    shutil.copytree(folder, bin_only)
+    (bin_only / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="streams weights from safetensors"):
+        load_transformer_fp8(resolve_source("tiny", path=str(bin_only)), torch.float32, "transformer", FP8_SKIP)

@@ -227,6 +227,10 @@ def test_a14b_trains_both_experts_resumes_exactly_and_exports_one_file_each(fold
     assert videos == ["validation/step-000005/00.mp4", "validation/step-000010/00.mp4"]  # both experts render
     assert {r["expert"] for r in rows} == {"high_noise", "low_noise"}
     assert all(r[f"loss/{r['expert']}"] == r["loss"] for r in rows)  # each expert's loss under its own name
+    # One expert's frozen weights on the device at a time (the other's wait in host memory;
+    # on a CPU as placeholders): the last forward was the validation's low-noise steps.
+    held = {label: [p.numel() > 0 for p in m.parameters() if not p.requires_grad] for label, m in straight["models"].items()}
+    assert all(held["low_noise"]) and not any(held["high_noise"])
     final = Path(straight["checkpoint"])
     assert {p.name for p in final.iterdir()} >= {"trainable.safetensors", "trainable.transformer_2.safetensors",
                                                   "optimizer.transformer_2.safetensors", "state.json"}

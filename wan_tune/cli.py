@@ -15,6 +15,7 @@ EPILOG = """\
 workflow:
   wan-tune demo                                   the whole chain on the tiny model, a few minutes on a CPU
   wan-tune check recipes/my_brand.yaml            validate a recipe (no model is loaded)
+  wan-tune plan recipes/my_brand.yaml --gpu-memory 24   per-GPU memory + FLOPs of a step; settings that fit
   wan-tune caption recipes/my_brand.yaml          write captions to review (data.captions)
   wan-tune prep recipes/my_brand.yaml             encode clips + captions into latent shards
   accelerate launch --multi_gpu -m data_prep recipes/my_brand.yaml   the same, one share per GPU
@@ -37,6 +38,18 @@ def _check(args: argparse.Namespace) -> int:
     print(f"# {args.recipe}: OK (resolved recipe follows)")
     print(to_yaml(recipe), end="")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .plan.report import run_plan
+
+    if args.cpu and (args.gpus > 1 or args.zero):
+        print("wan-tune plan: --cpu plans one CPU process; it takes neither --gpus nor --zero", file=sys.stderr)
+        return 2
+    recipe = _load(args)
+    if recipe is None:
+        return 2
+    return run_plan(recipe, args.gpu_memory, args.gpus, args.zero, "cpu" if args.cpu else "gpu")
 
 
 def _load(args: argparse.Namespace):
@@ -151,6 +164,20 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/wan2.1-t2v-1.3b-lora.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=5e-5 data.frames=[33,81]")
@@ -174,6 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _recipe_args(p)
     p.set_defaults(func=_check)
+
+    p = sub.add_parser(
+        "plan",
+        help="predict per-GPU memory and FLOPs of a training step; name the cheapest settings that fit a budget",
+        description="Before anything loads, predict the per-GPU peak memory of one training step of the recipe's "
+        "largest bucket (data.resolutions x data.frames): base weights by dtype, trainable state, activations "
+        "(counted on the meta device), block offload and ZeRO sharding, side by side for the recipe's settings and "
+        "for each saving in turn. With --gpu-memory, name the cheapest settings that fit (no saving < gradient "
+        "checkpointing < fp8 base < ZeRO stage < block offload) as overrides to paste. Exit 0 when they fit or no "
+        "budget was given, 1 when nothing fits, 2 on recipe errors.",
+    )
+    _recipe_args(p)
+    p.add_argument("--gpu-memory", type=_positive_float, default=None, metavar="GiB",
+                   help="memory of one GPU in GiB (e.g. 24, 48, 80; with --cpu the host RAM): print the cheapest "
+                   "settings whose peak fits")
+    p.add_argument("--gpus", type=_positive_int, default=1, metavar="N",
+                   help="GPUs the run spreads over (one process each); ZeRO divides state over them (default 1)")
+    p.add_argument("--zero", type=int, choices=(0, 2, 3), default=0,
+                   help="DeepSpeed ZeRO stage the run launches with: 0 = none (DDP), 2 = gradients + optimizer state "
+                   "sharded, 3 = weights too (default 0; with --gpus > 1 the advice also tries higher stages)")
+    p.add_argument("--cpu", action="store_true",
+                   help="plan a CPU run instead (fp32 weights and compute, no autocast; one process): host RAM")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser(
         "caption",

@@ -39,6 +39,9 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
             errors.append(
                 ("train.fp8_base", "stores frozen base weights in fp8, but a full fine-tune trains them; use adapter.method=lora")
             )
+        if r.train.offload != "none":
+            errors.append(("train.offload", "streams frozen base weights, but a full fine-tune trains them all; use adapter.method=lora, "
+                           "or DeepSpeed ZeRO-3 / FSDP to spread a full fine-tune over GPUs"))
     else:
         for t in r.adapter.targets:
             if "." not in t and t not in PRESETS:
@@ -56,6 +59,15 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
     except ValueError as err:
         errors.append(("caption.template", f"not a valid template ({err}); write literal braces as {{{{ and }}}}"))
 
+    if r.train.offload == "blocks" and not r.train.gradient_checkpointing:
+        errors.append(("train.offload", "blocks needs train.gradient_checkpointing=true (without it the backward keeps "
+                       "every block's weights on the GPU, so offloading saves nothing)"))
+    if r.train.offload == "none" and "train.offload_keep" in explicit and r.train.offload_keep:
+        errors.append(("train.offload_keep", "counts the blocks kept on the GPU under train.offload=blocks; set that too"))
+    if variant is not None and r.train.offload_keep >= variant.transformer["num_layers"] and "train.offload_keep" not in invalid:
+        n = variant.transformer["num_layers"]
+        errors.append(("train.offload_keep", f"{variant.name} has {n} blocks: keep 0 to {n - 1} on the GPU "
+                       "(keeping them all is train.offload=none)"))
     if r.timesteps.sigma_min >= r.timesteps.sigma_max:
         errors.append(
             ("timesteps.sigma_min", f"must be below timesteps.sigma_max ({r.timesteps.sigma_min} >= {r.timesteps.sigma_max})")

@@ -225,7 +225,17 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 = off.", check=non_negative)
     mixed_precision: str = opt("bf16", "Autocast dtype of the forward pass (`no` on CPU).", choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = opt(True, "Recompute activations in the backward: ~30% slower, far less memory.")
-    fp8_base: bool = opt(False, "Store frozen base weights in fp8 (LoRA only): halves their memory, slight quality cost.")
+    fp8_base: bool = opt(
+        False, "Store frozen base weights in fp8 (LoRA only), read straight into fp8 from disk: halves their memory."
+    )
+    offload: str = opt(
+        "none",
+        "blocks: frozen transformer blocks wait in pinned host memory and stream to the GPU just before they run "
+        "(LoRA only; needs gradient_checkpointing). none: the whole model on the GPU.",
+        choices=("none", "blocks"),
+    )
+    offload_keep: int = opt(0, "With offload=blocks: blocks kept on the GPU (more: faster, more memory).", check=non_negative)
+    compile: bool = opt(False, "torch.compile each transformer block (diffusers' compile_repeated_blocks): GPU speed-up.")
     caption_dropout: float = opt(0.1, "Share of steps trained on the empty prompt (keeps guidance working).", check=unit_interval)
 
 

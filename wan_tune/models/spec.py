@@ -8,6 +8,8 @@ How Wan conditions (I2V: noisy latents ++ mask ++ condition latents, CLIP tokens
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..config import Recipe
@@ -43,10 +45,23 @@ def load_for_training(recipe: Recipe, use_cpu: bool = False, expert: str = "tran
     # A full fine-tune keeps fp32 master weights (autocast does the low precision); a LoRA keeps
     # the frozen base in model.dtype. CPUs have no fast bf16, so CPU runs stay fp32.
     dtype = torch.float32 if full or use_cpu else DTYPES[recipe.model.dtype]
-    model = load_transformer(source, dtype, expert)
+    if recipe.train.fp8_base and not full:
+        from .streamed import load_transformer_fp8
+
+        model = load_transformer_fp8(source, dtype, expert, FP8_SKIP)  # never whole in full precision
+    else:
+        model = load_transformer(source, dtype, expert)
+    return adapt(model, recipe, variant, dtype)
+
+
+def adapt(model, recipe: Recipe, variant: Variant, dtype: torch.dtype):
+    """Freeze what the recipe does not train, add the LoRA (fp32 whatever the base dtype), store
+    the frozen base in fp8 if asked, and turn on gradient checkpointing."""
+    full = recipe.adapter.method == "full"
     model.requires_grad_(full)
     if not full:
-        model.add_adapter(lora_config(recipe, variant))
+        with _adapters_made_in(model, dtype):
+            model.add_adapter(lora_config(recipe, variant))
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
@@ -62,6 +77,23 @@ def load_for_training(recipe: Recipe, use_cpu: bool = False, expert: str = "tran
         model.enable_gradient_checkpointing()
     model.train()
     return model
+
+
+@contextmanager
+def _adapters_made_in(model, dtype: torch.dtype):
+    """peft makes an adapter in its base weight's dtype. A base already stored in fp8 (streamed
+    loading) would quantise the LoRA's initial values, so while the adapters are made, each fp8
+    weight shows an empty stand-in of the compute dtype (peft reads only its dtype and device):
+    the adapters come out as they do over a full-precision base, same RNG draws, same values."""
+    fp8 = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float8_e4m3fn]
+    kept = [m.weight.data for m in fp8]
+    for m in fp8:
+        m.weight.data = torch.empty(0, dtype=dtype, device=m.weight.device)
+    try:
+        yield
+    finally:
+        for m, w in zip(fp8, kept):
+            m.weight.data = w
 
 
 def tokens_per_sample(variant: Variant, latent_shape) -> int:

@@ -32,6 +32,7 @@ from ..models.spec import load_for_training, tokens_per_sample, trainable_parame
 from ..models.variants import get_variant, trained_experts
 from . import flow_matching as fm
 from .experts import make_trainee, route, sigma_bounds, sigma_sampler
+from .offload import BlockOffload, ExpertSwap
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from .optim import make_optimizer, make_scheduler
 from .sharding import fsdp_on_cpu, local_share, sharding, unpartitioned_loading, weights_digest
@@ -100,10 +101,16 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     rank, world = accelerator.process_index, accelerator.num_processes
     variant = get_variant(recipe.model.variant)
     names = trained_experts(variant, recipe.model.experts)
-    if len(names) > 1 and (accelerator.distributed_type.name == "DEEPSPEED" or accelerator.distributed_type.name == "FSDP"):
+    partitioned = accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
+    if len(names) > 1 and partitioned:
         raise TrainingError(
             "training both Wan2.2 A14B experts in one run works with one process or DDP; under DeepSpeed / FSDP "
             "train one expert per run (model.experts=[high_noise], then [low_noise])"
+        )
+    if recipe.train.offload != "none" and partitioned:
+        raise TrainingError(
+            f"train.offload={recipe.train.offload} works with one process or DDP; under DeepSpeed / FSDP the weights "
+            "are already sharded over the GPUs: set train.offload=none (or launch without DeepSpeed / FSDP)"
         )
     stop = StopSignal()
 
@@ -120,9 +127,16 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     # --- models, optimizers (one per trained expert; only those are loaded) ------------------
     boundary = recipe_source(recipe, components=()).boundary_ratio  # the folder's model_index.json
     trainees, n_trainable = [], 0
+    swap = ExpertSwap(accelerator.device) if len(names) > 1 else None
     for name in names:
         torch.manual_seed(recipe.run.seed)  # LoRA init: the same for an expert trained alone or beside the other
         model = load_for_training(recipe, use_cpu=use_cpu(), expert=name)
+        # Before prepare, which moves to the GPU whatever is still on the model.
+        blocks = BlockOffload(model, recipe.train.offload_keep, accelerator.device) if recipe.train.offload == "blocks" else None
+        if swap is not None:
+            swap.add(model, blocks)
+        if recipe.train.compile:  # regional: one compiled block serves all 30-40, compiling in seconds, not minutes
+            model.compile_repeated_blocks(fullgraph=False)
         params = list(trainable_parameters(model).values())
         n_trainable += sum(p.numel() for p in params)
         optimizer = make_optimizer(params, recipe.train, say)

@@ -1,0 +1,228 @@
+"""`wan-tune plan`: the memory model against whole-model counts, real CPU steps and measured peaks,
+the advice ladder, and the command line."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from memory_probe import measure, recipe as probe_recipe
+
+from wan_tune.cli import main
+from wan_tune.config import load_recipe
+from wan_tune.models.variants import get_variant
+from wan_tune.plan import MemoryPlan, Setup, run_shape
+from wan_tune.plan.advice import cheapest, floor, ladder
+from wan_tune.plan.memory import GIB
+from wan_tune.plan.meta_step import count_step
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE_14B = ROOT / "recipes" / "wan2.1-t2v-14b-lora.yaml"
+TINY = ROOT / "recipes" / "demo-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def plan_14b() -> MemoryPlan:
+    """wan2.1-t2v-14b LoRA at 480x832x81 (the shipped recipe), one plan for all tests: counts are cached."""
+    return MemoryPlan(load_recipe(RECIPE_14B))
+
+
+def rows(breakdown, section: str) -> dict[str, float]:
+    return {item: n for sec, item, n in breakdown.rows if sec == section}
+
+
+# --- shapes ------------------------------------------------------------------------------------
+
+
+def test_latent_and_tokens_follow_each_vae():
+    wan21 = run_shape(load_recipe(RECIPE_14B), get_variant("wan2.1-t2v-14b"))
+    assert (wan21.frames, wan21.height, wan21.width) == (81, 480, 832)  # the largest of frames [33, 81]
+    assert wan21.latent == (16, 21, 60, 104) and wan21.tokens == 32_760  # DESIGN.md section 8
+    ti2v = load_recipe(TINY, ["model.variant=wan2.2-ti2v-5b", "data.frames=[121]", "data.resolutions=[[704,1280]]",
+                              "data.task=i2v"])
+    shape = run_shape(ti2v, get_variant("wan2.2-ti2v-5b"))
+    assert shape.latent == (48, 31, 44, 80) and shape.tokens == 31 * 22 * 40  # 16x VAE, 48 channels
+    assert shape.extras == {"condition": (48, 1, 44, 80)}  # the image's latent replaces frame 0
+    i2v = run_shape(load_recipe(ROOT / "recipes" / "wan2.1-i2v-14b-480p-lora.yaml"), get_variant("wan2.1-i2v-14b-480p"))
+    assert i2v.extras == {"condition": (20, 21, 60, 104), "image_embeds": (257, 1280)}
+
+
+# --- the meta device counts what a real step holds ---------------------------------------------
+
+
+@pytest.mark.parametrize("settings", [
+    dict(checkpointing=False), dict(checkpointing=True, fp8=True, autocast=torch.bfloat16),
+])
+def test_meta_count_equals_a_real_cpu_step(settings):
+    """Emulated fused attention and autocast on the meta device give the bytes of a real CPU step
+    (torch's own attention, checkpointing and CPU autocast), to the byte: fp32 as on a CPU, and
+    bf16 autocast over fp8 storage with checkpointing as on a GPU."""
+    autocast = settings.get("autocast")
+    recipe = load_recipe(TINY, [f"train.gradient_checkpointing={str(settings['checkpointing']).lower()}",
+                                f"train.fp8_base={str(settings.get('fp8', False)).lower()}", "train.batch_size=1"])
+    variant = get_variant("tiny")
+    shapes = {"latents": (1, 16, 3, 16, 24), "text": (1, 512, variant.transformer["text_dim"])}
+    dtype = torch.float32 if autocast is None else torch.bfloat16
+    meta = count_step(recipe, variant, shapes, dtype, autocast)
+    real = count_step(recipe, variant, shapes, dtype, autocast, device="cpu")
+    assert meta == real
+    assert meta.saved > 0 and meta.peak > meta.saved
+
+
+def test_per_block_extension_equals_the_whole_model():
+    """A 2-block count extended to 4 blocks equals a 4-block model's count (with checkpointing,
+    where the peak is in the recompute; without it, and at 30 blocks, see the slow 1.3B test)."""
+    recipe = load_recipe(TINY, ["train.gradient_checkpointing=true"])
+    plan = MemoryPlan(recipe, "cpu")
+    shapes = plan.shape.batch_shapes()
+    two = count_step(recipe, plan.variant, shapes, torch.float32, None)
+    assert two.extend(4) == count_step(recipe, plan.variant, shapes, torch.float32, None, layers=4)
+
+
+# --- the 14B at 480x832x81 ----------------------------------------------------------------------
+
+
+def test_14b_numbers_are_sane(plan_14b):
+    recipe_setup = plan_14b.breakdown(Setup.of(plan_14b.recipe))
+    weights = rows(recipe_setup, "base weights")
+    assert sum(weights.values()) == pytest.approx(2 * 14.3e9, rel=0.01)  # bf16 (+ a few fp32 norms): ~28.6 GB
+    assert weights["fp32"] < 0.01 * weights["bf16"]
+    lora = rows(recipe_setup, "trainable")["LoRA weights fp32"] / 4
+    assert lora == plan_14b.count(True, False).trainable and 1e8 < lora < 2e8  # r32 on attention + ffn, 40 blocks
+    kept = rows(recipe_setup, "activations")["kept for backward"]
+    # Checkpointing keeps a bf16 block input per block (and the non-block parts).
+    assert kept == pytest.approx(40 * 32_760 * 5120 * 2, rel=0.1)
+    no_ckpt = plan_14b.breakdown(Setup(False, False))
+    assert rows(no_ckpt, "activations")["kept for backward"] > 20 * kept
+    # DESIGN.md section 8's ~5 PFLOP a step counts the backward at 2x the forward; a LoRA step's
+    # backward stops at the activations (1x): 2/3 of it.
+    assert plan_14b.flops() == pytest.approx(5e15 * 2 / 3, rel=0.1)
+
+
+def test_fp8_halves_the_linear_weights(plan_14b):
+    bf16 = rows(plan_14b.breakdown(Setup(True, False)), "base weights")
+    fp8 = rows(plan_14b.breakdown(Setup(True, True)), "base weights")
+    assert bf16["bf16"] - fp8["bf16"] == 2 * fp8["fp8"]  # each weight moved to fp8 takes half the bytes
+    assert fp8["fp8"] > 0.95 * (bf16["bf16"] / 2)  # nearly all: only FP8_SKIP (embedders, norms, head) stay
+    assert fp8["fp32"] == bf16["fp32"]
+
+
+def test_zero_divides_state_and_weights_by_the_gpus(plan_14b):
+    one, two, three = (plan_14b.breakdown(Setup(True, False, None, z, 8)) for z in (0, 2, 3))
+    w2, w3 = rows(two, "base weights"), rows(three, "base weights")
+    assert w3["bf16"] * 8 == pytest.approx(w2["bf16"])
+    assert w2["fp32"] < rows(one, "base weights")["fp32"] / 10  # DeepSpeed casts the fp32 norms to bf16 (not buffers)
+    assert w3["ZeRO-3 gathered block"] == pytest.approx(w2["bf16"] / 40, rel=0.05)
+    t1, t2 = rows(plan_14b.breakdown(Setup(True, False, None, 2, 1)), "trainable"), rows(two, "trainable")
+    for item in ("gradients (16-bit)", "fp32 master weights", "AdamW moments"):
+        assert t2[item] * 8 == pytest.approx(t1[item])
+    assert t2["LoRA weights (16-bit)"] == t1["LoRA weights (16-bit)"]  # ZeRO-2 keeps whole weights
+    assert rows(three, "trainable")["LoRA weights (16-bit)"] * 8 == pytest.approx(t1["LoRA weights (16-bit)"])
+
+
+def test_offload_keeps_few_blocks_on_the_gpu(plan_14b):
+    full, none_kept, some = (plan_14b.breakdown(Setup(True, True, keep)) for keep in (None, 0, 10))
+    block = (sum(rows(full, "base weights").values()) - sum(rows(none_kept, "base weights").values())) / (40 - 3)
+    on_gpu = {name: sum(rows(b, "base weights").values()) for name, b in (("none", none_kept), ("some", some))}
+    assert on_gpu["some"] == pytest.approx(on_gpu["none"] + 10 * block)
+    assert none_kept.host == pytest.approx(40 * block, rel=1e-6)  # every streamed block has a pinned host copy
+    assert rows(some, "activations") == rows(full, "activations")
+
+
+# --- advice -------------------------------------------------------------------------------------
+
+
+def test_ladder_goes_from_fastest_to_most_frugal(plan_14b):
+    labels = [label for label, _ in ladder(plan_14b, 0, 8)]
+    assert labels == ["none", "ckpt", "+fp8", "+ZeRO-2", "+ZeRO-3", "+offload"]
+    totals = [plan_14b.breakdown(s).total for _, s in ladder(plan_14b)]
+    assert totals == sorted(totals, reverse=True)
+    assert cheapest(plan_14b, 10_000) == Setup(False, False)  # room for anything: no saving needed
+
+
+def test_a_budget_only_offload_meets_gets_the_most_blocks_that_fit(plan_14b):
+    fp8 = plan_14b.breakdown(Setup(True, True)).total
+    floor_total = plan_14b.breakdown(Setup(True, True, 0)).total
+    budget = (fp8 + floor_total) / 2 / GIB
+    fit = cheapest(plan_14b, budget)
+    assert fit is not None and fit.offload_keep is not None and fit.checkpointing and fit.fp8
+    assert plan_14b.breakdown(fit).total <= budget * GIB
+    assert plan_14b.breakdown(replace(fit, offload_keep=fit.offload_keep + 1)).total > budget * GIB
+    assert "train.offload=blocks" in fit.overrides() and f"train.offload_keep={fit.offload_keep}" in fit.overrides()
+
+
+def test_an_impossible_budget_names_the_floor(plan_14b, capsys):
+    assert cheapest(plan_14b, 1.0) is None
+    assert floor(plan_14b) == Setup(True, True, 0)
+    assert main(["plan", str(RECIPE_14B), "--gpu-memory", "1"]) == 1
+    out = capsys.readouterr().out
+    low = plan_14b.breakdown(Setup(True, True, 0)).total / GIB
+    assert f"nothing fits in 1 GiB: the floor is {low:.1f} GiB" in out and "train.offload_keep=0" in out
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--gpu-memory", "--gpus", "--zero", "--cpu", "cheapest settings"):
+        assert option in out
+
+
+def test_exit_status(plan_14b, capsys):
+    assert main(["plan", str(RECIPE_14B), "--gpu-memory", "80"]) == 0  # the fixture's counts serve
+    out = capsys.readouterr().out
+    assert "fits in 80 GiB" in out and "train.gradient_checkpointing=true train.fp8_base=false" in out
+    assert "TFLOP of matmuls" in out and "kept for backward" in out
+    assert main(["plan", str(RECIPE_14B)]) == 0  # no budget: the table only
+    assert main(["plan", str(TINY), "train.lr=-1"]) == 2  # recipe errors, from `check`'s loader
+    assert "train.lr" in capsys.readouterr().err
+    assert main(["plan", str(TINY), "--cpu", "--gpus", "2"]) == 2
+    with pytest.raises(SystemExit) as done:
+        main(["plan", str(TINY), "--gpu-memory", "-3"])
+    assert done.value.code == 2
+
+
+# --- measured CPU peaks -------------------------------------------------------------------------
+
+
+def _predicted_and_measured(variant: str, latent: tuple[int, int, int], checkpointing: bool) -> tuple[float, float]:
+    r = probe_recipe(variant, latent, checkpointing)
+    predicted = MemoryPlan(r, "cpu").breakdown(Setup.of(r)).total
+    return predicted, measure(variant, latent, checkpointing)["steps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cpu_prediction_matches_measured_peak_tiny(checkpointing):
+    predicted, measured = _predicted_and_measured("tiny", (9, 64, 96), checkpointing)
+    print(f"tiny, latent 9x64x96, checkpointing {checkpointing}: predicted {predicted / 2**20:.1f} MiB, "
+          f"measured {measured / 2**20:.1f} MiB")
+    assert measured == pytest.approx(predicted, rel=0.15)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cpu_prediction_matches_measured_peak_1_3b(checkpointing):
+    """The real 1.3B architecture (random weights, written once like bench/common.py does) at a
+    1x32x32 latent: 256 tokens, ~5.4 GiB of fp32 weights, ~1.5 GiB of activations without checkpointing."""
+    predicted, measured = _predicted_and_measured("wan2.1-t2v-1.3b", (1, 32, 32), checkpointing)
+    print(f"wan2.1-t2v-1.3b, latent 1x32x32, checkpointing {checkpointing}: predicted {predicted / GIB:.2f} GiB, "
+          f"measured {measured / GIB:.2f} GiB")
+    assert measured == pytest.approx(predicted, rel=0.15)
+
+
+@pytest.mark.slow
+def test_per_block_extension_equals_the_whole_1_3b():
+    """The plan's 2-block extension against the whole 30-block model on the meta device, in the
+    GPU's dtypes (bf16 base, bf16 autocast) at 480x832x81."""
+    plan = MemoryPlan(load_recipe(ROOT / "recipes" / "wan2.1-t2v-1.3b-lora.yaml"))
+    for ckpt in (False, True):
+        recipe = replace(plan.recipe, train=replace(plan.recipe.train, gradient_checkpointing=ckpt))
+        whole = count_step(recipe, plan.variant, plan.shape.batch_shapes(), plan.load_dtype, plan.autocast, layers=30)
+        assert plan.count(ckpt, False) == whole, ckpt

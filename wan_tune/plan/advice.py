@@ -1,0 +1,57 @@
+"""The cheapest memory settings that fit a budget.
+
+Settings are tried from the one that costs least speed to the one that costs most: none needed <
+gradient checkpointing (~30% slower) < fp8 base weights (a cast per layer; LoRA only) < a higher
+ZeRO stage (more communication; several GPUs) < block offload with as many blocks kept on the GPU
+as fit (LoRA only, without DeepSpeed). Each step keeps the savings of the ones before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .memory import GIB, MemoryPlan, Setup
+
+
+def ladder(plan: MemoryPlan, zero: int = 0, gpus: int = 1) -> list[tuple[str, Setup]]:
+    """(label, settings) from fastest to most frugal; the offload rung keeps no block (its floor).
+    A CPU run is one process with nothing to offload to: no ZeRO, no offload."""
+    lora = not plan.full
+    rungs = [("none", Setup(False, False, None, zero, gpus)), ("ckpt", Setup(True, False, None, zero, gpus))]
+    if lora:
+        rungs.append(("+fp8", Setup(True, True, None, zero, gpus)))
+    if plan.device == "cpu":
+        return rungs
+    if gpus > 1 and plan.experts == 1:  # the trainer refuses two experts under DeepSpeed
+        rungs += [(f"+ZeRO-{z}", Setup(True, lora, None, z, gpus)) for z in (2, 3) if z > zero]
+    if lora:  # offload streams frozen weights: LoRA only, and the trainer refuses it under DeepSpeed
+        rungs.append(("+offload", Setup(True, True, 0, 0, gpus)))
+    return rungs
+
+
+def most_kept(plan: MemoryPlan, setup: Setup, budget: float) -> Setup:
+    """`setup` with the most blocks kept on the GPU that fit `budget` bytes (0 when none does)."""
+    lo, hi = 0, plan.layers - 1  # memory grows with each kept block: bisect for the last that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if plan.breakdown(replace(setup, offload_keep=mid)).total <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return replace(setup, offload_keep=lo)
+
+
+def cheapest(plan: MemoryPlan, budget_gib: float, zero: int = 0, gpus: int = 1) -> Setup | None:
+    """The first settings of the ladder whose peak fits `budget_gib`, or None."""
+    budget = budget_gib * GIB
+    for _, setup in ladder(plan, zero, gpus):
+        if setup.offload_keep is not None:
+            setup = most_kept(plan, setup, budget)
+        if plan.breakdown(setup).total <= budget:
+            return setup
+    return None
+
+
+def floor(plan: MemoryPlan, zero: int = 0, gpus: int = 1) -> Setup:
+    """The settings of the ladder with the lowest peak."""
+    return min((s for _, s in ladder(plan, zero, gpus)), key=lambda s: plan.breakdown(s).total)

@@ -1,0 +1,26 @@
+"""Matmul FLOPs of a training step (what MFU divides by; bench/step_throughput.py uses it too)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def step_flops(model, tokens: int, full: bool, text_tokens: int = 512) -> float:
+    """Matmul FLOPs of one step. Linears that read the text (the text embedder, cross-attention
+    k/v, and the I2V image k/v, counted at the text length) run on `text_tokens`, the rest on the
+    video tokens; attention adds 4*S*S*D (self) and 4*S*T*D (cross) per block. A LoRA step is ~2x
+    the forward (backward to activations only; frozen weights get no gradient), full fine-tuning ~3x."""
+    cfg = model.config
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    text_side = ("text_embedder", "attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj")
+    video = text = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and not name.endswith(("lora_A.default", "lora_B.default")):
+            if "time_embedder" in name or "time_proj" in name or "image_embedder" in name:
+                continue  # once per sample (or per image): negligible
+            if any(t in name for t in text_side):
+                text += m.in_features * m.out_features
+            else:
+                video += m.in_features * m.out_features
+    forward = 2 * (video * tokens + text * text_tokens) + cfg.num_layers * (4 * tokens**2 * dim + 4 * tokens * text_tokens * dim)
+    return (3 if full else 2) * forward

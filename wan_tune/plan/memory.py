@@ -1,0 +1,245 @@
+"""Per-device memory of one training step: weights by dtype, trainable state, activations, block
+offload and ZeRO sharding, for a recipe and a set of memory settings (`Setup`).
+
+Activations, weights and FLOPs come from `meta_step` (a step counted on the meta device); the rest is
+the layout of optimizer state and of weights across GPUs, stated where it is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import Recipe, to_yaml
+from ..models.spec import DTYPES
+from ..models.variants import Variant, get_variant, trained_experts
+from .flops import step_flops
+from .meta_step import StepCount, count_step, with_train
+
+GIB = 2**30
+# Streamed blocks on the GPU at once under train.offload=blocks: the one running, the next one
+# prefetched on the side stream, and the one just finished (training/offload.py drops its copy, the
+# memory returns once the backward no longer holds views of it).
+STREAMED_BLOCKS = 3
+# DeepSpeed's defaults (runtime/zero/config.py), which launch/accelerate/zero*.yaml leave as they are:
+# gradients are reduced through a buffer of reduce_bucket_size elements, two of them with
+# overlap_comm (on by default for ZeRO-3 only).
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+# CLIP ViT-H/14 at 224 px: (224/14)^2 patches + the class token; Wan2.1 I2V's image tokens.
+CLIP_IMAGE_TOKENS = 257
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+_COUNTS: dict[tuple, StepCount] = {}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The memory settings a plan compares; `overrides()` is how a recipe says them."""
+
+    checkpointing: bool
+    fp8: bool
+    offload_keep: int | None = None
+    """Blocks kept on the GPU under train.offload=blocks; None = no offload."""
+    zero: int = 0
+    """DeepSpeed ZeRO stage (0: none, plain DDP when gpus > 1)."""
+    gpus: int = 1
+
+    def overrides(self) -> str:
+        keys = [f"train.gradient_checkpointing={str(self.checkpointing).lower()}",
+                f"train.fp8_base={str(self.fp8).lower()}", "train.offload=none"]
+        if self.offload_keep is not None:
+            keys[-1:] = ["train.offload=blocks", f"train.offload_keep={self.offload_keep}"]
+        return " ".join(keys)
+
+    def launch(self) -> str:
+        if self.zero:
+            return f"accelerate launch --config_file launch/accelerate/zero{self.zero}.yaml --num_processes {self.gpus}"
+        if self.gpus > 1:
+            return f"accelerate launch --config_file launch/accelerate/ddp.yaml --num_processes {self.gpus}"
+        return "accelerate launch --config_file launch/accelerate/single_gpu.yaml"
+
+    @classmethod
+    def of(cls, recipe: Recipe, zero: int = 0, gpus: int = 1) -> "Setup":
+        t = recipe.train
+        return cls(t.gradient_checkpointing, t.fp8_base, t.offload_keep if t.offload == "blocks" else None, zero, gpus)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The largest batch a recipe trains on: its biggest resolution and frame bucket."""
+
+    batch: int
+    frames: int
+    height: int
+    width: int
+    latent: tuple[int, int, int, int]
+    """[C, F', H', W'] of one sample."""
+    tokens: int
+    """Transformer tokens per sample."""
+    text_tokens: int
+    text_dim: int
+    extras: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Other batch tensors (I2V conditioning) and their per-sample shapes."""
+
+    def batch_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The collated batch as the trainer hands it to the model (text padded to its full length)."""
+        shapes = {"latents": self.latent, "text": (self.text_tokens, self.text_dim), **self.extras}
+        return {k: (self.batch, *s) for k, s in shapes.items()}
+
+
+def vae_spatial(variant: Variant) -> int:
+    """Pixels per latent side: the Wan2.1 VAE compresses 8x, the Wan2.2 VAE (48 channels) 16x."""
+    return 16 if variant.vae_z_dim == 48 else 8
+
+
+def run_shape(recipe: Recipe, variant: Variant) -> RunShape:
+    """Latent and token counts of the recipe's largest bucket (aspect buckets keep the pixel area of
+    their `data.resolutions` entry within a few percent)."""
+    frames = max(recipe.data.frames)
+    height, width = max(recipe.data.resolutions, key=lambda hw: hw[0] * hw[1])
+    s, z = vae_spatial(variant), variant.vae_z_dim
+    latent = (z, (frames - 1) // 4 + 1, height // s, width // s)  # the VAE packs 4 frames per latent after the first
+    _, ph, pw = variant.transformer["patch_size"]
+    tokens = latent[1] * (latent[2] // ph) * (latent[3] // pw)
+    extras: dict[str, tuple[int, ...]] = {}
+    if variant.image_conditioned(recipe.data.task):
+        if variant.expand_timesteps:  # TI2V-5B: the image's latent replaces the first latent frame
+            extras["condition"] = (z, 1, *latent[2:])
+        else:  # mask + condition latents beside the noisy ones
+            extras["condition"] = (variant.in_channels - z, *latent[1:])
+        if variant.clip_image_tokens:
+            extras["image_embeds"] = (CLIP_IMAGE_TOKENS, variant.transformer["image_dim"])
+    return RunShape(recipe.train.batch_size, frames, height, width, latent, tokens, recipe.data.max_text_tokens,
+                    variant.transformer["text_dim"], extras)
+
+
+@dataclass
+class Breakdown:
+    """Bytes per (section, item) on one device, and the step's peak."""
+
+    rows: list[tuple[str, str, float]]
+    total: float
+    host: float = 0.0
+    """Host RAM holding weights that wait off the device (offloaded blocks, an idle expert)."""
+
+
+class MemoryPlan:
+    """Memory of a recipe's training step on `device` ('gpu': the recipe's dtypes and autocast;
+    'cpu': fp32 weights and compute, no autocast, as the trainer runs on a CPU)."""
+
+    def __init__(self, recipe: Recipe, device: str = "gpu"):
+        if device not in ("gpu", "cpu"):
+            raise ValueError(f"device is 'gpu' or 'cpu', got {device!r}")
+        self.recipe, self.device = recipe, device
+        self.variant = get_variant(recipe.model.variant)
+        self.shape = run_shape(recipe, self.variant)
+        self.layers = self.variant.transformer["num_layers"]
+        self.full = recipe.adapter.method == "full"
+        self.experts = len(trained_experts(self.variant, recipe.model.experts))
+        self._counts: dict[tuple, StepCount] = {}
+
+    # --- what the meta device counts ----------------------------------------------------------
+
+    @property
+    def load_dtype(self) -> torch.dtype:
+        """The frozen weights' dtype, as load_for_training picks it."""
+        return torch.float32 if self.full or self.device == "cpu" else DTYPES[self.recipe.model.dtype]
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return None if self.device == "cpu" else AUTOCAST[self.recipe.train.mixed_precision]
+
+    def count(self, checkpointing: bool, fp8: bool, deepspeed: bool = False) -> StepCount:
+        """The whole model's step, from a 2-block model counted on the meta device."""
+        mine = (checkpointing, fp8, deepspeed)
+        if mine not in self._counts:
+            recipe = with_train(self.recipe, gradient_checkpointing=checkpointing, fp8_base=fp8 and not self.full)
+            engine = (self.autocast or torch.float32) if deepspeed else None
+            args = (self.shape.batch_shapes(), self.load_dtype, self.autocast, engine)
+            # Kept for the process (never on disk): plans of the same recipe share their counts.
+            key = (to_yaml(recipe), self.variant.name, *map(repr, args))
+            if key not in _COUNTS:
+                _COUNTS[key] = count_step(recipe, self.variant, *args)
+            self._counts[mine] = _COUNTS[key].extend(self.layers)
+        return self._counts[mine]
+
+    def flops(self) -> float:
+        """Matmul FLOPs of one step (`step_flops` of the whole model, built on the meta device
+        without adapters: it does not count them)."""
+        from diffusers import WanTransformer3DModel
+
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model = WanTransformer3DModel(**self.variant.transformer)
+        # Attention runs within each sample: a batch costs `batch` times one sample.
+        return self.shape.batch * step_flops(model, self.shape.tokens, self.full, self.shape.text_tokens)
+
+    # --- the layout of one step ----------------------------------------------------------------
+
+    def breakdown(self, s: Setup) -> Breakdown:
+        if self.device == "cpu" and (s.zero or s.gpus > 1 or s.offload_keep is not None):
+            raise ValueError("a CPU plan is one process without offload or ZeRO")
+        count = self.count(s.checkpointing, s.fp8, deepspeed=s.zero > 0)
+        rows = self._weights(s, count) + self._trainable(s, count)
+        rows.append(("activations", "kept for backward", count.saved))
+        rows.append(("activations", "backward working set", count.peak - count.saved))
+        optimizer = self._optimizer_temporaries(s, count)
+        rows.append(("optimizer", "AdamW step temporaries", optimizer))
+        # Activations are gone when the optimizer steps: the peak holds the larger of the two.
+        total = sum(b for sec, _, b in rows if sec not in ("activations", "optimizer")) + max(count.peak, optimizer)
+        return Breakdown(rows, total, self._host(s, count))
+
+    def _weights(self, s: Setup, count: StepCount) -> list[tuple[str, str, float]]:
+        on_device = {d: float(n) for d, n in count.frozen.items()}
+        if self.device == "cpu" and self.experts > 1:  # host and device are one memory: both experts stay
+            on_device = {d: n * self.experts for d, n in on_device.items()}
+        if s.offload_keep is not None:
+            resting = max(0, self.layers - s.offload_keep - STREAMED_BLOCKS)  # blocks waiting in host memory
+            block = self._per_block(s)
+            on_device = {d: n - resting * block.get(d, 0) for d, n in on_device.items()}
+        rows = [("base weights", d, n / (s.gpus if s.zero == 3 else 1)) for d, n in sorted(on_device.items())]
+        if s.zero == 3:  # each module's weights are gathered whole around its forward and backward
+            rows.append(("base weights", "ZeRO-3 gathered block", sum(self._per_block(s).values())))
+        return rows
+
+    def _per_block(self, s: Setup) -> dict[str, float]:
+        """Frozen bytes of one transformer block, by dtype."""
+        return self.count(s.checkpointing, s.fp8, s.zero > 0).block_frozen
+
+    def _trainable(self, s: Setup, count: StepCount) -> list[tuple[str, str, float]]:
+        n = count.trainable * self.experts  # both A14B experts keep their LoRA and optimizer on the GPU
+        what = "weights" if self.full else "LoRA weights"
+        moments = 2 if self.recipe.train.optimizer == "adamw8bit" else 8  # two fp32 moments, or two 8-bit ones
+        if s.zero == 0:
+            rows = [("trainable", f"{what} fp32", 4 * n), ("trainable", "gradients fp32", 4 * n),
+                    ("trainable", "AdamW moments", moments * n)]
+            if s.gpus > 1:  # DDP reduces through buckets as large as the gradients (gradient_as_bucket_view off)
+                rows.append(("trainable", "DDP gradient buckets", 4 * n))
+            return rows
+        # DeepSpeed in mixed precision: the module holds 16-bit weights and gradients, the optimizer
+        # an fp32 master copy and the moments; ZeRO-2 partitions gradients and optimizer state, ZeRO-3
+        # the weights too.
+        g = s.gpus
+        low = 2 if self.autocast is not None else 4
+        buckets = 2 if s.zero == 3 else 1
+        return [("trainable", f"{what} ({low * 8}-bit)", low * n / (g if s.zero == 3 else 1)),
+                ("trainable", f"gradients ({low * 8}-bit)", low * n / g),
+                ("trainable", "fp32 master weights", 4 * n / g), ("trainable", "AdamW moments", moments * n / g),
+                ("trainable", "ZeRO reduce buckets", buckets * low * REDUCE_BUCKET_ELEMENTS)]
+
+    def _optimizer_temporaries(self, s: Setup, count: StepCount) -> float:
+        """torch's AdamW: on a GPU the foreach step makes one fp32 temporary per state tensor
+        (sqrt of the second moment); on a CPU the loop makes one for the parameter at hand.
+        bitsandbytes' 8-bit step works in place."""
+        if self.recipe.train.optimizer == "adamw8bit":
+            return 0.0
+        if self.device == "cpu":
+            return 4.0 * count.largest_trainable
+        return 4.0 * count.trainable * self.experts / (s.gpus if s.zero else 1)
+
+    def _host(self, s: Setup, count: StepCount) -> float:
+        host = 0.0
+        if s.offload_keep is not None:
+            host += (self.layers - s.offload_keep) * sum(self._per_block(s).values())
+        if self.device == "gpu" and self.experts > 1:  # the idle expert's frozen weights wait on the host
+            host += sum(count.frozen.values()) * (self.experts - 1)
+        return host

@@ -1,0 +1,310 @@
+"""One training step run on the meta device: what it keeps for the backward and its peak, counted.
+
+Nothing is allocated and no weight is read: the transformer is built on `torch.device("meta")`
+(shapes and dtypes only), set up by the trainer's own `adapt` (LoRA, fp8 storage, gradient
+checkpointing) and driven through the trainer's own `flow_matching.predict`, loss and backward on a
+meta batch of the run's shape. Two counters watch the step:
+
+- saved: unique storages autograd keeps for the backward, parameters excluded (what
+  bench/memory.py counts on a real run);
+- peak: the most bytes alive at once over forward and backward, counting every storage an operator
+  creates (the batch, activations, recomputed blocks, gradients of activations, temporaries) and
+  taking off the weights' storages that fp8 casting swaps out. Parameters' gradients are left out:
+  the plan counts them with the trainable state. Memory a kernel allocates inside itself
+  (workspaces) is not seen.
+
+Both are also read at the end of each block's forward: what block 1 adds is what every further
+block adds, so a 2-block model gives the count of any depth (`StepCount.extend`).
+
+Two things the real device does that meta tensors do not are emulated (`DeviceKernels`):
+
+- attention: on meta tensors SDPA takes PyTorch's math path (an S x S score matrix per head); CPUs
+  and GPUs run a fused kernel that saves q, k, v, the output and the log-sum-exp. SDPA here calls the
+  CPU flash kernel, whose meta implementation has exactly those shapes (the GPU's flash and cuDNN
+  kernels save the same set; the memory-efficient one pads the log-sum-exp).
+- autocast, which does not apply to meta tensors: the inputs of the ops autocast runs in low
+  precision (linears, convolutions, matmuls, attention) are cast, and casts of trainable leaves are
+  cached for the step, as torch's autocast cache does.
+
+Both were checked against real CPU steps of the tiny model (fp32, fp8 base, and bf16 under CPU
+autocast, checkpointing on and off): saved and peak bytes identical. Gradient checkpointing runs
+diffusers' own function (non-reentrant torch checkpoint) with the emulation entered again inside
+the recompute: the recompute runs in the backward, where function modes are not active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+# The ops autocast runs in its low-precision dtype (torch's CUDA and CPU lists agree on these; the
+# rest of Wan's forward sets its dtypes explicitly with .float() / .type_as()).
+LOW_PRECISION_OPS = frozenset(
+    {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
+     torch.Tensor.__matmul__}
+)
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves fp64 (and fp8) alone
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class DeviceKernels(TorchFunctionMode):
+    """What the real device does that meta tensors do not: fused attention, and autocast to
+    `autocast` (None: no autocast, as on CPU)."""
+
+    def __init__(self, autocast: torch.dtype | None):
+        super().__init__()
+        self.autocast = autocast
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self._attention(**{**dict(zip(_SDPA_ARGS, args)), **kwargs})
+        if self.autocast is not None and func in LOW_PRECISION_OPS:
+            args, kwargs = tree_map(self._cast, (args, kwargs))
+        return func(*args, **kwargs)
+
+    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+        if attn_mask is not None or dropout_p or enable_gqa:
+            raise NotImplementedError("the plan emulates unmasked attention without dropout (what Wan runs)")
+        if self.autocast is not None:
+            query, key, value = (self._cast(t) for t in (query, key, value))
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(query, key, value, 0.0, is_causal, scale=scale)[0]
+
+    def _cast(self, t):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _CASTABLE or t.dtype == self.autocast:
+            return t
+        if not (t.is_leaf and t.requires_grad):
+            return t.to(self.autocast)
+        if id(t) not in self._cache:  # torch caches casts of trainable leaves until autocast exits
+            self._cache[id(t)] = t.to(self.autocast)
+        return self._cache[id(t)]
+
+    @contextlib.contextmanager
+    def active(self):
+        """Enter the mode unless it is already on the stack."""
+        with contextlib.nullcontext() if self in _get_current_function_mode_stack() else self:
+            yield
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages operators create that are still alive, and their peak. A storage is
+    counted from the op that made it until it is freed (a weak reference's callback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Views and in-place results share an input's storage: the op allocated nothing.
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            if t.untyped_storage()._cdata not in inputs:
+                self._track(t.untyped_storage())
+        return out
+
+    def _track(self, storage) -> None:
+        key = storage._cdata  # the C++ storage: views of one tensor share it
+        if key in self._sizes:
+            return
+        self._sizes[key] = storage.nbytes()
+        self._refs[key] = weakref.ref(storage, partial(self._release, key))
+        self.now += self._sizes[key]
+        self.peak = max(self.peak, self.now)
+
+    def _release(self, key: int, _ref=None) -> None:
+        self.now -= self._sizes.pop(key, 0)
+        self._refs.pop(key, None)
+
+    def existing(self, tensors) -> None:
+        """Count the release of these tensors' storages (weights made before the step) against the
+        step: layerwise fp8 casting swaps a weight's storage for a new one each forward, so the new
+        one is counted when it is made and the old one must be taken off when it goes."""
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key not in self._sizes:
+                self._sizes[key] = storage.nbytes()
+                self._refs[key] = weakref.ref(storage, partial(self._release, key))
+
+    def forget(self, tensor: torch.Tensor) -> None:
+        """Stop counting `tensor` (a parameter's gradient: the plan counts it elsewhere)."""
+        self._release(tensor.untyped_storage()._cdata)
+
+
+def _tensors(tree):
+    """The tensors in nested tuples, lists and dicts (an op's arguments or results)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (tuple, list)):
+        for x in tree:
+            yield from _tensors(x)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            yield from _tensors(x)
+
+
+@dataclass(frozen=True)
+class StepCount:
+    """What one training step of a model with `layers` blocks holds, in bytes, and what each
+    further block adds (blocks are identical)."""
+
+    layers: int
+    frozen: dict[str, int]
+    """Frozen parameters and buffers by dtype name ('bf16', 'fp8', ...)."""
+    trainable: int
+    """Trainable parameters (elements)."""
+    largest_trainable: int
+    """Elements of the largest trainable parameter (the CPU AdamW step's temporary)."""
+    saved: int
+    peak: int
+    block_frozen: dict[str, int]
+    block_trainable: int
+    block_saved: int
+    """What a block's forward adds to the saved bytes, and to the bytes alive (`block_kept`)."""
+    block_kept: int
+
+    def extend(self, layers: int) -> "StepCount":
+        """The count of the same model with `layers` blocks. The peak comes in the backward, when
+        everything the forward kept is still alive, so it too grows by what each block keeps."""
+        k = layers - self.layers
+        frozen = {d: self.frozen.get(d, 0) + k * self.block_frozen.get(d, 0) for d in self.frozen | self.block_frozen}
+        return replace(self, layers=layers, frozen=frozen, trainable=self.trainable + k * self.block_trainable,
+                       saved=self.saved + k * self.block_saved, peak=self.peak + k * self.block_kept)
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float8_e4m3fn: "fp8",
+               torch.float64: "fp64"}
+
+
+def build_model(recipe, variant, layers: int, load_dtype: torch.dtype, device: str = "meta"):
+    """The recipe's transformer with `layers` blocks (on the meta device: no memory), in the dtypes
+    a load in `load_dtype` gives (diffusers keeps `_keep_in_fp32_modules` in fp32), adapted as the
+    trainer adapts it."""
+    from diffusers import WanTransformer3DModel
+
+    from ..models.spec import adapt
+
+    # On the device throughout, so the LoRA layers peft adds are made (and initialised) there too.
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        model = WanTransformer3DModel(**dict(variant.transformer, num_layers=layers))
+        keep = model._keep_in_fp32_modules or []
+        for name, p in model.named_parameters():
+            if not any(m in name.split(".") for m in keep):  # the rule of diffusers' load_model_dict_into_meta
+                p.data = p.data.to(load_dtype)
+        return adapt(model, recipe, variant, load_dtype)
+
+
+def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, autocast: torch.dtype | None,
+               engine_dtype: torch.dtype | None = None, layers: int = 2, device: str = "meta") -> StepCount:
+    """Run one training step of the recipe's model with `layers` blocks and count it.
+
+    `batch_shapes`: name -> shape of the collated batch (as `to_device` hands it to the trainer: fp32).
+    `engine_dtype`: DeepSpeed's mixed precision casts every fp32/bf16/fp16 parameter to it (fp8
+    stays); None without DeepSpeed. What a block adds is read between the ends of the forwards of
+    blocks 0 and 1 (block 0 differs from the others: its input needs no gradient), so 2 blocks
+    suffice. `device="cpu"` runs the same step for real, with torch's own attention, checkpointing
+    and autocast: the reference the meta emulation is tested against."""
+    model = build_model(recipe, variant, layers, load_dtype, device)
+    if engine_dtype is not None:
+        for p in model.parameters():
+            if p.dtype in _CASTABLE:
+                p.data = p.data.to(engine_dtype)
+    if device == "meta":
+        kernels, autocasting = DeviceKernels(autocast), contextlib.nullcontext()
+        if recipe.train.gradient_checkpointing:
+            model.enable_gradient_checkpointing(_checkpoint_with(kernels))
+    else:
+        kernels = contextlib.nullcontext()
+        autocasting = torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    live = LiveBytes()
+    live.existing([*model.parameters(), *model.buffers()])
+    for p in trainable:
+        p.register_post_accumulate_grad_hook(lambda p: live.forget(p.grad))
+    # Warnings are the simulated run's (e.g. torch's note that a bf16 rms_norm over fp32 weights
+    # takes the unfused path): the real run says them where they matter.
+    with kernels, autocasting, live, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved, ends = _step(model, variant, {k: torch.zeros(s, device=device) for k, s in batch_shapes.items()}, live)
+    block = model.blocks[1]
+    return StepCount(layers, _frozen_bytes(model), sum(p.numel() for p in trainable),
+                     max((p.numel() for p in trainable), default=0), saved, live.peak, _frozen_bytes(block),
+                     sum(p.numel() for p in block.parameters() if p.requires_grad),
+                     ends[1][0] - ends[0][0], ends[1][1] - ends[0][1])
+
+
+def _frozen_bytes(module) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in [*(p for p in module.parameters() if not p.requires_grad), *module.buffers()]:
+        name = DTYPE_NAMES.get(t.dtype, str(t.dtype))
+        out[name] = out.get(name, 0) + t.numel() * t.element_size()
+    return out
+
+
+def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list[tuple[int, int]]]:
+    """Forward, loss and backward as the trainer runs them. Returns the bytes autograd saved for the
+    backward (unique storages, parameters excluded), and (saved, alive) bytes at the end of each
+    block's forward."""
+    from ..training import flow_matching as fm
+
+    latents = batch["latents"]
+    noise, sigmas = torch.zeros_like(latents), torch.zeros(latents.shape[0], device=latents.device)
+    saved: dict[int, torch.UntypedStorage] = {}  # held: no storage (and so no key) is reused meanwhile
+    ends: list[tuple[int, int]] = []  # (storages saved so far, bytes alive)
+
+    def pack(t):
+        saved.setdefault(t.untyped_storage()._cdata, t.untyped_storage())
+        return t
+
+    def block_done(_module, _args, _out):
+        if torch._C._current_graph_task_id() == -1:  # the forward, not a recompute in the backward
+            ends.append((len(saved), live.now))
+
+    hooks = [b.register_forward_hook(block_done) for b in model.blocks]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pred, target = fm.predict(model, variant, batch, sigmas, noise, model.dtype)
+        loss = fm.flow_matching_loss(pred, target, torch.ones_like(sigmas))
+    for h in hooks:
+        h.remove()
+    # Weights are not activations; a weight's storage is known once the forward is over (fp8
+    # casting swaps it during the forward, and its upcast copies that autograd keeps do count).
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    sizes = [0 if k in weights else s.nbytes() for k, s in saved.items()]
+    ends = [(sum(sizes[:n]), alive) for n, alive in ends]
+    saved.clear()
+    loss.backward()  # pred and target stay alive through it, as in the trainer's loop
+    return sum(sizes), ends
+
+
+def _checkpoint_with(kernels: DeviceKernels):
+    """diffusers' default gradient-checkpointing function, with `kernels` entered around the block
+    both in the forward and in the backward's recompute."""
+
+    def checkpointed(block, *args):
+        def run(*inputs):
+            with kernels.active():
+                return block(*inputs)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    return checkpointed
+
+
+def with_train(recipe, **changes):
+    """A copy of the recipe with `train` settings changed (the probe's variations)."""
+    return replace(recipe, train=replace(recipe.train, **changes))

@@ -1,0 +1,116 @@
+"""What `wan-tune plan` prints: the run's shape, a memory table across settings, the step's FLOPs,
+and the verdict for a budget."""
+
+from __future__ import annotations
+
+from .advice import cheapest, floor, ladder, most_kept
+from .memory import GIB, MemoryPlan, Setup
+
+MIB = 2**20
+
+FITS, NOTHING_FITS = 0, 1
+
+
+def headline(plan: MemoryPlan, zero: int, gpus: int) -> str:
+    r, s, device = plan.recipe, plan.shape, plan.device
+    a = r.adapter
+    method = "full fine-tune" if plan.full else f"LoRA r{a.rank} on {', '.join(a.targets)}"
+    experts = f", {plan.experts} experts trained" if plan.experts > 1 else ""
+    c, f, h, w = s.latent
+    precision = "fp32 weights and compute" if device == "cpu" else (
+        f"{r.model.dtype} weights, {r.train.mixed_precision} autocast" if not plan.full
+        else f"fp32 weights, {r.train.mixed_precision} autocast")
+    where = "one CPU process" if device == "cpu" else f"{gpus} GPU{'s' if gpus > 1 else ''}"
+    where += f", ZeRO-{zero}" if zero else ""
+    return (f"{r.model.variant}, {method}{experts}; per {'process' if device == 'cpu' else 'GPU'}: batch {s.batch} x "
+            f"{s.frames} frames at {s.height}x{s.width} -> latent {c}x{f}x{h}x{w}, "
+            f"{s.tokens:,} tokens per clip + {s.text_tokens} text\n{precision}; {where}")
+
+
+def table(plan: MemoryPlan, columns: list[tuple[str, Setup]]) -> str:
+    """Memory in GiB (MiB for tiny models): one column per settings, one row per (section, item), then the peak."""
+    parts = [plan.breakdown(s) for _, s in columns]
+    unit, name = (GIB, "GiB") if max(b.total for b in parts) >= GIB else (MIB, "MiB")  # tiny models: MiB
+    keys: list[tuple[str, str]] = []
+    for b in parts:
+        keys += [(sec, item) for sec, item, _ in b.rows if (sec, item) not in keys]
+    sections = list(dict.fromkeys(sec for sec, _ in keys))
+    keys.sort(key=lambda k: sections.index(k[0]))  # stable: items keep their order within a section
+    width = max(10, *(len(label) + 2 for label, _ in columns))
+    lines = [f"{name:<44}" + "".join(f"{label:>{width}}" for label, _ in columns)]
+    last = None
+    for sec, item in keys:
+        cells = [next((n for s2, i2, n in b.rows if (s2, i2) == (sec, item)), 0.0) for b in parts]
+        if not any(cells):
+            continue
+        lines.append(f"  {sec if sec != last else '':<14}{item:<28}" + "".join(_cell(n, width, unit) for n in cells))
+        last = sec
+    lines.append(f"  {'peak':<42}" + "".join(f"{b.total / unit:>{width}.2f}" for b in parts))
+    if any(b.host for b in parts):
+        lines.append(f"  {'host RAM (weights waiting)':<42}" + "".join(_cell(b.host, width, unit) for b in parts))
+    lines.append("  (the peak holds the larger of activations and the AdamW step's temporaries: never both)")
+    return "\n".join(lines)
+
+
+def _cell(n: float, width: int, unit: float) -> str:
+    return f"{n / unit:>{width}.2f}" if n else f"{'-':>{width}}"
+
+
+def flops_line(plan: MemoryPlan) -> str:
+    step = plan.flops()
+    recompute = step / (3 if plan.full else 2)  # checkpointing runs the forward once more
+    return (f"step: {_flop(step)} of matmuls per {'GPU' if plan.device == 'gpu' else 'process'} "
+            f"(+{_flop(recompute)} recomputed with gradient checkpointing)")
+
+
+def _flop(n: float) -> str:
+    return f"{n / 1e12:,.0f} TFLOP" if n >= 1e13 else f"{n / 1e9:,.1f} GFLOP"
+
+
+def columns_for(plan: MemoryPlan, zero: int, gpus: int, budget_gib: float | None) -> list[tuple[str, Setup]]:
+    """The recipe's own settings, then the ladder (offload keeping as many blocks as fit the budget)."""
+    cols = [("recipe", Setup.of(plan.recipe, zero, gpus))]
+    for label, s in ladder(plan, zero, gpus):
+        if s.offload_keep is not None:
+            s = most_kept(plan, s, budget_gib * GIB) if budget_gib else s
+            label = f"offload {s.offload_keep}"
+        cols.append((label, s))
+    return cols
+
+
+def verdict(plan: MemoryPlan, budget_gib: float | None, zero: int, gpus: int) -> tuple[str, int]:
+    if budget_gib is None:
+        return "give --gpu-memory GiB for the cheapest settings that fit", FITS
+    fit = cheapest(plan, budget_gib, zero, gpus)
+    if fit is not None:
+        run = "wan-tune train" if plan.device == "cpu" else f"{fit.launch()} -m wan_tune.train"
+        text = (f"fits in {budget_gib:g} GiB (peak {_size(plan.breakdown(fit).total)}) with:\n"
+                f"  {fit.overrides()}\nrun: {run} RECIPE {fit.overrides()}")
+        return text, FITS
+    low = floor(plan, zero, gpus)
+    more = " or spread the run over more GPUs with --gpus and ZeRO" if plan.device == "gpu" else ""
+    text = (f"nothing fits in {budget_gib:g} GiB: the floor is {_size(plan.breakdown(low).total)}, with "
+            f"{low.overrides()}{f' under ZeRO-{low.zero}' if low.zero else ''}.\n"
+            f"Lower data.frames or data.resolutions (activations grow with tokens){more}.")
+    return text, NOTHING_FITS
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / MIB:.1f} MiB"
+
+
+def run_plan(recipe, budget_gib: float | None = None, gpus: int = 1, zero: int = 0, device: str = "gpu",
+             say=print) -> int:
+    """Print the plan of `recipe`; 0 when it fits (or no budget was given), 1 when nothing fits."""
+    plan = MemoryPlan(recipe, device)
+    say(headline(plan, zero, gpus))
+    say("")
+    say(table(plan, columns_for(plan, zero, gpus, budget_gib)))
+    say("")
+    say(flops_line(plan))
+    text, status = verdict(plan, budget_gib, zero, gpus)
+    say(text)
+    if device == "gpu":
+        say("(GPU figures are counted, not yet measured on a GPU; leave headroom for the CUDA context and "
+            "the allocator's fragmentation)")
+    return status
