@@ -18,16 +18,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def write_random_folder(variant_name: str, root: Path, shard_bytes: int = 2 * 2**30) -> Path:
@@ -80,13 +74,12 @@ def write_random_folder(variant_name: str, root: Path, shard_bytes: int = 2 * 2*
 def child(args) -> None:
     import torch
 
-    from common import synthetic_shards, workdir
+    from common import PeakRss, rss_bytes, run_steps, synthetic_shards, workdir
     from trainer_overhead import recipe_for
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
     from wan_tune.models.spec import load_for_training, trainable_parameters
     from wan_tune.models.variants import get_variant
-    from wan_tune.training import flow_matching as fm
 
     variant = get_variant(args.variant)
     root = workdir()
@@ -98,40 +91,19 @@ def child(args) -> None:
     import diffusers.models.transformers.transformer_wan  # noqa: F401  libraries loaded before the baseline
     import peft  # noqa: F401
 
-    peak, stop = [rss_bytes()], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.002)
-
     before = rss_bytes()
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    peak = PeakRss()
     t0 = time.perf_counter()
     model = load_for_training(recipe, use_cpu=True)
-    load_s, load_peak = time.perf_counter() - t0, peak[0]
+    load_s = time.perf_counter() - t0
     fp8 = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
     other = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype != torch.float8_e4m3fn and not p.requires_grad)
-    params = list(trainable_parameters(model).values())
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    trainable = sum(p.numel() for p in trainable_parameters(model).values())
     batch = to_device(collate([ShardDataset(shards_dir)[0]]), "cpu", torch.float32, 512)
-    g = torch.Generator().manual_seed(0)
-    peak[0], step_s, losses = rss_bytes(), [], []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        sigmas, noise = torch.rand(1, generator=g), torch.randn(batch["latents"].shape, generator=g)
-        pred, target = fm.predict(model, variant, batch, sigmas, noise, torch.float32)
-        loss = fm.flow_matching_loss(pred, target, torch.ones(1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step_s.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    stop.set()
-    thread.join()
-    print(json.dumps({"before": before, "load_peak": load_peak, "step_peak": peak[0], "fp8": fp8, "other": other,
-                      "trainable": sum(p.numel() for p in params), "load_s": load_s, "step_s": step_s, "losses": losses,
+    load_peak = peak.reset()
+    losses, step_s = run_steps(model, variant, batch, args.steps, torch.float32)
+    print(json.dumps({"before": before, "load_peak": load_peak, "step_peak": peak.stop(), "fp8": fp8, "other": other,
+                      "trainable": trainable, "load_s": load_s, "step_s": step_s, "losses": losses,
                       "total_params": sum(p.numel() for p in model.parameters())}))
 
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,15 +31,10 @@ CONFIGS = {
 }
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def child(args) -> None:
     import torch
 
-    from common import model_folder, synthetic_shards, workdir
+    from common import PeakRss, model_folder, rss_bytes, synthetic_shards, workdir
     from trainer_overhead import recipe_for
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
@@ -59,18 +53,8 @@ def child(args) -> None:
     import peft  # noqa: F401
 
     before = rss_bytes()
-    peak = [before]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    peak = PeakRss()
     model = load_for_training(recipe, use_cpu=True)
-    load_peak = peak[0]
     params = list(trainable_parameters(model).values())
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
     trainable = sum(p.numel() for p in params) * 4 * 4
@@ -78,7 +62,7 @@ def child(args) -> None:
     ds = ShardDataset(shards_dir)
     batch = to_device(collate([ds[0]]), "cpu", torch.float32, 512)
 
-    peak[0] = rss_bytes()  # from here on: the steps' peak
+    load_peak = peak.reset()  # from here on: the steps' peak
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -98,9 +82,7 @@ def child(args) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    stop.set()
-    thread.join()
-    print(json.dumps({"before": before, "load_peak": load_peak, "peak": peak[0], "weights": weights, "trainable": trainable, "activations": activations}))
+    print(json.dumps({"before": before, "load_peak": load_peak, "peak": peak.stop(), "weights": weights, "trainable": trainable, "activations": activations}))
 
 
 def main() -> None:

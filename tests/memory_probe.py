@@ -1,9 +1,10 @@
 """Measured host memory of a real CPU training step, for checking `wan-tune plan` against.
 
-`measure(...)` runs a child process (peak RSS cannot be reset in one) that does what
-bench/memory.py's child does: load the model with wan-tune's `load_for_training` from a folder of
-random weights (bench/common.py), run two steps of the trainer's own step code (`predict`,
-flow-matching loss, backward, AdamW), and sample its RSS every 2 ms. Two things make the RSS count
+`measure(...)` runs a child process that does what bench/memory.py's child does: load the model
+with wan-tune's `load_for_training` from a folder of random weights (bench/common.py), run two
+steps of the trainer's own step code (`predict`, flow-matching loss, backward, AdamW) with
+gradient checkpointing and two without, and sample its RSS every 2 ms (bench/common.py's PeakRss,
+reset between the phases). Two things make the RSS count
 the step's tensors rather than the C library's bookkeeping, as a GPU's memory would:
 
 - glibc's mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_): by default glibc raises it after large
@@ -13,8 +14,8 @@ the step's tensors rather than the C library's bookkeeping, as a GPU's memory wo
   imported and kernels paged in on first use (~0.1 GiB with checkpointing) are not counted as the
   step's memory.
 
-Reported, in bytes above the RSS just before the model loads: the load's peak and the peak over the
-two steps (weights, trainable state and activations together).
+Reported, in bytes above the RSS just before the model loads: the load's peak and the peak of
+each phase's two steps (weights, trainable state and activations together).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,90 +54,64 @@ def recipe(variant: str, latent: tuple[int, int, int], checkpointing: bool, rank
                       root / "runs-plan", tuple(recipe_overrides(latent, checkpointing)))
 
 
-def measure(variant: str, latent: tuple[int, int, int], checkpointing: bool, timeout: float = 900) -> dict:
-    """{'load': bytes, 'steps': bytes} above the RSS before the model, from a child process."""
+def measure(variant: str, latent: tuple[int, int, int], timeout: float = 900) -> dict:
+    """{'load': bytes, 'steps': {checkpointing (bool): bytes}} above the RSS before the model, from
+    one child process: the model loads once and trains with gradient checkpointing on, then off."""
     cmd = [sys.executable, __file__, variant, "x".join(map(str, latent))]
-    cmd += ["--checkpointing"] if checkpointing else []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     if out.returncode:
         raise RuntimeError(f"memory probe failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"load": r["load"], "steps": {True: r["checkpointing"], False: r["no_checkpointing"]}}
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _PeakRss:
-    """The largest RSS seen since the last `reset`, sampled every 2 ms on a thread."""
-
-    def __init__(self):
-        self.peak, self._stop = _rss(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.002)
-
-    def reset(self) -> int:
-        peak, self.peak = max(self.peak, _rss()), _rss()
-        return peak
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, _rss())
-
-
-def _steps(recipe, n: int) -> None:
-    """Load `recipe`'s model and run `n` steps of the trainer's step code on its first sample."""
+def _steps(recipe, n: int):
+    """Load `recipe`'s model; at each further `next`, run `n` of the trainer's steps on its first
+    sample, with gradient checkpointing on, then off (the smaller peak first, so nothing the first
+    phase leaves behind can raise the second's)."""
     import torch
+    from common import run_steps
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
-    from wan_tune.models.spec import load_for_training, trainable_parameters
+    from wan_tune.models.spec import load_for_training
     from wan_tune.models.variants import get_variant
-    from wan_tune.training import flow_matching as fm
 
-    variant = get_variant(recipe.model.variant)
     batch = to_device(collate([ShardDataset(recipe.data.shards)[0]]), "cpu", torch.float32, recipe.data.max_text_tokens)
     model = load_for_training(recipe, use_cpu=True)
+    variant = get_variant(recipe.model.variant)
     yield  # loaded
-    opt = torch.optim.AdamW(list(trainable_parameters(model).values()), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(n):
-        sigmas, noise = torch.rand(1, generator=g), torch.randn(batch["latents"].shape, generator=g)
-        pred, target = fm.predict(model, variant, batch, sigmas, noise, model.dtype)
-        loss = fm.flow_matching_loss(pred, target, torch.ones(1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    yield  # stepped
+    model.enable_gradient_checkpointing()
+    run_steps(model, variant, batch, n, model.dtype)
+    yield  # stepped with checkpointing
+    model.disable_gradient_checkpointing()
+    run_steps(model, variant, batch, n, model.dtype)
+    yield  # stepped without
 
 
 def _child() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("variant")
     ap.add_argument("latent")
-    ap.add_argument("--checkpointing", action="store_true")
     args = ap.parse_args()
     latent = tuple(int(x) for x in args.latent.split("x"))
-    for _ in _steps(recipe("tiny", (1, 8, 8), args.checkpointing), 1):  # warm-up: first-use costs
+    for _ in _steps(recipe("tiny", (1, 8, 8), True), 1):  # warm-up: first-use costs of both paths
         pass
-    measured = recipe(args.variant, latent, args.checkpointing)
+    measured = recipe(args.variant, latent, True)
+    from common import PeakRss, rss_bytes
+
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _rss()
-    peak = _PeakRss()
-    run = _steps(measured, 2)
-    next(run)
+    before = rss_bytes()
+    peak = PeakRss()
+    phases = _steps(measured, 2)
+    next(phases)
     load = peak.reset()
-    next(run, None)
-    steps = peak.stop()
-    print(json.dumps({"load": load - before, "steps": steps - before}))
+    next(phases)
+    on = peak.reset()
+    next(phases)
+    off = peak.stop()
+    print(json.dumps({"load": load - before, "checkpointing": on - before, "no_checkpointing": off - before}))
 
 
 if __name__ == "__main__":

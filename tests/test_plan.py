@@ -191,30 +191,43 @@ def test_exit_status(plan_14b, capsys):
 # --- measured CPU peaks -------------------------------------------------------------------------
 
 
-def _predicted_and_measured(variant: str, latent: tuple[int, int, int], checkpointing: bool) -> tuple[float, float]:
+@pytest.fixture(scope="module")
+def measured():
+    """{(variant, latent): measure(...)}: one child process per model, both settings (computed on first use)."""
+    cache = {}
+
+    def get(variant: str, latent: tuple[int, int, int]) -> dict:
+        if (variant, latent) not in cache:
+            cache[variant, latent] = measure(variant, latent)
+        return cache[variant, latent]
+
+    return get
+
+
+def _predicted(variant: str, latent: tuple[int, int, int], checkpointing: bool) -> float:
     r = probe_recipe(variant, latent, checkpointing)
-    predicted = MemoryPlan(r, "cpu").breakdown(Setup.of(r)).total
-    return predicted, measure(variant, latent, checkpointing)["steps"]
+    return MemoryPlan(r, "cpu").breakdown(Setup.of(r)).total
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_cpu_prediction_matches_measured_peak_tiny(checkpointing):
-    predicted, measured = _predicted_and_measured("tiny", (9, 64, 96), checkpointing)
+def test_cpu_prediction_matches_measured_peak_tiny(checkpointing, measured):
+    predicted, got = _predicted("tiny", (9, 64, 96), checkpointing), measured("tiny", (9, 64, 96))["steps"][checkpointing]
     print(f"tiny, latent 9x64x96, checkpointing {checkpointing}: predicted {predicted / 2**20:.1f} MiB, "
-          f"measured {measured / 2**20:.1f} MiB")
-    assert measured == pytest.approx(predicted, rel=0.15)
+          f"measured {got / 2**20:.1f} MiB")
+    assert got == pytest.approx(predicted, rel=0.15)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_cpu_prediction_matches_measured_peak_1_3b(checkpointing):
+def test_cpu_prediction_matches_measured_peak_1_3b(checkpointing, measured):
     """The real 1.3B architecture (random weights, written once like bench/common.py does) at a
     1x32x32 latent: 256 tokens, ~5.4 GiB of fp32 weights, ~1.5 GiB of activations without checkpointing."""
-    predicted, measured = _predicted_and_measured("wan2.1-t2v-1.3b", (1, 32, 32), checkpointing)
+    latent = (1, 32, 32)
+    predicted, got = _predicted("wan2.1-t2v-1.3b", latent, checkpointing), measured("wan2.1-t2v-1.3b", latent)["steps"][checkpointing]
     print(f"wan2.1-t2v-1.3b, latent 1x32x32, checkpointing {checkpointing}: predicted {predicted / GIB:.2f} GiB, "
-          f"measured {measured / GIB:.2f} GiB")
-    assert measured == pytest.approx(predicted, rel=0.15)
+          f"measured {got / GIB:.2f} GiB")
+    assert got == pytest.approx(predicted, rel=0.15)
 
 
 @pytest.mark.slow
