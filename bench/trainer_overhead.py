@@ -34,7 +34,7 @@ def recipe_for(args, folder: Path, shards_dir: Path, run_dir: Path, extra: tuple
 
     return load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
         f"model.variant={args.variant}", f"model.path={folder}", "model.dtype=fp32", f"data.shards={shards_dir}",
-        "data.num_workers=0", f"train.steps={args.steps}", f"train.batch_size={args.batch}", "train.mixed_precision=no",
+        "data.num_workers=0", "data.holdout=0", "validation.every=0", f"train.steps={args.steps}", f"train.batch_size={args.batch}", "train.mixed_precision=no",
         "train.gradient_checkpointing=false", "train.caption_dropout=0", f"adapter.rank={args.rank}",
         f"adapter.alpha={args.rank}", "adapter.targets=[attention,ffn]", "checkpoint.every=1000000",
         "tracking.backend=none", "timesteps.sampling=uniform", f"run.output_dir={run_dir}", "run.name=bench", *extra,

@@ -72,7 +72,7 @@ def tiny_shards(tiny_folders, tmp_path_factory) -> dict[str, Path]:
         recipe = load_recipe(
             Path(__file__).resolve().parents[1] / "recipes" / "demo-tiny.yaml",
             [f"model.variant={variant}", f"model.path={tiny_folders[variant]}", f"data.source={clips}",
-             f"data.shards={root / variant}", "data.shard_dtype=fp32", "data.frames=[9]"],
+             f"data.shards={root / variant}", "data.shard_dtype=fp32", "data.frames=[9]", "validation.every=0"],
         )
         run_prep(recipe, progress=False, say=lambda *_: None)
         out[variant] = root / variant

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_runs_the_whole_chain(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the demo writes data/demo and checkpoints/ under the cwd
-    r = run_demo(ROOT / "recipes" / "demo-tiny.yaml", ["train.steps=40", "checkpoint.every=20"], clips=4)
+    r = run_demo(ROOT / "recipes" / "demo-tiny.yaml", ["train.steps=40", "checkpoint.every=20", "validation.every=20"], clips=4)
     assert len(list(Path(r["clips"]).glob("*.mp4"))) == 4 and Path(r["captions"]).is_file()
     assert len(ShardReader(r["shards"])) == r["samples"] == 8  # 4 clips x 2 windows of 9 frames
     assert Path(r["checkpoint"]).name == "step-000040"
@@ -23,10 +23,22 @@ def test_demo_runs_the_whole_chain(tmp_path, monkeypatch, capsys):
     assert r["selftest_ok"] and {Path(a).name.rsplit("-", 1)[1] for a in r["adapters"]} == {
         "comfyui.safetensors", "diffusers.safetensors", "kohya.safetensors"}
     assert len(decord.VideoReader(r["video"])) == 9 and Path(r["contact_sheet"]).stat().st_size > 0
+    # The held-out clip's loss, scored before training and at each checkpoint, goes down.
+    assert sorted(r["heldout"]) == [0, 20, 40] and r["heldout"][40] < r["heldout"][0]
+    assert Path(r["best"]).name in ("step-000020", "step-000040")
+    run = Path(r["checkpoint"]).parent
+    assert {p.relative_to(run).as_posix() for p in run.glob("validation/*/*.png")} == {
+        "validation/base/00.png", "validation/step-000020/00.png", "validation/step-000040/00.png"}
+    assert Path(r["overview"]).is_file()
     out = capsys.readouterr().out
-    assert "demo summary" in out and "time per stage" in out
+    assert "demo summary" in out and "time per stage" in out and "held-out loss: step 0 " in out
 
-    # Rerun through the CLI (recipe found beside the package): starts fresh, exit 0.
-    assert main(["demo", "--clips", "2", "train.steps=20", "checkpoint.every=20"]) == 0
-    assert "removing the previous demo output" in capsys.readouterr().out
+    # Rerun through the CLI (recipe found beside the package), image-to-video this time: starts
+    # fresh, validates and samples from a clip's first frame, exit 0.
+    assert main(["demo", "--clips", "2", "model.variant=tiny-i2v", "train.steps=20", "checkpoint.every=20",
+                 "validation.every=20"]) == 0
+    out = capsys.readouterr().out
+    assert "removing the previous demo output" in out and "held-out loss: step 0 " in out
     assert len(list(Path(r["clips"]).glob("*.mp4"))) == 2
+    assert (run / "first_frame.png").is_file() and (run / "validation" / "step-000020" / "00.png").is_file()
+    assert len(decord.VideoReader(str(run / "sample.mp4"))) == 9

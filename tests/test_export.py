@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import transformer_inputs
+from launching import PLAIN
 from wan_tune.cli import main
 from wan_tune.config import load_recipe
 from wan_tune.export.adapters import ExportError
@@ -32,7 +33,7 @@ def trained(tiny_folders, tiny_shards, tmp_path_factory):
         root = tmp_path_factory.mktemp(f"run-{variant}")
         recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
             f"model.variant={variant}", f"model.path={tiny_folders[variant]}", f"data.shards={tiny_shards[variant]}",
-            f"run.output_dir={root}", "data.num_workers=0", *LORA])
+            f"run.output_dir={root}", "data.num_workers=0", *PLAIN, *LORA])
         summary = train(recipe, progress=False, say=lambda *_: None)
         out[variant] = (summary, Path(summary["checkpoint"]))
     return out
@@ -107,7 +108,7 @@ def test_self_test_catches_what_diffusers_would_silently_drop(trained, tmp_path)
 def test_kohya_is_refused_when_targets_do_not_cover_every_block(tiny_folders, tiny_shards, tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
         f"model.path={tiny_folders['tiny']}", f"data.shards={tiny_shards['tiny']}", f"run.output_dir={tmp_path}",
-        "data.num_workers=0", "train.steps=2", "adapter.targets=[attention]"])
+        "data.num_workers=0", "train.steps=2", "adapter.targets=[attention]", *PLAIN])
     ckpt = Path(train(recipe, progress=False, say=lambda *_: None)["checkpoint"])
     with pytest.raises(ExportError, match=r"kohya format refused.*ffn\.net\.0\.proj.*--format comfyui"):
         export(ckpt, ["kohya"], tmp_path / "out", say=lambda *_: None)

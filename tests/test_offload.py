@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import PLAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +111,7 @@ def test_training_with_block_offload_equals_training_without(tiny_folders, tiny_
         recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
             f"model.path={tiny_folders['tiny']}", f"data.shards={tiny_shards['tiny']}", f"run.output_dir={tmp_path}",
             f"run.name={name}", "train.steps=3", "checkpoint.every=1000", "data.num_workers=0",
-            "train.gradient_checkpointing=true", *extra])
+            "train.gradient_checkpointing=true", *PLAIN, *extra])
         summary = train(recipe, progress=False, say=lambda *_: None)
         losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return summary, losses
@@ -136,7 +137,7 @@ def test_compiled_blocks_train_like_eager_ones(tiny_folders, tiny_shards, tmp_pa
         recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
             f"model.path={tiny_folders['tiny']}", f"data.shards={tiny_shards['tiny']}", f"run.output_dir={tmp_path}",
             f"run.name={name}", "train.steps=1", "checkpoint.every=1000", "data.num_workers=0",
-            "train.gradient_checkpointing=true", "train.offload=blocks", *extra])
+            "train.gradient_checkpointing=true", "train.offload=blocks", *PLAIN, *extra])
         summary = train(recipe, progress=False, say=lambda *_: None)
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         return summary, [json.loads(line)["loss"] for line in lines]

@@ -40,6 +40,7 @@ def recipe_for(tiny_folders, source, out, variant="tiny", *overrides):
             "data.shard_dtype=fp32",
             "data.frames=[5,9]",
             "data.samples_per_shard=2",
+            "validation.every=0",  # the demo's validation prompts have no first frames for I2V variants
             *overrides,
         ],
     )

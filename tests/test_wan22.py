@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import PLAIN
 
 from wan_tune.models.keymap import state_dict_to_original
 from wan_tune.models.loading import ModelLoadError, load_transformer, resolve_source
@@ -137,7 +138,7 @@ def test_ti2v_preps_48_channel_latents_and_trains(folders, tmp_path):
     from wan_tune.training.loop import train
 
     clips = make_clips(tmp_path / "clips", 2, frames=20, height=96, width=128, fps=24)[0].parent
-    base = [f"model.path={folders['tiny-ti2v']}", f"data.source={clips}", f"data.shards={tmp_path / 'shards'}",
+    base = [*PLAIN, f"model.path={folders['tiny-ti2v']}", f"data.source={clips}", f"data.shards={tmp_path / 'shards'}",
             "data.shard_dtype=fp32", f"run.output_dir={tmp_path / 'runs'}", "train.steps=20", "checkpoint.every=1000"]
     with pytest.raises(ConfigError, match="multiples of 32"):  # 16x VAE, 2x2 patches
         load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.variant=tiny-ti2v", "data.resolutions=[[48,64]]", *base])
@@ -197,7 +198,7 @@ def a14b_run(folders, shards, out: Path, *extra: str):
 
     recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
         "model.variant=tiny-a14b", f"model.path={folders['tiny-a14b']}", f"data.shards={shards}",
-        f"run.output_dir={out}", "checkpoint.every=4", "data.num_workers=0", *extra])
+        f"run.output_dir={out}", "checkpoint.every=4", "data.num_workers=0", *PLAIN, *extra])
     return train(recipe, progress=False, say=lambda *_: None)
 
 
@@ -223,7 +224,7 @@ def test_a14b_trains_both_experts_resumes_exactly_and_exports_one_file_each(fold
                         "validation.prompts=[wtune a red circle]", "validation.frames=9", "validation.steps=4",
                         "validation.height=48", "validation.width=64")
     rows = records(straight["run_dir"])
-    videos = sorted(p.relative_to(straight["run_dir"]).as_posix() for p in Path(straight["run_dir"]).rglob("*.mp4"))
+    videos = sorted(p.relative_to(straight["run_dir"]).as_posix() for p in Path(straight["run_dir"]).glob("validation/step-*/*.mp4"))
     assert videos == ["validation/step-000005/00.mp4", "validation/step-000010/00.mp4"]  # both experts render
     assert {r["expert"] for r in rows} == {"high_noise", "low_noise"}
     assert all(r[f"loss/{r['expert']}"] == r["loss"] for r in rows)  # each expert's loss under its own name
@@ -323,7 +324,7 @@ def test_a14b_i2v_prep_conditioning_is_what_the_pipeline_feeds_and_trains(folder
     recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
         "model.variant=tiny-a14b-i2v", f"model.path={folders['tiny-a14b-i2v']}", f"data.source={clips}",
         f"data.shards={tmp_path / 'shards'}", "data.shard_dtype=fp32", f"run.output_dir={tmp_path / 'runs'}",
-        "train.steps=6", "checkpoint.every=1000", "data.num_workers=0"])
+        "train.steps=6", "checkpoint.every=1000", "data.num_workers=0", *PLAIN])
     run_prep(recipe, progress=False, say=lambda *_: None)
     summary = train(recipe, progress=False, say=lambda *_: None)
     assert sorted(summary["models"]) == ["high_noise", "low_noise"]
@@ -375,7 +376,7 @@ def test_ti2v_image_conditioning_is_what_the_pipeline_feeds_and_trains(folders, 
     recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
         "model.variant=tiny-ti2v", f"model.path={folders['tiny-ti2v']}", "data.task=i2v", f"data.source={clips}",
         f"data.shards={tmp_path / 'shards'}", "data.shard_dtype=fp32", f"run.output_dir={tmp_path / 'runs'}",
-        "train.steps=4", "checkpoint.every=1000", "data.num_workers=0", "validation.every=4",
+        "train.steps=4", "checkpoint.every=1000", "data.num_workers=0", *PLAIN, "validation.every=4",
         "validation.prompts=[wtune a red circle]", f"validation.images=[{tmp_path / 'first.png'}]", "validation.frames=9",
         "validation.steps=2", "validation.height=64", "validation.width=96"])
     run_prep(recipe, progress=False, say=lambda *_: None)

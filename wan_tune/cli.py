@@ -22,6 +22,7 @@ workflow:
   wan-tune train recipes/my_brand.yaml train.lr=5e-5                 train in one process
   accelerate launch --config_file launch/accelerate/zero2.yaml -m wan_tune.train recipes/my_brand.yaml
   wan-tune export checkpoints/my_brand/step-002000 --format all   adapters for ComfyUI / diffusers / kohya
+  wan-tune export checkpoints/my_brand/best       the checkpoint with the lowest held-out loss
   wan-tune sample --base Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora my_brand.safetensors --prompt "mybrand ..."
   wan-tune make-tiny /tmp/tiny-wan                build the tiny random-init test model
 
@@ -265,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         "as a diffusers folder and as one original-key file. Every file is loaded back and compared module by module; "
         "a mismatch exits non-zero.",
     )
-    p.add_argument("checkpoint", help="checkpoints/<run>/step-NNNNNN")
+    p.add_argument("checkpoint", help="checkpoints/<run>/step-NNNNNN, or checkpoints/<run>/best: the checkpoint with the "
+                   "lowest held-out loss (runs with data.holdout > 0)")
     p.add_argument("--format", choices=("comfyui", "diffusers", "kohya", "all"), default=None,
                    help="adapter format (default: the recipe's export.format)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/export)")

@@ -37,7 +37,9 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     from .export.run import export, format_checks
     from .models.loading import resolve_source
     from .sampling import SampleArgs, sample
+    from .models.variants import get_variant
     from .training.loop import train
+    from .training.validation import clip_first_frames
 
     recipe = load_recipe(recipe_path or find_demo_recipe(), overrides or [])
     times: dict[str, float] = {}
@@ -83,8 +85,13 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     # The comfyui file of each expert (Wan2.2 A14B: the high- and the low-noise one).
     loras = [str(p) for p in sorted(exported.glob("*-comfyui.safetensors"))] or [str(next(exported.glob("*.safetensors")))]
     h, w = recipe.data.resolutions[0]
+    image = None
+    if get_variant(recipe.model.variant).image_conditioned(recipe.data.task):  # I2V: animate a clip's first frame
+        image = str(run_dir / "first_frame.png")
+        clip_first_frames(recipe, recipe.data.shards, [], 1)[0].save(image)
     video, sheet = sample(SampleArgs(base=str(source.folder), lora=loras, prompt=f"{recipe.caption.trigger_word} style, a red circle drifting over a dark gradient",
-                                     frames=recipe.data.frames[0], steps=10, height=h, width=w, out=str(run_dir / "sample.mp4")), say=say)
+                                     frames=recipe.data.frames[0], steps=10, height=h, width=w, image=image,
+                                     out=str(run_dir / "sample.mp4")), say=say)
     lap("sample")
 
     first, last = statistics.mean(trained["first_losses"]), statistics.mean(trained["last_losses"])
@@ -92,6 +99,8 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
         "clips": recipe.data.source, "captions": recipe.data.captions, "shards": recipe.data.shards,
         "checkpoint": trained["checkpoint"], "adapters": [c.file for c in checks], "video": str(video), "contact_sheet": str(sheet),
         "samples": prep["samples"], "first_loss": first, "last_loss": last, "selftest_ok": all(c.ok for c in checks), "times": times,
+        "heldout": trained["heldout"], "best": trained["best"],
+        "overview": str(run_dir / "validation" / "index.html") if recipe.validation.every else None,
     }
     say(format_result(result))
     return result
@@ -100,11 +109,18 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
 def format_result(r: dict) -> str:
     rows = [("footage", r["clips"]), ("captions (review)", r["captions"]), ("shards", f"{r['shards']} ({r['samples']} samples)"),
             ("checkpoint", r["checkpoint"]), *[("adapter", a) for a in r["adapters"]], ("video", r["video"]),
-            ("contact sheet", r["contact_sheet"])]
+            ("contact sheet", r["contact_sheet"])] + ([("validation rounds", r["overview"])] if r.get("overview") else [])
     lines = ["", "demo summary", ""] + [f"  {k:<20}{v}" for k, v in rows]
     lines += ["", f"  loss: first 10 steps {r['first_loss']:.4f} -> last 10 steps {r['last_loss']:.4f} "
                   f"({(1 - r['last_loss'] / r['first_loss']):.0%} lower)",
+              *([held_out_line(r["heldout"], r["best"])] if r.get("heldout") else []),
               f"  export self-test: {'all ok' if r['selftest_ok'] else 'FAILED'}", "",
               "  time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["times"].items()),
               f"  total: {sum(r['times'].values()):.1f} s"]
     return "\n".join(lines)
+
+
+def held_out_line(scores: dict[int, float], best: str | None) -> str:
+    (s0, before), (s1, after) = min(scores.items()), max(scores.items())
+    line = f"  held-out loss: step {s0} {before:.4f} -> step {s1} {after:.4f} ({(1 - after / before):.0%} lower)"
+    return line + (f"; best: {best}" if best else "")

@@ -68,6 +68,8 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
         n = variant.transformer["num_layers"]
         errors.append(("train.offload_keep", f"{variant.name} has {n} blocks: keep 0 to {n - 1} on the GPU "
                        "(keeping them all is train.offload=none)"))
+    if r.data.holdout == 0 and "eval.every" in explicit and r.eval.every:
+        errors.append(("eval.every", "scores the held-out samples, but data.holdout=0 holds none out; set data.holdout (e.g. 0.1)"))
     if r.timesteps.sigma_min >= r.timesteps.sigma_max:
         errors.append(
             ("timesteps.sigma_min", f"must be below timesteps.sigma_max ({r.timesteps.sigma_min} >= {r.timesteps.sigma_max})")
@@ -89,9 +91,10 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
     if variant is not None:
         if v.images and not variant.image_conditioned(r.data.task):
             errors.append(("validation.images", f"first frames are for I2V variants; {variant.name} is text-to-video"))
-        if variant.image_conditioned(r.data.task) and v.every and len(v.images) != len(v.prompts):
+        if variant.image_conditioned(r.data.task) and v.every and len(v.images) not in (0, len(v.prompts)):
             errors.append(
-                ("validation.images", f"I2V validation needs one first frame per prompt ({len(v.images)} images, {len(v.prompts)} prompts)")
+                ("validation.images", f"I2V validation takes one first frame per prompt ({len(v.images)} images, {len(v.prompts)} "
+                                      "prompts), or none: then the first frames of held-out clips (else of the first clips)")
             )
     if v.every and not v.prompts:
         errors.append(("validation.prompts", "validation.every is set but there are no prompts; add prompts or set every=0"))

@@ -42,6 +42,17 @@ def below_one(v: Any) -> str | None:
     return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
 
 
+def holdout_share(v: Any) -> str | None:
+    return None if 0 <= v <= 0.5 else f"must be in [0, 0.5] (a share of the samples; 0 = off), got {v}"
+
+
+def sigmas_in_unit_interval(v: Any) -> str | None:
+    if not v:
+        return "give at least one sigma"
+    bad = [s for s in v if not 0 < s < 1]
+    return f"sigmas must be in (0, 1), got {bad}" if bad else None
+
+
 def _frame_hint(n: int) -> str:
     lo = max(1, (n - 1) // 4 * 4 + 1)
     return f"{lo} or {lo + 4}" if lo != n else str(n)
@@ -169,6 +180,12 @@ class DataConfig:
     )
     samples_per_shard: int = opt(64, "Samples per shard file; a killed prep redoes at most one file's worth.", check=positive)
     num_workers: int = opt(2, "Data-loader worker processes while training.", check=non_negative)
+    holdout: float = opt(
+        0.0,
+        "Share of the samples kept out of training (whole clips, chosen by a hash of their path) to score the "
+        "held-out loss on (see `eval`); 0 = off.",
+        check=holdout_share,
+    )
 
 
 @dataclass
@@ -285,6 +302,17 @@ class ValidationConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The held-out loss (needs `data.holdout` > 0), fixed sigmas and noise: the best checkpoint goes to `<run>/best.json`."""
+
+    every: int = opt(0, "Score every N steps; 0 = with every checkpoint (only checkpointed steps can be `best`).",
+                     check=non_negative)
+    sigmas: list[float] = opt([0.1, 0.3, 0.5, 0.7, 0.9], "Noise levels each held-out sample is scored at.",
+                              check=sigmas_in_unit_interval)
+    seed: int = opt(0, "Seed of the fixed noise.")
+
+
+@dataclass
 class TrackingConfig:
     """Experiment tracking (rank 0 only)."""
 
@@ -321,6 +349,7 @@ class Recipe:
     timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 

@@ -23,6 +23,7 @@ class ShardDataset(Dataset):
         probe = ShardReader(root)
         self.meta = probe.meta
         self.buckets = [tuple(b) for b in probe.index[["frames", "height", "width"]].itertuples(index=False)]
+        self.ids, self.sources = probe.index["id"].tolist(), probe.index["source"].tolist()
         self.empty_prompt = probe.empty_prompt()
 
     def __len__(self) -> int:

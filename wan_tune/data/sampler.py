@@ -23,12 +23,15 @@ class BucketBatchSampler:
     epoch: int = 0
     position: int = 0
     """Batches of this epoch already handed out on this rank."""
+    held_out: frozenset = frozenset()
+    """Indices never dealt out (the held-out samples the trainer scores, `data.holdout`)."""
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(f"{self.seed}-{epoch}")
         by_bucket: dict[tuple, list[int]] = defaultdict(list)
         for i, b in enumerate(self.buckets):
-            by_bucket[b].append(i)
+            if i not in self.held_out:
+                by_bucket[b].append(i)
         batches = []
         for key in sorted(by_bucket):
             idx = by_bucket[key]

@@ -31,6 +31,21 @@ from .selftest import Check, check_adapter_file, check_original_keys, empty_tran
 REQUIRED = ("recipe.yaml", "state.json")
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """`<run>/best` (no such folder) means the checkpoint `<run>/best.json` names: the lowest held-out loss."""
+    from ..training.checkpoint import BEST_FILE, best_checkpoint
+
+    path = Path(path)
+    if path.name != "best" or path.exists():
+        return path
+    best = best_checkpoint(path.parent)
+    if best is None:
+        why = "names a checkpoint that no longer exists" if (path.parent / BEST_FILE).is_file() else "does not exist"
+        raise ExportError(f"{path}: {path.parent / BEST_FILE} {why}; the best checkpoint is recorded by runs with "
+                          "data.holdout > 0 (the held-out loss). Give a step folder instead")
+    return best
+
+
 def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict[str, dict[str, torch.Tensor]]]:
     """(recipe, state, {expert: trainable weights}) of a step folder, or a clear ExportError.
     One expert (`transformer`) except for Wan2.2 A14B runs."""
@@ -38,9 +53,9 @@ def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict[str, dict[str,
 
     from ..training.checkpoint import expert_file
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.is_dir():
-        raise ExportError(f"{path} is not a checkpoint folder (expected checkpoints/<run>/step-NNNNNN/)")
+        raise ExportError(f"{path} is not a checkpoint folder (expected checkpoints/<run>/step-NNNNNN/ or checkpoints/<run>/best)")
     missing = [f for f in REQUIRED if not (path / f).is_file()]
     state = json.loads((path / "state.json").read_text()) if not missing else {}
     files = {e: expert_file("trainable.safetensors", e) for e in state.get("experts", ["transformer"])}
@@ -103,7 +118,7 @@ def export(
 ) -> list[Check]:
     """Write the checkpoint in `formats` (None: the recipe's export.format; ignored for a full
     fine-tune, which writes the whole model), self-test each file; returns the checks."""
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)  # <run>/best: the folder best.json names, exports go there
     recipe, state, experts = read_checkpoint(checkpoint)
     if formats is None:
         formats = list(FORMATS) if recipe.export.format == "all" else [recipe.export.format]

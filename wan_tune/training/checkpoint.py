@@ -51,6 +51,26 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+BEST_FILE = "best.json"
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep: Path | None = None) -> None:
+    """Delete all but the newest `keep_last` checkpoints (0: keep all), and `keep`."""
+    if keep_last:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            if keep is None or old.name != Path(keep).name:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `<run>/best.json` names (the lowest held-out loss so far), if it still exists."""
+    path = Path(run_dir) / BEST_FILE
+    if not path.is_file():
+        return None
+    name = json.loads(path.read_text()).get("checkpoint")
+    return Path(run_dir) / name if name and (Path(run_dir) / name / "state.json").is_file() else None
+
+
 def remove_partial(run_dir: str | Path) -> list[Path]:
     """Delete `.step-N.tmp/` folders a killed save left behind (never chosen, only clutter)."""
     partial = sorted(Path(run_dir).glob(".step-*.tmp")) if Path(run_dir).is_dir() else []
@@ -93,8 +113,10 @@ def expert_file(stem: str, expert: str) -> str:
     return stem if expert == "transformer" else stem.replace(".", f".{expert}.", 1)
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, trainees: list, consumed: int, recipe_yaml: str, keep_last: int) -> Path:
+def save_checkpoint(accelerator, run_dir: Path, step: int, trainees: list, consumed: int, recipe_yaml: str, keep_last: int,
+                    keep: Path | None = None) -> Path:
     """Write step-N for every trainee (collective: every rank calls it). Returns the final path.
+    `keep_last` rotates old checkpoints out, except `keep` (the best one by the held-out loss).
 
     Weights are gathered to full shape one module at a time (only rank 0 keeps the copies), and
     every tensor is checked against its parameter's whole shape before anything is written: a
@@ -131,9 +153,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainees: list, consu
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        if keep_last:
-            for old in list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, keep_last, keep)
     accelerator.wait_for_everyone()
     return final
 

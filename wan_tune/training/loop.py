@@ -33,7 +33,8 @@ from ..models.variants import get_variant, trained_experts
 from . import flow_matching as fm
 from .experts import make_trainee, route, sigma_bounds, sigma_sampler
 from .offload import BlockOffload, ExpertSwap
-from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import best_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, remove_partial, save_checkpoint
+from .heldout import Scoreboard, format_heldout, make_heldout
 from .optim import make_optimizer, make_scheduler
 from .sharding import fsdp_on_cpu, local_share, sharding, unpartitioned_loading, weights_digest
 
@@ -122,7 +123,12 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         )
     if (dataset.meta["task"] == "i2v") != variant.image_conditioned(dataset.meta["task"]):
         raise TrainingError(f"{recipe.data.shards} holds {dataset.meta['task']} data; {variant.name} needs {variant.task}")
-    sampler = BucketBatchSampler(dataset.buckets, recipe.train.batch_size, recipe.run.seed, rank, world)
+    heldout = make_heldout(dataset, recipe.data.holdout, recipe.eval.sigmas, recipe.eval.seed, recipe.data.max_text_tokens)
+    kept_out = frozenset(heldout.indices if heldout else ())
+    sampler = BucketBatchSampler(dataset.buckets, recipe.train.batch_size, recipe.run.seed, rank, world, held_out=kept_out)
+    if heldout is not None:
+        clips = len({dataset.sources[i] for i in kept_out})
+        say(f"held out {len(kept_out)} of {len(dataset)} samples ({clips} clip(s)) for the held-out loss (data.holdout)")
 
     # --- models, optimizers (one per trained expert; only those are loaded) ------------------
     boundary = recipe_source(recipe, components=()).boundary_ratio  # the folder's model_index.json
@@ -187,15 +193,30 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         _init_tracking(accelerator, recipe, run_dir)
     validator = None
     if recipe.validation.every and (main or sharded):
-        from .validation import Validator
+        from .validation import Validator, clip_first_frames
 
         # Sharded weights: every rank runs the same pipeline (its forwards gather the shards
         # together), rank 0 writes the videos.
-        with unpartitioned_loading(accelerator):
-            validator = Validator(recipe, accelerator.device, compute_dtype, trained=names)
+        try:
+            first_frames = None
+            if variant.image_conditioned(recipe.data.task) and not recipe.validation.images:
+                first_frames = clip_first_frames(recipe, recipe.data.shards, heldout.indices if heldout else [],
+                                                 len(recipe.validation.prompts))
+            with unpartitioned_loading(accelerator):
+                validator = Validator(recipe, accelerator.device, compute_dtype, trained=names, first_frames=first_frames)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
+    if recipe.validation.every:  # the base model's renders for the contact sheets, once per run
+        render_base = _agree(accelerator, main and validator.base_missing(run_dir / "validation"))
+        if validator is not None:
+            live = {tr.name: accelerator.unwrap_model(tr.model) for tr in trainees}
+            note = validator.prepare_base(live, run_dir / "validation", render_base, lora=recipe.adapter.method == "lora",
+                                          untrained=start_step == 0, write=main)
+            if note:
+                say(note)
     shift = recipe.timesteps.shift if recipe.timesteps.shift is not None else variant.flow_shift
     draw = sigma_sampler(recipe, shift)
-    say(f"training {recipe.adapter.method}: {n_trainable:,} trainable parameters, {len(dataset)} samples, "
+    say(f"training {recipe.adapter.method}: {n_trainable:,} trainable parameters, {len(dataset) - len(kept_out)} samples, "
         f"{world} process(es), steps {start_step} -> {recipe.train.steps}")
 
     # --- steps ------------------------------------------------------------------------------
@@ -203,6 +224,26 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     bar = tqdm(total=recipe.train.steps, initial=start_step, desc="train", unit="step", disable=not (progress and main))
     step, last_saved, run_losses = start_step, None, []
     metrics = _open_metrics(run_dir / METRICS_FILE, start_step) if main else None
+    board = Scoreboard(run_dir, run_dir / METRICS_FILE) if heldout is not None and main else None
+
+    def score(at: int) -> None:
+        """The held-out loss of the current weights (every rank: sharded forwards gather)."""
+        live = {tr.name: accelerator.unwrap_model(tr.model) for tr in trainees}
+        result = heldout.losses(live, variant, boundary, accelerator, compute_dtype)
+        say(format_heldout(at, result))
+        if recipe.tracking.backend != "none":
+            accelerator.log(result, step=at)
+        if main:
+            metrics.write(json.dumps({"step": at, **result}) + "\n")
+            metrics.flush()
+            best = board.add(at, result["heldout_loss"])
+            if best is not None and best["step"] == at:
+                say(f"best so far by held-out loss: {best['checkpoint']} (run folder's best.json)")
+                prune_checkpoints(run_dir, recipe.checkpoint.keep_last, best_checkpoint(run_dir))  # the old best may go now
+
+    # The starting weights' score, unless a run that got this far logged it already.
+    if heldout is not None and _agree(accelerator, main and start_step not in board.scores):
+        score(start_step)
     try:
         while step < recipe.train.steps:
             t0 = time.perf_counter()
@@ -265,9 +306,13 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             bar.set_postfix(loss=f"{mean_loss:.4f}", s_step=f"{seconds:.2f}")
 
             stopping = _agree(accelerator, stop.received is not None)
-            if step % recipe.checkpoint.every == 0 or step == recipe.train.steps or stopping:
+            saving = step % recipe.checkpoint.every == 0 or step == recipe.train.steps or stopping
+            if saving:
                 last_saved = save_checkpoint(accelerator, run_dir, step, trainees, consumed, recipe_yaml,
-                                             recipe.checkpoint.keep_last)
+                                             recipe.checkpoint.keep_last, keep=best_checkpoint(run_dir))
+            # Not while stopping (a preempted job has little time): the resumed run scores that step first.
+            if heldout is not None and not stopping and (step % recipe.eval.every == 0 if recipe.eval.every else saving):
+                score(step)
             if recipe.validation.every and step % recipe.validation.every == 0:
                 if validator is not None:
                     from .validation import log_videos
@@ -291,6 +336,8 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     return {"run_dir": str(run_dir), "step": step, "checkpoint": str(last_saved) if last_saved else None,
             "trainable": n_trainable, "first_losses": run_losses[:10], "last_losses": run_losses[-10:],
             "stopped_by": stop.received, "main": main, "rank": rank, "world": world,
+            "heldout": dict(sorted(board.scores.items())) if board is not None else {},
+            "best": str(best_checkpoint(run_dir) or "") or None,
             "weights_sha256": "-".join(weights_digest(accelerator, tr.model) for tr in trainees),
             "model": accelerator.unwrap_model(trainees[0].model),
             "models": {tr.label: accelerator.unwrap_model(tr.model) for tr in trainees}}

@@ -2,8 +2,10 @@
 
 The pipeline is built once (VAE, scheduler, CLIP for I2V) around the live transformer; prompt
 embeddings are computed once at start and the text encoder is dropped again, so the 11 GB umT5
-does not sit in memory through training. Videos land in `<run>/validation/step-NNNNNN/NN.mp4`
-and go to W&B when it is the tracker.
+does not sit in memory through training. Videos land in `<run>/validation/step-NNNNNN/NN.mp4`,
+each with a contact sheet `NN.png` (the base model's frames above the current ones, same seed;
+`overview.py`), and go to W&B when it is the tracker. The base model's renders are made once per
+run, before training (a LoRA: with its adapters switched off, at any step), into `validation/base/`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from ..config import Recipe
 from ..models.loading import load_transformer, recipe_source, resolve_source
 from ..models.variants import get_variant
 from ..video_io import to_uint8, write_video
+from .overview import frame_row, read_row, write_overview, write_row, write_sheet
 
 
 class Validator:
-    def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype, trained: list[str] = ("transformer",)):
+    def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype, trained: list[str] = ("transformer",),
+                 first_frames: list | None = None):
         """`trained`: the experts the run trains (their live weights render); a Wan2.2 A14B
-        expert that is not trained renders from the base weights, loaded here once."""
+        expert that is not trained renders from the base weights, loaded here once.
+        `first_frames`: I2V images for the prompts when `validation.images` gives none."""
         from diffusers import WanImageToVideoPipeline, WanPipeline
         from PIL import Image
 
@@ -49,19 +54,70 @@ class Validator:
             ]
         self.pipe.text_encoder = None  # embeddings are cached; free the encoder
         self.images = [Image.open(p).convert("RGB") for p in v.images] if self.with_image else []
+        if self.with_image and not self.images:
+            self.images = list(first_frames or [])
+            if len(self.images) < len(v.prompts):
+                raise ValueError(f"I2V validation needs {len(v.prompts)} first frame(s): give validation.images")
+        self.base_rows: list | None = None
+
+    def base_missing(self, out_dir: Path) -> bool:
+        return any(not (Path(out_dir) / "base" / f"{i:02d}.png").is_file() for i in range(len(self.embeds)))
 
     @torch.no_grad()
+    def prepare_base(self, live: dict, out_dir: Path, render: bool, lora: bool, untrained: bool, write: bool = True) -> str | None:
+        """The base model's frame rows for the contact sheets: read from `validation/base/`, or
+        rendered there when `render` (every rank decides alike). A LoRA renders the base with its
+        adapters off; a full fine-tune only while its weights are still the base (`untrained`).
+        Returns a note when the sheets must go without the base."""
+        base = Path(out_dir) / "base"
+        if not render:
+            if write:
+                self.base_rows = [read_row(base / f"{i:02d}.png") for i in range(len(self.embeds))]
+            return None
+        if not (lora or untrained):
+            return ("validation sheets show the current weights only: the base renders (validation/base/) are missing "
+                    "and a resumed full fine-tune no longer holds the base weights")
+        if lora:
+            for m in live.values():
+                m.disable_adapters()
+        try:
+            videos = self._render_all(live)
+        finally:
+            if lora:
+                for m in live.values():
+                    m.enable_adapters()
+        if write:
+            self.base_rows = []
+            for i, frames in enumerate(videos):
+                write_video(base / f"{i:02d}.mp4", frames, fps=self.recipe.data.fps)
+                self.base_rows.append(frame_row(frames))
+                write_row(base / f"{i:02d}.png", self.base_rows[-1])
+        return None
+    @torch.no_grad()
     def render(self, live: dict, step: int, out_dir: Path, write: bool = True) -> list[Path]:
-        """Videos of every prompt from the live transformers ({expert: module}); `write=False`
-        renders without writing (the other ranks of a sharded run, whose forwards must take part
-        in the gathers)."""
+        """Videos and contact sheets of every prompt from the live transformers ({expert:
+        module}), then the overview page; `write=False` renders without writing (the other ranks
+        of a sharded run, whose forwards must take part in the gathers)."""
+        videos = self._render_all(live)
+        if not write:
+            return []
+        paths, folder = [], Path(out_dir) / f"step-{step:06d}"
+        for i, frames in enumerate(videos):
+            paths.append(write_video(folder / f"{i:02d}.mp4", frames, fps=self.recipe.data.fps))
+            rows = [("base", self.base_rows[i])] if self.base_rows else []
+            write_sheet(folder / f"{i:02d}.png", rows + [(f"step {step}", frame_row(frames))])
+        write_overview(out_dir, self.recipe.validation.prompts, Path(out_dir).parent / "metrics.jsonl")
+        return paths
+
+    def _render_all(self, live: dict) -> list:
+        """uint8 frames [T, H, W, 3] of every prompt, same seed each time."""
         v = self.recipe.validation
         models = {**self.frozen, **live}
         was_training = {name: m.training for name, m in live.items()}
         for name, m in models.items():
             m.eval()
             setattr(self.pipe, name, m)
-        paths = []
+        videos = []
         try:
             for i, (pos, neg) in enumerate(self.embeds):
                 kwargs = dict(prompt_embeds=pos, negative_prompt_embeds=neg, height=self.height, width=self.width,
@@ -71,15 +127,44 @@ class Validator:
                     kwargs["guidance_scale_2"] = v.guidance_scale_2
                 if self.with_image:
                     kwargs["image"] = self.images[i]
-                frames = self.pipe(**kwargs).frames[0]
-                if write:
-                    paths.append(write_video(Path(out_dir) / f"step-{step:06d}" / f"{i:02d}.mp4", to_uint8(frames), fps=self.recipe.data.fps))
+                videos.append(to_uint8(self.pipe(**kwargs).frames[0]))
         finally:
             for name in models:
                 setattr(self.pipe, name, None)
             for name, m in live.items():
                 m.train(was_training[name])
-        return paths
+        return videos
+
+
+def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int) -> list:
+    """I2V validation without `validation.images`: the first frames of the windows of `count`
+    clips, held-out ones (`prefer`) first, read from the footage prep read (`data.source`)."""
+    import decord
+    from PIL import Image
+
+    from ..data.shards import ShardReader
+
+    reader = ShardReader(shards)
+    base = Path(recipe.data.source or ".").expanduser()
+    base = base.parent if base.is_file() else base  # a manifest: its paths are relative to its folder
+    order = list(prefer) + [i for i in range(len(reader)) if i not in set(prefer)]
+    frames, seen = [], set()
+    for i in order:
+        row = reader.row(i)
+        if row["source"] in seen:
+            continue
+        seen.add(row["source"])
+        path = Path(row["source"]) if Path(row["source"]).is_absolute() else base / row["source"]
+        if not path.is_file():
+            raise ValueError(f"I2V validation takes the first frames of clips when validation.images is empty, but "
+                             f"{path} is not here (data.source={recipe.data.source}): give validation.images")
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+            frames.append(Image.open(path).convert("RGB"))
+        else:
+            frames.append(Image.fromarray(decord.VideoReader(str(path))[int(row["start_frame"])].asnumpy()))
+        if len(frames) == count:
+            break
+    return frames
 
 
 def log_videos(accelerator, recipe: Recipe, paths: list[Path], step: int) -> None:
@@ -88,5 +173,8 @@ def log_videos(accelerator, recipe: Recipe, paths: list[Path], step: int) -> Non
     import wandb
 
     tracker = accelerator.get_tracker("wandb", unwrap=True)
-    tracker.log({f"validation/{i:02d}": wandb.Video(str(p), caption=recipe.validation.prompts[i], format="mp4")
-                 for i, p in enumerate(paths)}, step=step)
+    videos = {f"validation/{i:02d}": wandb.Video(str(p), caption=recipe.validation.prompts[i], format="mp4")
+              for i, p in enumerate(paths)}
+    sheets = {f"validation_sheet/{i:02d}": wandb.Image(str(p.with_suffix(".png")), caption=f"base (top) vs step {step}: "
+                                                       f"{recipe.validation.prompts[i]}") for i, p in enumerate(paths)}
+    tracker.log({**videos, **sheets}, step=step)

@@ -1,0 +1,144 @@
+"""Held-out flow loss at fixed sigmas: a number that says whether step 3,000 beats step 1,500.
+
+The training loss jumps with every step's random sigma and noise. This one does not: a few
+samples the trainer never sees (`data.holdout`), each noised at the same fixed sigmas
+(`eval.sigmas`) with noise drawn from a generator seeded by the sample's id and the sigma, give
+the plain flow-matching MSE (no loss weighting, no caption dropout). For the same weights it is
+the same number on every resume and every world size: each sample's loss is computed alone
+(batch of one), the ranks' losses are gathered, and every rank averages them in one fixed order.
+
+Held-out samples are chosen by clip (`source`), so the windows of one video never sit on both
+sides, and by a hash of the clip's path (not its position), so a rerun of prep holds out the same clips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.dataset import collate, to_device
+from . import flow_matching as fm
+
+
+def _unit_hash(text: str) -> float:
+    """A stable number in [0, 1) for a string (Python's hash() changes per process)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+def choose_holdout(sources: list[str], share: float, seed: int) -> list[int]:
+    """Indices of the held-out samples: whole clips, about `share` of the samples (at least one
+    clip when share > 0), the clips with the smallest hash of (seed, path) first."""
+    if share <= 0 or not sources:
+        return []
+    by_clip: dict[str, list[int]] = {}
+    for i, s in enumerate(sources):
+        by_clip.setdefault(s, []).append(i)
+    wanted = max(1, round(share * len(sources)))
+    chosen: list[int] = []
+    for clip in sorted(by_clip, key=lambda c: _unit_hash(f"{seed}:{c}")):
+        if len(chosen) >= wanted:
+            break
+        chosen += by_clip[clip]
+    return sorted(chosen)
+
+
+def sample_noise_seed(seed: int, sample_id: str, j: int) -> int:
+    return int(_unit_hash(f"{seed}:{sample_id}:{j}") * 2**62)
+
+
+@dataclass
+class HeldOut:
+    """The held-out samples of a run and the sigmas they are scored at."""
+
+    dataset: object
+    indices: list[int]
+    ids: list[str]
+    sigmas: list[float]
+    seed: int
+    max_text_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @torch.no_grad()
+    def losses(self, models: dict, variant, boundary, accelerator, dtype: torch.dtype) -> dict[str, float]:
+        """{"heldout_loss": mean over sigmas and samples, "heldout_loss@<sigma>": mean over samples}.
+        `models`: {expert: module} of the trained experts; a sigma no trained expert owns (one
+        A14B expert trained alone) is not scored. Every rank must call this (sharded weights
+        gather in each forward, so all ranks run the same number of forwards)."""
+        rank, world = accelerator.process_index, accelerator.num_processes
+        scored = [(j, s) for j, s in enumerate(self.sigmas) if variant.expert_for(s, boundary) in models]
+        n = len(self.indices)
+        per_rank = math.ceil(n / world)
+        device = accelerator.device
+        out = torch.full((per_rank, len(scored)), float("nan"), dtype=torch.float64, device=device)
+        was_training = {name: m.training for name, m in models.items()}
+        for m in models.values():
+            m.eval()  # LoRA dropout off
+        try:
+            for slot in range(per_rank):
+                k = rank + slot * world
+                padded = k >= n  # a rank with nothing left repeats its last sample, discarded below
+                i = self.indices[min(k, n - 1)]
+                batch = to_device(collate([self.dataset[i]]), device, torch.float32, self.max_text_tokens)
+                sid = self.ids[min(k, n - 1)]
+                for col, (j, sigma) in enumerate(scored):
+                    g = torch.Generator().manual_seed(sample_noise_seed(self.seed, sid, j))
+                    noise = torch.randn(batch["latents"].shape, generator=g).to(device)
+                    model = models[variant.expert_for(sigma, boundary)]
+                    with accelerator.autocast():
+                        pred, target = fm.predict(model, variant, batch, torch.tensor([sigma], device=device), noise, dtype)
+                        loss = fm.flow_matching_loss(pred, target, torch.ones(1, device=device))
+                    if not padded:
+                        out[slot, col] = loss.double()
+        finally:
+            for name, m in models.items():
+                m.train(was_training[name])
+        # Rank r's slot s holds sample r + s * world: gather, then put every sample back in order.
+        gathered = accelerator.gather(out.unsqueeze(0)) if world > 1 else out.unsqueeze(0)
+        rows = gathered.cpu().reshape(world, per_rank, len(scored)).transpose(0, 1).reshape(world * per_rank, len(scored))[:n]
+        result = {f"heldout_loss@{s:g}": float(rows[:, col].mean()) for col, (_, s) in enumerate(scored)}
+        result["heldout_loss"] = float(rows.mean()) if scored else float("nan")
+        return result
+
+
+def make_heldout(dataset, share: float, sigmas: list[float], seed: int, max_text_tokens: int) -> HeldOut | None:
+    sources = dataset.sources
+    indices = choose_holdout(sources, share, seed)
+    if not indices:
+        return None
+    return HeldOut(dataset, indices, [dataset.ids[i] for i in indices], list(sigmas), seed, max_text_tokens)
+
+
+def format_heldout(step: int, result: dict[str, float]) -> str:
+    per_sigma = ", ".join(f"{k.split('@')[1]}: {v:.4f}" for k, v in result.items() if "@" in k)
+    return f"held-out loss at step {step}: {result['heldout_loss']:.4f} (by sigma {per_sigma})"
+
+
+class Scoreboard:
+    """The held-out losses of a run so far, by step (read back from metrics.jsonl on a resume),
+    and `best.json`: the checkpoint with the lowest one."""
+
+    def __init__(self, run_dir: Path, metrics: Path):
+        from .overview import heldout_by_step
+
+        self.run_dir = Path(run_dir)
+        self.scores: dict[int, float] = heldout_by_step(metrics)
+
+    def add(self, step: int, loss: float) -> dict | None:
+        """Record a score; rewrite best.json; return its content (None while no scored step has a checkpoint)."""
+        from ..atomic import write_json
+        from .checkpoint import BEST_FILE, step_dir
+
+        self.scores[step] = loss
+        kept = {s: v for s, v in self.scores.items() if (step_dir(self.run_dir, s) / "state.json").is_file()}
+        if not kept:
+            return None
+        step = min(kept, key=lambda s: (kept[s], s))  # ties: the earlier step
+        best = {"step": step, "checkpoint": step_dir(self.run_dir, step).name, "heldout_loss": kept[step]}
+        write_json(self.run_dir / BEST_FILE, best)
+        return best
