@@ -64,6 +64,7 @@ def make_captions(items: list[SourceItem], cfg: CaptionConfig, path: str | Path,
     """Write the caption review file for `items`, keeping every caption already in it (unless
     caption.overwrite) and adding rows for new items; returns how many captions came from where."""
     existing = read_captions(path)
+    items = [item for item in items if item.supported]  # prep's report names the other files
     rows, todo = [], []
     for item in items:
         kept = existing.get(item.key)

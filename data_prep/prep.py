@@ -31,7 +31,7 @@ from .buckets import aspect_buckets, fit_problem, nearest_bucket, resize_crop
 from .captions import make_captions, read_captions
 from .encode import Encoders, settings_hash
 from .sources import SourceItem, discover
-from .video import SkipClip, Window, plan_windows, probe, read_frames
+from .video import SkipClip, Window, plan_windows, probe, read_frames, unsupported_reason
 
 REPORT_FILE = "prep_report.csv"
 PLAN_FILE = ".plan-rank{rank}.json"
@@ -90,9 +90,12 @@ def prep_settings(recipe: Recipe, i2v: bool) -> dict:
 
 def _plan_item(item: SourceItem, caption: str, recipe: Recipe, identity: str) -> list[Sample]:
     d = recipe.data
+    # The file's own defects first: a user should not caption a file that can never be used.
+    if not item.supported:
+        raise SkipClip(unsupported_reason(item.path))
+    info = probe(item.path, item.is_image)
     if not caption:
         raise SkipClip("missing caption: no sidecar .txt or manifest caption; add one in the captions file, or use caption.mode=template/vlm")
-    info = probe(item.path, item.is_image)
     windows = plan_windows(info, d.fps, d.frames, d.clip_stride, d.max_clips_per_video, item.start_s, item.end_s)
     digest = content_hash(item.path)
     samples, problems = [], []

@@ -12,6 +12,7 @@ from pathlib import Path
 
 VIDEO_EXTS = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"}
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
+CAPTION_EXT = ".txt"  # sidecar captions: the only other files a footage folder is expected to hold
 PATH_COLUMNS = ("path", "video", "file", "file_name", "image")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
 
@@ -30,6 +31,11 @@ class SourceItem:
     """Caption given by the source (sidecar .txt or manifest column); None when there is none."""
     start_s: float | None = None
     end_s: float | None = None
+
+    @property
+    def supported(self) -> bool:
+        """A video or image type prep reads; other files of a folder are listed so the report names them."""
+        return Path(self.path).suffix.lower() in VIDEO_EXTS | IMAGE_EXTS
 
     @property
     def is_image(self) -> bool:
@@ -63,10 +69,11 @@ def from_folder(folder: Path) -> list[SourceItem]:
     items = []
     # is_file() is False for a broken link; list links too so they are reported, not ignored.
     for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
-        if path.name.startswith("."):
+        if path.name.startswith(".") or path.suffix.lower() == CAPTION_EXT:
             continue
-        if path.suffix.lower() in VIDEO_EXTS | IMAGE_EXTS:
-            items.append(SourceItem(str(path), _name(path, folder), _sidecar(path)))
+        # Every other file is an item: prep encodes it or its report says why not (an animated
+        # GIF or a .pdf left out in silence looks like a bug to the person who put it there).
+        items.append(SourceItem(str(path), _name(path, folder), _sidecar(path)))
     return items
 
 
@@ -151,6 +158,7 @@ def discover(source: str | None) -> list[SourceItem]:
         items = from_dataset(path)
     else:
         items = from_folder(path)
-    if not items:
-        raise SourceError(f"data.source: {path} holds no videos ({', '.join(sorted(VIDEO_EXTS))}) or images")
+    if not any(it.supported for it in items):
+        raise SourceError(f"data.source: {path} holds no videos ({', '.join(sorted(VIDEO_EXTS))}) or images "
+                          f"({', '.join(sorted(IMAGE_EXTS))})")
     return sorted(items, key=lambda it: it.key)

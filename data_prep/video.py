@@ -72,7 +72,31 @@ def _reader(path: str):
     try:
         return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     except Exception as err:  # decord raises RuntimeError / DECORDError with ffmpeg's words
+        if _has_no_video_stream(path):  # decord's words for it are a failed C++ check
+            raise SkipClip("no video stream (an audio-only file?)") from None
         raise SkipClip(f"not a readable video ({_first_line(err)})") from None
+
+
+def _has_no_video_stream(path: str) -> bool:
+    """True when the container opens and holds no video stream (False when it does not open)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            return not container.streams.video
+    except Exception:
+        return False
+
+
+def unsupported_reason(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gif":
+        return "unsupported type: .gif (animated GIFs carry no reliable frame timing); convert to mp4, e.g. " \
+               "ffmpeg -i in.gif -pix_fmt yuv420p -vf 'scale=trunc(iw/2)*2:trunc(ih/2)*2' out.mp4"
+    from .sources import IMAGE_EXTS, VIDEO_EXTS
+
+    return (f"unsupported type: {suffix or 'no extension'}; prep reads videos ({' '.join(sorted(VIDEO_EXTS))}) "
+            f"and images ({' '.join(sorted(IMAGE_EXTS))})")
 
 
 def probe(path: str, is_image: bool) -> MediaInfo:

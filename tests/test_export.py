@@ -190,3 +190,45 @@ def test_sample_refuses_mismatches_clearly(trained, tiny_folders, tmp_path, caps
     (tmp_path / "junk.safetensors").write_text("junk")
     assert main([*base, "--base", str(tiny_folders["tiny"]), "--lora", str(tmp_path / "junk.safetensors")]) == 1
     assert "not a safetensors file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny-i2v"])
+def test_adapters_outside_the_blocks_load_alike_in_every_format_that_can_hold_them(tiny_folders, tiny_shards, tmp_path, variant):
+    from wan_tune.config.loader import ConfigError
+
+    outside = ["condition_embedder.time_proj", "condition_embedder.text_embedder.linear_1"]
+    if variant == "tiny-i2v":
+        outside.append("condition_embedder.image_embedder.ff.net.0.proj")
+    base = [f"model.variant={variant}", f"model.path={tiny_folders[variant]}", f"data.shards={tiny_shards[variant]}",
+            f"run.output_dir={tmp_path}", "data.num_workers=0", *PLAIN, *LORA,
+            f"adapter.targets=[attention, {', '.join(outside)}]"]
+    # kohya cannot carry them: `check` says so before anything trains.
+    with pytest.raises(ConfigError, match=r"export.format.*kohya.*outside the transformer blocks"):
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [*base, "export.format=all"])
+    summary = train(load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [*base, "export.format=comfyui"]),
+                    progress=False, say=lambda *_: None)
+    ckpt = Path(summary["checkpoint"])
+    expected = forward(summary["model"].eval(), variant)
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    pairs = {k.split(".lora_")[0] for k in weights}
+    assert set(outside) <= pairs  # they really trained
+
+    checks = export(ckpt, ["comfyui", "diffusers"], tmp_path / "out", say=lambda *_: None)
+    assert all(c.ok and c.modules == len(pairs) for c in checks), checks  # every module, outside ones too
+    cls = WanImageToVideoPipeline if variant == "tiny-i2v" else WanPipeline
+    for fmt in ("comfyui", "diffusers"):
+        (file,) = (tmp_path / "out").glob(f"*-{fmt}.safetensors")
+        pipe = cls.from_pretrained(tiny_folders[variant])
+        pipe.load_lora_weights(str(file))
+        torch.testing.assert_close(forward(pipe.transformer, variant), expected, rtol=0, atol=1e-5, msg=f"{variant} {fmt}")
+    # comfyui: no alpha outside the blocks, the scale (alpha/rank = 2) folded into lora_up; alpha kept inside.
+    comfy = load_file(str(next((tmp_path / "out").glob("*-comfyui.safetensors"))))
+    b = weights["condition_embedder.time_proj.lora_B.default.weight"]
+    assert "diffusion_model.time_projection.1.alpha" not in comfy
+    torch.testing.assert_close(comfy["diffusion_model.time_projection.1.lora_up.weight"], b * 2)
+    assert comfy["diffusion_model.blocks.0.self_attn.q.alpha"].item() == 8
+
+    # Exported anyway as kohya: refused with the reason, and no file is left behind.
+    with pytest.raises(ExportError, match=r"kohya format refused: it cannot carry adapters outside the transformer blocks"):
+        export(ckpt, ["comfyui", "kohya"], tmp_path / "refused", say=lambda *_: None)
+    assert not list((tmp_path / "refused").glob("*.safetensors"))

@@ -203,9 +203,15 @@ def _broken_inputs(root: Path, good_from: Path) -> dict[str, str]:
     write_video(root / "tiny.mp4", moving_shape(20, 16, 16), fps=16)
     write_video(root / "extreme.mp4", moving_shape(20, 32, 640), fps=16)
     write_video(root / "nocaption.mp4", moving_shape(20, 96, 128), fps=16)
+    (root / "corrupt_uncaptioned.mp4").write_bytes(data[:200])  # its defect is reported, not its missing caption
+    frames = [Image.fromarray(f) for f in moving_shape(6, 96, 128)]
+    frames[0].save(root / "style.gif", save_all=True, append_images=frames[1:], duration=62, loop=0)
+    _audio_only(root / "voiceover.mp4")
+    (root / "notes.pdf").write_bytes(b"%PDF-1.4")
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(root / "badimage.png")
     (root / "badimage.png").write_bytes((root / "badimage.png").read_bytes()[:20])
-    for name in ("zero", "notvideo", "truncated", "tooshort", "unreadable", "slowfps", "tiny", "extreme", "badimage"):
+    for name in ("zero", "notvideo", "truncated", "tooshort", "unreadable", "slowfps", "tiny", "extreme", "badimage", "style",
+                 "voiceover"):
         (root / f"{name}.txt").write_text("wtune style, broken")
     return {
         "zero.mp4": "empty file",
@@ -218,7 +224,26 @@ def _broken_inputs(root: Path, good_from: Path) -> dict[str, str]:
         "extreme.mp4": "extreme aspect ratio",
         "nocaption.mp4": "missing caption",
         "badimage.png": "not a readable image",
+        "corrupt_uncaptioned.mp4": "not a readable video",
+        "style.gif": "unsupported type: .gif",
+        "voiceover.mp4": "no video stream",
+        "notes.pdf": "unsupported type: .pdf",
     }
+
+
+def _audio_only(path: Path) -> None:
+    """An mp4 with one AAC audio stream and no video, as a voice-over export is."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        samples = (np.sin(np.linspace(0, 400, 16000)) * 0.3).astype(np.float32)[None]
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def test_every_broken_input_is_reported_and_good_ones_land(tiny_folders, footage, tmp_path, capsys):

@@ -29,7 +29,8 @@ def clips(tmp_path_factory) -> Path:
 
 def test_folder_lists_videos_and_images_with_sidecars(clips):
     items = discover(str(clips))
-    assert [i.name for i in items] == ["a.jpg", "clip_000.mp4", "clip_001.mp4", "sub/uncaptioned.mov"]
+    assert [i.name for i in items if i.supported] == ["a.jpg", "clip_000.mp4", "clip_001.mp4", "sub/uncaptioned.mov"]
+    assert [i.name for i in items if not i.supported] == ["notes.md"]  # listed, so prep's report names it
     by_name = {i.name: i for i in items}
     assert by_name["clip_000.mp4"].caption.startswith("wtune style, a red circle")
     assert by_name["sub/uncaptioned.mov"].caption is None and by_name["a.jpg"].is_image

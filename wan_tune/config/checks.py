@@ -10,6 +10,8 @@ from ..models.variants import VARIANTS
 from .schema import AdapterConfig, Recipe
 
 LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets")
+# Top-level modules of WanTransformer3DModel outside its blocks (a target naming one trains there).
+OUTSIDE_BLOCKS = ("condition_embedder", "patch_embedding", "proj_out", "norm_out")
 
 
 def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list[tuple[str, str]]:
@@ -50,6 +52,10 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
                 errors.append(("adapter.targets", f"{t!r} is neither a preset nor a module name like 'attn1.to_q'{hint}"))
         if not r.adapter.targets:
             errors.append(("adapter.targets", "a LoRA needs at least one target"))
+        outside = [t for t in r.adapter.targets if t.split(".")[0] in OUTSIDE_BLOCKS]
+        if outside and r.export.format in ("kohya", "all"):
+            errors.append(("export.format", f"{r.export.format} includes kohya, which cannot carry adapters outside the "
+                           f"transformer blocks ({', '.join(outside)}): set export.format=comfyui or diffusers"))
 
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(r.caption.template) if name is not None}

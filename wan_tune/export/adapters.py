@@ -4,11 +4,15 @@ All three start from the same thing: per diffusers module name, the pair (A [r, 
 and alpha. Only key names and where alpha lives differ:
 
 - comfyui (original keys): `diffusion_model.<original module>.lora_down.weight` / `.lora_up.weight`
-  / `.alpha`. ComfyUI and diffusers both load it.
+  / `.alpha`. ComfyUI and diffusers both load it. Outside the transformer blocks (a target such as
+  `condition_embedder.time_proj`) there is no `.alpha`: diffusers' converter reads alpha only inside
+  the blocks and refuses the file otherwise, so alpha/rank is folded into `lora_up` there (ComfyUI
+  takes a missing alpha as scale 1, diffusers too: both apply the same update).
 - diffusers (PEFT keys): `transformer.<module>.lora_A.weight` / `.lora_B.weight`; alpha only in
   the `lora_adapter_metadata` header (diffusers' own convention), so diffusers alone loads it.
 - kohya / musubi: `lora_unet_<original module with _>.lora_down.weight` ... + `.alpha`. diffusers'
-  converter for it needs every block to carry q,k,v,o (self and cross), ffn.0 and ffn.2.
+  converter for it needs every block to carry q,k,v,o (self and cross), ffn.0 and ffn.2, and
+  nothing outside the blocks.
 """
 
 from __future__ import annotations
@@ -63,11 +67,19 @@ def _alpha(adapter: Adapter) -> torch.Tensor:
     return torch.tensor(float(adapter.alpha), dtype=torch.float32)
 
 
+def in_blocks(module: str) -> bool:
+    return module.startswith("blocks.")
+
+
 def comfyui_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     out = {}
     for module, (a, b) in adapter.pairs.items():
         key = f"diffusion_model.{to_original(module)}"
-        out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"], out[f"{key}.alpha"] = a, b, _alpha(adapter)
+        out[f"{key}.lora_down.weight"] = a
+        if in_blocks(module):
+            out[f"{key}.lora_up.weight"], out[f"{key}.alpha"] = b, _alpha(adapter)
+        else:  # no .alpha outside the blocks (see the module docstring): the scale goes into B
+            out[f"{key}.lora_up.weight"] = (b.float() * adapter.scale).to(b.dtype)
     return out
 
 
@@ -96,7 +108,19 @@ def kohya_problems(adapter: Adapter, is_i2v: bool) -> list[str]:
     return missing if blocks else ["no transformer blocks"]
 
 
+def kohya_outside_blocks(modules) -> list[str]:
+    """Targets diffusers' kohya/musubi converter cannot take (it expects `blocks_N` in every key)."""
+    return sorted(m for m in modules if not in_blocks(m))
+
+
 def kohya_state_dict(adapter: Adapter, is_i2v: bool) -> dict[str, torch.Tensor]:
+    outside = kohya_outside_blocks(adapter.pairs)
+    if outside:
+        raise ExportError(
+            f"kohya format refused: it cannot carry adapters outside the transformer blocks ({', '.join(outside[:3])}); "
+            "diffusers' kohya/musubi loader fails on them. Export --format comfyui or diffusers (both load in diffusers; "
+            "comfyui also in ComfyUI)."
+        )
     missing = kohya_problems(adapter, is_i2v)
     if missing:
         raise ExportError(

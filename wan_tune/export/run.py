@@ -143,7 +143,8 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
     config = lora_config(recipe, variant)
     adapter = adapter_from_trainable(weights, config.r, config.lora_alpha, config.to_dict())
     check_fits(adapter, variant)
-    checks = []
+    # Every format is built (and any refused) before the first file is written.
+    built = []
     for fmt in formats:
         if fmt == "comfyui":
             sd, meta = comfyui_state_dict(adapter), {}
@@ -154,8 +155,16 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
             sd, meta = diffusers_state_dict(adapter), diffusers_metadata(adapter)
         else:
             sd, meta = kohya_state_dict(adapter, variant.is_i2v), {}
+        built.append((fmt, sd, meta))
+    checks = []
+    for fmt, sd, meta in built:
         path = save_tensors(out / f"{stem}-{fmt}.safetensors", sd, {"format": "pt", **meta, **header(recipe, state, fmt, expert)})
-        checks.append(check_adapter_file(path, adapter, variant, expert))
+        try:
+            checks.append(check_adapter_file(path, adapter, variant, expert))
+        except Exception as err:  # a file diffusers cannot even load must not stay behind looking usable
+            path.unlink(missing_ok=True)
+            raise ExportError(f"{path.name}: diffusers could not load it back ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200] if str(err) else ''}); the file was removed") from err
         say(f"wrote {path}")
     if merge:
         checks += export_merged(recipe, adapter, out / f"{stem}-merged", say, expert)
