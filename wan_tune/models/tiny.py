@@ -109,8 +109,11 @@ def _tiny_vae(variant: Variant):
     from diffusers import AutoencoderKLWan
 
     if variant.vae_z_dim == 16:
-        # Same compression as the Wan2.1 VAE (8x spatial, 4x temporal, 16 latent channels).
-        return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+        # Same compression as the Wan2.1 VAE (8x spatial, 4x temporal, 16 latent channels),
+        # trained so that decode inverts encode: the demo's pictures show what the LoRA learned.
+        from .tiny_vae import tiny_vae
+
+        return tiny_vae()
     # The Wan2.2 VAE's layout (pixels patchified 2x2 into 12 channels, residual blocks, 4x16x16,
     # 48 latent channels) at small widths, with its own latent normalisation.
     g = torch.Generator().manual_seed(1)
