@@ -11,5 +11,5 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-.venv/bin/python -m pip install -q -e ".[${EXTRAS:-test}]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[${EXTRAS:-test}]"  # the versions the suite passed with
 echo "wan-tune installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
