@@ -71,6 +71,29 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     return Path(run_dir) / name if name and (Path(run_dir) / name / "state.json").is_file() else None
 
 
+def checkpoint_damage(path: Path) -> str | None:
+    """Why the step folder cannot be resumed from, or None. Reads state.json and every
+    safetensors header (a truncated file's offsets run past its end); not DeepSpeed's own files."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict) or "step" not in state:
+            return "state.json holds no step"
+    except FileNotFoundError:
+        return "no state.json"
+    except (OSError, ValueError) as err:
+        return f"state.json is not readable JSON ({err})"
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error types (header too large, not JSON, offsets)
+            return f"{file.name} is damaged ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__})"
+    return None
+
+
 def remove_partial(run_dir: str | Path) -> list[Path]:
     """Delete `.step-N.tmp/` folders a killed save left behind (never chosen, only clutter)."""
     partial = sorted(Path(run_dir).glob(".step-*.tmp")) if Path(run_dir).is_dir() else []

@@ -33,7 +33,10 @@ from ..models.variants import get_variant, trained_experts
 from . import flow_matching as fm
 from .experts import make_trainee, route, sigma_bounds, sigma_sampler
 from .offload import BlockOffload, ExpertSwap
-from .checkpoint import best_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, remove_partial, save_checkpoint
+from .checkpoint import (
+    STEP_DIR, best_checkpoint, checkpoint_damage, list_checkpoints, load_checkpoint, prune_checkpoints, remove_partial,
+    save_checkpoint,
+)
 from .heldout import Scoreboard, format_heldout, make_heldout
 from .optim import make_optimizer, make_scheduler
 from .sharding import fsdp_on_cpu, local_share, sharding, unpartitioned_loading, weights_digest
@@ -172,7 +175,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         for p in remove_partial(run_dir):
             say(f"removed {p.name}: a checkpoint whose save was interrupted")
     accelerator.wait_for_everyone()
-    checkpoint = _resume_point(recipe, run_dir, resume)
+    checkpoint = _resume_point(recipe, run_dir, resume, say)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, trainees)
         start_step, consumed = state["step"], state["batches_consumed"]
@@ -361,16 +364,31 @@ def _agree(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
-def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None) -> Path | None:
+def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None, say=print) -> Path | None:
+    """The checkpoint to resume from. auto: the newest one that is whole; each damaged newer one
+    is named and passed over (a run never resumes from, or silently ignores, a broken save)."""
     choice = resume or recipe.checkpoint.resume
     if choice == "never":
         return None
     if choice == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        folders = sorted((p for p in run_dir.glob("step-*") if p.is_dir() and STEP_DIR.match(p.name)),
+                         key=lambda p: int(STEP_DIR.match(p.name).group(1))) if run_dir.is_dir() else []
+        skipped = []
+        for path in reversed(folders):
+            damage = checkpoint_damage(path)
+            if damage is None:
+                for name, why in skipped:
+                    say(f"warning: skipped {name} ({why}); resuming from {path.name}, the steps after it are trained again")
+                return path
+            skipped.append((path.name, damage))
+        if skipped:
+            raise TrainingError(f"every checkpoint in {run_dir} is damaged ({'; '.join(f'{n}: {w}' for n, w in skipped)}); "
+                                "move them away to start again, or set checkpoint.resume=never")
+        return None
     path = Path(choice)
-    if not (path / "state.json").is_file():
-        raise TrainingError(f"checkpoint.resume={choice}: not a complete checkpoint folder (no state.json)")
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise TrainingError(f"checkpoint.resume={choice}: cannot resume from it: {damage}")
     return path
 
 
