@@ -42,13 +42,18 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"step-{step:06d}"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporaries are never listed)."""
+def step_folders(run_dir: str | Path) -> list[Path]:
+    """Every `step-N/` folder of a run, complete or not, oldest first (temporaries are never listed)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    found = [p for p in run_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run (those with state.json), oldest first."""
+    return [p for p in step_folders(run_dir) if (p / "state.json").is_file()]
 
 
 BEST_FILE = "best.json"

@@ -34,8 +34,8 @@ from . import flow_matching as fm
 from .experts import make_trainee, route, sigma_bounds, sigma_sampler
 from .offload import BlockOffload, ExpertSwap
 from .checkpoint import (
-    STEP_DIR, best_checkpoint, checkpoint_damage, list_checkpoints, load_checkpoint, prune_checkpoints, remove_partial,
-    save_checkpoint,
+    best_checkpoint, checkpoint_damage, list_checkpoints, load_checkpoint, prune_checkpoints, remove_partial,
+    save_checkpoint, step_folders,
 )
 from .heldout import Scoreboard, format_heldout, make_heldout
 from .optim import make_optimizer, make_scheduler
@@ -371,10 +371,8 @@ def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None, say=print) 
     if choice == "never":
         return None
     if choice == "auto":
-        folders = sorted((p for p in run_dir.glob("step-*") if p.is_dir() and STEP_DIR.match(p.name)),
-                         key=lambda p: int(STEP_DIR.match(p.name).group(1))) if run_dir.is_dir() else []
         skipped = []
-        for path in reversed(folders):
+        for path in reversed(step_folders(run_dir)):
             damage = checkpoint_damage(path)
             if damage is None:
                 for name, why in skipped:
