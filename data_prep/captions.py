@@ -54,7 +54,8 @@ def sample_frames(item: SourceItem, count: int):
     else:
         start = item.start_s or 0.0
         end = min(info.duration, item.end_s) if item.end_s is not None else info.duration
-        first, last = int(start * info.fps), max(int(start * info.fps), min(info.frames, int(end * info.fps)) - 1)
+        first = info.frame_at(start)
+        last = max(first, info.frame_at(end - 1e-3))  # the frame shown just before `end`
         idx = tuple(int(i) for i in np.linspace(first, last, num=min(count, last - first + 1)).round())
         frames = read_frames(item.path, Window(0, idx, start, end), False)
     return [Image.fromarray(f) for f in frames]
@@ -64,7 +65,7 @@ def make_captions(items: list[SourceItem], cfg: CaptionConfig, path: str | Path,
     """Write the caption review file for `items`, keeping every caption already in it (unless
     caption.overwrite) and adding rows for new items; returns how many captions came from where."""
     existing = read_captions(path)
-    items = [item for item in items if item.supported]  # prep's report names the other files
+    items = [item for item in items if item.supported and not item.problem]  # prep's report names the others
     rows, todo = [], []
     for item in items:
         kept = existing.get(item.key)

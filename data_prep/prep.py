@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from wan_tune.atomic import write_json, write_text
+from wan_tune.atomic import writable_problem, write_json, write_text
 from wan_tune.config import Recipe, to_yaml
 from wan_tune.data import shards
 from wan_tune.dist import process_state
@@ -90,12 +90,15 @@ def prep_settings(recipe: Recipe, i2v: bool) -> dict:
 
 def _plan_item(item: SourceItem, caption: str, recipe: Recipe, identity: str) -> list[Sample]:
     d = recipe.data
+    if item.problem:  # a manifest row that names no usable file or window
+        raise SkipClip(item.problem)
     # The file's own defects first: a user should not caption a file that can never be used.
     if not item.supported:
         raise SkipClip(unsupported_reason(item.path))
     info = probe(item.path, item.is_image)
     if not caption:
-        raise SkipClip("missing caption: no sidecar .txt or manifest caption; add one in the captions file, or use caption.mode=template/vlm")
+        why = item.caption_problem or "no sidecar .txt or manifest caption"
+        raise SkipClip(f"missing caption: {why}; add one in the captions file, or use caption.mode=template/vlm")
     windows = plan_windows(info, d.fps, d.frames, d.clip_stride, d.max_clips_per_video, item.start_s, item.end_s)
     digest = content_hash(item.path)
     samples, problems = [], []
@@ -120,8 +123,13 @@ def plan(items: list[SourceItem], captions: dict[str, str], recipe: Recipe, iden
         try:
             samples += _plan_item(item, captions.get(item.key) or "", recipe, identity)
         except SkipClip as err:
-            skips.append((item.name, str(err)))
+            skips.append(skip_line(item, err))
     return samples, skips
+
+
+def skip_line(item: SourceItem, err: SkipClip) -> tuple[str, str]:
+    """(what, why) for the report: a manifest row is named by its row number too."""
+    return item.key, f"manifest row {item.row}: {err}" if item.row else str(err)
 
 
 def _announce_changes(root: Path, settings: dict, encoder_identity: dict, say) -> None:
@@ -136,8 +144,11 @@ def _announce_changes(root: Path, settings: dict, encoder_identity: dict, say) -
         say("prep settings changed since the last run (" + "; ".join(changed) + "): affected samples get new ids and are re-encoded")
 
 
-def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=print) -> dict:
-    """Run prep for this process's share; returns the summary (complete on rank 0)."""
+def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=print, verify: bool = False) -> dict:
+    """Run prep for this process's share; returns the summary (complete on rank 0).
+
+    Data files already written are checked first (their headers; with `verify`, every sample's
+    checksum too): a damaged one is deleted with its index part, and its samples are encoded again."""
     state = process_state()
     main = state.is_main_process
     say = say if main else (lambda *_: None)
@@ -146,6 +157,10 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
     t = time.perf_counter()
 
     root = Path(recipe.data.shards)
+    for key, folder in (("data.shards", root), ("data.captions", Path(recipe.data.captions).parent)):
+        problem = writable_problem(folder)
+        if problem:
+            raise PrepError(f"{key}: {problem}; set {key} to a writable place")
     variant = get_variant(recipe.model.variant)
     i2v = variant.is_i2v if recipe.data.task == "auto" else recipe.data.task == "i2v"
     items = discover(recipe.data.source)
@@ -190,6 +205,7 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
             "text_dim": variant.transformer["text_dim"], "recipe": to_yaml(recipe),
         })
         shards.save_empty_prompt(root, encoders.text([""])[0], storage)
+        _check_existing(root, verify, say)
     state.wait_for_everyone()
 
     done = set(shards.read_parts(root)["id"])
@@ -201,7 +217,7 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
         try:
             frames = read_frames(sample.item.path, sample.window, sample.item.is_image)
         except SkipClip as err:
-            skips.append((sample.item.name, str(err)))
+            skips.append(skip_line(sample.item, err))
             t = timer.add("decode+resize", t)
             continue
         video = resize_crop(frames, sample.bucket[1:])
@@ -230,6 +246,15 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
     summary = _finish(root, state.num_processes) if main else {}
     state.wait_for_everyone()
     return summary
+
+
+def _check_existing(root: Path, verify: bool, say) -> None:
+    for rel, why, count in shards.drop_damaged(root, deep=verify):
+        say(f"damaged shard file {rel} ({why}): deleted; its {count} sample(s) are encoded again")
+    foreign = shards.foreign_files(root)
+    if foreign:
+        say(f"left alone in {root} (not written by prep, never read): {', '.join(foreign[:5])}"
+            + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""))
 
 
 def _finish(root: Path, world: int) -> dict:

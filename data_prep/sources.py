@@ -7,7 +7,7 @@ it was.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 VIDEO_EXTS = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"}
@@ -31,6 +31,12 @@ class SourceItem:
     """Caption given by the source (sidecar .txt or manifest column); None when there is none."""
     start_s: float | None = None
     end_s: float | None = None
+    row: int | None = None
+    """1-based data row of a manifest (header not counted), for the report; None for folder items."""
+    problem: str | None = None
+    """Why this item cannot be used whatever the file holds (a bad manifest row); None when it can."""
+    caption_problem: str | None = None
+    """Why the source gave no caption (an empty or undecodable sidecar, no caption column)."""
 
     @property
     def supported(self) -> bool:
@@ -49,12 +55,23 @@ class SourceItem:
         return f"{self.name}#{self.start_s or 0:g}-{'' if self.end_s is None else f'{self.end_s:g}'}"
 
 
-def _sidecar(path: Path) -> str | None:
+def _sidecar(path: Path) -> tuple[str | None, str | None]:
+    """(caption, why there is none) from the .txt beside `path`.
+
+    A sidecar that is not UTF-8 is refused rather than decoded with replacement characters:
+    a caption with mojibake trains on the mojibake."""
     txt = path.with_suffix(".txt")
-    if txt.is_file():
-        text = txt.read_text(encoding="utf-8", errors="replace").strip()
-        return text or None
-    return None
+    if not txt.is_file():
+        return None, None
+    raw = txt.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig").strip()  # -sig: Notepad's byte-order mark is not caption text
+    except UnicodeDecodeError as err:
+        return None, (f"caption file {txt.name} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                      "save it as UTF-8")
+    if not text:
+        return None, f"caption file {txt.name} is empty; write the caption in it or in the captions file"
+    return text, None
 
 
 def _name(path: Path, base: Path) -> str:
@@ -73,7 +90,8 @@ def from_folder(folder: Path) -> list[SourceItem]:
             continue
         # Every other file is an item: prep encodes it or its report says why not (an animated
         # GIF or a .pdf left out in silence looks like a bug to the person who put it there).
-        items.append(SourceItem(str(path), _name(path, folder), _sidecar(path)))
+        caption, problem = _sidecar(path)
+        items.append(SourceItem(str(path), _name(path, folder), caption, caption_problem=problem))
     return items
 
 
@@ -86,31 +104,60 @@ def _pick(columns, wanted: tuple[str, ...], what: str, where: str, required: boo
     return None
 
 
-def _number(value) -> float | None:
-    if value is None:
+class _BadValue(ValueError):
+    pass
+
+
+def _number(value, column: str) -> float | None:
+    """A time in seconds; None for an empty cell, _BadValue for anything else that is not a number."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
-        value = float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        return None
-    return None if math.isnan(value) else value
+        raise _BadValue(f"{column} {value!r} is not a number of seconds") from None
+    return None if math.isnan(number) else number
+
+
+def _window_problem(start: float | None, end: float | None) -> str | None:
+    if start is not None and start < 0:
+        return f"negative start {start:g} s"
+    if end is not None and end <= 0:
+        return f"end {end:g} s is not after the clip's start"
+    if start is not None and end is not None and start >= end:
+        return f"start {start:g} s is not before end {end:g} s"
+    return None
 
 
 def _from_records(records: list[dict], columns, where: str, base: Path) -> list[SourceItem]:
+    """One item per row; a row that cannot be used still becomes an item, with its `problem`,
+    so the report names it (with its row number) and every other row goes on."""
     path_col = _pick(columns, PATH_COLUMNS, "path", where)
     cap_col = _pick(columns, CAPTION_COLUMNS, "caption", where, required=False)
-    items = []
-    for rec in records:
+    no_caption = None if cap_col else f"the manifest has no caption column (looked for {', '.join(CAPTION_COLUMNS)})"
+    items, first_row = [], {}
+    for row, rec in enumerate(records, start=1):
         raw = rec.get(path_col)
-        if not isinstance(raw, str) or not raw:
+        if not isinstance(raw, str) or not raw.strip():
+            items.append(SourceItem("", f"{Path(where).name}:row-{row}", row=row, problem=f"no {path_col} given"))
             continue
-        path = Path(raw).expanduser()
+        path = Path(raw.strip()).expanduser()
         if not path.is_absolute():
             path = base / path  # relative paths are relative to the manifest
         caption = rec.get(cap_col) if cap_col else None
         caption = caption.strip() if isinstance(caption, str) and caption.strip() else None
-        start, end = _number(rec.get("start")), _number(rec.get("end"))
-        items.append(SourceItem(str(path), _name(path, base), caption, start, end))
+        try:
+            start, end = _number(rec.get("start"), "start"), _number(rec.get("end"), "end")
+            problem = _window_problem(start, end)
+        except _BadValue as err:
+            start, end, problem = None, None, str(err)
+        item = SourceItem(str(path), _name(path, base), caption, start, end, row=row, problem=problem,
+                          caption_problem=no_caption)
+        if problem is None and item.key in first_row:
+            item = replace(item, problem=f"duplicate of row {first_row[item.key]} (same file and time range)")
+        elif problem is None:
+            first_row[item.key] = row
+        items.append(item)
     return items
 
 

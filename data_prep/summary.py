@@ -7,8 +7,10 @@ from collections import Counter
 
 
 def reason_kind(reason: str) -> str:
-    """'too short: 0.40 s gives ...' -> 'too short' (the part before details)."""
-    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
+    """'too short: 0.40 s gives ...' -> 'too short' (the part before details); a manifest row's
+    number and the figures of a sentence are left out so that rows with the same fault count together."""
+    reason = re.sub(r"^manifest row \d+: ", "", reason)
+    return re.sub(r"-?\d+(\.\d+)?", "N", re.split(r"[:(]", reason, maxsplit=1)[0]).strip()
 
 
 def format_summary(summary: dict) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 MIN_FPS, MAX_FPS = 1.0, 240.0
+END_SLACK_S = 0.1  # how far past the video a manifest's end may round
 
 
 class SkipClip(Exception):
@@ -27,10 +28,24 @@ class MediaInfo:
     height: int
     width: int
     is_image: bool = False
+    times: tuple[float, ...] | None = None
+    """Each frame's start time in seconds, for variable-frame-rate video only (None: constant rate)."""
+    end: float | None = None
+    """End of the last frame in seconds, for variable-frame-rate video."""
 
     @property
     def duration(self) -> float:
+        if self.end is not None:
+            return self.end
         return self.frames / self.fps if self.fps else 0.0
+
+    def frame_at(self, t: float) -> int:
+        """The source frame shown at time `t` (seconds from the first frame)."""
+        if self.times is None:
+            index = int(math.floor(t * self.fps + 1e-6))
+        else:  # the last frame that starts at or before t: phones vary the rate with the light
+            index = int(np.searchsorted(self.times, t + 1e-6, side="right")) - 1
+        return min(self.frames - 1, max(0, index))
 
 
 @dataclass(frozen=True)
@@ -118,8 +133,26 @@ def probe(path: str, is_image: bool) -> MediaInfo:
         raise SkipClip("video has no frames")
     if not math.isfinite(fps) or not MIN_FPS <= fps <= MAX_FPS:
         raise SkipClip(f"unusable frame rate {fps:g} fps (expected {MIN_FPS:g}-{MAX_FPS:g})")
-    h, w = _frame_size(vr)
-    return MediaInfo(frames=frames, fps=fps, height=h, width=w)
+    h, w = _frame_size(vr)  # decord applies rotation metadata: a portrait phone clip comes out portrait
+    times, end = _variable_times(vr, fps)
+    return MediaInfo(frames=frames, fps=fps, height=h, width=w, times=times, end=end)
+
+
+def _variable_times(vr, fps: float) -> tuple[tuple[float, ...] | None, float | None]:
+    """Frame start times and the stream's end when frames are not evenly spaced at `fps`.
+
+    Phones record variable frame rate; indexing by the average rate would drift by seconds
+    over a clip and play parts of it fast or slow. Constant-rate video keeps the plain
+    index arithmetic (None), so its windows do not depend on timestamp rounding.
+    """
+    try:
+        stamps = np.asarray(vr.get_frame_timestamp(range(len(vr))), dtype=np.float64)
+    except Exception:  # no usable timestamps: the average rate is all there is
+        return None, None
+    start = stamps[:, 0] - stamps[0, 0]
+    if len(start) < 2 or np.abs(start - np.arange(len(start)) / fps).max() <= 0.5 / fps:
+        return None, None
+    return tuple(start.tolist()), float(stamps[-1, 1] - stamps[0, 0])
 
 
 def _frame_size(vr) -> tuple[int, int]:
@@ -144,6 +177,12 @@ def plan_windows(
     if info.is_image:
         return [Window(0, (0,), 0.0, 0.0)]
     a = max(0.0, start_s or 0.0)
+    if a >= info.duration:
+        raise SkipClip(f"start {a:g} s is past the end of the video ({info.duration:.2f} s)")
+    # A manifest's end may round the clip's length up; more than that is a wrong row, not a rounding.
+    if end_s is not None and end_s > info.duration + END_SLACK_S + 1 / info.fps:
+        raise SkipClip(f"end {end_s:g} s is past the end of the video ({info.duration:.2f} s); fix the row, "
+                       "or leave end empty for the rest of the clip")
     b = min(info.duration, end_s) if end_s is not None else info.duration
     if b <= a:
         raise SkipClip(f"empty time range {a:g}-{b:g} s (video is {info.duration:.2f} s)")
@@ -160,9 +199,7 @@ def plan_windows(
         start = j * step
         if start + length > available:
             break
-        idx = tuple(
-            min(info.frames - 1, int(math.floor((a + (start + k) / target_fps) * info.fps + 1e-6))) for k in range(length)
-        )
+        idx = tuple(info.frame_at(a + (start + k) / target_fps) for k in range(length))
         windows.append(Window(start, idx, a + start / target_fps, a + (start + length) / target_fps))
     return windows
 

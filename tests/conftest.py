@@ -13,7 +13,8 @@ from pathlib import Path
 _SANDBOX = Path(tempfile.mkdtemp(prefix="wan-tune-tests-"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = str(_SANDBOX / "hf")
-os.environ["WAN_TUNE_HOME"] = str(_SANDBOX / "wan-tune-home")
+# WAN_TUNE_TEST_HOME (a developer's, never CI's) keeps the tiny models and their trained VAE between runs.
+os.environ["WAN_TUNE_HOME"] = os.environ.get("WAN_TUNE_TEST_HOME") or str(_SANDBOX / "wan-tune-home")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest  # noqa: E402

@@ -131,7 +131,49 @@ def straight_run(tiny_folders, tiny_shards, tmp_path_factory) -> Path:
     return out / "runs" / "demo-tiny"
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.slow
+def test_random_kills_soak_resumes_to_the_same_result(tiny_folders, tiny_shards, tmp_path, straight_run):
+    """SIGKILL at random steps and inside checkpoint saves, a rerun after each: every checkpoint
+    left is whole, and the last rerun ends with the losses and weights of the uninterrupted run."""
+    import random
+
+    from wan_tune.training.checkpoint import checkpoint_damage, step_folders
+
+    rng = random.Random(14)
+    run = tmp_path / "killed"
+    run_dir = run / "runs" / "demo-tiny"
+    metrics = run_dir / "metrics.jsonl"
+
+    def steps_done() -> int:  # a resumed run cuts metrics.jsonl back to its checkpoint's step
+        return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+    kills, in_save = 0, 0
+    for attempt in range(7):
+        if kills >= 4 and in_save:
+            break
+        proc = subprocess.Popen(_cmd(tiny_folders, tiny_shards, run, **KILL_RUN), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        if attempt % 2:  # inside a save: the moment its temporary folder appears
+            _wait_for(lambda: any(run_dir.glob(".step-*.tmp")) or proc.poll() is not None)
+        else:
+            target = min(110, steps_done() + rng.randint(3, 30))
+            _wait_for(lambda: steps_done() >= target or proc.poll() is not None, timeout=300)
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
+        kills += 1
+        in_save += any(run_dir.glob(".step-*.tmp"))
+        assert all(checkpoint_damage(p) is None for p in step_folders(run_dir) if (p / "state.json").is_file())
+    assert kills >= 4 and in_save >= 1, (kills, in_save)
+    done = subprocess.run(_cmd(tiny_folders, tiny_shards, run, **KILL_RUN), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not list(run_dir.glob(".step-*")) and not list(run_dir.rglob("*.tmp"))  # no temporary left
+    assert losses(run_dir) == losses(straight_run)  # bit-identical, step by step
+    a = load_file(straight_run / "step-000120" / "trainable.safetensors")
+    b = load_file(run_dir / "step-000120" / "trainable.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM"])
 def test_killed_run_resumes_to_the_same_result(tiny_folders, tiny_shards, tmp_path, straight_run, how):
     extra = KILL_RUN
     run = tmp_path / "killed"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +31,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     return path
 
 
+def writable_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written in `folder` (None when they can). Checked when a command
+    starts, so a read-only or missing mount fails in a second, not after hours of work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"cannot write in {folder} ({err.strerror or err})"
+    return None
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -40,6 +55,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
     """safetensors file, atomically (the format wan-tune writes every tensor in)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
+    def write(tmp: str) -> None:
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as err:  # its I/O failures (full disk, quota) are OSErrors to every caller
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+    return atomic_write(path, write)

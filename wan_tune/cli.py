@@ -95,9 +95,12 @@ def _prep(args: argparse.Namespace) -> int:
     if recipe is None:
         return 2
     try:
-        summary = run_prep(recipe, strict=args.strict)
+        summary = run_prep(recipe, strict=args.strict, verify=args.verify)
     except (SourceError, ModelLoadError, PrepError, CaptionModelError) as err:
         print(f"wan-tune prep: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a disk that filled mid-run: every finished shard file is kept
+        print(f"wan-tune prep: {err}; finished shard files are kept: rerun to go on", file=sys.stderr)
         return 1
     if not summary:  # not rank 0
         return 0
@@ -244,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _recipe_args(p)
     p.add_argument("--strict", action="store_true", help="fail (non-zero) if any input is skipped")
+    p.add_argument("--verify", action="store_true",
+                   help="read every shard already written and check each sample's checksum (a header check of "
+                        "each file always runs); damaged files are deleted and their samples encoded again")
     p.set_defaults(func=_prep)
 
     p = sub.add_parser(

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingError, ShardFormatError, ModelLoadError, CheckpointError) as err:
         print(f"wan-tune train: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a disk that filled, a mount that went away: the reason, not a traceback
+        print(f"wan-tune train: {err}; checkpoints already saved are whole: rerun to resume", file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 

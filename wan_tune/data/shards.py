@@ -16,12 +16,19 @@ Writes are atomic: a data file is written to a temporary name, flushed to disk a
 its index part is written the same way only afterwards. A sample counts as done only once its
 index part exists, so a killed prep never leaves a sample that is half there: a data file with
 no index part is an orphan, deleted on the next run.
+
+Each index row carries a CRC-32 of its sample's tensors: the reader checks it on every read,
+so a byte flipped on disk stops training with the file named instead of training on it, and
+`wan-tune prep --verify` finds such files and re-encodes them. Files in data/ or index/ that
+prep did not name (a copy, a note) are left alone and never read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,14 +46,47 @@ PARTS_DIR = "index"
 
 # Index columns, in order; `file` is relative to the shard folder.
 COLUMNS = (
-    "id", "source", "caption", "frames", "height", "width", "start_frame", "start_s", "end_s", "text_len", "file",
+    "id", "source", "caption", "frames", "height", "width", "start_frame", "start_s", "end_s", "text_len", "checksum",
+    "file",
 )
+_OWN_NAME = re.compile(r"rank(\d+)-(\d{5})")  # the stem of every data file and index part prep writes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class ShardFormatError(RuntimeError):
     """The shard folder is missing, damaged or from another format version."""
+
+
+def own_files(folder: Path, suffix: str, rank: int | None = None) -> list[Path]:
+    """Files prep wrote in `folder` (rank{R}-{NNNNN}{suffix}), of one rank or all; others are foreign."""
+    out = []
+    for path in sorted(Path(folder).glob(f"*{suffix}")):
+        m = _OWN_NAME.fullmatch(path.name[: -len(suffix)])
+        if m and (rank is None or int(m.group(1)) == rank):
+            out.append(path)
+    return out
+
+
+def foreign_files(root: str | os.PathLike) -> list[str]:
+    """Files in data/ and index/ that prep did not write (its temporaries aside), relative to `root`."""
+    root = Path(root)
+    found = []
+    for folder, suffix in ((DATA_DIR, ".safetensors"), (PARTS_DIR, ".parquet")):
+        own = set(own_files(root / folder, suffix))
+        found += [p.relative_to(root).as_posix() for p in sorted((root / folder).glob("*"))
+                  if p not in own and not (p.name.startswith(".rank") and p.name.endswith(".tmp"))]
+    return found
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """CRC-32 of a sample's tensors (names in order, then bytes), as 8 hex digits."""
+    crc = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous()
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)  # bytes as stored, any dtype
+    return f"{crc:08x}"
 
 
 # --- meta ------------------------------------------------------------------------------------
@@ -89,13 +129,13 @@ class ShardWriter:
         (self.root / DATA_DIR).mkdir(parents=True, exist_ok=True)
         (self.root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
         self._remove_orphans()
-        taken = [int(p.stem.split("-")[1]) for p in (self.root / PARTS_DIR).glob(f"rank{self.rank}-*.parquet")]
+        taken = [int(p.stem.split("-")[1]) for p in own_files(self.root / PARTS_DIR, ".parquet", self.rank)]
         self._next = max(taken, default=-1) + 1
 
     def _remove_orphans(self) -> None:
         """Data files of this rank that never got their index part, and temporaries, from a killed run."""
-        indexed = {p.stem for p in (self.root / PARTS_DIR).glob(f"rank{self.rank}-*.parquet")}
-        for path in (self.root / DATA_DIR).glob(f"rank{self.rank}-*.safetensors"):
+        indexed = {p.stem for p in own_files(self.root / PARTS_DIR, ".parquet", self.rank)}
+        for path in own_files(self.root / DATA_DIR, ".safetensors", self.rank):
             if path.stem not in indexed:
                 path.unlink()
         for folder in (DATA_DIR, PARTS_DIR):
@@ -103,14 +143,15 @@ class ShardWriter:
                 tmp.unlink()
 
     def add(self, row: dict, tensors: dict[str, torch.Tensor]) -> None:
-        missing = set(COLUMNS) - {"file", "text_len"} - set(row)
+        missing = set(COLUMNS) - {"file", "text_len", "checksum"} - set(row)
         if missing:
             raise ValueError(f"sample row lacks {sorted(missing)}")
         sid = row["id"]
-        self._rows.append({**row, "text_len": int(tensors["text"].shape[0])})
-        for name, t in tensors.items():
-            # clone: samples of one caption share a cached text tensor; safetensors refuses shared memory
-            self._tensors[f"{sid}/{name}"] = t.detach().to("cpu", self.dtype).clone()
+        # clone: samples of one caption share a cached text tensor; safetensors refuses shared memory
+        stored = {name: t.detach().to("cpu", self.dtype).clone() for name, t in tensors.items()}
+        self._rows.append({**row, "text_len": int(tensors["text"].shape[0]), "checksum": checksum(stored)})
+        for name, t in stored.items():
+            self._tensors[f"{sid}/{name}"] = t
         if len(self._rows) >= self.per_file:
             self.flush()
 
@@ -144,7 +185,7 @@ def read_parts(root: str | os.PathLike):
     """All index rows written so far (by any rank), as a DataFrame."""
     import pandas as pd
 
-    parts = sorted((Path(root) / PARTS_DIR).glob("*.parquet"))
+    parts = own_files(Path(root) / PARTS_DIR, ".parquet")
     if not parts:
         return pd.DataFrame(columns=list(COLUMNS))
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
@@ -166,6 +207,49 @@ def merge_index(root: str | os.PathLike, keep: Iterable[str] | None = None):
     return frame, dropped
 
 
+def file_damage(root: str | os.PathLike, rel: str, rows, deep: bool = False) -> str | None:
+    """Why the data file `rel` cannot serve its index `rows` (None when it can).
+
+    The header check (missing file, truncated, not safetensors, a sample's tensors absent) costs
+    one small read per file; `deep` also reads every tensor and checks the samples' checksums."""
+    from safetensors import safe_open
+
+    path = Path(root) / rel
+    if not path.is_file():
+        return "missing"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            for row in rows:
+                tensors = sorted(k for k in names if k.startswith(f"{row.id}/"))
+                if not tensors:
+                    return f"sample {row.id} missing"
+                if deep and isinstance(getattr(row, "checksum", None), str):
+                    got = checksum({k.split("/", 1)[1]: f.get_tensor(k) for k in tensors})
+                    if got != row.checksum:
+                        return f"sample {row.id} does not match its checksum ({got} != {row.checksum})"
+    except Exception as err:  # SafetensorError and OSError: any file that does not open is damaged
+        return f"does not open as safetensors ({str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__})"
+    return None
+
+
+def drop_damaged(root: str | os.PathLike, deep: bool = False) -> list[tuple[str, str, int]]:
+    """Delete each damaged data file and its index part, so that prep encodes its samples again.
+    Returns (file, why, samples) for each."""
+    root = Path(root)
+    rows = read_parts(root)
+    dropped = []
+    for rel, group in rows.groupby("file", sort=True):
+        why = file_damage(root, rel, list(group.itertuples()), deep)
+        if why is None:
+            continue
+        stem = Path(rel).stem
+        (root / PARTS_DIR / f"{stem}.parquet").unlink(missing_ok=True)  # part first: a sample counts while it has one
+        (root / rel).unlink(missing_ok=True)
+        dropped.append((rel, why, len(group)))
+    return dropped
+
+
 # --- reading -----------------------------------------------------------------------------------
 
 
@@ -182,8 +266,12 @@ class ShardReader:
             raise ShardFormatError(f"{self.root}: {INDEX_FILE} missing; prep did not finish, rerun `wan-tune prep`")
         self.index = pd.read_parquet(index)
         self._ids, self._files_col = self.index["id"].tolist(), self.index["file"].tolist()  # no pandas per sample
+        # Shards of an older wan-tune have no checksums: those samples are read unchecked.
+        self._sums = self.index["checksum"].tolist() if "checksum" in self.index else [None] * len(self.index)
         self._files: dict[str, Any] = {}
         self._names: dict[str, dict[str, list[str]]] = {}
+        for rel in dict.fromkeys(self._files_col):  # every header now: a damaged file stops the run at its start
+            self._open(rel)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -195,7 +283,11 @@ class ShardReader:
             path = self.root / rel
             if not path.is_file():
                 raise ShardFormatError(f"{path} is listed in {INDEX_FILE} but missing; rerun `wan-tune prep`")
-            f = safe_open(str(path), framework="pt")
+            try:
+                f = safe_open(str(path), framework="pt")
+            except Exception as err:
+                raise ShardFormatError(f"{path} is damaged ({str(err).strip().splitlines()[0][:120]}); rerun "
+                                       "`wan-tune prep RECIPE`: it re-encodes damaged shard files") from None
             names: dict[str, list[str]] = {}
             for key in f.keys():  # "<id>/<tensor name>", listed once per file, not per sample
                 sid, name = key.split("/", 1)
@@ -206,7 +298,12 @@ class ShardReader:
     def tensors(self, i: int) -> dict[str, torch.Tensor]:
         rel, sid = self._files_col[i], self._ids[i]
         f = self._open(rel)
-        return {name: f.get_tensor(f"{sid}/{name}") for name in self._names[rel][sid]}
+        tensors = {name: f.get_tensor(f"{sid}/{name}") for name in self._names[rel][sid]}
+        if isinstance(self._sums[i], str) and checksum(tensors) != self._sums[i]:
+            raise ShardFormatError(f"{self.root / rel}: sample {sid} does not match its checksum (the file changed or "
+                                   "was damaged on disk); run `wan-tune prep RECIPE --verify` to find and re-encode "
+                                   "damaged samples")
+        return tensors
 
     def row(self, i: int) -> dict:
         return self.index.iloc[i].to_dict()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -160,30 +161,53 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainees: list, consu
         if not all(trainable.values()):
             raise CheckpointError("no trainable parameters found on the unwrapped model")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with _save_failure(run_dir, final, tmp):
+            tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     if deepspeed:
         accelerator.save_state(str(tmp / "deepspeed"))  # collective: each rank writes its partition
     if accelerator.is_main_process:
-        for tr in trainees:
-            save_tensors(tmp / expert_file("trainable.safetensors", tr.name), trainable[tr.name], {"step": str(step)})
-            if not deepspeed:
-                tensors, meta = optimizer_to_tensors(optim_state.get(tr.name) or tr.optimizer.state_dict())
-                save_tensors(tmp / expert_file("optimizer.safetensors", tr.name), tensors)
-                write_json(tmp / expert_file("optimizer.json", tr.name), meta)
-        write_json(tmp / "state.json", {
-            "step": step, "batches_consumed": consumed, "experts": [tr.name for tr in trainees],
-            "schedulers": {tr.name: tr.scheduler.state_dict() for tr in trainees},
-            "world_size": accelerator.num_processes, "deepspeed": deepspeed, "sharding": kind,
-        })
-        write_text(tmp / "recipe.yaml", recipe_yaml)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with _save_failure(run_dir, final, tmp):
+            _write_main(tmp, final, step, trainees, trainable, optim_state, consumed, recipe_yaml, deepspeed, kind,
+                        accelerator.num_processes)
         prune_checkpoints(run_dir, keep_last, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _save_failure(run_dir: Path, final: Path, tmp: Path):
+    """A save that cannot be written (full disk, quota, a folder gone read-only) leaves no partial
+    folder and stops the run with the reason; the checkpoints already written are untouched."""
+    try:
+        yield
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        whole = step_folders(run_dir)
+        kept = f"the newest whole checkpoint is still {whole[-1].name}" if whole else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not save {final.name} in {run_dir} ({err.strerror or err}): nothing of it was "
+                              f"kept and {kept}; free space (or fix the folder) and rerun to resume") from None
+
+
+def _write_main(tmp: Path, final: Path, step: int, trainees: list, trainable: dict, optim_state: dict, consumed: int,
+                recipe_yaml: str, deepspeed: bool, kind: str, world: int) -> None:
+    """The main process's files of step-N, into `tmp`, then renamed to `final`."""
+    for tr in trainees:
+        save_tensors(tmp / expert_file("trainable.safetensors", tr.name), trainable[tr.name], {"step": str(step)})
+        if not deepspeed:
+            tensors, meta = optimizer_to_tensors(optim_state.get(tr.name) or tr.optimizer.state_dict())
+            save_tensors(tmp / expert_file("optimizer.safetensors", tr.name), tensors)
+            write_json(tmp / expert_file("optimizer.json", tr.name), meta)
+    write_json(tmp / "state.json", {
+        "step": step, "batches_consumed": consumed, "experts": [tr.name for tr in trainees],
+        "schedulers": {tr.name: tr.scheduler.state_dict() for tr in trainees},
+        "world_size": world, "deepspeed": deepspeed, "sharding": kind,
+    })
+    write_text(tmp / "recipe.yaml", recipe_yaml)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
 
 
 def load_checkpoint(accelerator, path: Path, trainees: list) -> dict:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..atomic import write_text
+from ..atomic import writable_problem, write_text
 from ..config import Recipe, to_yaml
 from ..data.dataset import ShardDataset, collate, pad_text, to_device
 from ..data.sampler import BucketBatchSampler
@@ -99,6 +99,9 @@ def _micro_generator(seed: int, step: int, micro: int, accum: int, rank: int, wo
 def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=print) -> dict:
     """Run (or continue) the recipe's training; returns a summary (rank 0)."""
     run_dir = Path(recipe.run.output_dir) / recipe.run.name
+    problem = writable_problem(run_dir)
+    if problem:
+        raise TrainingError(f"run.output_dir: {problem}; checkpoints go there, so set run.output_dir to a writable folder")
     accelerator = _accelerator(recipe, run_dir)
     main = accelerator.is_main_process
     say = say if main else (lambda *_: None)
