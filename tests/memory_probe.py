@@ -1,9 +1,10 @@
 """Measured host memory of a real CPU training step, for checking `wan-tune plan` against.
 
 `measure(...)` runs a child process that does what bench/memory.py's child does: load the model
-with wan-tune's `load_for_training` from a folder of random weights (bench/common.py), run two
-steps of the trainer's own step code (`predict`, flow-matching loss, backward, AdamW) with
-gradient checkpointing and two without, and sample its RSS every 2 ms (bench/common.py's PeakRss,
+with wan-tune's `load_for_training` from a folder of random weights (bench/common.py), run one
+step of the trainer's own step code (`predict`, flow-matching loss, backward, AdamW) with
+gradient checkpointing and one without (a LoRA's AdamW state, made at the first step, is small
+against the weights), and sample its RSS every 2 ms (bench/common.py's PeakRss,
 reset between the phases). Two things make the RSS count
 the step's tensors rather than the C library's bookkeeping, as a GPU's memory would:
 
@@ -15,7 +16,7 @@ the step's tensors rather than the C library's bookkeeping, as a GPU's memory wo
   step's memory.
 
 Reported, in bytes above the RSS just before the model loads: the load's peak and the peak of
-each phase's two steps (weights, trainable state and activations together).
+each phase's step (weights, trainable state and activations together).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _child() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = rss_bytes()
     peak = PeakRss()
-    phases = _steps(measured, 2)
+    phases = _steps(measured, 1)  # one step a phase: the AdamW state of a LoRA is small against the weights
     next(phases)
     load = peak.reset()
     next(phases)

@@ -118,6 +118,8 @@ def test_damaged_shards_stop_training_by_name_and_prep_mends_them(tiny_folders, 
     shutil.copy(files[1], root / "data" / "rank0-00001 copy.safetensors")
     pd.DataFrame({"x": [1]}).to_parquet(root / "index" / "mine.parquet")
     (root / shards.INDEX_FILE).unlink()
+    code, err = _train_cli(tiny_folders, root, tmp_path / "t3", capsys)
+    assert code == 1 and f"{shards.INDEX_FILE} missing" in err and "rerun `wan-tune prep`" in err, err
     said: list[str] = []
     run_prep(_shard_recipe(tiny_folders, root, source), progress=False, say=said.append)
     assert any(f"damaged shard file data/{truncated.name} (does not open" in s for s in said), said
@@ -127,7 +129,7 @@ def test_damaged_shards_stop_training_by_name_and_prep_mends_them(tiny_folders, 
     assert any("left alone" in s and "data/notes.txt" in s and "index/mine.parquet" in s for s in said), said
     assert (root / "data" / "notes.txt").exists() and (root / "data" / "rank0-00001 copy.safetensors").exists()
     _same_samples(pristine, root)  # re-encoded: the same samples, bit for bit as far as fp32 encodes go
-    code, err = _train_cli(tiny_folders, root, tmp_path / "t3", capsys)
+    code, err = _train_cli(tiny_folders, root, tmp_path / "t4", capsys)
     assert code == 0, err
 
 

@@ -132,12 +132,13 @@ def straight_run(tiny_folders, tiny_shards, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_random_kills_soak_resumes_to_the_same_result(tiny_folders, tiny_shards, tmp_path, straight_run):
-    """SIGKILL at random steps and inside checkpoint saves, a rerun after each: every checkpoint
-    left is whole, and the last rerun ends with the losses and weights of the uninterrupted run."""
+def test_stops_and_random_kills_resume_to_the_same_result(tiny_folders, tiny_shards, tmp_path, straight_run):
+    """A soak: SIGTERM once (a clean stop: checkpoint at that step, exit 0), then SIGKILL at random
+    steps and inside checkpoint saves, a rerun after each. Every checkpoint left is whole, and the
+    last rerun ends with the losses and weights of the uninterrupted run, keeping keep_last=3."""
     import random
 
-    from wan_tune.training.checkpoint import checkpoint_damage, step_folders
+    from wan_tune.training.checkpoint import checkpoint_damage, list_checkpoints, step_folders
 
     rng = random.Random(14)
     run = tmp_path / "killed"
@@ -147,62 +148,43 @@ def test_random_kills_soak_resumes_to_the_same_result(tiny_folders, tiny_shards,
     def steps_done() -> int:  # a resumed run cuts metrics.jsonl back to its checkpoint's step
         return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
+    proc = subprocess.Popen(_cmd(tiny_folders, tiny_shards, run, **KILL_RUN), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stop_at = rng.randint(25, 45)
+    assert _wait_for(lambda: steps_done() >= stop_at)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    newest = list_checkpoints(run_dir)[-1].name
+    assert proc.returncode == 0, err
+    assert "received SIGTERM" in out and newest in out, (newest, out[-500:])  # saved where it stopped
+
     kills, in_save = 0, 0
     for attempt in range(7):
         if kills >= 4 and in_save:
             break
         proc = subprocess.Popen(_cmd(tiny_folders, tiny_shards, run, **KILL_RUN), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        if attempt % 2:  # inside a save: the moment its temporary folder appears
-            _wait_for(lambda: any(run_dir.glob(".step-*.tmp")) or proc.poll() is not None)
+        if attempt % 2 == 0:  # inside a save: the moment its temporary folder appears (never past step 110)
+            _wait_for(lambda: any(run_dir.glob(".step-*.tmp")) or steps_done() >= 110 or proc.poll() is not None,
+                      timeout=300)
         else:
             target = min(110, steps_done() + rng.randint(3, 30))
             _wait_for(lambda: steps_done() >= target or proc.poll() is not None, timeout=300)
         proc.kill()
         assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
         kills += 1
-        in_save += any(run_dir.glob(".step-*.tmp"))
+        in_save += any(run_dir.glob(".step-*.tmp"))  # a save cut short: never a checkpoint, gone on resume
         assert all(checkpoint_damage(p) is None for p in step_folders(run_dir) if (p / "state.json").is_file())
     assert kills >= 4 and in_save >= 1, (kills, in_save)
     done = subprocess.run(_cmd(tiny_folders, tiny_shards, run, **KILL_RUN), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout
     assert not list(run_dir.glob(".step-*")) and not list(run_dir.rglob("*.tmp"))  # no temporary left
     assert losses(run_dir) == losses(straight_run)  # bit-identical, step by step
     a = load_file(straight_run / "step-000120" / "trainable.safetensors")
     b = load_file(run_dir / "step-000120" / "trainable.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.parametrize("how", ["SIGTERM"])
-def test_killed_run_resumes_to_the_same_result(tiny_folders, tiny_shards, tmp_path, straight_run, how):
-    extra = KILL_RUN
-    run = tmp_path / "killed"
-    metrics = run / "runs" / "demo-tiny" / "metrics.jsonl"
-    proc = subprocess.Popen(_cmd(tiny_folders, tiny_shards, run, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 40)
-    os.kill(proc.pid, getattr(signal, how))
-    out, err = proc.communicate(timeout=120)
-    steps = sorted(int(p.name[5:]) for p in (run / "runs" / "demo-tiny").glob("step-*"))
-    assert steps and steps[-1] < 120, "the signal landed after the run finished"
-    if how == "SIGTERM":  # a clean stop: checkpoint at the current step, exit 0, a message
-        assert proc.returncode == 0, err
-        assert "received SIGTERM" in out and f"step-{steps[-1]:06d}" in out
-    else:
-        assert proc.returncode == -signal.SIGKILL
-    # A save cut short by SIGKILL may leave `.step-N.tmp/`: it is never a checkpoint, and goes on resume.
-    from wan_tune.training.checkpoint import list_checkpoints
-
-    assert [p.name for p in list_checkpoints(run / "runs" / "demo-tiny")] == [f"step-{s:06d}" for s in steps]
-    done = subprocess.run(_cmd(tiny_folders, tiny_shards, run, **extra), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert not list((run / "runs" / "demo-tiny").glob(".step-*"))
-    assert "resumed from" in done.stdout
-    assert losses(run / "runs" / "demo-tiny") == losses(straight_run)  # bit-identical, step by step
-    a = load_file(straight_run / "step-000120" / "trainable.safetensors")
-    b = load_file(run / "runs" / "demo-tiny" / "step-000120" / "trainable.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    kept = sorted(p.name for p in (run / "runs" / "demo-tiny").glob("step-*"))
-    assert kept == ["step-000080", "step-000100", "step-000120"]  # checkpoint.keep_last=3
+    assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-000080", "step-000100", "step-000120"]
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_folders, tiny_shards, tmp_path):

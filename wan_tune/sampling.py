@@ -65,8 +65,9 @@ def contact_sheet(frames: np.ndarray, count: int = 8) -> "Image.Image":
     """`count` evenly spaced frames side by side (uint8 [T, H, W, 3] in)."""
     from PIL import Image
 
-    idx = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
-    return Image.fromarray(np.concatenate([frames[i] for i in idx], axis=1))
+    from .training.overview import frame_row
+
+    return Image.fromarray(frame_row(frames, count))
 
 
 def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:

@@ -138,16 +138,20 @@ class Validator:
 
 def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int) -> list:
     """I2V validation without `validation.images`: the first frames of the windows of `count`
-    clips, held-out ones (`prefer`) first, read from the footage prep read (`data.source`)."""
-    import decord
+    clips, held-out ones (`prefer`) first, read from the footage prep read (`data.source`), at
+    each window's start time (through prep's own reader: rotation and variable frame rate as prep saw them)."""
     from PIL import Image
+
+    from data_prep.sources import IMAGE_EXTS
+    from data_prep.video import Window, probe, read_frames
 
     from ..data.shards import ShardReader
 
     reader = ShardReader(shards)
     base = Path(recipe.data.source or ".").expanduser()
     base = base.parent if base.is_file() else base  # a manifest: its paths are relative to its folder
-    order = list(prefer) + [i for i in range(len(reader)) if i not in set(prefer)]
+    preferred = set(prefer)
+    order = list(prefer) + [i for i in range(len(reader)) if i not in preferred]
     frames, seen = [], set()
     for i in order:
         row = reader.row(i)
@@ -158,10 +162,9 @@ def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int) -> 
         if not path.is_file():
             raise ValueError(f"I2V validation takes the first frames of clips when validation.images is empty, but "
                              f"{path} is not here (data.source={recipe.data.source}): give validation.images")
-        if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-            frames.append(Image.open(path).convert("RGB"))
-        else:
-            frames.append(Image.fromarray(decord.VideoReader(str(path))[int(row["start_frame"])].asnumpy()))
+        still = path.suffix.lower() in IMAGE_EXTS
+        index = 0 if still else probe(str(path), False).frame_at(float(row["start_s"]))
+        frames.append(Image.fromarray(read_frames(str(path), Window(0, (index,), 0.0, 0.0), still)[0]))
         if len(frames) == count:
             break
     return frames
