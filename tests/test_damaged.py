@@ -132,6 +132,18 @@ def test_damaged_shards_stop_training_by_name_and_prep_mends_them(tiny_folders, 
     code, err = _train_cli(tiny_folders, root, tmp_path / "t4", capsys)
     assert code == 0, err
 
+    # A file rewritten without one of its samples (a valid header): named by the reader and by prep's check.
+    from safetensors.torch import load_file, save_file
+
+    index = pd.read_parquet(root / shards.INDEX_FILE)
+    row = index.iloc[0]
+    kept = {k: v for k, v in load_file(root / row["file"]).items() if not k.startswith(f"{row['id']}/")}
+    save_file(kept, root / row["file"])
+    with pytest.raises(shards.ShardFormatError, match=f"sample {row['id']} is in index.parquet but not in the file"):
+        shards.ShardReader(root).tensors(0)
+    rows = list(index[index["file"] == row["file"]].itertuples())
+    assert shards.file_damage(root, row["file"], rows) == f"sample {row['id']} missing"
+
 
 @contextmanager
 def read_only(folder: Path):

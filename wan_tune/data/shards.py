@@ -298,7 +298,11 @@ class ShardReader:
     def tensors(self, i: int) -> dict[str, torch.Tensor]:
         rel, sid = self._files_col[i], self._ids[i]
         f = self._open(rel)
-        tensors = {name: f.get_tensor(f"{sid}/{name}") for name in self._names[rel][sid]}
+        names = self._names[rel].get(sid)
+        if names is None:
+            raise ShardFormatError(f"{self.root / rel}: sample {sid} is in {INDEX_FILE} but not in the file; rerun "
+                                   "`wan-tune prep RECIPE`: it re-encodes damaged shard files")
+        tensors = {name: f.get_tensor(f"{sid}/{name}") for name in names}
         if isinstance(self._sums[i], str) and checksum(tensors) != self._sums[i]:
             raise ShardFormatError(f"{self.root / rel}: sample {sid} does not match its checksum (the file changed or "
                                    "was damaged on disk); run `wan-tune prep RECIPE --verify` to find and re-encode "
