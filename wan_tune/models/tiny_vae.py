@@ -2,7 +2,7 @@
 
 A random VAE decodes anything to noise, so the demo could show that every stage runs but not that
 the LoRA learned the look of its clips. This one is the same `AutoencoderKLWan` (8x spatial, 4x
-temporal, 16 latent channels, at small widths), trained for a minute or two on frames of the
+temporal, 16 latent channels, at small widths), trained for under a minute on crops of frames of the
 synthetic footage the demo and the tests generate (`data_prep.synthetic`) and on random colour
 fields: its reconstructions show the gradient and the moving shape, blurred, and a latent that is
 not of the demo's style decodes to something else.
@@ -28,14 +28,15 @@ from pathlib import Path
 import torch
 
 CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
-STEPS = 400
+STEPS = 300
 BATCH = 8
 LR = 4e-3
 SEED = 0
+CROP = (32, 48)  # random crops of the 64x96 frames: a convolutional VAE learns the same, at a quarter of the cost
 
 
 def _key() -> str:
-    text = json.dumps({"config": CONFIG, "steps": STEPS, "batch": BATCH, "lr": LR, "seed": SEED, "v": 2})
+    text = json.dumps({"config": CONFIG, "steps": STEPS, "batch": BATCH, "lr": LR, "seed": SEED, "crop": CROP, "v": 3})
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -49,7 +50,7 @@ _TRAINED: dict[str, Path] = {}
 
 
 def tiny_vae():
-    """The trained tiny VAE (from the cache, or trained now: about 100 s on 2 cores, once)."""
+    """The trained tiny VAE (from the cache, or trained now: about 45 s on 2 cores, once)."""
     import shutil
 
     from diffusers import AutoencoderKLWan
@@ -128,7 +129,9 @@ def _train_and_save(path: Path) -> None:
         opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=LR)
         for _ in tqdm(range(STEPS), desc="training the tiny VAE (once per machine)", unit="step"):
             idx = torch.randint(0, len(frames), (BATCH,), generator=g)
-            batch = frames[idx].unsqueeze(2)  # [B, 3, 1, H, W]: still frames
+            top = int(torch.randint(0, (frames.shape[2] - CROP[0]) // 8 + 1, (1,), generator=g)) * 8
+            left = int(torch.randint(0, (frames.shape[3] - CROP[1]) // 8 + 1, (1,), generator=g)) * 8
+            batch = frames[idx, :, top : top + CROP[0], left : left + CROP[1]].unsqueeze(2)  # [B, 3, 1, h, w]: still frames
             loss = (vae.decode(vae.encode(batch).latent_dist.mode()).sample - batch).pow(2).mean()
             opt.zero_grad()
             loss.backward()
