@@ -23,12 +23,28 @@ from .video import SkipClip, Window, probe, read_frames
 COLUMNS = ("key", "caption", "origin")
 
 
+class CaptionFileError(ValueError):
+    """The caption review file cannot be read as wan-tune wrote it; the message says how to mend it."""
+
+
 def read_captions(path: str | Path) -> dict[str, str]:
+    """{key: caption} of the review file. A spreadsheet's "CSV UTF-8" (with its byte-order mark)
+    reads; a legacy encoding or a renamed header is refused with the file named, never guessed."""
     path = Path(path)
     if not path.is_file():
         return {}
-    with path.open(newline="", encoding="utf-8") as f:
-        return {row["key"]: (row.get("caption") or "").strip() for row in csv.DictReader(f)}
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise CaptionFileError(f"{path} is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}): save it as "
+                               "\"CSV UTF-8\" (a spreadsheet's plain \"CSV\" turns accents into another encoding)") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in ("key", "caption") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise CaptionFileError(f"{path}: no {' or '.join(missing)} column (its header is {', '.join(reader.fieldnames or [])}; "
+                               f"expected {', '.join(COLUMNS)}): restore the header, or delete the file to caption again")
+    return {row["key"]: (row.get("caption") or "").strip() for row in reader}
 
 
 def write_captions(path: str | Path, rows: list[dict]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data_prep.captions import make_captions, read_captions
+from data_prep.captions import CaptionFileError, make_captions, read_captions
 from data_prep.sources import SourceError, discover
 from data_prep.synthetic import make_clips, still_image, write_video, moving_shape
 from wan_tune.config.schema import CaptionConfig
@@ -110,3 +110,33 @@ def test_vlm_captions_with_a_tiny_model(clips, tmp_path):
     assert counts["vlm"] == 4 and rows["broken.mp4"]["origin"].startswith("unreadable")
     for key in ("a.jpg", "clip_000.mp4", "sub/uncaptioned.mov"):
         assert rows[key]["caption"].startswith("acme, ") and len(rows[key]["caption"]) > len("acme, ")
+
+
+def test_a_review_file_saved_by_a_spreadsheet(clips, tmp_path, capsys):
+    """Excel's "CSV UTF-8" starts with a byte-order mark: it reads, edits and all. Its plain "CSV"
+    (cp1252) and a renamed header are refused with the file named, in one line, not guessed at."""
+    from wan_tune.cli import main
+
+    items = discover(str(clips))
+    out = tmp_path / "captions.csv"
+    make_captions(items, CaptionConfig(mode="sidecar"), out, progress=False)
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    rows[0]["caption"] = "wtune style, crème brûlée"
+
+    def save(encoding: str, header=("key", "caption", "origin")) -> None:
+        with out.open("w", newline="", encoding=encoding) as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows([r["key"], r["caption"], r["origin"]] for r in rows)
+
+    save("utf-8-sig")
+    assert read_captions(out)[rows[0]["key"]] == "wtune style, crème brûlée"
+    save("cp1252")
+    with pytest.raises(CaptionFileError, match=r"is not UTF-8 \(byte 0xe8 at offset \d+\): save it as \"CSV UTF-8\""):
+        read_captions(out)
+    save("utf-8", header=("clip", "text", "origin"))
+    with pytest.raises(CaptionFileError, match=r"no key or caption column \(its header is clip, text, origin"):
+        read_captions(out)
+    assert main(["caption", str(ROOT / "recipes" / "demo-tiny.yaml"), f"data.source={clips}", f"data.captions={out}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(out) in err and len(err.splitlines()) == 1, err

@@ -65,7 +65,7 @@ def _load(args: argparse.Namespace):
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from data_prep.captions import make_captions
+    from data_prep.captions import CaptionFileError, make_captions
     from data_prep.sources import SourceError, discover
     from data_prep.vlm import CaptionModelError
 
@@ -75,7 +75,7 @@ def _caption(args: argparse.Namespace) -> int:
     try:
         items = discover(recipe.data.source)
         counts = make_captions(items, recipe.caption, recipe.data.captions)
-    except (SourceError, CaptionModelError) as err:
+    except (SourceError, CaptionModelError, CaptionFileError) as err:
         print(f"wan-tune caption: {err}", file=sys.stderr)
         return 1
     print(f"wrote {sum(counts.values())} caption(s) to {recipe.data.captions} ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})")
@@ -85,6 +85,7 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _prep(args: argparse.Namespace) -> int:
+    from data_prep.captions import CaptionFileError
     from data_prep.prep import PrepError, run_prep
     from data_prep.sources import SourceError
     from data_prep.summary import format_summary
@@ -96,7 +97,7 @@ def _prep(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = run_prep(recipe, strict=args.strict, verify=args.verify)
-    except (SourceError, ModelLoadError, PrepError, CaptionModelError) as err:
+    except (SourceError, ModelLoadError, PrepError, CaptionModelError, CaptionFileError) as err:
         print(f"wan-tune prep: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a disk that filled mid-run: every finished shard file is kept
