@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-VIDEO_EXTS = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"}
+VIDEO_EXTS = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif"}  # GIFs: PyAV, by their frame delays
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
 CAPTION_EXT = ".txt"  # sidecar captions: the only other files a footage folder is expected to hold
 PATH_COLUMNS = ("path", "video", "file", "file_name", "image")
@@ -88,8 +88,8 @@ def from_folder(folder: Path) -> list[SourceItem]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
         if path.name.startswith(".") or path.suffix.lower() == CAPTION_EXT:
             continue
-        # Every other file is an item: prep encodes it or its report says why not (an animated
-        # GIF or a .pdf left out in silence looks like a bug to the person who put it there).
+        # Every other file is an item: prep encodes it or its report says why not (a .pdf or
+        # a .psd left out in silence looks like a bug to the person who put it there).
         caption, problem = _sidecar(path)
         items.append(SourceItem(str(path), _name(path, folder), caption, caption_problem=problem))
     return items

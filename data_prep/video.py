@@ -1,4 +1,4 @@
-"""Probe and decode footage with decord, and cut it into frame windows at the target fps.
+"""Probe and decode footage with decord (PyAV for animated GIFs), and cut it into frame windows at the target fps.
 
 A window is a list of source frame indices, fetched in one batched `get_batch` call (decord
 seeks once and decodes forward), which is what makes prep fast; see bench/prep_throughput.py.
@@ -103,11 +103,41 @@ def _has_no_video_stream(path: str) -> bool:
         return False
 
 
+def _is_gif(path: str) -> bool:
+    return Path(path).suffix.lower() == ".gif"
+
+
+def _gif(path: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """(frames uint8 [T, H, W, 3], each frame's start time, the end) of an animated GIF.
+
+    decord cannot open GIFs ("broken metadata"); PyAV decodes them with each frame's own delay as
+    its timestamp, and a GIF is small enough to decode whole each time it is read."""
+    import av
+
+    frames, times, last = [], [], 0.0
+    try:
+        with av.open(path) as container:
+            for frame in container.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(float(frame.time or 0.0))
+                last = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else 0.0
+    except Exception as err:
+        raise SkipClip(f"not a readable GIF ({_first_line(err)})") from None
+    if not frames:
+        raise SkipClip("GIF has no frames")
+    start = np.asarray(times) - times[0]
+    step = start[-1] / (len(start) - 1) if len(start) > 1 else 0.0
+    return np.stack(frames), start, float(start[-1] + (last or step or 0.1))  # no delay given: browsers show 0.1 s
+
+
+def _probe_gif(path: str) -> MediaInfo:
+    frames, start, end = _gif(path)
+    return MediaInfo(frames=len(frames), fps=len(frames) / end, height=frames.shape[1], width=frames.shape[2],
+                     times=tuple(start.tolist()), end=end)  # each frame's delay is its own: always by timestamps
+
+
 def unsupported_reason(path: str) -> str:
     suffix = Path(path).suffix.lower()
-    if suffix == ".gif":
-        return "unsupported type: .gif (animated GIFs carry no reliable frame timing); convert to mp4, e.g. " \
-               "ffmpeg -i in.gif -pix_fmt yuv420p -vf 'scale=trunc(iw/2)*2:trunc(ih/2)*2' out.mp4"
     from .sources import IMAGE_EXTS, VIDEO_EXTS
 
     return (f"unsupported type: {suffix or 'no extension'}; prep reads videos ({' '.join(sorted(VIDEO_EXTS))}) "
@@ -127,6 +157,8 @@ def probe(path: str, is_image: bool) -> MediaInfo:
         except Exception as err:
             raise SkipClip(f"not a readable image ({type(err).__name__})") from None
         return MediaInfo(frames=1, fps=1.0, height=h, width=w, is_image=True)
+    if _is_gif(path):
+        return _probe_gif(path)
     vr = _reader(path)
     frames, fps = len(vr), float(vr.get_avg_fps())
     if frames <= 0:
@@ -211,6 +243,8 @@ def read_frames(path: str, window: Window, is_image: bool) -> np.ndarray:
 
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))[None]
+    if _is_gif(path):
+        return _gif(path)[0][list(window.indices)]
     vr = _reader(path)
     try:
         return vr.get_batch(list(window.indices)).asnumpy()

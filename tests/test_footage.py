@@ -72,6 +72,7 @@ def camera_folder(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, str
         "uhd.mp4": (encode(root / "uhd.mp4", np.repeat(np.repeat(moving_shape(5, 54, 96, seed=7), 40, 1), 40, 2)), "5x64x96"),
         "vfr.mp4": (encode(root / "vfr.mp4", flat_frames(range(0, 240, 6)), pts_ms=VFR_PTS), "9x64x96"),
         "bom.mp4": (write_video(root / "bom.mp4", clip, fps=16), "9x64x96"),
+        "loop.gif": (write_gif(root / "loop.gif", flat_frames(range(0, 240, 20))), "9x64x96"),
     }
     for name, (path, _) in lands.items():
         path.with_suffix(".txt").write_text(f"wtune style, {name}", encoding="utf-8")
@@ -129,6 +130,30 @@ def test_variable_frame_rate_follows_the_timestamps(camera_folder):
     # The footage does test something: indexing by the average rate would be frames off.
     by_average = [int((w.start_s + k / 16) * info.fps) for w in windows for k in range(9)]
     assert max(abs(a - b) for a, b in zip(by_average, [i for w in windows for i in w.indices])) >= 4
+
+
+# An animated GIF's own timing: 6 frames of 40 ms, then 6 of 120 ms (0.96 s in all).
+GIF_DELAYS_MS = [40] * 6 + [120] * 6
+
+
+def write_gif(path: Path, frames: np.ndarray) -> Path:
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=GIF_DELAYS_MS, loop=0)
+    return path
+
+
+def test_an_animated_gif_is_cut_by_its_frame_delays(camera_folder):
+    root, _, _ = camera_folder
+    info = probe(str(root / "loop.gif"), False)
+    assert info.frames == 12 and info.duration == pytest.approx(0.96)
+    starts = np.cumsum([0] + GIF_DELAYS_MS[:-1]) / 1000
+    window = plan_windows(info, 16, [9], 0, 1)[0]
+    expected = [int(np.searchsorted(starts, k / 16 + 1e-6, side="right")) - 1 for k in range(9)]
+    assert list(window.indices) == expected == [0, 1, 3, 4, 6, 6, 7, 7, 8]
+    levels = read_frames(str(root / "loop.gif"), window, False).reshape(9, -1).mean(1)
+    np.testing.assert_allclose(levels, np.array(expected) * 20, atol=3)
 
 
 def write_manifest(folder: Path, rows: list[dict], name: str) -> Path:

@@ -236,7 +236,6 @@ def _broken_inputs(root: Path, good_from: Path) -> dict[str, str]:
         "nocaption.mp4": "missing caption",
         "badimage.png": "not a readable image",
         "corrupt_uncaptioned.mp4": "not a readable video",
-        "style.gif": "unsupported type: .gif",
         "voiceover.mp4": "no video stream",
         "notes.pdf": "unsupported type: .pdf",
     }
@@ -274,7 +273,7 @@ def test_every_broken_input_is_reported_and_good_ones_land(tiny_folders, footage
     for name, words in expected.items():
         assert words in report[name], (name, report[name])
     index = index_of(out)
-    assert sorted(set(index["source"])) == ["clip_000.mp4", "still_0.png"]  # every good input landed
+    assert sorted(set(index["source"])) == ["clip_000.mp4", "still_0.png", "style.gif"]  # every good input landed
     assert f"skipped inputs: {len(expected)}" in printed and "too short" in printed
 
     # --strict turns any skip into a failure, before anything is encoded.
