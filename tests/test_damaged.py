@@ -77,9 +77,10 @@ def _shard_recipe(tiny_folders, shards_root: Path, source: Path):
                         "data.shard_dtype=fp32", "data.frames=[9]", "validation.every=0", "data.samples_per_shard=2"])
 
 
-def _train_cli(tiny_folders, shards_root: Path, out: Path, capsys) -> tuple[int, str]:
+def _train_cli(tiny_folders, shards_root: Path, out: Path, capsys, workers: int = 0) -> tuple[int, str]:
     args = [f"{k}={v}" for k, v in {**dict(o.split("=", 1) for o in _overrides(tiny_folders, shards_root, out)),
-                                     "train.steps": "4", "checkpoint.every": "1000"}.items()]  # one epoch: every sample
+                                     "train.steps": "4", "checkpoint.every": "1000",  # one epoch: every sample
+                                     "data.num_workers": str(workers)}.items()]
     code = main(["train", str(Path(__file__).resolve().parents[1] / "recipes" / "demo-tiny.yaml"), *args])
     return code, capsys.readouterr().err.strip()
 
@@ -106,8 +107,9 @@ def test_damaged_shards_stop_training_by_name_and_prep_mends_them(tiny_folders, 
     data[-100] ^= 0x10  # one bit in the last tensor's bytes: the header still reads
     flipped.write_bytes(bytes(data))
 
-    code, err = _train_cli(tiny_folders, root, tmp_path / "t1", capsys)
+    code, err = _train_cli(tiny_folders, root, tmp_path / "t1", capsys, workers=1)  # raised in a loader worker
     assert code == 1 and str(flipped) in err and "does not match its checksum" in err and "--verify" in err, err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"wan-tune train: {flipped}: sample "), err  # one line
 
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     code, err = _train_cli(tiny_folders, root, tmp_path / "t2", capsys)  # found before the first step, by its header

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(recipe, resume=args.resume)
     except (TrainingError, ShardFormatError, ModelLoadError, CheckpointError) as err:
-        print(f"wan-tune train: {err}", file=sys.stderr)
+        print(f"wan-tune train: {own_words(err)}", file=sys.stderr)
         return 1
     except OSError as err:  # a disk that filled, a mount that went away: the reason, not a traceback
         print(f"wan-tune train: {err}; checkpoints already saved are whole: rerun to resume", file=sys.stderr)
@@ -46,6 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     if summary["main"]:
         print(f"done: step {summary['step']}, last checkpoint {summary['checkpoint']}")
     return 0
+
+
+def own_words(err: Exception) -> str:
+    """The error's message. One raised in a DataLoader worker (a damaged shard) arrives wrapped in
+    the worker's traceback ("Caught ... in DataLoader worker process 0. Original Traceback ..."):
+    its last line holds the message."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        prefix = f"{type(err).__module__}.{type(err).__name__}: "
+        return last[len(prefix):] if last.startswith(prefix) else last
+    return text
 
 
 if __name__ == "__main__":
