@@ -29,9 +29,10 @@ class MediaInfo:
     width: int
     is_image: bool = False
     times: tuple[float, ...] | None = None
-    """Each frame's start time in seconds, for variable-frame-rate video only (None: constant rate)."""
+    """Each frame's start time in seconds, where frames are not on a constant-rate grid (variable
+    frame rate, animated GIFs); None: constant rate."""
     end: float | None = None
-    """End of the last frame in seconds, for variable-frame-rate video."""
+    """End of the last frame in seconds, set with `times`."""
 
     @property
     def duration(self) -> float:

@@ -79,6 +79,20 @@ def foreign_files(root: str | os.PathLike) -> list[str]:
     return found
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:120] if text else type(err).__name__
+
+
+def _by_sample(keys) -> dict[str, list[str]]:
+    """{sample id: its tensor names} from a data file's "<id>/<tensor name>" keys."""
+    names: dict[str, list[str]] = {}
+    for key in keys:
+        sid, name = key.split("/", 1)
+        names.setdefault(sid, []).append(name)
+    return names
+
+
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
     """CRC-32 of a sample's tensors (names in order, then bytes), as 8 hex digits."""
     crc = 0
@@ -219,17 +233,16 @@ def file_damage(root: str | os.PathLike, rel: str, rows, deep: bool = False) -> 
         return "missing"
     try:
         with safe_open(str(path), framework="pt") as f:
-            names = set(f.keys())
+            names = _by_sample(f.keys())  # once per file: rows x keys would be quadratic in samples per file
             for row in rows:
-                tensors = sorted(k for k in names if k.startswith(f"{row.id}/"))
-                if not tensors:
+                if row.id not in names:
                     return f"sample {row.id} missing"
                 if deep and isinstance(getattr(row, "checksum", None), str):
-                    got = checksum({k.split("/", 1)[1]: f.get_tensor(k) for k in tensors})
+                    got = checksum({name: f.get_tensor(f"{row.id}/{name}") for name in names[row.id]})
                     if got != row.checksum:
                         return f"sample {row.id} does not match its checksum ({got} != {row.checksum})"
     except Exception as err:  # SafetensorError and OSError: any file that does not open is damaged
-        return f"does not open as safetensors ({str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__})"
+        return f"does not open as safetensors ({_first_line(err)})"
     return None
 
 
@@ -286,13 +299,9 @@ class ShardReader:
             try:
                 f = safe_open(str(path), framework="pt")
             except Exception as err:
-                raise ShardFormatError(f"{path} is damaged ({str(err).strip().splitlines()[0][:120]}); rerun "
+                raise ShardFormatError(f"{path} is damaged ({_first_line(err)}); rerun "
                                        "`wan-tune prep RECIPE`: it re-encodes damaged shard files") from None
-            names: dict[str, list[str]] = {}
-            for key in f.keys():  # "<id>/<tensor name>", listed once per file, not per sample
-                sid, name = key.split("/", 1)
-                names.setdefault(sid, []).append(name)
-            self._files[rel], self._names[rel] = f, names
+            self._files[rel], self._names[rel] = f, _by_sample(f.keys())  # listed once per file, not per sample
         return self._files[rel]
 
     def tensors(self, i: int) -> dict[str, torch.Tensor]:
