@@ -39,12 +39,19 @@ def read_captions(path: str | Path) -> dict[str, str]:
     except UnicodeDecodeError as err:
         raise CaptionFileError(f"{path} is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}): save it as "
                                "\"CSV UTF-8\" (a spreadsheet's plain \"CSV\" turns accents into another encoding)") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = [c for c in ("key", "caption") if c not in (reader.fieldnames or [])]
-    if missing:
-        raise CaptionFileError(f"{path}: no {' or '.join(missing)} column (its header is {', '.join(reader.fieldnames or [])}; "
-                               f"expected {', '.join(COLUMNS)}): restore the header, or delete the file to caption again")
-    return {row["key"]: (row.get("caption") or "").strip() for row in reader}
+    # strict: a file cut inside a quoted caption is an error, not a shorter caption; the field
+    # limit is lifted so that a long caption typed in a spreadsheet reads (prep truncates it to tokens).
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
+        missing = [c for c in ("key", "caption") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise CaptionFileError(f"{path}: no {' or '.join(missing)} column (its header is {', '.join(reader.fieldnames or [])}; "
+                                   f"expected {', '.join(COLUMNS)}): restore the header, or delete the file to caption again")
+        return {row["key"]: (row.get("caption") or "").strip() for row in reader}
+    except csv.Error as err:
+        raise CaptionFileError(f"{path} does not read as CSV ({err}: the file is cut off, or a quote is not closed): "
+                               "mend it in a spreadsheet or text editor, or delete it to caption again") from None
 
 
 def write_captions(path: str | Path, rows: list[dict]) -> None:

@@ -199,12 +199,12 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
     storage = shards.DTYPES[recipe.data.shard_dtype]
     if main:
         _announce_changes(root, settings, encoders.identity(), say)
+        empty = shards.save_empty_prompt(root, encoders.text([""])[0], storage)
         shards.write_meta(root, {
             "variant": variant.name, "task": "i2v" if i2v else "t2v", "encoders": encoders.identity(),
             "vae": encoders.vae_meta(), "settings": settings, "settings_hash": identity,
-            "text_dim": variant.transformer["text_dim"], "recipe": to_yaml(recipe),
+            "text_dim": variant.transformer["text_dim"], "recipe": to_yaml(recipe), "empty_prompt_checksum": empty,
         })
-        shards.save_empty_prompt(root, encoders.text([""])[0], storage)
         _check_existing(root, verify, say)
     state.wait_for_everyone()
 
@@ -212,6 +212,26 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
     todo = [s for s in samples if s.id not in done]
     say(f"{len(samples)} clip(s) planned on this rank, {len(samples) - len(todo)} already encoded, {len(todo)} to encode")
     writer = shards.ShardWriter(root, state.process_index, recipe.data.samples_per_shard, storage)
+    try:
+        _encode(todo, encoders, writer, i2v, skips, timer, progress)
+    except KeyboardInterrupt:  # Ctrl-C: the samples encoded so far are written, then the stop goes on up
+        writer.close()
+        raise
+    t = time.perf_counter()
+    writer.close()
+    timer.add("write", t)
+
+    write_json(root / PLAN_FILE.format(rank=state.process_index),
+               {"planned": [s.id for s in samples], "skips": skips, "seconds": dict(timer.seconds)})
+    state.wait_for_everyone()
+    summary = _finish(root, state.num_processes) if main else {}
+    state.wait_for_everyone()
+    return summary
+
+
+def _encode(todo: list[Sample], encoders: Encoders, writer, i2v: bool, skips: list, timer: Timer, progress: bool) -> None:
+    """Decode, resize and encode each sample, handing it to the shard writer; unreadable ones go to `skips`."""
+    t = time.perf_counter()
     text_cache: dict[str, torch.Tensor] = {}
     for sample in tqdm(todo, desc="encode", unit="clip", disable=not progress):
         try:
@@ -237,18 +257,11 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
                     "height": sample.bucket[1], "width": sample.bucket[2], "start_frame": w.start_frame,
                     "start_s": w.start_s, "end_s": w.end_s}, tensors)
         t = timer.add("write", t)
-    writer.close()
-    t = timer.add("write", t)
-
-    write_json(root / PLAN_FILE.format(rank=state.process_index),
-               {"planned": [s.id for s in samples], "skips": skips, "seconds": dict(timer.seconds)})
-    state.wait_for_everyone()
-    summary = _finish(root, state.num_processes) if main else {}
-    state.wait_for_everyone()
-    return summary
 
 
 def _check_existing(root: Path, verify: bool, say) -> None:
+    for rel, why in shards.drop_damaged_parts(root):
+        say(f"damaged index part {rel} ({why}): deleted; its samples are encoded again")
     for rel, why, count in shards.drop_damaged(root, deep=verify):
         say(f"damaged shard file {rel} ({why}): deleted; its {count} sample(s) are encoded again")
     foreign = shards.foreign_files(root)

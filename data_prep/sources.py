@@ -7,12 +7,14 @@ it was.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 VIDEO_EXTS = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif"}  # GIFs: PyAV, by their frame delays
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
 CAPTION_EXT = ".txt"  # sidecar captions: the only other files a footage folder is expected to hold
+MAX_CAPTION_BYTES = 64 << 10  # a caption is at most 512 umT5 tokens, a few KB; anything far larger is the wrong file
 PATH_COLUMNS = ("path", "video", "file", "file_name", "image")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
 
@@ -63,6 +65,10 @@ def _sidecar(path: Path) -> tuple[str | None, str | None]:
     txt = path.with_suffix(".txt")
     if not txt.is_file():
         return None, None
+    size = txt.stat().st_size
+    if size > MAX_CAPTION_BYTES:
+        return None, (f"caption file {txt.name} is {size / 2**20:.1f} MB; a caption is at most 512 tokens (a few KB): "
+                      "is it the right file?")
     raw = txt.read_bytes()
     try:
         text = raw.decode("utf-8-sig").strip()  # -sig: Notepad's byte-order mark is not caption text
@@ -81,17 +87,36 @@ def _name(path: Path, base: Path) -> str:
         return str(path)
 
 
+def _walk(folder: Path) -> list[Path]:
+    """Every entry under `folder` that is not a folder, following linked folders (footage is often
+    linked in from another disk) but never round a link loop; hidden entries are skipped."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree: walked already
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / f for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
 def from_folder(folder: Path) -> list[SourceItem]:
     folder = folder.resolve()
     items = []
-    # is_file() is False for a broken link; list links too so they are reported, not ignored.
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
-        if path.name.startswith(".") or path.suffix.lower() == CAPTION_EXT:
+    for path in _walk(folder):  # broken links and pipes too: each is reported, not ignored
+        if path.suffix.lower() == CAPTION_EXT:
+            continue
+        name = _name(path, folder)
+        if path.exists() and not path.is_file():  # reading a named pipe would block prep for ever
+            items.append(SourceItem(str(path), name, problem="not a regular file (a named pipe, socket or device); "
+                                                             "prep reads video and image files"))
             continue
         # Every other file is an item: prep encodes it or its report says why not (a .pdf or
         # a .psd left out in silence looks like a bug to the person who put it there).
         caption, problem = _sidecar(path)
-        items.append(SourceItem(str(path), _name(path, folder), caption, caption_problem=problem))
+        items.append(SourceItem(str(path), name, caption, caption_problem=problem))
     return items
 
 

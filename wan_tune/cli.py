@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -69,9 +70,15 @@ def _caption(args: argparse.Namespace) -> int:
     from data_prep.sources import SourceError, discover
     from data_prep.vlm import CaptionModelError
 
+    from .atomic import writable_problem
+
     recipe = _load(args)
     if recipe is None:
         return 2
+    problem = writable_problem(Path(recipe.data.captions).parent)
+    if problem:
+        print(f"wan-tune caption: data.captions: {problem}; set data.captions to a writable place", file=sys.stderr)
+        return 1
     try:
         items = discover(recipe.data.source)
         counts = make_captions(items, recipe.caption, recipe.data.captions)
@@ -90,6 +97,7 @@ def _prep(args: argparse.Namespace) -> int:
     from data_prep.sources import SourceError
     from data_prep.summary import format_summary
     from data_prep.vlm import CaptionModelError
+    from .data.shards import ShardFormatError
     from .models.loading import ModelLoadError
 
     recipe = _load(args)
@@ -97,7 +105,7 @@ def _prep(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = run_prep(recipe, strict=args.strict, verify=args.verify)
-    except (SourceError, ModelLoadError, PrepError, CaptionModelError, CaptionFileError) as err:
+    except (SourceError, ModelLoadError, PrepError, CaptionModelError, CaptionFileError, ShardFormatError) as err:
         print(f"wan-tune prep: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a disk that filled mid-run: every finished shard file is kept
@@ -155,9 +163,14 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .config import ConfigError
+    from .demo import DemoError, run_demo
 
-    result = run_demo(args.recipe, args.overrides, clips=args.clips)
+    try:
+        result = run_demo(args.recipe, args.overrides, clips=args.clips)
+    except (DemoError, ConfigError) as err:
+        print(f"wan-tune demo: {err}", file=sys.stderr)
+        return 1 if isinstance(err, DemoError) else 2
     return 0 if result["selftest_ok"] and result["last_loss"] < result["first_loss"] else 1
 
 
@@ -311,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole chain on generated clips and the tiny model, in minutes on a CPU",
         description="Generate clips, build the tiny random-init Wan model, then caption -> prep -> train -> export -> "
         "sample with the same code and recipe machinery as a real run (recipes/demo-tiny.yaml). Outputs: data/demo/ "
-        "and checkpoints/demo-tiny/ (replaced on every run).",
+        "and checkpoints/demo-tiny/, replaced on every run; the demo removes only folders it made itself (a "
+        ".wan-tune-demo file marks them) and refuses to run over any other.",
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe, e.g. train.steps=50")
     p.add_argument("--recipe", default=None, help="another demo recipe (default: recipes/demo-tiny.yaml)")
@@ -331,8 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    # Overrides may follow options, as people type them: `train RECIPE --resume never train.lr=5e-5`.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"wan-tune {args.command}: interrupted; files already written are whole (rerun to go on)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

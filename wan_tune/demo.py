@@ -16,6 +16,33 @@ from pathlib import Path
 from .config import load_recipe
 
 DEMO_RECIPE = "demo-tiny.yaml"
+MARKER = ".wan-tune-demo"
+"""Written in every folder the demo makes; the demo removes a folder only if it holds one."""
+
+
+class DemoError(RuntimeError):
+    """The demo refuses to run as asked; the message says why."""
+
+
+def clear_previous(folders: list[Path], say=print) -> None:
+    """Remove the previous demo's folders, each only if the demo made it (its marker is there).
+    All are checked before any is removed: one folder of the user's stops the demo with nothing
+    removed (overrides can point data.source, data.shards or the run folder anywhere)."""
+    existing = [f for f in folders if f.exists() or f.is_symlink()]
+    for folder in existing:
+        if folder.is_symlink() or not folder.is_dir() or not (folder / MARKER).is_file():
+            raise DemoError(f"{folder} exists and was not made by `wan-tune demo` (no {MARKER} in it); the demo only "
+                            "removes its own output: point the override elsewhere, or move that folder yourself")
+    for folder in existing:
+        say(f"demo: starting fresh, removing the previous demo output {folder}")
+        shutil.rmtree(folder)
+
+
+def mark(folder: Path) -> Path:
+    """Create `folder` (it must not exist) as the demo's own."""
+    folder.mkdir(parents=True)
+    (folder / MARKER).write_text("made by `wan-tune demo`, which deletes this folder when it runs again\n")
+    return folder
 
 
 def find_demo_recipe() -> Path:
@@ -52,10 +79,11 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
         t = now
 
     run_dir = Path(recipe.run.output_dir) / recipe.run.name
-    for old in (Path(recipe.data.source), Path(recipe.data.shards), run_dir):
-        if old.exists():
-            say(f"demo: starting fresh, removing the previous demo output {old}")
-            shutil.rmtree(old)
+    made = [Path(recipe.data.source), Path(recipe.data.shards), run_dir]
+    clear_previous(made, say)
+    for folder in sorted(made, key=lambda f: len(f.resolve().parts)):  # outer first: data.source may sit in data.shards
+        if not folder.exists():
+            mark(folder)
 
     say(f"[1/6] generating {clips} clips in {recipe.data.source}")
     make_clips(recipe.data.source, clips, trigger=recipe.caption.trigger_word or "wtune", frames=24, height=96, width=128)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_write, write_json
+from .atomic import atomic_write, writable_problem, write_json
 from .models.loading import ModelLoadError, read_pipeline_config, resolve_source
 from .models.variants import VARIANTS, Variant, architecture_mismatches, pipeline_mismatches
 from .video_io import to_uint8, write_video
@@ -41,15 +41,44 @@ class SampleArgs:
 
 
 def lora_header(path: str) -> dict[str, str]:
+    """The adapter file's header, after checking it holds tensors and all of them are finite."""
+    import torch
     from safetensors import safe_open
 
     if not Path(path).is_file():
         raise SampleError(f"--lora: {path} does not exist")
     try:
         with safe_open(path, "pt") as f:
-            return f.metadata() or {}
+            keys = list(f.keys())
+            bad = [k for k in keys if not torch.isfinite(f.get_tensor(k).float()).all()]  # adapters are small
+            header = f.metadata() or {}
     except Exception as err:
         raise SampleError(f"--lora: {path} is not a safetensors file ({err})") from None
+    if not keys:
+        raise SampleError(f"--lora: {path} holds no tensors: not an adapter (export one with `wan-tune export`)")
+    if bad:
+        raise SampleError(f"--lora: {path} holds NaN or infinite values ({len(bad)} of {len(keys)} tensors, e.g. {bad[0]}): "
+                          "the run diverged; export an earlier checkpoint")
+    return header
+
+
+def argument_problems(args: SampleArgs, variant: Variant | None) -> list[str]:
+    """What in the arguments the pipeline cannot render, each naming its option."""
+    step = 32 if variant is not None and variant.vae_z_dim == 48 else 16  # VAE 8x (Wan2.2: 16x) times 2x2 patches
+    problems = []
+    if args.steps < 1:
+        problems.append(f"--steps must be at least 1, got {args.steps}")
+    if args.frames < 1 or (args.frames - 1) % 4:
+        hint = max(1, (args.frames - 1) // 4 * 4 + 1)
+        problems.append(f"--frames must be 4k+1 (1, 5, 9, ..., 81), e.g. {hint} or {hint + 4}; got {args.frames}")
+    for name, side in (("--height", args.height), ("--width", args.width)):
+        if side is not None and (side <= 0 or side % step):
+            problems.append(f"{name} must be a positive multiple of {step} px, got {side}")
+    for name, value in (("--lora-scale", args.lora_scale), ("--guidance-scale", args.guidance_scale),
+                        ("--guidance-scale-2", args.guidance_scale_2)):
+        if value is not None and not np.isfinite(value):
+            problems.append(f"{name} must be a finite number, got {value}")
+    return problems
 
 
 def variant_of(folder: Path) -> Variant | None:
@@ -95,8 +124,12 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     takes_image = variant is not None and variant.image_conditioned("i2v")  # I2V, or TI2V-5B (either way)
     if args.image and not takes_image:
         raise SampleError(f"--image is for image-to-video models; {args.base} is text-to-video")
-    if (args.frames - 1) % 4:
-        raise SampleError(f"--frames must be 4k+1 (e.g. {(args.frames - 1) // 4 * 4 + 1} or {(args.frames - 1) // 4 * 4 + 5})")
+    problems = argument_problems(args, variant)
+    if problems:
+        raise SampleError("; ".join(problems))
+    problem = writable_problem(Path(args.out).parent)
+    if problem:
+        raise SampleError(f"--out: {problem}; give a writable place (nothing was rendered)")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # no fast bf16 on CPUs

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-5")
     parser.add_argument("--resume", default=None, help="auto (default: checkpoint.resume), never, or a step folder")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options anywhere: RECIPE --resume never train.lr=5e-5
 
     from .config import ConfigError, load_recipe
     from .data.shards import ShardFormatError
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a disk that filled, a mount that went away: the reason, not a traceback
         print(f"wan-tune train: {err}; checkpoints already saved are whole: rerun to resume", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        print("wan-tune train: interrupted; checkpoints already saved are whole: rerun to resume", file=sys.stderr)
+        return 130
     finally:
         import torch.distributed as dist
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rank {summary['rank']}] trainable weights sha256 {summary['weights_sha256']}", flush=True)
     if summary["main"]:
         print(f"done: step {summary['step']}, last checkpoint {summary['checkpoint']}")
-    return 0
+    return 130 if summary["stopped_by"] == "SIGINT" else 0  # Ctrl-C: saved, but not done (as shells expect)
 
 
 def own_words(err: Exception) -> str:

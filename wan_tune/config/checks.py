@@ -5,8 +5,8 @@ from __future__ import annotations
 import difflib
 import string
 
-from ..models.lora_targets import PRESETS
-from ..models.variants import VARIANTS
+from ..models.lora_targets import PRESETS, expand_targets, matching, module_widths
+from ..models.variants import VARIANTS, Variant
 from .schema import AdapterConfig, Recipe
 
 LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets")
@@ -52,6 +52,8 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
                 errors.append(("adapter.targets", f"{t!r} is neither a preset nor a module name like 'attn1.to_q'{hint}"))
         if not r.adapter.targets:
             errors.append(("adapter.targets", "a LoRA needs at least one target"))
+        elif variant is not None and not {"adapter.targets", "adapter.rank"} & invalid:
+            errors += target_errors(r.adapter.targets, r.adapter.rank, variant)
         outside = [t for t in r.adapter.targets if t.split(".")[0] in OUTSIDE_BLOCKS]
         if outside and r.export.format in ("kohya", "all"):
             errors.append(("export.format", f"{r.export.format} includes kohya, which cannot carry adapters outside the "
@@ -93,6 +95,9 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
         if bad and "data.resolutions" not in invalid:
             errors.append(("data.resolutions", f"{variant.name} needs multiples of 32 (its VAE compresses 16x, patches are 2x2): {', '.join(bad)}"))
 
+    if variant is not None and not {"data.resolutions", "data.frames", "validation.frames"} & invalid:
+        errors += resolution_errors(r, variant)
+
     v = r.validation
     if variant is not None:
         if v.images and not variant.image_conditioned(r.data.task):
@@ -106,3 +111,45 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
         errors.append(("validation.prompts", "validation.every is set but there are no prompts; add prompts or set every=0"))
     return errors
 
+
+
+def target_errors(targets: list[str], rank: int, variant: Variant) -> list[tuple[str, str]]:
+    """Module names that match nothing in the variant (peft would stop at load time), and a rank
+    wider than a targeted layer (min of its in/out features: the update cannot have more rank)."""
+    widths = module_widths(variant)
+    errors = []
+    for t in targets:
+        if t not in PRESETS and "." in t and not matching(t, widths):
+            names = sorted({m.split(".", 2)[2] if m.startswith("blocks.") else m for m in widths})
+            close = difflib.get_close_matches(t, names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "block modules are named like attn1.to_q, attn2.to_out.0, ffn.net.2"
+            errors.append(("adapter.targets", f"{t!r} names no module of {variant.name}; {hint}"))
+    picked = {m for t in expand_targets(targets, variant) for m in matching(t, widths) if widths[m] is not None}
+    if picked:
+        narrow = min(picked, key=lambda m: (min(widths[m]), m))
+        width = min(widths[narrow])
+        if rank > width:
+            errors.append(("adapter.rank", f"{rank} is above the width of {narrow} ({widths[narrow][0]} in, "
+                           f"{widths[narrow][1]} out) in {variant.name}: a LoRA's rank is at most {width} there"))
+    return errors
+
+
+def resolution_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]]:
+    """Sizes the variant's rotary position table cannot reach (`rope_max_seq_len` positions per
+    axis, of latent frames and of patches): its forward fails on the first step of such a clip."""
+    positions = variant.transformer["rope_max_seq_len"]
+    pixels = (16 if variant.vae_z_dim == 48 else 8) * variant.transformer["patch_size"][1]  # per patch
+    longest = positions * pixels
+    errors = []
+    for h, w in r.data.resolutions:
+        side = max(h, w, int(2 * (h * w) ** 0.5) + 16)  # the 1:4 aspect buckets of that area reach about 2 sqrt(area)
+        if side > longest:
+            errors.append(("data.resolutions", f"[{h}, {w}] makes aspect buckets up to {side} px on a side; {variant.name} "
+                           f"holds at most {longest} ({positions} positions x {pixels} px)"))
+    for key, frames in [("data.frames", n) for n in r.data.frames] + [("validation.frames", r.validation.frames)]:
+        if (frames - 1) // 4 + 1 > positions:
+            errors.append((key, f"{frames} frames are {(frames - 1) // 4 + 1} latent frames; {variant.name} holds at most {positions}"))
+    for key, side in (("validation.height", r.validation.height), ("validation.width", r.validation.width)):
+        if side is not None and side > longest:
+            errors.append((key, f"{side} px is beyond the {longest} px {variant.name} holds"))
+    return errors

@@ -29,7 +29,11 @@ class ConfigError(ValueError):
         self.source = source
         self.problems = problems
         n = len(problems)
-        lines = [f"{source}: {n} problem{'s' if n != 1 else ''}"]
+        if n == 1:  # one problem, one line: `recipe.yaml: train.lr: must be ...`
+            key, msg = problems[0]
+            super().__init__(f"{source}: {key}: {msg}" if key else f"{source}: {msg}")
+            return
+        lines = [f"{source}: {n} problems"]
         lines += [f"  {key}: {msg}" if key else f"  {msg}" for key, msg in problems]
         super().__init__("\n".join(lines))
 
@@ -144,6 +148,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = (), w
     """The checked recipe from a YAML file (None: defaults only) plus `section.key=value` overrides.
     `warn` receives notes that do not stop the run (LoRA settings a full fine-tune ignores)."""
     source = str(path) if path is not None else "<defaults>"
+    overrides = list(overrides)
     errors: list[tuple[str, str]] = []
     raw: Any = OmegaConf.create({})
     if path is not None:
@@ -156,6 +161,10 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = (), w
             raise ConfigError(source, [("", f"not valid YAML: {err}")]) from None
         if raw is None:
             raw = OmegaConf.create({})
+        if isinstance(raw, DictConfig) and not raw and not overrides:
+            # Every default at once would train the 1.3B on data/shards/wan-lora: never what was meant.
+            raise ConfigError(source, [("", "the recipe is empty: copy one of recipes/*.yaml and edit it "
+                                            "(e.g. cp recipes/wan2.1-t2v-1.3b-lora.yaml recipes/my_brand.yaml)")])
         if not isinstance(raw, DictConfig):
             raise ConfigError(source, [("", "a recipe is a mapping of sections (run:, model:, data:, ...)")])
     cli = _parse_overrides(overrides, errors)
@@ -171,7 +180,10 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = (), w
         errors.append((section, f"unknown section{_section_hint(section)} (sections: {', '.join(SECTIONS)})"))
 
     cfg = OmegaConf.merge(OmegaConf.structured(Recipe), valid)
+    kept = _env_interpolations(cfg)
     recipe = _resolve(cfg, errors)
+    if kept:
+        recipe._env_interpolations = kept  # not a field: to_yaml writes these as written, never their values
     _ignore_file_lora_keys(recipe, file_keys, cli_keys, source, warn)
     # Cross-field rules run even when single keys failed (those fell back to defaults), but a
     # key already reported is not reported twice.
@@ -196,9 +208,37 @@ def _resolve(cfg: DictConfig, errors: list[tuple[str, str]]) -> Recipe:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
+def _env_interpolations(cfg: DictConfig) -> dict[str, str]:
+    """`section.key: "${oc.env:...}"` of every value read from the environment (directly or through
+    another such key): tokens and private paths that a saved recipe must not hold in clear."""
+    raw = {f"{s}.{k}": str(cfg[s]._get_node(k)._value()) for s, cls in SECTIONS.items() for k in _fields(cls)
+           if OmegaConf.is_interpolation(cfg[s], k)}
+    kept: dict[str, str] = {}
+    grew = True
+    while grew:
+        grew = False
+        for key, text in raw.items():
+            if key not in kept and ("oc.env" in text or any(f"${{{k}}}" in text for k in kept)):
+                kept[key], grew = text, True
+    return kept
+
+
+def recipe_container(recipe: Recipe) -> dict:
+    """The resolved recipe as plain dicts, except values read from the environment, which stay
+    `${oc.env:...}` (what checkpoints, shard metadata and trackers record)."""
+    data = OmegaConf.to_container(OmegaConf.structured(recipe))
+    for dotted, text in getattr(recipe, "_env_interpolations", {}).items():
+        section, key = dotted.split(".", 1)
+        data[section][key] = text
+    return data
+
+
 def to_yaml(recipe: Recipe) -> str:
-    """The resolved recipe as YAML: what `check` prints and every checkpoint saves."""
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+    """The resolved recipe as YAML: what `check` prints and every checkpoint saves. Values read
+    from the environment (`${oc.env:VAR}`) are written as that interpolation, not as the secret."""
+    if not getattr(recipe, "_env_interpolations", None):
+        return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+    return OmegaConf.to_yaml(OmegaConf.create(recipe_container(recipe)))
 
 
 def recipe_hash(recipe: Recipe) -> str:

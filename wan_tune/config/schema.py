@@ -8,6 +8,7 @@ that involve several keys live in `checks.py`.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -27,11 +28,32 @@ def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, check
 
 
 def positive(v: Any) -> str | None:
-    return None if v is None or v > 0 else f"must be > 0, got {v}"
+    return None if v is None or (v > 0 and math.isfinite(v)) else f"must be a finite number > 0, got {v}"
 
 
 def non_negative(v: Any) -> str | None:
-    return None if v is None or v >= 0 else f"must be >= 0, got {v}"
+    return None if v is None or (v >= 0 and math.isfinite(v)) else f"must be a finite number >= 0, got {v}"
+
+
+def seed_range(v: Any) -> str | None:
+    # torch generators take 64-bit seeds; the trainer mixes a step's position into it (mod 2^63).
+    return None if 0 <= v < 2**63 else f"must be in [0, 2^63), got {v}"
+
+
+TEXT_ENCODER_TOKENS = 512  # umT5 as every Wan pipeline uses it: positions beyond it were never trained
+
+
+def text_tokens(v: Any) -> str | None:
+    if 1 <= v <= TEXT_ENCODER_TOKENS:
+        return None
+    return f"must be 1 to {TEXT_ENCODER_TOKENS} (the umT5 text encoder's limit, and the length Wan pads prompts to), got {v}"
+
+
+def plain_name(v: Any) -> str | None:
+    """A run name is one folder name: it never leads out of run.output_dir (export names files after it too)."""
+    if not v.strip() or v in (".", "..") or any(c in v for c in '/\\') or any(ord(c) < 32 for c in v):
+        return f"must be a plain folder name (no '/', no '..', not empty), got {v!r}; put folders in run.output_dir"
+    return None
 
 
 def unit_interval(v: Any) -> str | None:
@@ -104,9 +126,9 @@ def two_betas(v: Any) -> str | None:
 class RunConfig:
     """Naming and reproducibility of a run."""
 
-    name: str = opt("wan-lora", "Run name; checkpoints go to `<output_dir>/<name>/step-NNNNNN/`.")
+    name: str = opt("wan-lora", "Run name; checkpoints go to `<output_dir>/<name>/step-NNNNNN/`.", check=plain_name)
     output_dir: str = opt("checkpoints", "Folder holding the run folders.")
-    seed: int = opt(42, "One seed for data order, noise, sigmas, caption dropout and LoRA init.")
+    seed: int = opt(42, "One seed for data order, noise, sigmas, caption dropout and LoRA init.", check=seed_range)
 
 
 @dataclass
@@ -174,7 +196,7 @@ class DataConfig:
     )
     max_clips_per_video: int = opt(1, "Windows taken from one video at most.", check=positive)
     clip_stride: int = opt(0, "Frames between the starts of consecutive windows; 0 = back to back.", check=non_negative)
-    max_text_tokens: int = opt(512, "umT5 token limit (Wan: 512); longer captions are truncated.", check=positive)
+    max_text_tokens: int = opt(512, "umT5 token limit (Wan: 512); longer captions are truncated.", check=text_tokens)
     shard_dtype: str = opt(
         "bf16", "Dtype of stored latents and embeddings: bf16 halves the disk of fp32.", choices=("bf16", "fp16", "fp32")
     )
@@ -298,7 +320,7 @@ class ValidationConfig:
     guidance_scale_2: Optional[float] = opt(
         None, "Wan2.2 A14B: guidance of the low-noise expert; empty = guidance_scale.", check=non_negative
     )
-    seed: int = opt(0, "Noise seed, fixed so videos compare across steps.")
+    seed: int = opt(0, "Noise seed, fixed so videos compare across steps.", check=seed_range)
 
 
 @dataclass
@@ -309,7 +331,7 @@ class EvalConfig:
                      check=non_negative)
     sigmas: list[float] = opt([0.1, 0.3, 0.5, 0.7, 0.9], "Noise levels each held-out sample is scored at.",
                               check=sigmas_in_unit_interval)
-    seed: int = opt(0, "Seed of the fixed noise.")
+    seed: int = opt(0, "Seed of the fixed noise.", check=seed_range)
 
 
 @dataclass

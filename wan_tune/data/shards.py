@@ -110,7 +110,14 @@ def read_meta(root: str | os.PathLike) -> dict:
     path = Path(root) / META_FILE
     if not path.is_file():
         raise ShardFormatError(f"{root} holds no shards ({META_FILE} missing); run `wan-tune prep RECIPE` first")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise ShardFormatError(f"{path} is damaged ({_first_line(err)}); rerun `wan-tune prep RECIPE`: it writes "
+                               f"{META_FILE} again (finished samples are kept)") from None
+    if not isinstance(meta, dict):
+        raise ShardFormatError(f"{path} is damaged (not a JSON object); rerun `wan-tune prep RECIPE`: it writes "
+                               f"{META_FILE} again (finished samples are kept)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(
             f"{path}: shard format {meta.get('format_version')} but this wan-tune reads {FORMAT_VERSION}; rerun prep"
@@ -188,11 +195,53 @@ class ShardWriter:
         self.flush()
 
 
-def save_empty_prompt(root: str | os.PathLike, embedding: torch.Tensor, dtype: torch.dtype) -> None:
-    save_tensors(Path(root) / EMPTY_PROMPT_FILE, {"text": embedding.to("cpu", dtype)})
+def save_empty_prompt(root: str | os.PathLike, embedding: torch.Tensor, dtype: torch.dtype) -> str:
+    """Write the empty prompt's embedding; returns its checksum (meta.json keeps it)."""
+    stored = {"text": embedding.to("cpu", dtype)}
+    save_tensors(Path(root) / EMPTY_PROMPT_FILE, stored)
+    return checksum(stored)
 
 
 # --- index -------------------------------------------------------------------------------------
+
+
+def data_file(root: str | os.PathLike, rel: Any, where: str | os.PathLike) -> Path:
+    """The data file an index row of `where` names, refused unless it is one prep writes: no
+    index can make prep or training open, let alone delete, a file outside `<root>/data/`."""
+    data = Path(root) / DATA_DIR
+    name = rel[len(DATA_DIR) + 1:] if isinstance(rel, str) and rel.startswith(f"{DATA_DIR}/") else ""
+    path = data / name
+    if not (name.endswith(".safetensors") and _OWN_NAME.fullmatch(name.removesuffix(".safetensors"))
+            and path.resolve().parent == data.resolve()):  # a link that leads out of data/ is not prep's either
+        raise ShardFormatError(f"{where} names the file {rel!r}, which is not a data file of {root} (prep writes "
+                               f"{DATA_DIR}/rankR-NNNNN.safetensors): refused, nothing was opened or deleted; if the "
+                               "index was edited by hand, delete it and rerun `wan-tune prep`")
+    return path
+
+
+def _part_problem(part: Path) -> tuple[Any, str | None]:
+    """(rows, None) of an index part, or (None, why it does not read)."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(part), None
+    except Exception as err:  # pyarrow's errors for a truncated or foreign file
+        return None, _first_line(err)
+
+
+def read_part(part: Path):
+    """One index part as a DataFrame; every row must name the data file of the same name."""
+    frame, why = _part_problem(part)
+    if why is not None:
+        raise ShardFormatError(f"{part} is damaged ({why}); rerun `wan-tune prep`: it re-encodes the samples of a "
+                               "damaged index part")
+    own = f"{DATA_DIR}/{part.stem}.safetensors"
+    for rel in set(frame["file"]) if "file" in frame else {None}:
+        if rel != own:
+            data_file(part.parents[1], rel, part)  # names a path out of the folder: refused as such
+            raise ShardFormatError(f"{part} names the file {rel!r}, but its rows belong to {own}: refused, nothing was "
+                                   "opened or deleted; if the index was edited by hand, delete it and rerun `wan-tune prep`")
+    return frame
 
 
 def read_parts(root: str | os.PathLike):
@@ -202,7 +251,19 @@ def read_parts(root: str | os.PathLike):
     parts = own_files(Path(root) / PARTS_DIR, ".parquet")
     if not parts:
         return pd.DataFrame(columns=list(COLUMNS))
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    return pd.concat([read_part(p) for p in parts], ignore_index=True)
+
+
+def drop_damaged_parts(root: str | os.PathLike) -> list[tuple[str, str]]:
+    """Delete the index parts that do not read (prep's own files: their samples are encoded again,
+    and each rank's writer removes their data files as orphans). Returns (part, why) for each."""
+    dropped = []
+    for part in own_files(Path(root) / PARTS_DIR, ".parquet"):
+        _, why = _part_problem(part)
+        if why is not None:
+            part.unlink()
+            dropped.append((part.relative_to(root).as_posix(), why))
+    return dropped
 
 
 def merge_index(root: str | os.PathLike, keep: Iterable[str] | None = None):
@@ -228,7 +289,7 @@ def file_damage(root: str | os.PathLike, rel: str, rows, deep: bool = False) -> 
     one small read per file; `deep` also reads every tensor and checks the samples' checksums."""
     from safetensors import safe_open
 
-    path = Path(root) / rel
+    path = data_file(root, rel, Path(root) / PARTS_DIR)
     if not path.is_file():
         return "missing"
     try:
@@ -277,7 +338,11 @@ class ShardReader:
         index = self.root / INDEX_FILE
         if not index.is_file():
             raise ShardFormatError(f"{self.root}: {INDEX_FILE} missing; prep did not finish, rerun `wan-tune prep`")
-        self.index = pd.read_parquet(index)
+        try:
+            self.index = pd.read_parquet(index)
+        except Exception as err:
+            raise ShardFormatError(f"{index} is damaged ({_first_line(err)}); rerun `wan-tune prep RECIPE`: it rebuilds "
+                                   f"{INDEX_FILE} from {PARTS_DIR}/") from None
         self._ids, self._files_col = self.index["id"].tolist(), self.index["file"].tolist()  # no pandas per sample
         # Shards of an older wan-tune have no checksums: those samples are read unchecked.
         self._sums = self.index["checksum"].tolist() if "checksum" in self.index else [None] * len(self.index)
@@ -293,7 +358,7 @@ class ShardReader:
         from safetensors import safe_open
 
         if rel not in self._files:
-            path = self.root / rel
+            path = data_file(self.root, rel, self.root / INDEX_FILE)
             if not path.is_file():
                 raise ShardFormatError(f"{path} is listed in {INDEX_FILE} but missing; rerun `wan-tune prep`")
             try:
@@ -324,4 +389,15 @@ class ShardReader:
     def empty_prompt(self) -> torch.Tensor:
         from safetensors.torch import load_file
 
-        return load_file(str(self.root / EMPTY_PROMPT_FILE))["text"]
+        path = self.root / EMPTY_PROMPT_FILE
+        try:
+            stored = load_file(str(path))
+            ok = set(stored) == {"text"} and stored["text"].dim() == 2
+        except Exception as err:
+            raise ShardFormatError(f"{path} is damaged ({_first_line(err)}); rerun `wan-tune prep RECIPE`: it writes "
+                                   "it again") from None
+        want = self.meta.get("empty_prompt_checksum")  # older shards have none: read unchecked
+        if not ok or (want is not None and checksum(stored) != want):
+            raise ShardFormatError(f"{path} does not match the checksum in {META_FILE} (damaged on disk); rerun "
+                                   "`wan-tune prep RECIPE`: it writes it again")
+        return stored["text"]

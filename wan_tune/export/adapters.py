@@ -59,8 +59,18 @@ def adapter_from_trainable(weights: dict[str, torch.Tensor], rank: int, alpha: f
                 pairs.setdefault(module, [None, None])[i] = tensor
     broken = [m for m, (a, b) in pairs.items() if a is None or b is None]
     if not pairs or broken:
-        raise ExportError(f"no complete LoRA pairs in the checkpoint (incomplete: {broken[:3]})")
+        raise ExportError(f"no complete LoRA pairs in the checkpoint (incomplete: {listing(broken)})")
+    bad = [m for m, ab in pairs.items() if not all(torch.isfinite(t).all() for t in ab)]
+    if bad:
+        raise ExportError(f"the LoRA holds NaN or infinite values in {listing(bad)}: the run diverged before this "
+                          "checkpoint; export an earlier one")
     return Adapter({m: (a, b) for m, (a, b) in sorted(pairs.items())}, rank, alpha, peft_config)
+
+
+def listing(names: list[str], first: int = 3) -> str:
+    """`a, b, c and 4 more`: names in a one-line message, never silently cut."""
+    shown = ", ".join(names[:first])
+    return f"{shown} and {len(names) - first} more" if len(names) > first else shown
 
 
 def _alpha(adapter: Adapter) -> torch.Tensor:
@@ -117,7 +127,7 @@ def kohya_state_dict(adapter: Adapter, is_i2v: bool) -> dict[str, torch.Tensor]:
     outside = kohya_outside_blocks(adapter.pairs)
     if outside:
         raise ExportError(
-            f"kohya format refused: it cannot carry adapters outside the transformer blocks ({', '.join(outside[:3])}); "
+            f"kohya format refused: it cannot carry adapters outside the transformer blocks ({listing(outside)}); "
             "diffusers' kohya/musubi loader fails on them. Export --format comfyui or diffusers (both load in diffusers; "
             "comfyui also in ComfyUI)."
         )
@@ -125,7 +135,7 @@ def kohya_state_dict(adapter: Adapter, is_i2v: bool) -> dict[str, torch.Tensor]:
     if missing:
         raise ExportError(
             "kohya format refused: diffusers' kohya/musubi loader needs every block to carry q,k,v,o of self- and "
-            f"cross-attention and ffn.0/ffn.2, and this adapter lacks {', '.join(missing)}. Train with "
+            f"cross-attention and ffn.0/ffn.2, and this adapter lacks {listing(missing, 6)}. Train with "
             "adapter.targets=[attention, ffn], or export --format comfyui (loads in ComfyUI and diffusers)."
         )
     out = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..atomic import save_tensors
+from ..atomic import save_tensors, writable_problem
 from ..config import Recipe, load_recipe, recipe_hash
 from ..models.keymap import state_dict_to_original
 from ..models.variants import Variant, expert_label, get_variant
@@ -24,7 +24,9 @@ from .adapters import (
     comfyui_state_dict,
     diffusers_metadata,
     diffusers_state_dict,
+    in_blocks,
     kohya_state_dict,
+    listing,
 )
 from .selftest import Check, check_adapter_file, check_original_keys, empty_transformer
 
@@ -33,12 +35,15 @@ REQUIRED = ("recipe.yaml", "state.json")
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """`<run>/best` (no such folder) means the checkpoint `<run>/best.json` names: the lowest held-out loss."""
-    from ..training.checkpoint import BEST_FILE, best_checkpoint
+    from ..training.checkpoint import BEST_FILE, CheckpointError, best_checkpoint
 
     path = Path(path)
     if path.name != "best" or path.exists():
         return path
-    best = best_checkpoint(path.parent)
+    try:
+        best = best_checkpoint(path.parent)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     if best is None:
         why = "names a checkpoint that no longer exists" if (path.parent / BEST_FILE).is_file() else "does not exist"
         raise ExportError(f"{path}: {path.parent / BEST_FILE} {why}; the best checkpoint is recorded by runs with "
@@ -51,17 +56,22 @@ def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict[str, dict[str,
     One expert (`transformer`) except for Wan2.2 A14B runs."""
     from safetensors.torch import load_file
 
-    from ..training.checkpoint import expert_file
+    from ..training.checkpoint import digest_mismatch, expert_file, read_state
 
     path = resolve_checkpoint(path)
     if not path.is_dir():
         raise ExportError(f"{path} is not a checkpoint folder (expected checkpoints/<run>/step-NNNNNN/ or checkpoints/<run>/best)")
-    missing = [f for f in REQUIRED if not (path / f).is_file()]
-    state = json.loads((path / "state.json").read_text()) if not missing else {}
+    state, why = read_state(path)
+    if state is None and why != "no state.json":
+        raise ExportError(f"{path}: {why}; export another checkpoint of the run")
+    state = state or {}
     files = {e: expert_file("trainable.safetensors", e) for e in state.get("experts", ["transformer"])}
-    missing += [f for f in files.values() if not (path / f).is_file()]
+    missing = [f for f in (*REQUIRED, *files.values()) if not (path / f).is_file()]
     if missing:
         raise ExportError(f"{path} is missing {', '.join(missing)}: not a complete wan-tune checkpoint")
+    damage = digest_mismatch(path, state, list(files.values()))
+    if damage:
+        raise ExportError(f"{damage}; export another checkpoint of the run")
     weights = {}
     for expert, file in files.items():
         try:
@@ -96,10 +106,15 @@ def expert_header(recipe: Recipe, expert: str) -> dict[str, str]:
     return {"wan_tune.expert": expert_label(variant, expert)} if variant.two_experts else {}
 
 
-def header(recipe: Recipe, state: dict, fmt: str, expert: str = "transformer") -> dict[str, str]:
+def header(recipe: Recipe, state: dict, fmt: str, expert: str = "transformer", modules=()) -> dict[str, str]:
     a = recipe.adapter
+    outside = sorted({m for m in modules if not in_blocks(m)})
+    note = ({"wan_tune.alpha_applies_to": f"the transformer blocks' adapters; {len(outside)} outside them "
+             f"({listing(outside)}) carry no .alpha: alpha/rank is folded "
+             "into their lora_up"} if outside and fmt == "comfyui" else {})
     return {
         **expert_header(recipe, expert),
+        **note,
         "wan_tune.version": __version__,
         "wan_tune.variant": recipe.model.variant,
         "wan_tune.format": fmt,
@@ -124,6 +139,9 @@ def export(
         formats = list(FORMATS) if recipe.export.format == "all" else [recipe.export.format]
     variant = get_variant(recipe.model.variant)
     out = Path(out or recipe.export.out or checkpoint / "export")
+    problem = writable_problem(out)
+    if problem:
+        raise ExportError(f"{problem}; give --out a writable folder (nothing was written)")
     stem = f"{recipe.run.name}-step{state['step']:06d}"
     if recipe.adapter.method == "full":  # A14B: both experts in one folder, as the pipeline lays them out
         return [c for expert, weights in experts.items() for c in export_full(recipe, weights, out / stem, say, expert)]
@@ -150,7 +168,7 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
             sd, meta = comfyui_state_dict(adapter), {}
             bad = check_original_keys(sd, variant, "diffusion_model.")
             if bad:
-                raise ExportError(f"original-format keys that name no module of the original model: {bad[:3]}")
+                raise ExportError(f"original-format keys that name no module of the original model: {listing(bad)}")
         elif fmt == "diffusers":
             sd, meta = diffusers_state_dict(adapter), diffusers_metadata(adapter)
         else:
@@ -158,14 +176,18 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
         built.append((fmt, sd, meta))
     checks = []
     for fmt, sd, meta in built:
-        path = save_tensors(out / f"{stem}-{fmt}.safetensors", sd, {"format": "pt", **meta, **header(recipe, state, fmt, expert)})
+        path = save_tensors(out / f"{stem}-{fmt}.safetensors", sd,
+                            {"format": "pt", **meta, **header(recipe, state, fmt, expert, adapter.pairs)})
         try:
-            checks.append(check_adapter_file(path, adapter, variant, expert))
+            check = check_adapter_file(path, adapter, variant, expert)
         except Exception as err:  # a file diffusers cannot even load must not stay behind looking usable
             path.unlink(missing_ok=True)
             raise ExportError(f"{path.name}: diffusers could not load it back ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:200] if str(err) else ''}); the file was removed") from err
-        say(f"wrote {path}")
+        if not check.ok:  # never left under a name ComfyUI or a script would pick up
+            check.file = str(_set_aside_failed(path))
+        checks.append(check)
+        say(f"wrote {check.file}")
     if merge:
         checks += export_merged(recipe, adapter, out / f"{stem}-merged", say, expert)
     return checks
@@ -207,10 +229,32 @@ def export_full(recipe: Recipe, weights: dict[str, torch.Tensor], folder: Path, 
     model = empty_transformer(variant, torch.float32)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ExportError(f"the checkpoint's weights do not match {variant.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ExportError(f"the checkpoint's weights do not match {variant.name} (missing {listing(missing)}, "
+                          f"unexpected {listing(unexpected)})")
     assert isinstance(model, WanTransformer3DModel)
     _write_transformer(model, folder, recipe, say, expert)
-    return _reload_check(model, folder, recipe, expert)
+    return _checked(_reload_check(model, folder, recipe, expert), folder, expert)
+
+
+def _set_aside_failed(path: Path) -> Path:
+    """`x.safetensors` -> `x.safetensors.failed` (a folder likewise): kept to inspect, never loaded by mistake."""
+    failed = path.with_name(path.name + ".failed")
+    if failed.is_dir():
+        import shutil
+
+        shutil.rmtree(failed)
+    path.replace(failed)
+    return failed
+
+
+def _checked(checks: list[Check], folder: Path, expert: str) -> list[Check]:
+    """A full transformer whose reload check failed is renamed `.failed`, both layouts."""
+    if not all(c.ok for c in checks):
+        for path in (folder / expert, folder / f"{expert}_original.safetensors"):
+            failed = _set_aside_failed(path)
+            for c in checks:
+                c.file = c.file.replace(str(path), str(failed))
+    return checks
 
 
 def export_merged(recipe: Recipe, adapter: Adapter, folder: Path, say, expert: str = "transformer") -> list[Check]:
@@ -224,7 +268,7 @@ def export_merged(recipe: Recipe, adapter: Adapter, folder: Path, say, expert: s
             linear = model.get_submodule(module)
             linear.weight += adapter.delta(module).to(linear.weight.dtype)
     _write_transformer(model, folder, recipe, say, expert)
-    return _reload_check(model, folder, recipe, expert)
+    return _checked(_reload_check(model, folder, recipe, expert), folder, expert)
 
 
 def format_checks(checks: list[Check]) -> str:

@@ -29,3 +29,37 @@ def expand_targets(targets: list[str], variant: Variant) -> list[str]:
             names = names + _I2V_EXTRA
         out.extend(n for n in names if n not in out)
     return out
+
+
+def module_widths(variant: Variant) -> dict[str, tuple[int, int] | None]:
+    """Every module of the variant's transformer a LoRA can target, by diffusers name:
+    (in_features, out_features) of each Linear, None for the patch embedding (a Conv3d).
+    Derived from the config, so `wan-tune check` needs no model; a test compares it with the
+    modules of each variant built on the meta device."""
+    c = variant.transformer
+    inner, ffn = variant.inner_dim, c["ffn_dim"]
+    patch = c["patch_size"][0] * c["patch_size"][1] * c["patch_size"][2]
+    out: dict[str, tuple[int, int] | None] = {
+        "patch_embedding": None,
+        "condition_embedder.time_embedder.linear_1": (c["freq_dim"], inner),
+        "condition_embedder.time_embedder.linear_2": (inner, inner),
+        "condition_embedder.time_proj": (inner, 6 * inner),
+        "condition_embedder.text_embedder.linear_1": (c["text_dim"], inner),
+        "condition_embedder.text_embedder.linear_2": (inner, inner),
+    }
+    if c.get("image_dim"):
+        out["condition_embedder.image_embedder.ff.net.0.proj"] = (c["image_dim"], c["image_dim"])
+        out["condition_embedder.image_embedder.ff.net.2"] = (c["image_dim"], inner)
+    block = {f"attn{n}.{m}": (inner, inner) for n in (1, 2) for m in _QKVO}
+    if c.get("added_kv_proj_dim"):
+        block.update({m: (c["added_kv_proj_dim"], inner) for m in _I2V_EXTRA})
+    block.update({"ffn.net.0.proj": (inner, ffn), "ffn.net.2": (ffn, inner)})
+    for i in range(c["num_layers"]):
+        out.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
+    out["proj_out"] = (inner, c["out_channels"] * patch)
+    return out
+
+
+def matching(target: str, modules) -> list[str]:
+    """The modules a `target_modules` entry picks: peft matches it as a whole dotted suffix."""
+    return [m for m in modules if m == target or m.endswith(f".{target}")]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -58,9 +59,13 @@ def tiny_vae():
     from safetensors.torch import load_file
 
     path = cache_path()
+    damage = _damage(path) if path.is_file() else None
+    if damage:
+        print(f"the cached tiny VAE {path} is damaged ({damage}): training it again", file=sys.stderr)
+        path.unlink()
     if not path.is_file():
         known = _TRAINED.get(_key())
-        if known is not None and known.is_file():
+        if known is not None and known.is_file() and not _damage(known):
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(known, path)
         else:
@@ -71,6 +76,24 @@ def tiny_vae():
     vae = AutoencoderKLWan(**CONFIG, latents_mean=stats["mean"], latents_std=stats["std"])
     vae.load_state_dict(load_file(str(path)))
     return vae.eval()
+
+
+def _damage(path: Path) -> str | None:
+    """Why a cached VAE file cannot be used (None when it can): it must read and match its checksum."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..data.shards import checksum
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        json.loads(meta["latents"])
+        tensors = load_file(str(path))
+    except Exception as err:
+        return str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+    want = meta.get("checksum")
+    return None if want is None or checksum(tensors) == want else "its tensors do not match their checksum"
 
 
 def _frames() -> torch.Tensor:
@@ -119,6 +142,7 @@ def _train_and_save(path: Path) -> None:
     from tqdm import tqdm
 
     from ..atomic import save_tensors
+    from ..data.shards import checksum
 
     with torch.random.fork_rng(devices=[]):  # the tiny pipeline's own random init must not depend on the cache
         torch.manual_seed(SEED)
@@ -142,5 +166,5 @@ def _train_and_save(path: Path) -> None:
         with torch.no_grad():
             z = torch.cat([vae.encode(frames[i : i + 16].unsqueeze(2)).latent_dist.mode() for i in range(0, len(frames), 16)])
         stats = {"mean": z.mean(dim=(0, 2, 3, 4)).tolist(), "std": z.std(dim=(0, 2, 3, 4)).clamp_min(1e-3).tolist()}
-    save_tensors(path, {k: v.contiguous() for k, v in vae.state_dict().items()},
-                 {"latents": json.dumps(stats), "loss": f"{loss.item():.5f}"})
+    tensors = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    save_tensors(path, tensors, {"latents": json.dumps(stats), "loss": f"{loss.item():.5f}", "checksum": checksum(tensors)})

@@ -8,7 +8,9 @@ step-000250/
                           Wan2.2 A14B: the low-noise expert's files (the high-noise one's are the above)
   optimizer.safetensors   optimizer state tensors; optimizer.json: param groups + scalars
                           (FSDP2: whole tensors keyed by parameter name, so any world size resumes)
-  state.json              step, batches consumed, lr-scheduler state per expert, world size, sharding
+  state.json              step, batches consumed, lr-scheduler state per expert, world size, sharding,
+                          and the size + CRC-32 of every other file but recipe.yaml (checked before
+                          the checkpoint is resumed from or exported)
   recipe.yaml             the resolved recipe: export and resume need no flags
   deepspeed/              DeepSpeed runs only: the engine's own (partitioned) checkpoint
 ```
@@ -29,10 +31,11 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import save_tensors, write_json, write_text
+from ..atomic import file_digest, save_tensors, write_json, write_text
 from .sharding import fsdp2_load, fsdp2_optimizer_state, full_shape, gather_trainable, sharding
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+EXPERTS = ("transformer", "transformer_2")  # the pipeline components a checkpoint may hold weights of
 
 
 class CheckpointError(RuntimeError):
@@ -41,6 +44,12 @@ class CheckpointError(RuntimeError):
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"step-{step:06d}"
+
+
+def step_number(path: str | Path) -> int:
+    """N of a `step-N` folder; -1 for any other name (a folder given to --resume may be named anything)."""
+    m = STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else -1
 
 
 def step_folders(run_dir: str | Path) -> list[Path]:
@@ -69,34 +78,97 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep: Path | None = None) -
 
 
 def best_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `<run>/best.json` names (the lowest held-out loss so far), if it still exists."""
+    """The checkpoint `<run>/best.json` names (the lowest held-out loss so far), if it still exists.
+    A damaged best.json is a CheckpointError naming it (it is never guessed around)."""
     path = Path(run_dir) / BEST_FILE
     if not path.is_file():
         return None
-    name = json.loads(path.read_text()).get("checkpoint")
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("checkpoint")
+        if not (name is None or (isinstance(name, str) and STEP_DIR.match(name))):
+            raise ValueError(f"'checkpoint' is {name!r}, not a step-NNNNNN folder of the run")
+    except (ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path} is damaged ({str(err).splitlines()[0][:120]}); delete it: a run with "
+                              "data.holdout > 0 writes it again at its next held-out score (export a step folder meanwhile)") from None
     return Path(run_dir) / name if name and (Path(run_dir) / name / "state.json").is_file() else None
 
 
-def checkpoint_damage(path: Path) -> str | None:
-    """Why the step folder cannot be resumed from, or None. Reads state.json and every
-    safetensors header (a truncated file's offsets run past its end); not DeepSpeed's own files."""
+def read_state(path: Path) -> tuple[dict | None, str | None]:
+    """(state.json of a step folder, None) or (None, why it cannot be read)."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "no state.json"
+    except (OSError, ValueError) as err:
+        return None, f"state.json is not readable JSON ({str(err).splitlines()[0][:120]})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return None, "state.json holds no step"
+    experts = state.get("experts", ["transformer"])
+    if not (isinstance(experts, list) and experts and set(experts) <= set(EXPERTS)):
+        return None, f"state.json names unknown experts {experts!r}"
+    files = state.get("files", {})
+    inside = Path(path).resolve()
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("bytes"), int)
+                                              and isinstance(v.get("crc32"), str) for v in files.values()):
+        return None, "state.json's file list is malformed"
+    if any(not (Path(path) / n).resolve().is_relative_to(inside) for n in files):
+        return None, "state.json lists files outside its folder"
+    return state, None
+
+
+def required_files(state: dict) -> list[str]:
+    """The files a step folder must hold to be resumed from, besides state.json."""
+    names = ["recipe.yaml"]
+    for expert in state.get("experts", ["transformer"]):
+        names.append(expert_file("trainable.safetensors", expert))
+        if not state.get("deepspeed"):
+            names += [expert_file("optimizer.safetensors", expert), expert_file("optimizer.json", expert)]
+    return names
+
+
+def checkpoint_damage(path: Path, deep: bool = False) -> str | None:
+    """Why the step folder cannot be used, or None. Reads state.json, checks that every file it
+    needs is there at its recorded size and that every safetensors header reads; `deep` also
+    checks each recorded file's CRC-32 (one read of the checkpoint, before it is loaded)."""
     from safetensors import safe_open
 
     path = Path(path)
-    try:
-        state = json.loads((path / "state.json").read_text())
-        if not isinstance(state, dict) or "step" not in state:
-            return "state.json holds no step"
-    except FileNotFoundError:
-        return "no state.json"
-    except (OSError, ValueError) as err:
-        return f"state.json is not readable JSON ({err})"
+    state, why = read_state(path)
+    if state is None:
+        return why
+    recorded = state.get("files", {})  # checkpoints of wan-tune before 0.x record none: checked by header
+    missing = [name for name in [*required_files(state), *recorded] if not (path / name).is_file()]
+    if missing:
+        return f"{', '.join(sorted(set(missing))[:3])} missing"
+    for name, want in sorted(recorded.items()):
+        size = (path / name).stat().st_size
+        if size != want["bytes"]:
+            return f"{name} is {size:,} bytes, {want['bytes']:,} when saved (cut off or changed)"
     for file in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(file), "pt") as f:
                 f.keys()
         except Exception as err:  # safetensors raises its own error types (header too large, not JSON, offsets)
             return f"{file.name} is damaged ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__})"
+    for file in sorted(path.glob("optimizer*.json")):
+        try:
+            meta = json.loads(file.read_text(encoding="utf-8"))
+            if not (isinstance(meta, dict) and "param_groups" in meta and "scalars" in meta):
+                raise ValueError("no param_groups / scalars")
+        except ValueError as err:
+            return f"{file.name} is damaged ({str(err).splitlines()[0][:120]})"
+    return digest_mismatch(path, state, sorted(recorded)) if deep else None
+
+
+def digest_mismatch(path: Path, state: dict, names: list[str]) -> str | None:
+    """Which of `names` no longer matches the size and CRC-32 state.json recorded (None: all do, or none recorded)."""
+    recorded = state.get("files", {})
+    for name in names:
+        if name in recorded:
+            got = file_digest(Path(path) / name)
+            if got != recorded[name]:
+                return (f"{Path(path) / name} does not match its size and CRC-32 in state.json ({got['bytes']:,} bytes, {got['crc32']}; "
+                        f"saved {recorded[name]['bytes']:,} bytes, {recorded[name]['crc32']}): damaged on disk")
     return None
 
 
@@ -199,12 +271,15 @@ def _write_main(tmp: Path, final: Path, step: int, trainees: list, trainable: di
             tensors, meta = optimizer_to_tensors(optim_state.get(tr.name) or tr.optimizer.state_dict())
             save_tensors(tmp / expert_file("optimizer.safetensors", tr.name), tensors)
             write_json(tmp / expert_file("optimizer.json", tr.name), meta)
+    write_text(tmp / "recipe.yaml", recipe_yaml)
+    # Every machine-written file, DeepSpeed's own too; not recipe.yaml, which people read and may edit.
+    files = sorted(f for f in tmp.rglob("*") if f.is_file() and f.name != "recipe.yaml")
     write_json(tmp / "state.json", {
         "step": step, "batches_consumed": consumed, "experts": [tr.name for tr in trainees],
         "schedulers": {tr.name: tr.scheduler.state_dict() for tr in trainees},
         "world_size": world, "deepspeed": deepspeed, "sharding": kind,
+        "files": {f.relative_to(tmp).as_posix(): file_digest(f) for f in files},
     })
-    write_text(tmp / "recipe.yaml", recipe_yaml)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -215,9 +290,9 @@ def load_checkpoint(accelerator, path: Path, trainees: list) -> dict:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "state.json").is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no state.json)")
-    state = json.loads((path / "state.json").read_text())
+    state, why = read_state(path)
+    if state is None:
+        raise CheckpointError(f"{path} is not a checkpoint to resume from ({why})")
     if state["deepspeed"] != (accelerator.distributed_type.name == "DEEPSPEED"):
         raise CheckpointError(f"{path} was written {'with' if state['deepspeed'] else 'without'} DeepSpeed; resume it the same way")
     kind = sharding(accelerator)

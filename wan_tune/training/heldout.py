@@ -121,20 +121,31 @@ def format_heldout(step: int, result: dict[str, float]) -> str:
 
 class Scoreboard:
     """The held-out losses of a run so far, by step (read back from metrics.jsonl on a resume),
-    and `best.json`: the checkpoint with the lowest one."""
+    and `best.json`: the checkpoint with the lowest one. A damaged best.json is written again
+    from the log when the board opens."""
 
-    def __init__(self, run_dir: Path, metrics: Path):
-        from .overview import heldout_by_step
+    def __init__(self, run_dir: Path, metrics: Path, say=print):
+        from .checkpoint import BEST_FILE, CheckpointError, best_checkpoint
+        from .metrics import heldout_by_step
 
         self.run_dir = Path(run_dir)
         self.scores: dict[int, float] = heldout_by_step(metrics)
+        try:
+            best_checkpoint(self.run_dir)
+        except CheckpointError as err:
+            (self.run_dir / BEST_FILE).unlink()
+            self._write()
+            say(f"warning: {str(err).split(';')[0]}: rewrote it from {Path(metrics).name}")
 
     def add(self, step: int, loss: float) -> dict | None:
         """Record a score; rewrite best.json; return its content (None while no scored step has a checkpoint)."""
+        self.scores[step] = loss
+        return self._write()
+
+    def _write(self) -> dict | None:
         from ..atomic import write_json
         from .checkpoint import BEST_FILE, step_dir
 
-        self.scores[step] = loss
         kept = {s: v for s, v in self.scores.items() if (step_dir(self.run_dir, s) / "state.json").is_file()}
         if not kept:
             return None

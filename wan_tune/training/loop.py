@@ -16,13 +16,14 @@ import os
 import signal
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..atomic import writable_problem, write_text
+from ..atomic import writable_problem
 from ..config import Recipe, to_yaml
 from ..data.dataset import ShardDataset, collate, pad_text, to_device
 from ..data.sampler import BucketBatchSampler
@@ -34,14 +35,15 @@ from . import flow_matching as fm
 from .experts import make_trainee, route, sigma_bounds, sigma_sampler
 from .offload import BlockOffload, ExpertSwap
 from .checkpoint import (
-    best_checkpoint, checkpoint_damage, list_checkpoints, load_checkpoint, prune_checkpoints, remove_partial,
-    save_checkpoint, step_folders,
+    CheckpointError, best_checkpoint, checkpoint_damage, list_checkpoints, load_checkpoint, prune_checkpoints,
+    remove_partial, save_checkpoint, step_folders,
 )
 from .heldout import Scoreboard, format_heldout, make_heldout
-from .optim import make_optimizer, make_scheduler
+from .metrics import METRICS_FILE, open_metrics
+from .optim import apply_changed_settings, make_optimizer, make_scheduler
+from .run_folder import RunLock, set_aside
 from .sharding import fsdp_on_cpu, local_share, sharding, unpartitioned_loading, weights_digest
-
-METRICS_FILE = "metrics.jsonl"
+from .tracking import init_tracking, tracking_problem
 
 
 class TrainingError(RuntimeError):
@@ -49,15 +51,32 @@ class TrainingError(RuntimeError):
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a clean stop after the current step."""
+    """SIGTERM / SIGUSR1 (SLURM preemption) and Ctrl-C (SIGINT) ask for a clean stop after the
+    current step, with a checkpoint. A second Ctrl-C stops at once (KeyboardInterrupt): the
+    checkpoints already written are whole. `restore` puts the previous handlers back."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, say=print):
         self.received: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.say = say
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, _frame):
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self.say("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)")
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    """DataLoader workers share the terminal's Ctrl-C; the main process decides when to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _accelerator(recipe: Recipe, run_dir: Path):
@@ -93,19 +112,36 @@ def _micro_generator(seed: int, step: int, micro: int, accum: int, rank: int, wo
     """The generator of one micro-batch, seeded by its global position: rank r's micro-batch m of
     step s is the sampler's global batch (s * accum + m) * world + r."""
     position = (step * accum + micro) * world + rank
-    return torch.Generator().manual_seed(seed * 1_000_003 + position)
+    return torch.Generator().manual_seed((seed * 1_000_003 + position) % 2**63)  # torch takes 64-bit seeds
 
 
 def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=print) -> dict:
-    """Run (or continue) the recipe's training; returns a summary (rank 0)."""
+    """Run (or continue) the recipe's training; returns a summary (rank 0). The run folder is
+    locked while it runs (a second run on it is refused), and signal handlers are restored after."""
     run_dir = Path(recipe.run.output_dir) / recipe.run.name
     problem = writable_problem(run_dir)
     if problem:
         raise TrainingError(f"run.output_dir: {problem}; checkpoints go there, so set run.output_dir to a writable folder")
     accelerator = _accelerator(recipe, run_dir)
+    say = say if accelerator.is_main_process else (lambda *_: None)
+    lock = RunLock(run_dir)
+    busy = lock.acquire() if accelerator.is_main_process else None
+    if _agree(accelerator, busy is not None):
+        raise TrainingError(busy or f"{run_dir} is in use by another run (rank 0 says which)")
+    stop = StopSignal(say)
+    try:
+        return _train(recipe, resume, progress, say, accelerator, run_dir, stop)
+    finally:
+        stop.restore()
+        lock.release()
+
+
+def _train(recipe: Recipe, resume: str | None, progress: bool, say, accelerator, run_dir: Path, stop: StopSignal) -> dict:
     main = accelerator.is_main_process
-    say = say if main else (lambda *_: None)
     rank, world = accelerator.process_index, accelerator.num_processes
+    problem = tracking_problem(recipe.tracking) if main else None
+    if _agree(accelerator, problem is not None):
+        raise TrainingError(problem or "tracking is not set up on rank 0")
     variant = get_variant(recipe.model.variant)
     names = trained_experts(variant, recipe.model.experts)
     partitioned = accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
@@ -119,7 +155,6 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             f"train.offload={recipe.train.offload} works with one process or DDP; under DeepSpeed / FSDP the weights "
             "are already sharded over the GPUs: set train.offload=none (or launch without DeepSpeed / FSDP)"
         )
-    stop = StopSignal()
 
     # --- data -------------------------------------------------------------------------------
     dataset = ShardDataset(recipe.data.shards)
@@ -129,9 +164,21 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         )
     if (dataset.meta["task"] == "i2v") != variant.image_conditioned(dataset.meta["task"]):
         raise TrainingError(f"{recipe.data.shards} holds {dataset.meta['task']} data; {variant.name} needs {variant.task}")
+    z_dim = dataset.meta.get("vae", {}).get("z_dim", variant.vae_z_dim)
+    if z_dim != variant.vae_z_dim:
+        raise TrainingError(f"{recipe.data.shards} holds {z_dim}-channel latents (prepped with {dataset.meta['variant']}'s VAE); "
+                            f"{variant.name} takes {variant.vae_z_dim}: prep the footage again for it, into another data.shards")
     heldout = make_heldout(dataset, recipe.data.holdout, recipe.eval.sigmas, recipe.eval.seed, recipe.data.max_text_tokens)
     kept_out = frozenset(heldout.indices if heldout else ())
     sampler = BucketBatchSampler(dataset.buckets, recipe.train.batch_size, recipe.run.seed, rank, world, held_out=kept_out)
+    if len(sampler) == 0:
+        sizes = Counter(b for i, b in enumerate(dataset.buckets) if i not in kept_out)
+        raise TrainingError(
+            f"train.batch_size={recipe.train.batch_size} but the largest bucket of {recipe.data.shards} holds "
+            f"{max(sizes.values(), default=0)} training clip(s) (a batch is one bucket; {world} process(es) need "
+            f"{world} batch(es) a step): lower train.batch_size, or add clips"
+        )
+    start = _starting_point(accelerator, recipe, run_dir, resume, say)  # before any model loads: a refusal costs nothing
     if heldout is not None:
         clips = len({dataset.sources[i] for i in kept_out})
         say(f"held out {len(kept_out)} of {len(dataset)} samples ({clips} clip(s)) for the held-out loss (data.holdout)")
@@ -174,14 +221,14 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
 
     # --- resume -----------------------------------------------------------------------------
     start_step, consumed = 0, 0
-    if main:
-        for p in remove_partial(run_dir):
-            say(f"removed {p.name}: a checkpoint whose save was interrupted")
-    accelerator.wait_for_everyone()
-    checkpoint = _resume_point(recipe, run_dir, resume, say)
+    checkpoint = start
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, trainees)
         start_step, consumed = state["step"], state["batches_consumed"]
+        try:
+            apply_changed_settings(recipe.train, _saved_train(checkpoint), trainees, checkpoint.name, say)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
         if state["world_size"] != world:
             say(f"resuming a {state['world_size']}-process run on {world}: data order changes from here on")
             consumed = consumed * state["world_size"] // world
@@ -189,14 +236,14 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     sampler.seek(consumed)
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=recipe.data.num_workers,
-        collate_fn=collate,
+        collate_fn=collate, worker_init_fn=_ignore_sigint,
         persistent_workers=recipe.data.num_workers > 0,
     )
     batches = iter(loader)
     empty_padded = pad_text([dataset.empty_prompt], recipe.data.max_text_tokens)[0].to(accelerator.device, torch.float32)
 
     if recipe.tracking.backend != "none":
-        _init_tracking(accelerator, recipe, run_dir)
+        init_tracking(accelerator, recipe, run_dir)
     validator = None
     if recipe.validation.every and (main or sharded):
         from .validation import Validator, clip_first_frames
@@ -229,8 +276,8 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     recipe_yaml = to_yaml(recipe)
     bar = tqdm(total=recipe.train.steps, initial=start_step, desc="train", unit="step", disable=not (progress and main))
     step, last_saved, run_losses = start_step, None, []
-    metrics = _open_metrics(run_dir / METRICS_FILE, start_step) if main else None
-    board = Scoreboard(run_dir, run_dir / METRICS_FILE) if heldout is not None and main else None
+    metrics = open_metrics(run_dir / METRICS_FILE, start_step, say) if main else None
+    board = Scoreboard(run_dir, run_dir / METRICS_FILE, say) if heldout is not None and main else None
 
     def score(at: int) -> None:
         """The held-out loss of the current weights (every rank: sharded forwards gather)."""
@@ -349,22 +396,46 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             "models": {tr.label: accelerator.unwrap_model(tr.model) for tr in trainees}}
 
 
-def _open_metrics(path: Path, start_step: int):
-    """metrics.jsonl for appending, without the steps after `start_step` a killed run had logged
-    (they are trained again, so they must not appear twice)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-        write_text(path, "".join(line + "\n" for line in kept))
-    return path.open("a")
-
-
 def _agree(accelerator, flag: bool) -> bool:
     """True on every rank if any rank got a stop signal (all must checkpoint together)."""
     if accelerator.num_processes == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _starting_point(accelerator, recipe: Recipe, run_dir: Path, resume: str | None, say) -> Path | None:
+    """The checkpoint this run resumes from (None: a fresh start), decided on rank 0, which first
+    removes interrupted saves and moves aside whatever of an earlier run would mix with this one."""
+    chosen, error = None, None
+    if accelerator.is_main_process:
+        for p in remove_partial(run_dir):
+            say(f"removed {p.name}: a checkpoint whose save was interrupted")
+        try:
+            chosen = _resume_point(recipe, run_dir, resume, say)
+            moved = set_aside(run_dir, chosen, fresh=(resume or recipe.checkpoint.resume) == "never")
+            if moved:
+                say(moved)
+        except (TrainingError, CheckpointError) as err:
+            error = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        chosen, error = broadcast_object_list([str(chosen) if chosen else None, error])
+    if error:
+        raise TrainingError(error)
+    return Path(chosen) if chosen else None
+
+
+def _saved_train(checkpoint: Path) -> dict:
+    """The train section of a checkpoint's recipe.yaml, as written (no interpolation resolved)."""
+    from omegaconf import OmegaConf
+
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(checkpoint / "recipe.yaml"), resolve=True)
+    except Exception:  # `${oc.env:...}` of a variable this shell lacks: nothing to compare against
+        return {}
+    return saved.get("train", {}) if isinstance(saved, dict) else {}
 
 
 def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None, say=print) -> Path | None:
@@ -376,7 +447,7 @@ def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None, say=print) 
     if choice == "auto":
         skipped = []
         for path in reversed(step_folders(run_dir)):
-            damage = checkpoint_damage(path)
+            damage = checkpoint_damage(path, deep=True)
             if damage is None:
                 for name, why in skipped:
                     say(f"warning: skipped {name} ({why}); resuming from {path.name}, the steps after it are trained again")
@@ -387,25 +458,7 @@ def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None, say=print) 
                                 "move them away to start again, or set checkpoint.resume=never")
         return None
     path = Path(choice)
-    damage = checkpoint_damage(path)
+    damage = checkpoint_damage(path, deep=True)
     if damage is not None:
         raise TrainingError(f"checkpoint.resume={choice}: cannot resume from it: {damage}")
     return path
-
-
-def _init_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(OmegaConf.structured(recipe))
-    flat = {f"{section}.{k}": v for section, values in config.items() for k, v in values.items()}
-    init = {}
-    if recipe.tracking.backend == "tensorboard":
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise TrainingError("tracking.backend=tensorboard needs TensorBoard: pip install 'wan-tune[tensorboard]' "
-                                "(or set tracking.backend=wandb / none)")
-    if recipe.tracking.backend == "wandb":
-        init["wandb"] = {"name": recipe.run.name, "dir": str(run_dir), "mode": "offline" if recipe.tracking.offline else None,
-                         "entity": recipe.tracking.entity}
-    accelerator.init_trackers(recipe.tracking.project, config=flat, init_kwargs=init)

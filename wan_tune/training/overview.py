@@ -9,7 +9,6 @@ the held-out loss of that step when there is one; it is rewritten after each rou
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
@@ -58,21 +57,10 @@ def write_row(path: Path, row: np.ndarray) -> Path:
     return atomic_write(Path(path), lambda tmp: Image.fromarray(row).save(tmp, format="PNG"))
 
 
-def heldout_by_step(metrics: Path) -> dict[int, float]:
-    """Held-out losses logged in metrics.jsonl, by step."""
-    if not metrics.is_file():
-        return {}
-    out = {}
-    for line in metrics.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if "heldout_loss" in record:
-                out[record["step"]] = record["heldout_loss"]
-    return out
-
-
 def write_overview(validation_dir: Path, prompts: list[str], metrics: Path) -> Path:
     """validation/index.html: every round's sheets, newest first, with its held-out loss."""
+    from .metrics import heldout_by_step
+
     validation_dir = Path(validation_dir)
     losses = heldout_by_step(metrics)
     rounds = sorted((p for p in validation_dir.glob("step-*") if p.is_dir()), reverse=True)
