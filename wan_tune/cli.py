@@ -82,7 +82,7 @@ def _caption(args: argparse.Namespace) -> int:
     try:
         items = discover(recipe.data.source)
         counts = make_captions(items, recipe.caption, recipe.data.captions)
-    except (SourceError, CaptionModelError, CaptionFileError) as err:
+    except (SourceError, CaptionModelError, CaptionFileError, OSError) as err:  # OSError: a disk that filled
         print(f"wan-tune caption: {err}", file=sys.stderr)
         return 1
     print(f"wrote {sum(counts.values())} caption(s) to {recipe.data.captions} ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})")
@@ -138,13 +138,13 @@ def _export(args: argparse.Namespace) -> int:
     formats = list(FORMATS) if args.format == "all" else [args.format] if args.format else None  # None: the recipe's
     try:
         checks = export(args.checkpoint, formats, args.out, merge=args.merge)
-    except (ExportError, ConfigError, ModelLoadError) as err:
+    except (ExportError, ConfigError, ModelLoadError, OSError) as err:  # files are written whole or not at all
         print(f"wan-tune export: {err}", file=sys.stderr)
         return 1
     print("self-test (each file loaded back with diffusers / wan-tune loaders, every module compared):")
     print(format_checks(checks))
     if not all(c.ok for c in checks):
-        print("wan-tune export: self-test FAILED: do not ship these files", file=sys.stderr)
+        print("wan-tune export: self-test FAILED: the files that failed are renamed *.failed; do not ship them", file=sys.stderr)
         return 1
     return 0
 
@@ -155,7 +155,7 @@ def _sample(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in vars(args).items() if k in SampleArgs.__dataclass_fields__}
     try:
         video, sheet = sample(SampleArgs(**fields))
-    except SampleError as err:
+    except (SampleError, OSError) as err:
         print(f"wan-tune sample: {err}", file=sys.stderr)
         return 1
     print(f"wrote {video} and {sheet}")
