@@ -50,8 +50,9 @@ def main() -> None:
 
     from data_prep.buckets import resize_crop
     from data_prep.encode import normalize_latents
-    from data_prep.synthetic import moving_shape, write_video
-    from data_prep.video import plan_windows, probe, read_frames
+    from data_prep.video import plan_windows
+    from wan_tune.footage import probe, read_frames
+    from wan_tune.synthetic import moving_shape, write_video
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-prep-"))
     src_frames = int(args.seconds * 24)

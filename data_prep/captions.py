@@ -18,7 +18,7 @@ from wan_tune.config.schema import CaptionConfig
 from wan_tune.atomic import write_text
 
 from .sources import SourceItem
-from .video import SkipClip, Window, probe, read_frames
+from wan_tune.footage import SkipClip, Window, probe, read_frames
 
 COLUMNS = ("key", "caption", "origin")
 

@@ -24,6 +24,7 @@ from wan_tune.atomic import writable_problem, write_json, write_text
 from wan_tune.config import Recipe, to_yaml
 from wan_tune.data import shards
 from wan_tune.dist import process_state
+from wan_tune.footage import SkipClip, Window, probe, read_frames, unsupported_reason
 from wan_tune.models import get_variant
 from wan_tune.models.loading import recipe_source
 
@@ -31,7 +32,7 @@ from .buckets import aspect_buckets, fit_problem, nearest_bucket, resize_crop
 from .captions import make_captions, read_captions
 from .encode import Encoders, settings_hash
 from .sources import SourceItem, discover
-from .video import SkipClip, Window, plan_windows, probe, read_frames, unsupported_reason
+from .video import plan_windows
 
 REPORT_FILE = "prep_report.csv"
 PLAN_FILE = ".plan-rank{rank}.json"
@@ -176,13 +177,7 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
     captions = read_captions(captions_path)
     t = timer.add("caption", t)
 
-    clip = i2v and variant.clip_image_tokens
-    source = recipe_source(recipe, ("vae", "text_encoder", "tokenizer") + (("image_encoder", "image_processor") if clip else ()))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.model.dtype]
-    if state.device.type == "cpu" and dtype != torch.float32:
-        say(f"encoding in fp32 on CPU (model.dtype={recipe.model.dtype} is for GPUs; this CPU has no fast bf16)")
-        dtype = torch.float32
-    encoders = Encoders(source, i2v, dtype, str(state.device), recipe.data.max_text_tokens)
+    encoders = _load_encoders(recipe, variant, i2v, state.device, say)
     settings = prep_settings(recipe, i2v)
     # What a sample's tensors depend on besides its file, window, bucket and caption (all in
     # its id too). The frame buckets, clip cap and stride are not here: they decide which
@@ -227,6 +222,17 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
     summary = _finish(root, state.num_processes) if main else {}
     state.wait_for_everyone()
     return summary
+
+
+def _load_encoders(recipe: Recipe, variant, i2v: bool, device, say) -> Encoders:
+    """umT5 and the VAE (and CLIP for Wan2.1 I2V) on this rank's device; fp32 on a CPU."""
+    clip = i2v and variant.clip_image_tokens
+    source = recipe_source(recipe, ("vae", "text_encoder", "tokenizer") + (("image_encoder", "image_processor") if clip else ()))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.model.dtype]
+    if device.type == "cpu" and dtype != torch.float32:
+        say(f"encoding in fp32 on CPU (model.dtype={recipe.model.dtype} is for GPUs; this CPU has no fast bf16)")
+        dtype = torch.float32
+    return Encoders(source, i2v, dtype, str(device), recipe.data.max_text_tokens)
 
 
 def _encode(todo: list[Sample], encoders: Encoders, writer, i2v: bool, skips: list, timer: Timer, progress: bool) -> None:

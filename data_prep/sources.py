@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-VIDEO_EXTS = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif"}  # GIFs: PyAV, by their frame delays
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
+from wan_tune.footage import IMAGE_EXTS, VIDEO_EXTS
+
 CAPTION_EXT = ".txt"  # sidecar captions: the only other files a footage folder is expected to hold
 MAX_CAPTION_BYTES = 64 << 10  # a caption is at most 512 umT5 tokens, a few KB; anything far larger is the wrong file
 PATH_COLUMNS = ("path", "video", "file", "file_name", "image")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import decord
 import numpy as np
-from data_prep.synthetic import moving_shape
+from wan_tune.synthetic import moving_shape
 from PIL import Image
 
 from wan_tune.cli import main

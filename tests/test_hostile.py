@@ -383,7 +383,7 @@ def test_ctrl_c_saves_like_sigterm_and_exits_130(world):
 
 @pytest.mark.slow
 def test_ctrl_c_in_prep_keeps_what_was_encoded(world, tiny_folders):
-    from data_prep.synthetic import make_clips
+    from wan_tune.synthetic import make_clips
 
     make_clips(world / "many", 30, frames=20, height=64, width=96)
     args = ["prep", str(world / "recipe.yaml"), f"data.source={world / 'many'}", f"data.shards={world / 'new'}",

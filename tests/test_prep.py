@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from data_prep.encode import denormalize_latents
 from data_prep.prep import run_prep
-from data_prep.synthetic import make_clips, moving_shape, still_image, write_video
+from wan_tune.synthetic import make_clips, moving_shape, still_image, write_video
 from wan_tune.config import load_recipe
 from wan_tune.data import shards
 
@@ -302,7 +302,8 @@ def test_i2v_conditioning_equals_the_diffusers_pipeline(tiny_folders, footage, t
     i = int(reader.index.index[reader.index["frames"] == 9][0])
     row, stored = reader.row(i), reader.tensors(i)
     from data_prep.buckets import resize_crop
-    from data_prep.video import plan_windows, probe, read_frames
+    from data_prep.video import plan_windows
+    from wan_tune.footage import probe, read_frames
 
     # Rebuild the clip's first frame the way prep cut it, then let the pipeline condition on it.
     path = str(footage / row["source"])

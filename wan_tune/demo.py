@@ -59,9 +59,9 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     from data_prep.prep import run_prep
     from data_prep.sources import discover
     from data_prep.summary import format_summary
-    from data_prep.synthetic import make_clips
 
     from .export.run import export, format_checks
+    from .synthetic import make_clips
     from .models.loading import resolve_source
     from .sampling import SampleArgs, sample
     from .models.variants import get_variant

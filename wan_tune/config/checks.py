@@ -17,56 +17,76 @@ OUTSIDE_BLOCKS = ("condition_embedder", "patch_embedding", "proj_out", "norm_out
 def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list[tuple[str, str]]:
     """(key, message) for every rule the recipe breaks; `explicit` = keys the user wrote,
     `invalid` = keys already reported (rules about the variant are skipped if it was invalid)."""
-    errors: list[tuple[str, str]] = []
     variant = None if "model.variant" in invalid else VARIANTS.get(r.model.variant)
+    errors = _task_errors(r, variant)
+    errors += _full_errors(r, explicit) if r.adapter.method == "full" else _lora_errors(r, variant, invalid)
+    errors += _template_errors(r)
+    errors += _schedule_errors(r, variant, explicit, invalid)
+    if variant is not None:
+        errors += _variant_errors(r, variant, invalid)
+    if r.validation.every and not r.validation.prompts:
+        errors.append(("validation.prompts", "validation.every is set but there are no prompts; add prompts or set every=0"))
+    return errors
 
-    if variant is not None and r.data.task not in ("auto", variant.task) and not variant.image_conditioned(r.data.task):
+
+def _task_errors(r: Recipe, variant: Variant | None) -> list[tuple[str, str]]:
+    if variant is None or r.data.task in ("auto", variant.task) or variant.image_conditioned(r.data.task):
+        return []
+    return [("data.task", f"data.task={r.data.task} does not fit model.variant={variant.name}, a {variant.task.upper()} model; "
+                          f"set data.task=auto or use one of: {', '.join(n for n, v in VARIANTS.items() if v.task == r.data.task)}")]
+
+
+def _full_errors(r: Recipe, explicit: set[str]) -> list[tuple[str, str]]:
+    errors = []
+    defaults = AdapterConfig()
+    for key in LORA_ONLY_KEYS:
+        # Only keys typed on the command line are still set here: the loader resets the
+        # recipe file's LoRA keys with a warning, and a saved, resolved recipe lists every
+        # key at its default and must load back.
+        if f"adapter.{key}" in explicit and getattr(r.adapter, key) != getattr(defaults, key):
+            errors.append((f"adapter.{key}", "is a LoRA setting, but adapter.method=full; drop it from the command line"))
+    if r.train.fp8_base:
         errors.append(
-            (
-                "data.task",
-                f"data.task={r.data.task} does not fit model.variant={variant.name}, a {variant.task.upper()} model; "
-                f"set data.task=auto or use one of: {', '.join(n for n, v in VARIANTS.items() if v.task == r.data.task)}",
-            )
+            ("train.fp8_base", "stores frozen base weights in fp8, but a full fine-tune trains them; use adapter.method=lora")
         )
+    if r.train.offload != "none":
+        errors.append(("train.offload", "streams frozen base weights, but a full fine-tune trains them all; use adapter.method=lora, "
+                       "or DeepSpeed ZeRO-3 / FSDP to spread a full fine-tune over GPUs"))
+    return errors
 
-    if r.adapter.method == "full":
-        defaults = AdapterConfig()
-        for key in LORA_ONLY_KEYS:
-            # Only keys typed on the command line are still set here: the loader resets the
-            # recipe file's LoRA keys with a warning, and a saved, resolved recipe lists every
-            # key at its default and must load back.
-            if f"adapter.{key}" in explicit and getattr(r.adapter, key) != getattr(defaults, key):
-                errors.append((f"adapter.{key}", "is a LoRA setting, but adapter.method=full; drop it from the command line"))
-        if r.train.fp8_base:
-            errors.append(
-                ("train.fp8_base", "stores frozen base weights in fp8, but a full fine-tune trains them; use adapter.method=lora")
-            )
-        if r.train.offload != "none":
-            errors.append(("train.offload", "streams frozen base weights, but a full fine-tune trains them all; use adapter.method=lora, "
-                           "or DeepSpeed ZeRO-3 / FSDP to spread a full fine-tune over GPUs"))
-    else:
-        for t in r.adapter.targets:
-            if "." not in t and t not in PRESETS:
-                close = difflib.get_close_matches(t, PRESETS, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(PRESETS)}"
-                errors.append(("adapter.targets", f"{t!r} is neither a preset nor a module name like 'attn1.to_q'{hint}"))
-        if not r.adapter.targets:
-            errors.append(("adapter.targets", "a LoRA needs at least one target"))
-        elif variant is not None and not {"adapter.targets", "adapter.rank"} & invalid:
-            errors += target_errors(r.adapter.targets, r.adapter.rank, variant)
-        outside = [t for t in r.adapter.targets if t.split(".")[0] in OUTSIDE_BLOCKS]
-        if outside and r.export.format in ("kohya", "all"):
-            errors.append(("export.format", f"{r.export.format} includes kohya, which cannot carry adapters outside the "
-                           f"transformer blocks ({', '.join(outside)}): set export.format=comfyui or diffusers"))
 
+def _lora_errors(r: Recipe, variant: Variant | None, invalid: set[str]) -> list[tuple[str, str]]:
+    errors = []
+    for t in r.adapter.targets:
+        if "." not in t and t not in PRESETS:
+            close = difflib.get_close_matches(t, PRESETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(PRESETS)}"
+            errors.append(("adapter.targets", f"{t!r} is neither a preset nor a module name like 'attn1.to_q'{hint}"))
+    if not r.adapter.targets:
+        errors.append(("adapter.targets", "a LoRA needs at least one target"))
+    elif variant is not None and not {"adapter.targets", "adapter.rank"} & invalid:
+        errors += target_errors(r.adapter.targets, r.adapter.rank, variant)
+    outside = [t for t in r.adapter.targets if t.split(".")[0] in OUTSIDE_BLOCKS]
+    if outside and r.export.format in ("kohya", "all"):
+        errors.append(("export.format", f"{r.export.format} includes kohya, which cannot carry adapters outside the "
+                       f"transformer blocks ({', '.join(outside)}): set export.format=comfyui or diffusers"))
+    return errors
+
+
+def _template_errors(r: Recipe) -> list[tuple[str, str]]:
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(r.caption.template) if name is not None}
-        unknown = fields - {"trigger", "stem", "caption"}
-        if unknown:
-            errors.append(("caption.template", f"unknown placeholder(s) {sorted(unknown)}; use {{trigger}}, {{stem}}, {{caption}}"))
     except ValueError as err:
-        errors.append(("caption.template", f"not a valid template ({err}); write literal braces as {{{{ and }}}}"))
+        return [("caption.template", f"not a valid template ({err}); write literal braces as {{{{ and }}}}")]
+    unknown = fields - {"trigger", "stem", "caption"}
+    if unknown:
+        return [("caption.template", f"unknown placeholder(s) {sorted(unknown)}; use {{trigger}}, {{stem}}, {{caption}}")]
+    return []
 
+
+def _schedule_errors(r: Recipe, variant: Variant | None, explicit: set[str], invalid: set[str]) -> list[tuple[str, str]]:
+    """Offload, held-out, sigma range and warmup rules."""
+    errors = []
     if r.train.offload == "blocks" and not r.train.gradient_checkpointing:
         errors.append(("train.offload", "blocks needs train.gradient_checkpointing=true (without it the backward keeps "
                        "every block's weights on the GPU, so offloading saves nothing)"))
@@ -84,33 +104,32 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
         )
     if r.train.warmup_steps >= r.train.steps:
         errors.append(("train.warmup_steps", f"must be below train.steps ({r.train.warmup_steps} >= {r.train.steps})"))
+    return errors
 
-    if variant is not None and r.validation.guidance_scale_2 is not None and not variant.two_experts:
+
+def _variant_errors(r: Recipe, variant: Variant, invalid: set[str]) -> list[tuple[str, str]]:
+    """What the chosen variant cannot take: expert settings, sizes, first frames."""
+    errors = []
+    if r.validation.guidance_scale_2 is not None and not variant.two_experts:
         errors.append(("validation.guidance_scale_2", f"is the low-noise expert's guidance; {variant.name} has one transformer"))
-    if variant is not None and r.model.experts and not variant.two_experts:
+    if r.model.experts and not variant.two_experts:
         errors.append(("model.experts", f"{variant.name} has one transformer; model.experts is for Wan2.2 A14B (two experts)"))
-    if variant is not None and variant.vae_z_dim == 48:
+    if variant.vae_z_dim == 48:
         # The Wan2.2 VAE compresses 16x and the transformer patchifies 2x2: 32-pixel steps.
         bad = [f"{h}x{w}" for h, w in r.data.resolutions if h % 32 or w % 32]
         if bad and "data.resolutions" not in invalid:
             errors.append(("data.resolutions", f"{variant.name} needs multiples of 32 (its VAE compresses 16x, patches are 2x2): {', '.join(bad)}"))
-
-    if variant is not None and not {"data.resolutions", "data.frames", "validation.frames"} & invalid:
+    if not {"data.resolutions", "data.frames", "validation.frames"} & invalid:
         errors += resolution_errors(r, variant)
-
     v = r.validation
-    if variant is not None:
-        if v.images and not variant.image_conditioned(r.data.task):
-            errors.append(("validation.images", f"first frames are for I2V variants; {variant.name} is text-to-video"))
-        if variant.image_conditioned(r.data.task) and v.every and len(v.images) not in (0, len(v.prompts)):
-            errors.append(
-                ("validation.images", f"I2V validation takes one first frame per prompt ({len(v.images)} images, {len(v.prompts)} "
-                                      "prompts), or none: then the first frames of held-out clips (else of the first clips)")
-            )
-    if v.every and not v.prompts:
-        errors.append(("validation.prompts", "validation.every is set but there are no prompts; add prompts or set every=0"))
+    if v.images and not variant.image_conditioned(r.data.task):
+        errors.append(("validation.images", f"first frames are for I2V variants; {variant.name} is text-to-video"))
+    if variant.image_conditioned(r.data.task) and v.every and len(v.images) not in (0, len(v.prompts)):
+        errors.append(
+            ("validation.images", f"I2V validation takes one first frame per prompt ({len(v.images)} images, {len(v.prompts)} "
+                                  "prompts), or none: then the first frames of held-out clips (else of the first clips)")
+        )
     return errors
-
 
 
 def target_errors(targets: list[str], rank: int, variant: Variant) -> list[tuple[str, str]]:

@@ -3,7 +3,7 @@
 A random VAE decodes anything to noise, so the demo could show that every stage runs but not that
 the LoRA learned the look of its clips. This one is the same `AutoencoderKLWan` (8x spatial, 4x
 temporal, 16 latent channels, at small widths), trained for under a minute on crops of frames of the
-synthetic footage the demo and the tests generate (`data_prep.synthetic`) and on random colour
+synthetic footage the demo and the tests generate (`wan_tune.synthetic`) and on random colour
 fields: its reconstructions show the gradient and the moving shape, blurred, and a latent that is
 not of the demo's style decodes to something else.
 
@@ -102,7 +102,7 @@ def _frames() -> torch.Tensor:
     VAE would decode any latent into the demo's style, and the base model's renders would look
     learned too."""
     import numpy as np
-    from data_prep.synthetic import COLORS, SHAPES, moving_shape
+    from ..synthetic import COLORS, SHAPES, moving_shape
 
     # At the demo's bucket size (64x96): the shapes' size against the frame is what the VAE learns to keep.
     clips = [moving_shape(9, 64, 96, SHAPES[i % len(SHAPES)], list(COLORS)[i % len(COLORS)], seed=100 + i) for i in range(24)]

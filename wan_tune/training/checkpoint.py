@@ -32,14 +32,11 @@ from pathlib import Path
 import torch
 
 from ..atomic import file_digest, save_tensors, write_json, write_text
+from .errors import CheckpointError
 from .sharding import fsdp2_load, fsdp2_optimizer_state, full_shape, gather_trainable, sharding
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 EXPERTS = ("transformer", "transformer_2")  # the pipeline components a checkpoint may hold weights of
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

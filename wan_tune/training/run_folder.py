@@ -19,10 +19,30 @@ import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .checkpoint import BEST_FILE, step_folders, step_number
+from .errors import TrainingError
+from .launch import StopSignal, agree
 from .metrics import METRICS_FILE
+
+
+@contextmanager
+def claimed(accelerator, run_dir: Path, say) -> Iterator[StopSignal]:
+    """The run folder, locked by rank 0 for as long as the run goes (a second run on it is refused
+    on every rank), with the stop signals installed; both undone on the way out."""
+    lock = RunLock(run_dir)
+    busy = lock.acquire() if accelerator.is_main_process else None
+    if agree(accelerator, busy is not None):
+        raise TrainingError(busy or f"{run_dir} is in use by another run (rank 0 says which)")
+    stop = StopSignal(say)
+    try:
+        yield stop
+    finally:
+        stop.restore()
+        lock.release()
 
 
 class RunLock:

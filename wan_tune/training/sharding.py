@@ -16,6 +16,8 @@ from typing import Iterator
 
 import torch
 
+from .errors import CheckpointError
+
 
 def sharding(accelerator) -> str | None:
     """'zero3', 'fsdp2', or None when every rank holds whole parameters (single process, DDP, ZeRO-1/2)."""
@@ -96,7 +98,6 @@ def iter_full_trainable(accelerator, model) -> Iterator[tuple[str, torch.Tensor]
     tensor is valid until the next one is requested. Each is checked against the parameter's
     whole shape on every rank alike, so a weight that was not gathered raises on all ranks
     together instead of reaching a file (or hanging the other ranks)."""
-    from .checkpoint import CheckpointError
 
     kind = sharding(accelerator)
     unwrapped = accelerator.unwrap_model(model)

@@ -18,7 +18,48 @@ from ..config import Recipe
 from ..models.loading import load_transformer, recipe_source, resolve_source
 from ..models.variants import get_variant
 from ..video_io import to_uint8, write_video
+from .errors import TrainingError
+from .launch import agree
 from .overview import frame_row, read_row, write_overview, write_row, write_sheet
+from .sharding import unpartitioned_loading
+
+
+def start_validation(run, heldout, start_step: int):
+    """The run's Validator (None when validation is off, and on ranks that render nothing), with the
+    base model's renders for the contact sheets made, or read back, once per run. Sharded weights:
+    every rank runs the same pipeline (its forwards gather the shards together), rank 0 writes."""
+    recipe, accelerator = run.recipe, run.accelerator
+    if not recipe.validation.every:
+        return None
+    validator = None
+    if run.main or run.sharded:
+        try:
+            first_frames = None
+            if run.variant.image_conditioned(recipe.data.task) and not recipe.validation.images:
+                first_frames = clip_first_frames(recipe, recipe.data.shards, heldout.indices if heldout else [],
+                                                 len(recipe.validation.prompts))
+            with unpartitioned_loading(accelerator):
+                validator = Validator(recipe, accelerator.device, run.compute_dtype, trained=[tr.name for tr in run.trainees],
+                                      first_frames=first_frames)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
+    render_base = agree(accelerator, run.main and validator.base_missing(run.run_dir / "validation"))
+    if validator is not None:
+        note = validator.prepare_base(run.live(), run.run_dir / "validation", render_base,
+                                      lora=recipe.adapter.method == "lora", untrained=start_step == 0, write=run.main)
+        if note:
+            run.say(note)
+    return validator
+
+
+def validate(run, validator, step: int) -> None:
+    """Render the prompts from the current weights (every rank of a sharded run), write and log them on rank 0."""
+    if validator is not None:
+        paths = validator.render(run.live(), step, run.run_dir / "validation", write=run.main)
+        if run.main:
+            log_videos(run.accelerator, run.recipe, paths, step)
+            run.say(f"validation videos: {paths[0].parent}")
+    run.accelerator.wait_for_everyone()
 
 
 class Validator:
@@ -142,10 +183,8 @@ def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int) -> 
     each window's start time (through prep's own reader: rotation and variable frame rate as prep saw them)."""
     from PIL import Image
 
-    from data_prep.sources import IMAGE_EXTS
-    from data_prep.video import Window, probe, read_frames
-
     from ..data.shards import ShardReader
+    from ..footage import IMAGE_EXTS, Window, probe, read_frames
 
     reader = ShardReader(shards)
     base = Path(recipe.data.source or ".").expanduser()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wan_tune.video_io import write_video
+from .video_io import write_video
 
 __all__ = ["make_clips", "moving_shape", "still_image", "write_video"]
 

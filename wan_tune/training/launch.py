@@ -1,0 +1,104 @@
+"""How a run is launched: the Accelerator for this machine and launch, what the ranks agree on,
+the signals that stop a run cleanly, and the settings a launch cannot take.
+
+Launch-agnostic: plain `python`, `accelerate launch` (DDP, DeepSpeed ZeRO, FSDP) or SLURM all
+arrive here; accelerate decides what `prepare` wraps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+from ..config import Recipe
+from ..dist import use_cpu
+from .errors import TrainingError
+from .sharding import fsdp_on_cpu
+from .tracking import tracking_problem
+
+
+def make_accelerator(recipe: Recipe, run_dir):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    cpu = use_cpu()
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and multi else []  # gloo: multi-process on CPU
+    tracker = None if recipe.tracking.backend == "none" else recipe.tracking.backend
+    accelerator = Accelerator(
+        cpu=cpu and not deepspeed,  # cpu=True would drop DeepSpeed; DeepSpeed finds the CPU by itself
+        mixed_precision="no" if cpu else recipe.train.mixed_precision,
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=handlers,
+    )
+    if cpu and multi:
+        fsdp_on_cpu(accelerator)
+    if accelerator.state.deepspeed_plugin is not None:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = recipe.train.batch_size  # we feed batches ourselves
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = recipe.train.max_grad_norm or 0.0
+        if cpu:  # torch AdamW instead of DeepSpeed's CPU Adam: no ~50 s JIT build per op
+            ds["zero_force_ds_cpu_optimizer"] = False
+    return accelerator
+
+
+def agree(accelerator, flag: bool) -> bool:
+    """True on every rank if it is true on any (a stop signal, a refusal: all ranks act together)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def check_launch(recipe: Recipe, accelerator, experts: list[str]) -> None:
+    """Refuse, on every rank and before anything loads, what this launch cannot run: a tracker
+    that cannot start here, two A14B experts or block offload under DeepSpeed / FSDP."""
+    problem = tracking_problem(recipe.tracking) if accelerator.is_main_process else None
+    if agree(accelerator, problem is not None):
+        raise TrainingError(problem or "tracking is not set up on rank 0")
+    partitioned = accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
+    if len(experts) > 1 and partitioned:
+        raise TrainingError(
+            "training both Wan2.2 A14B experts in one run works with one process or DDP; under DeepSpeed / FSDP "
+            "train one expert per run (model.experts=[high_noise], then [low_noise])"
+        )
+    if recipe.train.offload != "none" and partitioned:
+        raise TrainingError(
+            f"train.offload={recipe.train.offload} works with one process or DDP; under DeepSpeed / FSDP the weights "
+            "are already sharded over the GPUs: set train.offload=none (or launch without DeepSpeed / FSDP)"
+        )
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption) and Ctrl-C (SIGINT) ask for a clean stop after the
+    current step, with a checkpoint. A second Ctrl-C stops at once (KeyboardInterrupt): the
+    checkpoints already written are whole. `restore` puts the previous handlers back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, say=print):
+        self.received: str | None = None
+        self.say = say
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, _frame):
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self.say("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)")
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_sigint(_worker_id: int) -> None:
+    """DataLoader workers share the terminal's Ctrl-C; the main process decides when to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,96 @@
+"""Where a run starts: the checkpoint it continues (auto, never, or a given step folder), checked
+whole before anything loads, and the restore of weights, optimizers, schedules and data position.
+
+Every random draw of a micro-batch comes from a generator seeded by its global position
+(`step.micro_generator`), so the number of batches consumed is the whole data-side resume state:
+a resumed run repeats the exact losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Recipe
+from .checkpoint import checkpoint_damage, load_checkpoint, remove_partial, step_folders
+from .errors import CheckpointError, TrainingError
+from .optim import apply_changed_settings
+from .run_folder import set_aside
+
+
+def starting_point(accelerator, recipe: Recipe, run_dir: Path, resume: str | None, say) -> Path | None:
+    """The checkpoint this run resumes from (None: a fresh start), decided on rank 0, which first
+    removes interrupted saves and moves aside whatever of an earlier run would mix with this one."""
+    chosen, error = None, None
+    if accelerator.is_main_process:
+        for p in remove_partial(run_dir):
+            say(f"removed {p.name}: a checkpoint whose save was interrupted")
+        try:
+            chosen = _resume_point(recipe, run_dir, resume, say)
+            moved = set_aside(run_dir, chosen, fresh=(resume or recipe.checkpoint.resume) == "never")
+            if moved:
+                say(moved)
+        except (TrainingError, CheckpointError) as err:
+            error = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        chosen, error = broadcast_object_list([str(chosen) if chosen else None, error])
+    if error:
+        raise TrainingError(error)
+    return Path(chosen) if chosen else None
+
+
+def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None, say=print) -> Path | None:
+    """The checkpoint to resume from. auto: the newest one that is whole; each damaged newer one
+    is named and passed over (a run never resumes from, or silently ignores, a broken save)."""
+    choice = resume or recipe.checkpoint.resume
+    if choice == "never":
+        return None
+    if choice == "auto":
+        skipped = []
+        for path in reversed(step_folders(run_dir)):
+            damage = checkpoint_damage(path, deep=True)
+            if damage is None:
+                for name, why in skipped:
+                    say(f"warning: skipped {name} ({why}); resuming from {path.name}, the steps after it are trained again")
+                return path
+            skipped.append((path.name, damage))
+        if skipped:
+            raise TrainingError(f"every checkpoint in {run_dir} is damaged ({'; '.join(f'{n}: {w}' for n, w in skipped)}); "
+                                "move them away to start again, or set checkpoint.resume=never")
+        return None
+    path = Path(choice)
+    damage = checkpoint_damage(path, deep=True)
+    if damage is not None:
+        raise TrainingError(f"checkpoint.resume={choice}: cannot resume from it: {damage}")
+    return path
+
+
+def restore(run, checkpoint: Path | None) -> tuple[int, int]:
+    """Load `checkpoint` into the run's trainees; returns (step, batches consumed on this rank)
+    to go on from; (0, 0) for a fresh start. Optimizer settings changed since are applied."""
+    if checkpoint is None:
+        return 0, 0
+    state = load_checkpoint(run.accelerator, checkpoint, run.trainees)
+    step, consumed = state["step"], state["batches_consumed"]
+    try:
+        apply_changed_settings(run.recipe.train, _saved_train(checkpoint), run.trainees, checkpoint.name, run.say)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    world = run.accelerator.num_processes
+    if state["world_size"] != world:
+        run.say(f"resuming a {state['world_size']}-process run on {world}: data order changes from here on")
+        consumed = consumed * state["world_size"] // world
+    run.say(f"resumed from {checkpoint} (step {step})")
+    return step, consumed
+
+
+def _saved_train(checkpoint: Path) -> dict:
+    """The train section of a checkpoint's recipe.yaml."""
+    from omegaconf import OmegaConf
+
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(checkpoint / "recipe.yaml"), resolve=True)
+    except Exception:  # `${oc.env:...}` of a variable this shell lacks: nothing to compare against
+        return {}
+    return saved.get("train", {}) if isinstance(saved, dict) else {}

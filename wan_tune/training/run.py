@@ -1,0 +1,90 @@
+"""What a training run holds once it is built: the trained transformer(s) with their optimizers
+and schedules (one trainee per expert; only those are loaded), and what every step reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import Recipe
+from ..dist import use_cpu
+from ..models.loading import recipe_source
+from ..models.spec import load_for_training, trainable_parameters
+from ..models.variants import Variant
+from .errors import TrainingError
+from .experts import Trainee, make_trainee, sigma_bounds, sigma_sampler
+from .offload import BlockOffload, ExpertSwap
+from .optim import make_optimizer, make_scheduler
+from .sharding import local_share, sharding
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    accelerator: object
+    run_dir: Path
+    variant: Variant
+    trainees: list[Trainee]
+    boundary: float | None
+    """Wan2.2 A14B: sigma at or above which the high-noise expert runs (the model folder's own)."""
+    bounds: dict[str, tuple[float, float]]
+    """Each trainee's sigma range: the recipe's narrowed to its side of the boundary."""
+    draw: Callable
+    """draw(n, generator, lo, hi) -> n sigmas from the recipe's schedule."""
+    compute_dtype: torch.dtype
+    sharded: str | None
+    trainable: int
+    say: Callable
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def live(self) -> dict:
+        """{expert: the unwrapped module} of the trainees, as validation and scoring take them."""
+        return {tr.name: self.accelerator.unwrap_model(tr.model) for tr in self.trainees}
+
+
+def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, experts: list[str], say) -> Run:
+    """Load each trained expert (LoRA added, offload hooks, compile), its optimizer and schedule,
+    prepared by accelerate."""
+    boundary = recipe_source(recipe, components=()).boundary_ratio  # the folder's model_index.json
+    trainees, n_trainable = [], 0
+    swap = ExpertSwap(accelerator.device) if len(experts) > 1 else None
+    for name in experts:
+        torch.manual_seed(recipe.run.seed)  # LoRA init: the same for an expert trained alone or beside the other
+        model = load_for_training(recipe, use_cpu=use_cpu(), expert=name)
+        # Before prepare, which moves to the GPU whatever is still on the model.
+        blocks = BlockOffload(model, recipe.train.offload_keep, accelerator.device) if recipe.train.offload == "blocks" else None
+        if swap is not None:
+            swap.add(model, blocks)
+        if recipe.train.compile:  # regional: one compiled block serves all 30-40, compiling in seconds, not minutes
+            model.compile_repeated_blocks(fullgraph=False)
+        params = list(trainable_parameters(model).values())
+        n_trainable += sum(p.numel() for p in params)
+        optimizer = make_optimizer(params, recipe.train, say)
+        scheduler = make_scheduler(optimizer, recipe.train)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        trainee = make_trainee(variant, name, boundary, model, optimizer, scheduler)
+        # FSDP2 replaces the parameters by sharded ones: clip what the optimizer now holds.
+        trainee.params = list(trainable_parameters(accelerator.unwrap_model(model)).values())
+        trainees.append(trainee)
+    t = recipe.timesteps
+    try:
+        bounds = {tr.name: sigma_bounds(tr, t.sigma_min, t.sigma_max) for tr in trainees}
+    except ValueError as err:
+        raise TrainingError(f"{err}: widen the range or pick the other expert (model.experts)") from None
+    compute_dtype = accelerator.unwrap_model(trainees[0].model).dtype  # the base weights' dtype (LoRA params are fp32)
+    sharded = sharding(accelerator)
+    if sharded:
+        held, total = local_share(accelerator.unwrap_model(trainees[0].model))
+        say(f"{sharded}: rank 0 holds {held:,} of the model's {total:,} weights ({held / total:.1%})")
+    if variant.two_experts:
+        say(f"experts: {', '.join(f'{tr.label} (sigma {bounds[tr.name][0]:g}-{bounds[tr.name][1]:g})' for tr in trainees)}; "
+            f"boundary {boundary}")
+    draw = sigma_sampler(recipe, t.shift if t.shift is not None else variant.flow_shift)
+    return Run(recipe, accelerator, run_dir, variant, trainees, boundary, bounds, draw, compute_dtype, sharded,
+               n_trainable, say)

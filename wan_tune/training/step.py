@@ -1,0 +1,87 @@
+"""One optimizer step: the expert it trains, its micro-batches (noise, sigmas, caption dropout),
+the flow-matching loss, backward, clip, step, and the record the run logs.
+
+Every random draw of a micro-batch comes from a generator seeded by (seed, its global position).
+The position counts micro-batches across ranks in the order the sampler deals them out, so W
+processes with grad_accum A draw the same batches and noise as one process with grad_accum A*W:
+the same run, up to float reduction order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import torch
+
+from ..data.dataset import to_device
+from ..models.spec import tokens_per_sample
+from . import flow_matching as fm
+from .checkpoint import list_checkpoints
+from .errors import TrainingError
+from .experts import route
+
+
+def micro_generator(seed: int, step: int, micro: int, accum: int, rank: int, world: int) -> torch.Generator:
+    """The generator of one micro-batch, seeded by its global position: rank r's micro-batch m of
+    step s is the sampler's global batch (s * accum + m) * world + r."""
+    position = (step * accum + micro) * world + rank
+    return torch.Generator().manual_seed((seed * 1_000_003 + position) % 2**63)  # torch takes 64-bit seeds
+
+
+def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
+    """Train step `step` (0-based) on `recipe.train.grad_accum` micro-batches from `batches`;
+    returns its record for metrics.jsonl (step = step + 1, the mean loss over ranks, lr, speed)."""
+    recipe, accelerator, variant = run.recipe, run.accelerator, run.variant
+    rank, world, accum, t = accelerator.process_index, accelerator.num_processes, recipe.train.grad_accum, recipe.timesteps
+    t0 = time.perf_counter()
+    step_loss, samples, tokens, grad_norm = 0.0, 0, 0, None
+    trainee = route(run.trainees, variant, run.boundary, recipe.run.seed, step, lambda g: run.draw(1, g, t.sigma_min, t.sigma_max))
+    model, optimizer = trainee.model, trainee.optimizer
+    for micro in range(accum):
+        batch = to_device(next(batches), accelerator.device, torch.float32, recipe.data.max_text_tokens)
+        gen = micro_generator(recipe.run.seed, step, micro, accum, rank, world)
+        if recipe.adapter.dropout > 0:  # LoRA dropout draws from the global RNG; torch.manual_seed
+            # costs ~1 ms (it seeds every device type), so only when something uses it.
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        x0 = batch["latents"]
+        n = x0.shape[0]
+        drop = torch.rand(n, generator=gen) < recipe.train.caption_dropout
+        if drop.any():  # caption dropout: the empty prompt, padded as the pipeline pads it
+            batch["text"][drop.to(accelerator.device)] = empty_prompt
+        sigmas = run.draw(n, gen, *run.bounds[trainee.name])
+        noise = torch.randn(x0.shape, generator=gen)
+        with accelerator.accumulate(model), accelerator.autocast():
+            pred, target = fm.predict(model, variant, batch, sigmas.to(accelerator.device), noise.to(accelerator.device),
+                                      run.compute_dtype)
+            loss = fm.flow_matching_loss(pred, target, fm.loss_weights(sigmas, t.loss_weighting).to(pred.device))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and recipe.train.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(trainee.params, recipe.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_loss += loss.detach().float() / accum
+        samples += n
+        tokens += n * tokens_per_sample(variant, x0.shape)
+    for tr in run.trainees:  # lr schedules follow the run's steps, whichever expert trained
+        with warnings.catch_warnings():  # torch warns when an idle expert's schedule moves on
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            tr.scheduler.step()
+    mean_loss = accelerator.reduce(step_loss.to(accelerator.device), reduction="mean").item()
+    if not math.isfinite(mean_loss):
+        kept = list_checkpoints(run.run_dir)
+        raise TrainingError(
+            f"loss is {mean_loss} at step {step + 1}: training stopped. Nothing was saved for this step; "
+            f"last good checkpoint: {kept[-1] if kept else 'none yet'}. Lower train.lr, or check the shards."
+        )
+    seconds = time.perf_counter() - t0
+    record = {"step": step + 1, "loss": mean_loss, "lr": trainee.scheduler.get_last_lr()[0], "step_time": seconds,
+              "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds}
+    if variant.two_experts:  # which expert trained, and its loss under its own name (W&B plots each)
+        record.update(expert=trainee.label, **{f"loss/{trainee.label}": mean_loss})
+    if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none here
+        record["grad_norm"] = float(grad_norm)
+    if torch.cuda.is_available():
+        record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return record
