@@ -3,8 +3,8 @@
 `measure(...)` runs a child process that does what bench/memory.py's child does: load the model
 with wan-tune's `load_for_training` from a folder of random weights (bench/common.py), run one
 step of the trainer's own step code (`predict`, flow-matching loss, backward, AdamW) with
-gradient checkpointing and one without (a LoRA's AdamW state, made at the first step, is small
-against the weights), and sample its RSS every 2 ms (bench/common.py's PeakRss,
+gradient checkpointing, one with checkpointing and activation offload, and one without (a LoRA's
+AdamW state, made at the first step, is small against the weights), and sample its RSS every 2 ms (bench/common.py's PeakRss,
 reset between the phases). Two things make the RSS count
 the step's tensors rather than the C library's bookkeeping, as a GPU's memory would:
 
@@ -36,14 +36,19 @@ ROOT = Path(__file__).resolve().parents[1]
 MMAP_THRESHOLD = 128 * 1024
 
 
-def recipe_overrides(latent: tuple[int, int, int], checkpointing: bool) -> list[str]:
-    """Recipe overrides whose largest bucket has exactly the `latent` F'xH'xW' (Wan2.1 VAE: 4x time, 8x space)."""
+PHASES = ("checkpointing", "activation_offload", "no_checkpointing")
+
+
+def recipe_overrides(latent: tuple[int, int, int], phase: str) -> list[str]:
+    """Recipe overrides whose largest bucket has exactly the `latent` F'xH'xW' (Wan2.1 VAE: 4x time,
+    8x space), with a phase's memory settings."""
     f, h, w = latent
     return [f"data.frames=[{(f - 1) * 4 + 1}]", f"data.resolutions=[[{h * 8},{w * 8}]]",
-            f"train.gradient_checkpointing={'true' if checkpointing else 'false'}"]
+            f"train.gradient_checkpointing={'false' if phase == 'no_checkpointing' else 'true'}",
+            f"train.activation_offload={'true' if phase == 'activation_offload' else 'false'}"]
 
 
-def recipe(variant: str, latent: tuple[int, int, int], checkpointing: bool, rank: int = 32):
+def recipe(variant: str, latent: tuple[int, int, int], phase: str, rank: int = 32):
     """The recipe the child trains: bench's benchmark recipe on random weights and synthetic shards."""
     sys.path.insert(0, str(ROOT / "bench"))
     from common import model_folder, synthetic_shards, workdir
@@ -52,25 +57,25 @@ def recipe(variant: str, latent: tuple[int, int, int], checkpointing: bool, rank
     root = workdir()
     folder, shards_dir = model_folder(variant, root), synthetic_shards(variant, root, 2, latent)
     return recipe_for(argparse.Namespace(variant=variant, steps=2, batch=1, rank=rank), folder, shards_dir,
-                      root / "runs-plan", tuple(recipe_overrides(latent, checkpointing)))
+                      root / "runs-plan", tuple(recipe_overrides(latent, phase)))
 
 
 def measure(variant: str, latent: tuple[int, int, int], timeout: float = 900) -> dict:
-    """{'load': bytes, 'steps': {checkpointing (bool): bytes}} above the RSS before the model, from
-    one child process: the model loads once and trains with gradient checkpointing on, then off."""
+    """{'load': bytes, 'steps': {phase: bytes}} above the RSS before the model, from one child
+    process: the model loads once and trains in each phase of PHASES, in that order."""
     cmd = [sys.executable, __file__, variant, "x".join(map(str, latent))]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     if out.returncode:
         raise RuntimeError(f"memory probe failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"load": r["load"], "steps": {True: r["checkpointing"], False: r["no_checkpointing"]}}
+    return {"load": r["load"], "steps": {phase: r[phase] for phase in PHASES}}
 
 
 def _steps(recipe, n: int):
     """Load `recipe`'s model; at each further `next`, run `n` of the trainer's steps on its first
-    sample, with gradient checkpointing on, then off (the smaller peak first, so nothing the first
-    phase leaves behind can raise the second's)."""
+    sample, with gradient checkpointing on, then with activation offload too, then without
+    checkpointing (the largest peak last, so nothing a phase leaves behind can raise the next's)."""
     import torch
     from common import run_steps
 
@@ -82,9 +87,17 @@ def _steps(recipe, n: int):
     model = load_for_training(recipe, use_cpu=True)
     variant = get_variant(recipe.model.variant)
     yield  # loaded
+    from wan_tune.training.activation_offload import ActivationOffload
+
     model.enable_gradient_checkpointing()
     run_steps(model, variant, batch, n, model.dtype)
     yield  # stepped with checkpointing
+    offload = ActivationOffload(model)
+    model.enable_gradient_checkpointing(offload)
+    run_steps(model, variant, batch, n, model.dtype)
+    del offload
+    model.enable_gradient_checkpointing()  # the host buffers go with the offload
+    yield  # stepped with activation offload
     model.disable_gradient_checkpointing()
     run_steps(model, variant, batch, n, model.dtype)
     yield  # stepped without
@@ -96,9 +109,9 @@ def _child() -> None:
     ap.add_argument("latent")
     args = ap.parse_args()
     latent = tuple(int(x) for x in args.latent.split("x"))
-    for _ in _steps(recipe("tiny", (1, 8, 8), True), 1):  # warm-up: first-use costs of both paths
+    for _ in _steps(recipe("tiny", (1, 8, 8), "checkpointing"), 1):  # warm-up: first-use costs of every path
         pass
-    measured = recipe(args.variant, latent, True)
+    measured = recipe(args.variant, latent, "checkpointing")
     from common import PeakRss, rss_bytes
 
     gc.collect()
@@ -108,11 +121,11 @@ def _child() -> None:
     phases = _steps(measured, 1)  # one step a phase: the AdamW state of a LoRA is small against the weights
     next(phases)
     load = peak.reset()
-    next(phases)
-    on = peak.reset()
-    next(phases)
-    off = peak.stop()
-    print(json.dumps({"load": load - before, "checkpointing": on - before, "no_checkpointing": off - before}))
+    steps = {}
+    for phase in PHASES:
+        next(phases)
+        steps[phase] = (peak.stop() if phase == PHASES[-1] else peak.reset()) - before
+    print(json.dumps({"load": load - before, **steps}))
 
 
 if __name__ == "__main__":

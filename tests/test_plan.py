@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from memory_probe import measure, recipe as probe_recipe
+from memory_probe import PHASES, measure, recipe as probe_recipe
 
 from wan_tune.cli import main
 from wan_tune.config import load_recipe
@@ -131,21 +131,32 @@ def test_offload_keeps_few_blocks_on_the_gpu(plan_14b):
     assert rows(some, "activations") == rows(full, "activations")
 
 
+def test_activation_offload_moves_the_block_inputs_to_the_host(plan_14b):
+    kept, moved = (plan_14b.breakdown(Setup(True, True, activations=a)) for a in (False, True))
+    block_input = 32_760 * 5_120 * 2  # tokens x width x bf16: what a checkpointed block keeps for its backward
+    assert plan_14b.count(True, True).block_saved == block_input
+    gone = rows(kept, "activations")["kept for backward"] - rows(moved, "activations")["kept for backward"]
+    assert gone == (40 - 2) * block_input  # all but the block recomputing and the one prefetched
+    assert kept.total - moved.total == gone and moved.host == 40 * block_input  # a pinned buffer per block
+    assert rows(moved, "activations")["backward working set"] == rows(kept, "activations")["backward working set"]
+    assert "train.activation_offload=true" in Setup(True, True, activations=True).overrides()
+
+
 # --- advice -------------------------------------------------------------------------------------
 
 
 def test_ladder_goes_from_fastest_to_most_frugal(plan_14b):
     labels = [label for label, _ in ladder(plan_14b, 0, 8)]
-    assert labels == ["none", "ckpt", "+fp8", "+ZeRO-2", "+ZeRO-3", "+offload"]
+    assert labels == ["none", "ckpt", "+fp8", "+act. offload", "+ZeRO-2", "+ZeRO-3", "+offload"]
     totals = [plan_14b.breakdown(s).total for _, s in ladder(plan_14b)]
     assert totals == sorted(totals, reverse=True)
     assert cheapest(plan_14b, 10_000) == Setup(False, False)  # room for anything: no saving needed
 
 
 def test_a_budget_only_offload_meets_gets_the_most_blocks_that_fit(plan_14b):
-    fp8 = plan_14b.breakdown(Setup(True, True)).total
-    floor_total = plan_14b.breakdown(Setup(True, True, 0)).total
-    budget = (fp8 + floor_total) / 2 / GIB
+    moved = plan_14b.breakdown(Setup(True, True, activations=True)).total
+    floor_total = plan_14b.breakdown(Setup(True, True, 0, activations=True)).total
+    budget = (moved + floor_total) / 2 / GIB
     fit = cheapest(plan_14b, budget)
     assert fit is not None and fit.offload_keep is not None and fit.checkpointing and fit.fp8
     assert plan_14b.breakdown(fit).total <= budget * GIB
@@ -155,10 +166,10 @@ def test_a_budget_only_offload_meets_gets_the_most_blocks_that_fit(plan_14b):
 
 def test_an_impossible_budget_names_the_floor(plan_14b, capsys):
     assert cheapest(plan_14b, 1.0) is None
-    assert floor(plan_14b) == Setup(True, True, 0)
+    assert floor(plan_14b) == Setup(True, True, 0, activations=True)
     assert main(["plan", str(RECIPE_14B), "--gpu-memory", "1"]) == 1
     out = capsys.readouterr().out
-    low = plan_14b.breakdown(Setup(True, True, 0)).total / GIB
+    low = plan_14b.breakdown(Setup(True, True, 0, activations=True)).total / GIB
     assert f"nothing fits in 1 GiB: the floor is {low:.1f} GiB" in out and "train.offload_keep=0" in out
 
 
@@ -204,29 +215,27 @@ def measured():
     return get
 
 
-def _predicted(variant: str, latent: tuple[int, int, int], checkpointing: bool) -> float:
-    r = probe_recipe(variant, latent, checkpointing)
+def _predicted(variant: str, latent: tuple[int, int, int], phase: str) -> float:
+    r = probe_recipe(variant, latent, phase)
     return MemoryPlan(r, "cpu").breakdown(Setup.of(r)).total
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_cpu_prediction_matches_measured_peak_tiny(checkpointing, measured):
-    predicted, got = _predicted("tiny", (9, 64, 96), checkpointing), measured("tiny", (9, 64, 96))["steps"][checkpointing]
-    print(f"tiny, latent 9x64x96, checkpointing {checkpointing}: predicted {predicted / 2**20:.1f} MiB, "
-          f"measured {got / 2**20:.1f} MiB")
+@pytest.mark.parametrize("phase", PHASES)
+def test_cpu_prediction_matches_measured_peak_tiny(phase, measured):
+    predicted, got = _predicted("tiny", (9, 64, 96), phase), measured("tiny", (9, 64, 96))["steps"][phase]
+    print(f"tiny, latent 9x64x96, {phase}: predicted {predicted / 2**20:.1f} MiB, measured {got / 2**20:.1f} MiB")
     assert got == pytest.approx(predicted, rel=0.15)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_cpu_prediction_matches_measured_peak_1_3b(checkpointing, measured):
+@pytest.mark.parametrize("phase", PHASES)
+def test_cpu_prediction_matches_measured_peak_1_3b(phase, measured):
     """The real 1.3B architecture (random weights, written once like bench/common.py does) at a
     1x32x32 latent: 256 tokens, ~5.4 GiB of fp32 weights, ~1.5 GiB of activations without checkpointing."""
     latent = (1, 32, 32)
-    predicted, got = _predicted("wan2.1-t2v-1.3b", latent, checkpointing), measured("wan2.1-t2v-1.3b", latent)["steps"][checkpointing]
-    print(f"wan2.1-t2v-1.3b, latent 1x32x32, checkpointing {checkpointing}: predicted {predicted / GIB:.2f} GiB, "
-          f"measured {got / GIB:.2f} GiB")
+    predicted, got = _predicted("wan2.1-t2v-1.3b", latent, phase), measured("wan2.1-t2v-1.3b", latent)["steps"][phase]
+    print(f"wan2.1-t2v-1.3b, latent 1x32x32, {phase}: predicted {predicted / GIB:.2f} GiB, measured {got / GIB:.2f} GiB")
     assert got == pytest.approx(predicted, rel=0.15)
 
 

@@ -25,6 +25,10 @@ For the recipe's largest bucket (biggest `data.resolutions` entry x largest `dat
 - block offload (`train.offload=blocks`): only the non-block weights, `offload_keep` blocks and 3
   streamed blocks (running, prefetched, just finished) are on the GPU; the streamed blocks' pinned
   host copies are shown as host RAM;
+- activation offload (`train.activation_offload`, with checkpointing): the block inputs checkpointing
+  keeps (`block_saved`, one per block) wait in pinned host memory, all but 2 (the block recomputing
+  and the one prefetched) off the GPU; the buffers (one per block) are shown as host RAM. On a CPU
+  host and device are one memory: nothing leaves, and the 2 copies back come on top;
 - Wan2.2 A14B training both experts: one expert's frozen weights on the GPU (the other's wait in
   host RAM), both experts' trainable state;
 - the AdamW step's temporaries (torch's foreach step on a GPU makes one fp32 tensor of the trainable
@@ -34,7 +38,7 @@ Not counted: the CUDA context and the caching allocator's fragmentation (leave h
 cuBLAS / attention-kernel workspaces, `train.compile` (compiled blocks usually keep less), and
 communication buffers other than ZeRO's reduce buckets. The CPU side (`device="cpu"`: fp32, no
 autocast) is checked against measured peak RSS of real steps (tiny and 1.3B, checkpointing on and
-off: within 5%, the test allows 15%); the GPU side follows the same counts with the recipe's dtypes
+off, with activation offload: within 5%, the test allows 15%); the GPU side follows the same counts with the recipe's dtypes
 and autocast, and stays unverified until it is measured on a GPU.
 """
 

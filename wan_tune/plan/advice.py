@@ -1,9 +1,10 @@
 """The cheapest memory settings that fit a budget.
 
 Settings are tried from the one that costs least speed to the one that costs most: none needed <
-gradient checkpointing (~30% slower) < fp8 base weights (a cast per layer; LoRA only) < a higher
-ZeRO stage (more communication; several GPUs) < block offload with as many blocks kept on the GPU
-as fit (LoRA only, without DeepSpeed). Each step keeps the savings of the ones before it.
+gradient checkpointing (~30% slower) < fp8 base weights (a cast per layer; LoRA only) < activation
+offload (each block's input crosses PCIe twice a step, behind the compute of a whole block) < a
+higher ZeRO stage (more communication; several GPUs) < block offload with as many blocks kept on
+the GPU as fit (LoRA only, without DeepSpeed). Each step keeps the savings of the ones before it.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ def ladder(plan: MemoryPlan, zero: int = 0, gpus: int = 1) -> list[tuple[str, Se
         rungs.append(("+fp8", Setup(True, True, None, zero, gpus)))
     if plan.device == "cpu":
         return rungs
+    rungs.append(("+act. offload", Setup(True, lora, None, zero, gpus, True)))
     if gpus > 1 and plan.experts == 1:  # the trainer refuses two experts under DeepSpeed
-        rungs += [(f"+ZeRO-{z}", Setup(True, lora, None, z, gpus)) for z in (2, 3) if z > zero]
+        rungs += [(f"+ZeRO-{z}", Setup(True, lora, None, z, gpus, True)) for z in (2, 3) if z > zero]
     if lora:  # offload streams frozen weights: LoRA only, and the trainer refuses it under DeepSpeed
-        rungs.append(("+offload", Setup(True, True, 0, 0, gpus)))
+        rungs.append(("+offload", Setup(True, True, 0, 0, gpus, True)))
     return rungs
 
 

@@ -22,6 +22,9 @@ GIB = 2**30
 # prefetched on the side stream, and the one just finished (training/offload.py drops its copy, the
 # memory returns once the backward no longer holds views of it).
 STREAMED_BLOCKS = 3
+# Block inputs on the GPU at once under train.activation_offload: in the backward, the input of the
+# block recomputing and the one copied back ahead of it (training/activation_offload.py).
+INPUTS_IN_FLIGHT = 2
 # DeepSpeed's defaults (runtime/zero/config.py), which launch/accelerate/zero*.yaml leave as they are:
 # gradients are reduced through a buffer of reduce_bucket_size elements, two of them with
 # overlap_comm (on by default for ZeRO-3 only).
@@ -43,10 +46,13 @@ class Setup:
     zero: int = 0
     """DeepSpeed ZeRO stage (0: none, plain DDP when gpus > 1)."""
     gpus: int = 1
+    activations: bool = False
+    """train.activation_offload: checkpointed block inputs wait in host memory."""
 
     def overrides(self) -> str:
         keys = [f"train.gradient_checkpointing={str(self.checkpointing).lower()}",
-                f"train.fp8_base={str(self.fp8).lower()}", "train.offload=none"]
+                f"train.fp8_base={str(self.fp8).lower()}", f"train.activation_offload={str(self.activations).lower()}",
+                "train.offload=none"]
         if self.offload_keep is not None:
             keys[-1:] = ["train.offload=blocks", f"train.offload_keep={self.offload_keep}"]
         return " ".join(keys)
@@ -61,7 +67,8 @@ class Setup:
     @classmethod
     def of(cls, recipe: Recipe, zero: int = 0, gpus: int = 1) -> "Setup":
         t = recipe.train
-        return cls(t.gradient_checkpointing, t.fp8_base, t.offload_keep if t.offload == "blocks" else None, zero, gpus)
+        return cls(t.gradient_checkpointing, t.fp8_base, t.offload_keep if t.offload == "blocks" else None, zero, gpus,
+                   t.activation_offload and t.gradient_checkpointing)
 
 
 @dataclass(frozen=True)
@@ -180,13 +187,24 @@ class MemoryPlan:
             raise ValueError("a CPU plan is one process without offload or ZeRO")
         count = self.count(s.checkpointing, s.fp8, deepspeed=s.zero > 0)
         rows = self._weights(s, count) + self._trainable(s, count)
-        rows.append(("activations", "kept for backward", count.saved))
+        moved = self._moved_inputs(s, count)
+        rows.append(("activations", "kept for backward", count.saved - moved))
         rows.append(("activations", "backward working set", count.peak - count.saved))
         optimizer = self._optimizer_temporaries(s, count)
         rows.append(("optimizer", "AdamW step temporaries", optimizer))
         # Activations are gone when the optimizer steps: the peak holds the larger of the two.
-        total = sum(b for sec, _, b in rows if sec not in ("activations", "optimizer")) + max(count.peak, optimizer)
+        total = sum(b for sec, _, b in rows if sec not in ("activations", "optimizer")) + max(count.peak - moved, optimizer)
         return Breakdown(rows, total, self._host(s, count))
+
+    def _moved_inputs(self, s: Setup, count: StepCount) -> float:
+        """Bytes of block inputs train.activation_offload takes off the device (with checkpointing,
+        what a block keeps for the backward is its input). On a CPU, host and device are one memory:
+        nothing leaves it, and the copies back in flight come on top."""
+        if not (s.activations and s.checkpointing):
+            return 0.0
+        if self.device == "cpu":
+            return -INPUTS_IN_FLIGHT * count.block_saved
+        return (self.layers - INPUTS_IN_FLIGHT) * count.block_saved
 
     def _weights(self, s: Setup, count: StepCount) -> list[tuple[str, str, float]]:
         on_device = {d: float(n) for d, n in count.frozen.items()}
@@ -242,4 +260,6 @@ class MemoryPlan:
             host += (self.layers - s.offload_keep) * sum(self._per_block(s).values())
         if self.device == "gpu" and self.experts > 1:  # the idle expert's frozen weights wait on the host
             host += sum(count.frozen.values()) * (self.experts - 1)
+        if self.device == "gpu" and s.activations and s.checkpointing:  # a pinned buffer per block input
+            host += self.layers * count.block_saved
         return host

@@ -47,7 +47,7 @@ def table(plan: MemoryPlan, columns: list[tuple[str, Setup]]) -> str:
         last = sec
     lines.append(f"  {'peak':<42}" + "".join(f"{b.total / unit:>{width}.2f}" for b in parts))
     if any(b.host for b in parts):
-        lines.append(f"  {'host RAM (weights waiting)':<42}" + "".join(_cell(b.host, width, unit) for b in parts))
+        lines.append(f"  {'host RAM (offloaded weights, inputs)':<42}" + "".join(_cell(b.host, width, unit) for b in parts))
     lines.append("  (the peak holds the larger of activations and the AdamW step's temporaries: never both)")
     return "\n".join(lines)
 
