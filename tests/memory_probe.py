@@ -3,7 +3,8 @@
 `measure(...)` runs a child process that does what bench/memory.py's child does: load the model
 with wan-tune's `load_for_training` from a folder of random weights (bench/common.py), run one
 step of the trainer's own step code (`predict`, flow-matching loss, backward, AdamW) with
-gradient checkpointing, one with checkpointing and activation offload, and one without (a LoRA's
+gradient checkpointing, one with checkpointing and activation offload, one with checkpointing and
+FFN chunks, and one without (a LoRA's
 AdamW state, made at the first step, is small against the weights), and sample its RSS every 2 ms (bench/common.py's PeakRss,
 reset between the phases). Two things make the RSS count
 the step's tensors rather than the C library's bookkeeping, as a GPU's memory would:
@@ -36,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MMAP_THRESHOLD = 128 * 1024
 
 
-PHASES = ("checkpointing", "activation_offload", "no_checkpointing")
+PHASES = ("checkpointing", "activation_offload", "ffn_chunks", "no_checkpointing")
+FFN_CHUNKS = 4
 
 
 def recipe_overrides(latent: tuple[int, int, int], phase: str) -> list[str]:
@@ -45,7 +47,8 @@ def recipe_overrides(latent: tuple[int, int, int], phase: str) -> list[str]:
     f, h, w = latent
     return [f"data.frames=[{(f - 1) * 4 + 1}]", f"data.resolutions=[[{h * 8},{w * 8}]]",
             f"train.gradient_checkpointing={'false' if phase == 'no_checkpointing' else 'true'}",
-            f"train.activation_offload={'true' if phase == 'activation_offload' else 'false'}"]
+            f"train.activation_offload={'true' if phase == 'activation_offload' else 'false'}",
+            f"train.ffn_chunks={FFN_CHUNKS if phase == 'ffn_chunks' else 0}"]
 
 
 def recipe(variant: str, latent: tuple[int, int, int], phase: str, rank: int = 32):
@@ -74,8 +77,8 @@ def measure(variant: str, latent: tuple[int, int, int], timeout: float = 900) ->
 
 def _steps(recipe, n: int):
     """Load `recipe`'s model; at each further `next`, run `n` of the trainer's steps on its first
-    sample, with gradient checkpointing on, then with activation offload too, then without
-    checkpointing (the largest peak last, so nothing a phase leaves behind can raise the next's)."""
+    sample, with gradient checkpointing on, then with activation offload too, then with FFN chunks
+    instead, then without checkpointing (the largest peak last, so nothing a phase leaves behind can raise the next's)."""
     import torch
     from common import run_steps
 
@@ -87,6 +90,7 @@ def _steps(recipe, n: int):
     model = load_for_training(recipe, use_cpu=True)
     variant = get_variant(recipe.model.variant)
     yield  # loaded
+    from wan_tune.models.spec import chunk_feed_forward
     from wan_tune.training.activation_offload import ActivationOffload
 
     model.enable_gradient_checkpointing()
@@ -98,6 +102,12 @@ def _steps(recipe, n: int):
     del offload
     model.enable_gradient_checkpointing()  # the host buffers go with the offload
     yield  # stepped with activation offload
+    for block in model.blocks:
+        chunk_feed_forward(block.ffn, FFN_CHUNKS)
+    run_steps(model, variant, batch, n, model.dtype)
+    for block in model.blocks:
+        block.ffn.forward = block.ffn._unchunked_forward
+    yield  # stepped with FFN chunks
     model.disable_gradient_checkpointing()
     run_steps(model, variant, batch, n, model.dtype)
     yield  # stepped without

@@ -280,6 +280,17 @@ class TrainConfig:
         "side stream, one block prefetched): the GPU holds one block's input instead of all of them (14B 480p: "
         "12.5 GiB less). Needs gradient_checkpointing; LoRA or full.",
     )
+    ffn_chunks: int = opt(
+        0,
+        "Compute each block's feed-forward in this many slices of tokens, each checkpointed: its hidden layer (~2.7x "
+        "the width) never exists for all tokens at once. 0 or 1 = off. Costs one more FFN forward in the backward.",
+        check=non_negative,
+    )
+    lora_fp32_inputs: bool = opt(
+        False,
+        "Cast each LoRA layer's input to fp32 as peft does by default. Off: the adapter reads the autocast dtype "
+        "(the same bf16 matmul, without the fp32 copy in every block's working set); LoRA weights and AdamW stay fp32.",
+    )
     compile: bool = opt(False, "torch.compile each transformer block (diffusers' compile_repeated_blocks): GPU speed-up.")
     caption_dropout: float = opt(0.1, "Share of steps trained on the empty prompt (keeps guidance working).", check=unit_interval)
 

@@ -2,8 +2,8 @@
 
 Settings are tried from the one that costs least speed to the one that costs most: none needed <
 gradient checkpointing (~30% slower) < fp8 base weights (a cast per layer; LoRA only) < activation
-offload (each block's input crosses PCIe twice a step, behind the compute of a whole block) < a
-higher ZeRO stage (more communication; several GPUs) < block offload with as many blocks kept on
+offload (each block's input crosses PCIe twice a step, behind the compute of a whole block) < FFN
+chunks (one more feed-forward forward in the backward) < a higher ZeRO stage (more communication; several GPUs) < block offload with as many blocks kept on
 the GPU as fit (LoRA only, without DeepSpeed). Each step keeps the savings of the ones before it.
 """
 
@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .memory import GIB, MemoryPlan, Setup
+
+# Feed-forward slices the advice tries: at 32k-75k tokens four make the FFN's hidden layer smaller
+# than the attention's working set (the 14B's plan is the same with 8), each slice costing little.
+FFN_CHUNKS = 4
 
 
 def ladder(plan: MemoryPlan, zero: int = 0, gpus: int = 1) -> list[tuple[str, Setup]]:
@@ -24,10 +28,11 @@ def ladder(plan: MemoryPlan, zero: int = 0, gpus: int = 1) -> list[tuple[str, Se
     if plan.device == "cpu":
         return rungs
     rungs.append(("+act. offload", Setup(True, lora, None, zero, gpus, True)))
+    rungs.append(("+FFN chunks", Setup(True, lora, None, zero, gpus, True, FFN_CHUNKS)))
     if gpus > 1 and plan.experts == 1:  # the trainer refuses two experts under DeepSpeed
-        rungs += [(f"+ZeRO-{z}", Setup(True, lora, None, z, gpus, True)) for z in (2, 3) if z > zero]
+        rungs += [(f"+ZeRO-{z}", Setup(True, lora, None, z, gpus, True, FFN_CHUNKS)) for z in (2, 3) if z > zero]
     if lora:  # offload streams frozen weights: LoRA only, and the trainer refuses it under DeepSpeed
-        rungs.append(("+offload", Setup(True, True, 0, 0, gpus, True)))
+        rungs.append(("+offload", Setup(True, True, 0, 0, gpus, True, FFN_CHUNKS)))
     return rungs
 
 

@@ -219,6 +219,8 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
     blocks 0 and 1 (block 0 differs from the others: its input needs no gradient), so 2 blocks
     suffice. `device="cpu"` runs the same step for real, with torch's own attention, checkpointing
     and autocast: the reference the meta emulation is tested against."""
+    from ..models.spec import chunk_feed_forward
+
     model = build_model(recipe, variant, layers, load_dtype, device)
     if engine_dtype is not None:
         for p in model.parameters():
@@ -228,6 +230,9 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
         kernels, autocasting = DeviceKernels(autocast), contextlib.nullcontext()
         if recipe.train.gradient_checkpointing:
             model.enable_gradient_checkpointing(_checkpoint_with(kernels))
+        if recipe.train.ffn_chunks > 1:  # the slices' checkpoints recompute under the emulated kernels too
+            for block in model.blocks:
+                chunk_feed_forward(block.ffn, recipe.train.ffn_chunks, _checkpoint_with(kernels))
     else:
         kernels = contextlib.nullcontext()
         autocasting = torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
