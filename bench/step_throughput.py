@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="fp8 base weights (train.fp8_base=true)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (compile_repeated_blocks)")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="attention backends to time, comma-separated")
+    ap.add_argument("--docs", type=Path, help="put the table into this markdown file (bench/settings.py: put_in_docs)")
     args = ap.parse_args()
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
@@ -122,19 +123,22 @@ def main() -> None:
         rows.append((backend, s, mem))
 
     where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nLoRA r{args.rank} step: {args.variant}, latent {args.latent} = {tokens} tokens, {str(dtype).split('.')[-1]}, "
-          f"checkpointing {'on' if args.checkpointing else 'off'}{', fp8 base' if args.fp8 else ''}"
-          f"{', compiled blocks' if args.compile else ''}, {where}")
-    print(f"  matmul peak measured here: {peak / 1e12:.2f} TFLOP/s; step = {flops / 1e12:.2f} TFLOP")
-    print(f"  {'attention backend':<18}{'s/step':>10}{'tokens/s':>11}{'MFU':>8}  peak memory")
+    lines = [f"LoRA r{args.rank} step: {args.variant}, latent {args.latent} = {tokens} tokens, {str(dtype).split('.')[-1]}, "
+             f"checkpointing {'on' if args.checkpointing else 'off'}{', fp8 base' if args.fp8 else ''}"
+             f"{', compiled blocks' if args.compile else ''}, {where}, torch {torch.__version__}",
+             f"matmul peak measured here: {peak / 1e12:.2f} TFLOP/s; step = {flops / 1e12:.2f} TFLOP", "",
+             "| attention backend | s/step | tokens/s | MFU | peak memory |", "|---|---|---|---|---|"]
     for backend, s, mem in rows:
-        if s is None:
-            print(f"  {backend:<18}{'':>10}{'':>11}{'':>8}  {mem}")
-        else:
-            print(f"  {backend:<18}{s:>10.3f}{tokens / s:>11.1f}{flops / s / peak:>8.1%}  {mem}")
-    if not gpu:
-        print("  GPU rows (1.3B LoRA at 480x832x81 on a GPU): not measured (no GPU on this machine)")
+        lines.append(f"| {backend} | | | | {mem} |" if s is None else
+                     f"| {backend} | {s:.3f} | {tokens / s:.1f} | {flops / s / peak:.1%} | {mem} |")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.docs:
+        from settings import put_in_docs
 
+        put_in_docs(args.docs, f"backends {args.variant} {args.latent}", text)
+    if not gpu:
+        print("GPU rows (1.3B LoRA at 480x832x81 on a GPU): not measured (no GPU on this machine)")
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@
 with wan-tune's `load_for_training` from a folder of random weights (bench/common.py), run one
 step of the trainer's own step code (`predict`, flow-matching loss, backward, AdamW) with
 gradient checkpointing, one with checkpointing and activation offload, one with checkpointing and
-FFN chunks, and one without (a LoRA's
+FFN chunks, one with checkpointing and attention checkpoints, and one without (a LoRA's
 AdamW state, made at the first step, is small against the weights), and sample its RSS every 2 ms (bench/common.py's PeakRss,
 reset between the phases). Two things make the RSS count
 the step's tensors rather than the C library's bookkeeping, as a GPU's memory would:
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MMAP_THRESHOLD = 128 * 1024
 
 
-PHASES = ("checkpointing", "activation_offload", "ffn_chunks", "no_checkpointing")
+PHASES = ("checkpointing", "activation_offload", "ffn_chunks", "attention_checkpointing", "no_checkpointing")
 FFN_CHUNKS = 4
 
 
@@ -48,7 +48,8 @@ def recipe_overrides(latent: tuple[int, int, int], phase: str) -> list[str]:
     return [f"data.frames=[{(f - 1) * 4 + 1}]", f"data.resolutions=[[{h * 8},{w * 8}]]",
             f"train.gradient_checkpointing={'false' if phase == 'no_checkpointing' else 'true'}",
             f"train.activation_offload={'true' if phase == 'activation_offload' else 'false'}",
-            f"train.ffn_chunks={FFN_CHUNKS if phase == 'ffn_chunks' else 0}"]
+            f"train.ffn_chunks={FFN_CHUNKS if phase == 'ffn_chunks' else 0}",
+            f"train.attention_checkpointing={'true' if phase == 'attention_checkpointing' else 'false'}"]
 
 
 def recipe(variant: str, latent: tuple[int, int, int], phase: str, rank: int = 32):
@@ -78,7 +79,7 @@ def measure(variant: str, latent: tuple[int, int, int], timeout: float = 900) ->
 def _steps(recipe, n: int):
     """Load `recipe`'s model; at each further `next`, run `n` of the trainer's steps on its first
     sample, with gradient checkpointing on, then with activation offload too, then with FFN chunks
-    instead, then without checkpointing (the largest peak last, so nothing a phase leaves behind can raise the next's)."""
+    instead, then with attention checkpoints instead, then without checkpointing (the largest peak last, so nothing a phase leaves behind can raise the next's)."""
     import torch
     from common import run_steps
 
@@ -90,8 +91,8 @@ def _steps(recipe, n: int):
     model = load_for_training(recipe, use_cpu=True)
     variant = get_variant(recipe.model.variant)
     yield  # loaded
-    from wan_tune.models.spec import chunk_feed_forward
-    from wan_tune.training.activation_offload import ActivationOffload
+    from wan_tune.models.activation_offload import ActivationOffload, BlockCheckpoint
+    from wan_tune.models.working_set import checkpoint_attention, chunk_feed_forward
 
     model.enable_gradient_checkpointing()
     run_steps(model, variant, batch, n, model.dtype)
@@ -108,6 +109,15 @@ def _steps(recipe, n: int):
     for block in model.blocks:
         block.ffn.forward = block.ffn._unchunked_forward
     yield  # stepped with FFN chunks
+    for block in model.blocks:
+        checkpoint_attention(block.attn1)
+        checkpoint_attention(block.attn2)
+    model.enable_gradient_checkpointing(BlockCheckpoint(model))
+    run_steps(model, variant, batch, n, model.dtype)
+    for block in model.blocks:
+        block.attn1.forward, block.attn2.forward = block.attn1._unchecked_forward, block.attn2._unchecked_forward
+    model.enable_gradient_checkpointing()
+    yield  # stepped with attention checkpoints
     model.disable_gradient_checkpointing()
     run_steps(model, variant, batch, n, model.dtype)
     yield  # stepped without

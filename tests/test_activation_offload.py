@@ -27,7 +27,7 @@ def _lora_dropout(model, p: float) -> None:
 @pytest.mark.parametrize("fp8", [False, True], ids=["fp32-base", "fp8-base"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "lora-dropout"])
 def test_offloaded_inputs_give_the_same_loss_and_gradients(fp8, dropout):
-    from wan_tune.training.activation_offload import ActivationOffload
+    from wan_tune.models.activation_offload import ActivationOffload
 
     reference_model = six_block_model(fp8)
     _lora_dropout(reference_model, dropout)
@@ -54,7 +54,7 @@ def test_offloaded_inputs_give_the_same_loss_and_gradients(fp8, dropout):
 def test_a_full_fine_tune_gets_the_gradients_of_the_embedders_too():
     """Full fine-tune: the text and time embeddings the blocks take need gradients (the embedders
     train); they come back through the offloaded blocks as through torch's checkpoint."""
-    from wan_tune.training.activation_offload import ActivationOffload
+    from wan_tune.models.activation_offload import ActivationOffload
 
     def full_model():
         model = six_block_model()
@@ -76,7 +76,7 @@ def test_a_full_fine_tune_gets_the_gradients_of_the_embedders_too():
 
 
 def test_with_block_offload_too():
-    from wan_tune.training.activation_offload import ActivationOffload
+    from wan_tune.models.activation_offload import ActivationOffload
     from wan_tune.training.offload import BlockOffload
 
     reference = step(six_block_model(True))
@@ -115,6 +115,9 @@ def test_training_with_activation_offload_equals_training_without_and_resumes_ex
     assert offloaded_losses == plain_losses and offloaded["weights_sha256"] == plain["weights_sha256"]
     copies = offloaded["model"]._gradient_checkpointing_func.copies
     assert copies == {"out": 2 * 4, "back": 2 * 4}  # 2 blocks, 4 steps: one out, one back each
+    # Attention layers checkpointed again inside the blocks' recompute: the same run too.
+    attended, attended_losses = _run(tiny_folders, tiny_shards, tmp_path, "attended", "train.attention_checkpointing=true")
+    assert attended_losses == plain_losses and attended["weights_sha256"] == plain["weights_sha256"]
 
     # Stopped at step 2 and resumed: the same run.
     _run(tiny_folders, tiny_shards, tmp_path, "resumed", "train.activation_offload=true", steps=2)
@@ -124,14 +127,15 @@ def test_training_with_activation_offload_equals_training_without_and_resumes_ex
 
 @pytest.mark.slow
 def test_two_process_ddp_with_activation_offload_equals_without(tiny_folders, tiny_shards, tmp_path):
-    """DDP's gradient hooks fire inside the offloaded blocks' backward as inside torch's checkpoint:
-    both ranks end with the weights of the run without offload."""
+    """DDP's gradient hooks fire inside the offloaded blocks' backward (and the nested attention
+    checkpoints') as inside torch's checkpoint: both ranks end with the weights of the plain run."""
     from launching import launch, rank_digests
 
     runs = {}
-    for name, extra in (("plain", ()), ("offloaded", ("train.activation_offload=true",))):
+    for name, extra in (("plain", ()), ("offloaded", ("train.activation_offload=true",)),
+                        ("attended", ("train.attention_checkpointing=true",))):
         proc = launch("multi_cpu.yaml", tiny_folders, tiny_shards, tmp_path / name, "train.gradient_checkpointing=true", *extra)
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[name] = rank_digests(proc.stdout)
     assert set(runs["plain"]) == {0, 1} and len(set(runs["plain"].values())) == 1
-    assert runs["offloaded"] == runs["plain"]
+    assert runs["offloaded"] == runs["plain"] and runs["attended"] == runs["plain"]

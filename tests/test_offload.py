@@ -129,14 +129,15 @@ def test_training_with_block_offload_equals_training_without(tiny_folders, tiny_
 @pytest.mark.slow
 def test_compiled_blocks_train_like_eager_ones(tiny_folders, tiny_shards, tmp_path):
     """train.compile=true: every block runs through torch.compile (inductor builds CPU code here),
-    with block offload hooks in between, and the losses match the eager run."""
+    with block offload hooks in between, and the losses match the eager run; with activation offload,
+    attention checkpoints and FFN chunks too."""
     from wan_tune.config import load_recipe
     from wan_tune.training.loop import train
 
     def run(name, *extra):
         recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
             f"model.path={tiny_folders['tiny']}", f"data.shards={tiny_shards['tiny']}", f"run.output_dir={tmp_path}",
-            f"run.name={name}", "train.steps=1", "checkpoint.every=1000", "data.num_workers=0",
+            f"run.name={name}", "train.steps=2", "checkpoint.every=1000", "data.num_workers=0",
             "train.gradient_checkpointing=true", "train.offload=blocks", *PLAIN, *extra])
         summary = train(recipe, progress=False, say=lambda *_: None)
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
@@ -147,3 +148,11 @@ def test_compiled_blocks_train_like_eager_ones(tiny_folders, tiny_shards, tmp_pa
     assert all(b._compiled_call_impl is not None for b in compiled["model"].blocks)
     assert all(b._compiled_call_impl is None for b in eager["model"].blocks)
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    # The activation settings under compile: wan-tune's block checkpoint around compiled blocks,
+    # the nested attention and FFN checkpoints inside their recompute. The second loss follows the
+    # first step's gradients.
+    memory = ("train.activation_offload=true", "train.attention_checkpointing=true", "train.ffn_chunks=2")
+    _, eager_memory_losses = run("eager-memory", *memory)
+    _, compiled_memory_losses = run("compiled-memory", "train.compile=true", *memory)
+    assert compiled_memory_losses == pytest.approx(eager_memory_losses, rel=1e-4)
+    assert eager_memory_losses == pytest.approx(eager_losses, rel=1e-4)

@@ -147,15 +147,15 @@ def test_activation_offload_moves_the_block_inputs_to_the_host(plan_14b):
 
 def test_ladder_goes_from_fastest_to_most_frugal(plan_14b):
     labels = [label for label, _ in ladder(plan_14b, 0, 8)]
-    assert labels == ["none", "ckpt", "+fp8", "+act. offload", "+FFN chunks", "+ZeRO-2", "+ZeRO-3", "+offload"]
+    assert labels == ["none", "ckpt", "+fp8", "+act. offload", "+FFN chunks", "+attn. ckpt", "+ZeRO-2", "+ZeRO-3", "+offload"]
     totals = [plan_14b.breakdown(s).total for _, s in ladder(plan_14b)]
     assert totals == sorted(totals, reverse=True)
     assert cheapest(plan_14b, 10_000) == Setup(False, False)  # room for anything: no saving needed
 
 
 def test_a_budget_only_offload_meets_gets_the_most_blocks_that_fit(plan_14b):
-    moved = plan_14b.breakdown(Setup(True, True, activations=True, ffn_chunks=4)).total
-    floor_total = plan_14b.breakdown(Setup(True, True, 0, activations=True, ffn_chunks=4)).total
+    moved = plan_14b.breakdown(Setup(True, True, activations=True, ffn_chunks=4, attention=True)).total
+    floor_total = plan_14b.breakdown(Setup(True, True, 0, activations=True, ffn_chunks=4, attention=True)).total
     budget = (moved + floor_total) / 2 / GIB
     fit = cheapest(plan_14b, budget)
     assert fit is not None and fit.offload_keep is not None and fit.checkpointing and fit.fp8
@@ -166,10 +166,10 @@ def test_a_budget_only_offload_meets_gets_the_most_blocks_that_fit(plan_14b):
 
 def test_an_impossible_budget_names_the_floor(plan_14b, capsys):
     assert cheapest(plan_14b, 1.0) is None
-    assert floor(plan_14b) == Setup(True, True, 0, activations=True, ffn_chunks=4)
+    assert floor(plan_14b) == Setup(True, True, 0, activations=True, ffn_chunks=4, attention=True)
     assert main(["plan", str(RECIPE_14B), "--gpu-memory", "1"]) == 1
     out = capsys.readouterr().out
-    low = plan_14b.breakdown(Setup(True, True, 0, activations=True, ffn_chunks=4)).total / GIB
+    low = plan_14b.breakdown(Setup(True, True, 0, activations=True, ffn_chunks=4, attention=True)).total / GIB
     assert f"nothing fits in 1 GiB: the floor is {low:.1f} GiB" in out and "train.offload_keep=0" in out
 
 

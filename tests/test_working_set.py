@@ -101,7 +101,7 @@ def test_ffn_chunks_give_the_same_outputs_and_gradients_within_reordered_sums(fu
 
 
 def test_ffn_chunks_with_activation_offload_and_the_module_names_kept():
-    from wan_tune.training.activation_offload import ActivationOffload
+    from wan_tune.models.activation_offload import ActivationOffload
 
     plain = _fp32_model(2)
     reference = step(plain)
@@ -126,3 +126,106 @@ def test_the_plan_counts_ffn_chunks():
         sets[chunks] = {item: b for sec, item, b in rows if sec == "activations"}["backward working set"]
     print(f"14B LoRA 480p, fp8 + activation offload: working set {sets[0] / GIB:.2f} GiB, {sets[4] / GIB:.2f} with 4 FFN chunks")
     assert sets[4] < 0.9 * sets[0]
+
+
+def _attention_model(attention: bool, full: bool = False, offload: bool = False):
+    """The tiny architecture, 6 blocks, checkpointed; LoRA with dropout (or a full fine-tune), its
+    attention layers checkpointed again inside each block's recompute."""
+    from diffusers import WanTransformer3DModel
+
+    from wan_tune.config import load_recipe
+    from wan_tune.models.spec import adapt
+    from wan_tune.models.variants import get_variant
+
+    variant = get_variant("tiny")
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        "train.gradient_checkpointing=true", f"train.attention_checkpointing={str(attention).lower()}",
+        f"train.activation_offload={str(offload).lower()}",
+        *(["adapter.method=full"] if full else ["adapter.dropout=0.2"])])
+    torch.manual_seed(0)
+    model = adapt(WanTransformer3DModel(**dict(variant.transformer, num_layers=6)), recipe, variant, torch.float32)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    return model
+
+
+class _Kernels(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the attention kernel's calls (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if "scaled_dot_product" in name:
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _counted_step(model):
+    projections = []
+    model.blocks[2].attn1.to_q.register_forward_hook(lambda *_: projections.append(1))
+    torch.manual_seed(1)  # LoRA dropout draws the same masks in both runs
+    with _Kernels() as kernels:
+        result = step(model)
+    return result, kernels.calls, len(projections)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora-dropout", "full"])
+def test_attention_checkpoints_give_the_same_results_without_a_third_attention(full):
+    (loss_a, grads_a), kernels_a, projections_a = _counted_step(_attention_model(False, full))
+    model = _attention_model(True, full)
+    (loss_b, grads_b), kernels_b, projections_b = _counted_step(model)
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20
+    for name in grads_a:  # the same ops on the same inputs, recomputed: bit for bit
+        if name.startswith("blocks."):
+            assert torch.equal(grads_a[name], grads_b[name]), name
+        else:  # the embedders': six blocks' contributions added in another order (as activation offload)
+            assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-9), name
+    # The projections run a third time (the layer's own recompute) ...
+    assert (projections_a, projections_b) == (2, 3)
+    # ... but the attention kernel does not: its output is kept from the block's recompute.
+    forward = "_scaled_dot_product_flash_attention_for_cpu.default"
+    assert kernels_a[forward] == kernels_b[forward] == 2 * 2 * 6  # forward + block recompute, 2 layers, 6 blocks
+    assert kernels_a == kernels_b
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in _attention_model(False, full).named_parameters()]
+
+
+def test_attention_checkpoints_with_activation_offload():
+    (loss_a, grads_a), _, _ = _counted_step(_attention_model(False))
+    model = _attention_model(True, offload=True)
+    (loss_b, grads_b), _, projections = _counted_step(model)
+    assert projections == 3
+    assert model._gradient_checkpointing_func.copies == {"out": 6, "back": 6}
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
+def test_attention_checkpoints_need_block_checkpointing():
+    from wan_tune.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match="train.attention_checkpointing.*gradient_checkpointing=true"):
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["train.attention_checkpointing=true",
+                                                          "train.gradient_checkpointing=false"])
+
+
+def test_the_plan_counts_attention_checkpoints_and_720p_fits_24_gib():
+    from wan_tune.config import load_recipe
+    from wan_tune.plan.advice import cheapest
+    from wan_tune.plan.memory import GIB, MemoryPlan, Setup
+
+    recipe = load_recipe(ROOT / "recipes" / "wan2.1-t2v-14b-lora.yaml",
+                         ["data.resolutions=[[720,1280]]", "train.attention_checkpointing=true"])
+    assert Setup.of(recipe).attention and "train.attention_checkpointing=true" in Setup.of(recipe).overrides()
+    plan = MemoryPlan(recipe)
+    sets = {}
+    for attention in (False, True):
+        rows = plan.breakdown(Setup(True, True, 0, activations=True, ffn_chunks=4, attention=attention)).rows
+        sets[attention] = {item: b for sec, item, b in rows if sec == "activations"}["backward working set"]
+    print(f"14B LoRA 720p, fp8 + activation offload + FFN chunks: working set {sets[False] / GIB:.2f} GiB, "
+          f"{sets[True] / GIB:.2f} with attention checkpoints")
+    assert sets[True] < 0.8 * sets[False]
+    fits = cheapest(plan, 24)
+    assert fits is not None and fits.attention and plan.breakdown(fits).total <= 24 * GIB

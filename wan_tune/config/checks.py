@@ -93,6 +93,9 @@ def _schedule_errors(r: Recipe, variant: Variant | None, explicit: set[str], inv
     if r.train.activation_offload and not r.train.gradient_checkpointing:
         errors.append(("train.activation_offload", "moves the block inputs that gradient checkpointing keeps: set "
                        "train.gradient_checkpointing=true (without it every activation stays on the GPU)"))
+    if r.train.attention_checkpointing and not r.train.gradient_checkpointing:
+        errors.append(("train.attention_checkpointing", "splits the recompute that gradient checkpointing runs: set "
+                       "train.gradient_checkpointing=true"))
     if r.train.offload == "none" and "train.offload_keep" in explicit and r.train.offload_keep:
         errors.append(("train.offload_keep", "counts the blocks kept on the GPU under train.offload=blocks; set that too"))
     if variant is not None and r.train.offload_keep >= variant.transformer["num_layers"] and "train.offload_keep" not in invalid:

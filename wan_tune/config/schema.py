@@ -286,6 +286,12 @@ class TrainConfig:
         "the width) never exists for all tokens at once. 0 or 1 = off. Costs one more FFN forward in the backward.",
         check=non_negative,
     )
+    attention_checkpointing: bool = opt(
+        False,
+        "Checkpoint each attention layer again inside its block's recompute, keeping the attention kernel's output: "
+        "the backward holds one layer's q/k/v, norms and rope at a time, not the whole block's (14B 720p: 6 GiB "
+        "less). Same results; the projections, norms and rope run once more in the backward. Needs gradient_checkpointing.",
+    )
     lora_fp32_inputs: bool = opt(
         False,
         "Cast each LoRA layer's input to fp32 as peft does by default. Off: the adapter reads the autocast dtype "

@@ -16,6 +16,8 @@ from ..config import Recipe
 from .loading import load_transformer, recipe_source
 from .lora_targets import expand_targets
 from .variants import Variant, get_variant
+from .activation_offload import block_checkpoint
+from .working_set import shrink_working_set
 
 NUM_TRAIN_TIMESTEPS = 1000  # the Wan schedulers' num_train_timesteps: timestep = sigma * 1000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,36 +82,11 @@ def adapt(model, recipe: Recipe, variant: Variant, dtype: torch.dtype):
                 model, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype, skip_modules_pattern=FP8_SKIP
             )
             _return_freed_memory()
-    if recipe.train.ffn_chunks > 1:
-        for block in model.blocks:
-            chunk_feed_forward(block.ffn, recipe.train.ffn_chunks)
-    if recipe.train.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    shrink_working_set(model, recipe.train)
+    if recipe.train.gradient_checkpointing:  # None: diffusers' default, torch's non-reentrant checkpoint
+        model.enable_gradient_checkpointing(block_checkpoint(model, recipe.train))
     model.train()
     return model
-
-
-def chunk_feed_forward(ffn: torch.nn.Module, chunks: int, checkpoint=None) -> None:
-    """Run a block's feed-forward on `chunks` slices of its tokens, each under its own checkpoint
-    when autograd records: the hidden layer (13,824 wide on the 14B, ~2.7x the block's width) then
-    exists for one slice at a time, in the forward, in the block's recompute and in its backward,
-    never for all 32k-75k tokens. The FFN is per token, so each token's output is computed as
-    before; weight gradients add the slices' sums one after another (another order of the same
-    sum). Cost: the FFN's forward runs once more in the backward. Patched on the instance, so
-    module names (LoRA keys, checkpoints) do not change. `checkpoint(fn, x)`: torch's
-    non-reentrant checkpoint unless given (the planner passes its own, see plan/meta_step.py)."""
-    from torch.utils.checkpoint import checkpoint as torch_checkpoint
-
-    whole = getattr(ffn, "_unchunked_forward", ffn.forward)
-    ffn._unchunked_forward = whole
-    checkpoint = checkpoint or (lambda fn, x: torch_checkpoint(fn, x, use_reentrant=False))
-
-    def forward(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        parts = hidden_states.chunk(chunks, dim=1)
-        grad = torch.is_grad_enabled()
-        return torch.cat([checkpoint(whole, part) if grad else whole(part) for part in parts], dim=1)
-
-    ffn.forward = forward
 
 
 @contextmanager

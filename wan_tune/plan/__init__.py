@@ -29,9 +29,10 @@ For the recipe's largest bucket (biggest `data.resolutions` entry x largest `dat
   keeps (`block_saved`, one per block) wait in pinned host memory, all but 2 (the block recomputing
   and the one prefetched) off the GPU; the buffers (one per block) are shown as host RAM. On a CPU
   host and device are one memory: nothing leaves, and the 2 copies back come on top;
-- FFN chunks (`train.ffn_chunks`) and LoRA inputs left in the autocast dtype (`train.lora_fp32_inputs`
-  false) are counted by the meta step itself: it runs the trainer's `adapt`, which sets both up (the
-  slices' checkpoints recompute under the emulated kernels too);
+- FFN chunks (`train.ffn_chunks`), attention checkpoints (`train.attention_checkpointing`) and LoRA
+  inputs left in the autocast dtype (`train.lora_fp32_inputs` false) are counted by the meta step
+  itself: it runs the trainer's `adapt`, which sets them up (the nested checkpoints recompute under
+  the emulated kernels too);
 - Wan2.2 A14B training both experts: one expert's frozen weights on the GPU (the other's wait in
   host RAM), both experts' trainable state;
 - the AdamW step's temporaries (torch's foreach step on a GPU makes one fp32 tensor of the trainable

@@ -3,7 +3,8 @@
 Settings are tried from the one that costs least speed to the one that costs most: none needed <
 gradient checkpointing (~30% slower) < fp8 base weights (a cast per layer; LoRA only) < activation
 offload (each block's input crosses PCIe twice a step, behind the compute of a whole block) < FFN
-chunks (one more feed-forward forward in the backward) < a higher ZeRO stage (more communication; several GPUs) < block offload with as many blocks kept on
+chunks (one more feed-forward forward in the backward) < attention checkpoints (the q/k/v/out
+projections, norms and rope once more in the backward) < a higher ZeRO stage (more communication; several GPUs) < block offload with as many blocks kept on
 the GPU as fit (LoRA only, without DeepSpeed). Each step keeps the savings of the ones before it.
 """
 
@@ -29,10 +30,11 @@ def ladder(plan: MemoryPlan, zero: int = 0, gpus: int = 1) -> list[tuple[str, Se
         return rungs
     rungs.append(("+act. offload", Setup(True, lora, None, zero, gpus, True)))
     rungs.append(("+FFN chunks", Setup(True, lora, None, zero, gpus, True, FFN_CHUNKS)))
+    rungs.append(("+attn. ckpt", Setup(True, lora, None, zero, gpus, True, FFN_CHUNKS, True)))
     if gpus > 1 and plan.experts == 1:  # the trainer refuses two experts under DeepSpeed
-        rungs += [(f"+ZeRO-{z}", Setup(True, lora, None, z, gpus, True, FFN_CHUNKS)) for z in (2, 3) if z > zero]
+        rungs += [(f"+ZeRO-{z}", Setup(True, lora, None, z, gpus, True, FFN_CHUNKS, True)) for z in (2, 3) if z > zero]
     if lora:  # offload streams frozen weights: LoRA only, and the trainer refuses it under DeepSpeed
-        rungs.append(("+offload", Setup(True, True, 0, 0, gpus, True, FFN_CHUNKS)))
+        rungs.append(("+offload", Setup(True, True, 0, 0, gpus, True, FFN_CHUNKS, True)))
     return rungs
 
 

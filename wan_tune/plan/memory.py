@@ -23,7 +23,7 @@ GIB = 2**30
 # memory returns once the backward no longer holds views of it).
 STREAMED_BLOCKS = 3
 # Block inputs on the GPU at once under train.activation_offload: in the backward, the input of the
-# block recomputing and the one copied back ahead of it (training/activation_offload.py).
+# block recomputing and the one copied back ahead of it (models/activation_offload.py).
 INPUTS_IN_FLIGHT = 2
 # DeepSpeed's defaults (runtime/zero/config.py), which launch/accelerate/zero*.yaml leave as they are:
 # gradients are reduced through a buffer of reduce_bucket_size elements, two of them with
@@ -50,11 +50,14 @@ class Setup:
     """train.activation_offload: checkpointed block inputs wait in host memory."""
     ffn_chunks: int = 0
     """train.ffn_chunks: each block's feed-forward in slices of tokens (0: whole)."""
+    attention: bool = False
+    """train.attention_checkpointing: attention layers checkpointed again inside the block's recompute."""
 
     def overrides(self) -> str:
         keys = [f"train.gradient_checkpointing={str(self.checkpointing).lower()}",
                 f"train.fp8_base={str(self.fp8).lower()}", f"train.activation_offload={str(self.activations).lower()}",
-                f"train.ffn_chunks={self.ffn_chunks}", "train.offload=none"]
+                f"train.ffn_chunks={self.ffn_chunks}",
+                f"train.attention_checkpointing={str(self.attention).lower()}", "train.offload=none"]
         if self.offload_keep is not None:
             keys[-1:] = ["train.offload=blocks", f"train.offload_keep={self.offload_keep}"]
         return " ".join(keys)
@@ -70,7 +73,8 @@ class Setup:
     def of(cls, recipe: Recipe, zero: int = 0, gpus: int = 1) -> "Setup":
         t = recipe.train
         return cls(t.gradient_checkpointing, t.fp8_base, t.offload_keep if t.offload == "blocks" else None, zero, gpus,
-                   t.activation_offload and t.gradient_checkpointing, t.ffn_chunks if t.ffn_chunks > 1 else 0)
+                   t.activation_offload and t.gradient_checkpointing, t.ffn_chunks if t.ffn_chunks > 1 else 0,
+                   t.attention_checkpointing and t.gradient_checkpointing)
 
 
 @dataclass(frozen=True)
@@ -158,12 +162,15 @@ class MemoryPlan:
     def autocast(self) -> torch.dtype | None:
         return None if self.device == "cpu" else AUTOCAST[self.recipe.train.mixed_precision]
 
-    def count(self, checkpointing: bool, fp8: bool, deepspeed: bool = False, ffn_chunks: int = 0) -> StepCount:
-        """The whole model's step, from a 2-block model counted on the meta device."""
-        mine = (checkpointing, fp8, deepspeed, ffn_chunks)
+    def count(self, checkpointing: bool, fp8: bool, deepspeed: bool = False, ffn_chunks: int = 0,
+              attention: bool = False) -> StepCount:
+        """The whole model's step, from a 2-block model counted on the meta device. Block inputs are
+        counted as kept on the device: activation offload is taken off by `_moved_inputs`."""
+        mine = (checkpointing, fp8, deepspeed, ffn_chunks, attention)
         if mine not in self._counts:
             recipe = with_train(self.recipe, gradient_checkpointing=checkpointing, fp8_base=fp8 and not self.full,
-                                ffn_chunks=ffn_chunks)
+                                ffn_chunks=ffn_chunks, attention_checkpointing=attention and checkpointing,
+                                activation_offload=False)
             engine = (self.autocast or torch.float32) if deepspeed else None
             args = (self.shape.batch_shapes(), self.load_dtype, self.autocast, engine)
             # Kept for the process (never on disk): plans of the same recipe share their counts.
@@ -188,7 +195,7 @@ class MemoryPlan:
     def breakdown(self, s: Setup) -> Breakdown:
         if self.device == "cpu" and (s.zero or s.gpus > 1 or s.offload_keep is not None):
             raise ValueError("a CPU plan is one process without offload or ZeRO")
-        count = self.count(s.checkpointing, s.fp8, s.zero > 0, s.ffn_chunks)
+        count = self._count(s)
         rows = self._weights(s, count) + self._trainable(s, count)
         moved = self._moved_inputs(s, count)
         rows.append(("activations", "kept for backward", count.saved - moved))
@@ -224,7 +231,10 @@ class MemoryPlan:
 
     def _per_block(self, s: Setup) -> dict[str, float]:
         """Frozen bytes of one transformer block, by dtype."""
-        return self.count(s.checkpointing, s.fp8, s.zero > 0, s.ffn_chunks).block_frozen
+        return self._count(s).block_frozen
+
+    def _count(self, s: Setup) -> StepCount:
+        return self.count(s.checkpointing, s.fp8, s.zero > 0, s.ffn_chunks, s.attention)
 
     def _trainable(self, s: Setup, count: StepCount) -> list[tuple[str, str, float]]:
         n = count.trainable * self.experts  # both A14B experts keep their LoRA and optimizer on the GPU

@@ -63,7 +63,7 @@ class DeviceKernels(TorchFunctionMode):
     def __init__(self, autocast: torch.dtype | None):
         super().__init__()
         self.autocast = autocast
-        self._cache: dict[int, torch.Tensor] = {}
+        self._cache: dict[tuple[int, bool], torch.Tensor] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -87,9 +87,13 @@ class DeviceKernels(TorchFunctionMode):
             return t
         if not (t.is_leaf and t.requires_grad):
             return t.to(self.autocast)
-        if id(t) not in self._cache:  # torch caches casts of trainable leaves until autocast exits
-            self._cache[id(t)] = t.to(self.autocast)
-        return self._cache[id(t)]
+        # torch caches casts of trainable leaves until autocast exits. The trainer's autocast exits
+        # after the forward, so a cast made under no_grad (a block's forward in a custom
+        # checkpoint) is never reused by the recompute: keyed by grad mode here.
+        key = (id(t), torch.is_grad_enabled())
+        if key not in self._cache:
+            self._cache[key] = t.to(self.autocast)
+        return self._cache[key]
 
     @contextlib.contextmanager
     def active(self):
@@ -219,7 +223,7 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
     blocks 0 and 1 (block 0 differs from the others: its input needs no gradient), so 2 blocks
     suffice. `device="cpu"` runs the same step for real, with torch's own attention, checkpointing
     and autocast: the reference the meta emulation is tested against."""
-    from ..models.spec import chunk_feed_forward
+    from ..models.working_set import shrink_working_set
 
     model = build_model(recipe, variant, layers, load_dtype, device)
     if engine_dtype is not None:
@@ -229,10 +233,9 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
     if device == "meta":
         kernels, autocasting = DeviceKernels(autocast), contextlib.nullcontext()
         if recipe.train.gradient_checkpointing:
-            model.enable_gradient_checkpointing(_checkpoint_with(kernels))
-        if recipe.train.ffn_chunks > 1:  # the slices' checkpoints recompute under the emulated kernels too
-            for block in model.blocks:
-                chunk_feed_forward(block.ffn, recipe.train.ffn_chunks, _checkpoint_with(kernels))
+            model.enable_gradient_checkpointing(_block_checkpoint(model, recipe, kernels))
+        # The nested checkpoints (FFN slices, attention layers) recompute under the emulated kernels too.
+        shrink_working_set(model, recipe.train, _checkpoint_with(kernels))
     else:
         kernels = contextlib.nullcontext()
         autocasting = torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
@@ -280,12 +283,26 @@ def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list[tuple
         if torch._C._current_graph_task_id() == -1:  # the forward, not a recompute in the backward
             ends.append((len(saved), live.now))
 
-    hooks = [b.register_forward_hook(block_done) for b in model.blocks]
+    hooks, checkpointed = [], model.gradient_checkpointing
+    if checkpointed:
+        # After the checkpoint function returns: a custom autograd Function (BlockCheckpoint)
+        # saves the block's input and arguments when its forward returns, after the block's own
+        # forward hooks ran.
+        def after(block, *args):
+            out = checkpoint(block, *args)
+            block_done(block, args, out)
+            return out
+
+        checkpoint, model._gradient_checkpointing_func = model._gradient_checkpointing_func, after
+    else:
+        hooks = [b.register_forward_hook(block_done) for b in model.blocks]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         pred, target = fm.predict(model, variant, batch, sigmas, noise, model.dtype)
         loss = fm.flow_matching_loss(pred, target, torch.ones_like(sigmas))
     for h in hooks:
         h.remove()
+    if checkpointed:
+        model._gradient_checkpointing_func = checkpoint
     # Weights are not activations; a weight's storage is known once the forward is over (fp8
     # casting swaps it during the forward, and its upcast copies that autograd keeps do count).
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -296,16 +313,35 @@ def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list[tuple
     return sum(sizes), ends
 
 
+def _block_checkpoint(model, recipe, kernels: DeviceKernels):
+    """The trainer's block checkpoint (models/activation_offload.py: block_checkpoint) with the
+    emulated kernels entered around each block, or diffusers' default. The plan counts activation
+    offload from what stays on the device (plan/memory.py), so its blocks are counted as kept here."""
+    from ..models.activation_offload import BlockCheckpoint
+
+    if recipe.train.attention_checkpointing:
+
+        def run(block, *args):
+            with kernels.active():
+                return block(*args)
+
+        return BlockCheckpoint(model, None, run)
+    return _checkpoint_with(kernels)
+
+
 def _checkpoint_with(kernels: DeviceKernels):
     """diffusers' default gradient-checkpointing function, with `kernels` entered around the block
-    both in the forward and in the backward's recompute."""
+    both in the forward and in the backward's recompute (`context_fn`: selective checkpointing, as
+    models/working_set.py passes it)."""
 
-    def checkpointed(block, *args):
+    def checkpointed(block, *args, context_fn=None):
         def run(*inputs):
             with kernels.active():
                 return block(*inputs)
 
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+        if context_fn is None:
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, context_fn=context_fn)
 
     return checkpointed
 

@@ -14,7 +14,6 @@ from ..dist import use_cpu
 from ..models.loading import recipe_source
 from ..models.spec import load_for_training, trainable_parameters
 from ..models.variants import Variant
-from .activation_offload import ActivationOffload
 from .errors import TrainingError
 from .experts import Trainee, make_trainee, sigma_bounds, sigma_sampler
 from .offload import BlockOffload, ExpertSwap
@@ -58,8 +57,6 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
     for name in experts:
         torch.manual_seed(recipe.run.seed)  # LoRA init: the same for an expert trained alone or beside the other
         model = load_for_training(recipe, use_cpu=use_cpu(), expert=name)
-        if recipe.train.activation_offload:  # the block inputs checkpointing keeps wait in host memory
-            model.enable_gradient_checkpointing(ActivationOffload(model))
         # Before prepare, which moves to the GPU whatever is still on the model.
         blocks = BlockOffload(model, recipe.train.offload_keep, accelerator.device) if recipe.train.offload == "blocks" else None
         if swap is not None:

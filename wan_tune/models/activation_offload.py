@@ -99,26 +99,33 @@ class HostStash:
 class OffloadedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: "_Call", anchor: torch.Tensor, x: torch.Tensor, *args):
-        call.stash.put(call.slot, x)
         ctx.call, ctx.x_device, ctx.x_grad = call, x.device, x.requires_grad
         ctx.tensor_args = [i for i, a in enumerate(args) if torch.is_tensor(a)]
-        ctx.save_for_backward(*[args[i] for i in ctx.tensor_args])
+        kept = [args[i] for i in ctx.tensor_args]
+        if call.stash is None:  # the input stays on the device, saved as a checkpoint saves it
+            kept.append(x)
+        else:
+            call.stash.put(call.slot, x)
+        ctx.save_for_backward(*kept)
         ctx.other_args = [None if torch.is_tensor(a) else a for a in args]
         ctx.rng = _rng_state(x.device)
-        ctx.autocast = [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in {x.device.type, "cpu"}]
-        return call.block(x, *args)
+        ctx.autocast = [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t))
+                        for t in {x.device.type, "cpu"} if torch.amp.is_autocast_available(t)]  # not on meta
+        return call.run(call.block, x, *args)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         call = ctx.call
-        x = call.stash.take(call.slot, ctx.x_device).detach().requires_grad_(ctx.x_grad)
+        saved_tensors = ctx.saved_tensors
+        x = saved_tensors[-1] if call.stash is None else call.stash.take(call.slot, ctx.x_device)
+        x = x.detach().requires_grad_(ctx.x_grad)
         args = list(ctx.other_args)
-        for i, saved in zip(ctx.tensor_args, ctx.saved_tensors):
+        for i, saved in zip(ctx.tensor_args, saved_tensors):
             args[i] = saved.detach().requires_grad_(saved.requires_grad)
         with torch.enable_grad(), _restored_rng(ctx.rng, ctx.x_device), contextlib.ExitStack() as stack:
             for device_type, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
-            out = call.block(x, *args)
+            out = call.run(call.block, x, *args)
         torch.autograd.backward(out, grad_out)
         grads = [None] * len(args)
         for i in ctx.tensor_args:
@@ -126,11 +133,16 @@ class OffloadedBlock(torch.autograd.Function):
         return (None, None, x.grad if ctx.x_grad else None, *grads)
 
 
+def _run(block: torch.nn.Module, *args):
+    return block(*args)
+
+
 @dataclass
 class _Call:
     block: torch.nn.Module
     slot: int
-    stash: HostStash
+    stash: HostStash | None
+    run: object = _run
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -150,21 +162,34 @@ def _restored_rng(state: tuple, device: torch.device):
         yield
 
 
-class ActivationOffload:
-    """The checkpoint function for one transformer: `model.enable_gradient_checkpointing(offload)`."""
+class BlockCheckpoint:
+    """The checkpoint function for one transformer: `model.enable_gradient_checkpointing(it)`.
+    Without a stash each block's input stays on the device (a plain checkpoint, under which nested
+    checkpoints may run in the recompute only: train.attention_checkpointing, whose inner
+    checkpoints torch's own checkpoint would count as a forward/recompute mismatch). `run(block,
+    *args)`: how a block is called, in the forward and in the recompute (the planner enters its
+    emulated kernels there)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, stash: HostStash | None = None, run=_run):
         self.slots = {id(block): i for i, block in enumerate(model.blocks)}
-        self.stash = HostStash()
+        self.stash, self.run = stash, run
         self.anchor = torch.empty(0, requires_grad=True)  # makes every block's backward run (see the module docstring)
 
     def __call__(self, block: torch.nn.Module, hidden_states: torch.Tensor, *args):
         anchor = self.anchor if self.anchor.device == hidden_states.device else self._move_anchor(hidden_states.device)
-        return OffloadedBlock.apply(_Call(block, self.slots[id(block)], self.stash), anchor, hidden_states, *args)
+        call = _Call(block, self.slots[id(block)], self.stash, self.run)
+        return OffloadedBlock.apply(call, anchor, hidden_states, *args)
 
     def _move_anchor(self, device: torch.device) -> torch.Tensor:
         self.anchor = torch.empty(0, device=device, requires_grad=True)
         return self.anchor
+
+
+class ActivationOffload(BlockCheckpoint):
+    """`train.activation_offload`: the block checkpoint whose inputs wait in host memory."""
+
+    def __init__(self, model: torch.nn.Module, run=_run):
+        super().__init__(model, HostStash(), run)
 
     @property
     def copies(self) -> dict[str, int]:
@@ -173,3 +198,14 @@ class ActivationOffload:
     @property
     def host_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.stash.buffers.values())
+
+
+def block_checkpoint(model: torch.nn.Module, train, run=_run):
+    """The checkpoint function the recipe's settings call for: inputs to the host
+    (train.activation_offload), ours on the device (train.attention_checkpointing), or None:
+    diffusers' default (torch's non-reentrant checkpoint)."""
+    if train.activation_offload:
+        return ActivationOffload(model, run)
+    if train.attention_checkpointing:
+        return BlockCheckpoint(model, None, run)
+    return None

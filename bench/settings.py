@@ -1,0 +1,209 @@
+"""Memory settings measured: one short training run per setting, each in a fresh process, with its
+step time against the first row's, its measured peak and `wan-tune plan`'s prediction beside it.
+
+    python bench/settings.py                                    # CPU smoke: tiny model, 3x8x12 latent
+    python bench/settings.py --variant wan2.1-t2v-1.3b --latent 21x60x104 --docs docs/benchmarks.md
+    python bench/settings.py --variant wan2.1-t2v-14b --latent 21x60x104 --rows plan --budget 24
+
+Every row is wan-tune's own `train()` (the recipe of bench/trainer_overhead.py on random weights of
+the real architecture and synthetic shards, bench/common.py) with the row's overrides on top of
+gradient checkpointing, bf16 weights and autocast on a GPU (fp32 on a CPU). Step time: the median of
+the steps after the first (metrics.jsonl's step_time). Peak: `torch.cuda.max_memory_allocated` over
+the run (the trainer's peak_mem_gb) on a GPU; on a CPU the process's peak RSS above what it held
+before train() (bench/common.py's PeakRss), which also counts the modules train() imports and its
+loader (~0.13 GiB): on a CPU only the smoke run's plumbing is checked, not the plan. The plan: `MemoryPlan(recipe).breakdown(
+Setup.of(recipe))`, the same figure `wan-tune plan` prints for those settings (a CPU plan has no
+offload: '-'). Row `plan` takes the planner's advice for `--budget` GiB.
+
+`--docs FILE` puts the table into FILE between `<!-- settings: VARIANT LATENT -->` and
+`<!-- /settings -->` (added at the end the first time), so a rerun replaces its own table only.
+bench/gpu_suite.sh runs every GPU row of bench/ this way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+# name -> overrides on top of checkpointing; the first row of --rows is the reference for the ratios.
+ROWS = {
+    "ckpt": [],
+    "none": ["train.gradient_checkpointing=false"],
+    "fp8": ["train.fp8_base=true"],
+    "compile": ["train.compile=true"],
+    "block offload": ["train.offload=blocks", "train.offload_keep=0"],
+    "act. offload": ["train.activation_offload=true"],
+    "FFN chunks": ["train.ffn_chunks=4"],
+    "attn. ckpt": ["train.attention_checkpointing=true"],
+    "all": ["train.fp8_base=true", "train.activation_offload=true", "train.ffn_chunks=4",
+            "train.attention_checkpointing=true"],
+    "plan": None,  # the planner's advice for --budget
+}
+
+
+def base_overrides(gpu: bool) -> list[str]:
+    extra = ["train.gradient_checkpointing=true"]
+    return extra + (["model.dtype=bf16", "train.mixed_precision=bf16"] if gpu else [])
+
+
+def row_recipe(args, overrides: list[str]):
+    from common import model_folder, synthetic_shards, workdir
+    from trainer_overhead import recipe_for
+
+    root = workdir()
+    fhw = tuple(int(x) for x in args.latent.split("x"))
+    folder, shards_dir = model_folder(args.variant, root), synthetic_shards(args.variant, root, 2, fhw)
+    ns = argparse.Namespace(variant=args.variant, steps=args.steps, batch=1, rank=args.rank)
+    return recipe_for(ns, folder, shards_dir, root / "runs-settings", (*base_overrides(gpu_here()), *overrides))
+
+
+def gpu_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def advice(args) -> list[str]:
+    """The overrides `wan-tune plan --gpu-memory BUDGET` gives for this run, or [] if nothing fits."""
+    from wan_tune.plan.advice import cheapest
+    from wan_tune.plan.memory import MemoryPlan
+
+    setup = cheapest(MemoryPlan(row_recipe(args, [])), args.budget)
+    return setup.overrides().split() if setup is not None else []
+
+
+def predicted(recipe) -> float | None:
+    from wan_tune.plan.memory import MemoryPlan, Setup
+
+    try:
+        return MemoryPlan(recipe, "gpu" if gpu_here() else "cpu").breakdown(Setup.of(recipe)).total
+    except ValueError:  # a CPU plan has no offload
+        return None
+
+
+def child(args) -> dict:
+    """Train the row's recipe; its step times, peak and plan as one JSON line."""
+    import torch
+    from common import PeakRss, rss_bytes
+
+    from wan_tune.training.loop import train
+
+    overrides = json.loads(args.child)
+    recipe = row_recipe(args, overrides)
+    before, rss = rss_bytes(), PeakRss()
+    train(recipe, resume="never", progress=False, say=lambda *_: None)
+    peak = rss.stop() - before
+    lines = [json.loads(line) for line in (Path(recipe.run.output_dir) / "bench" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "step_time" in r]
+    if torch.cuda.is_available():
+        peak = max(r.get("peak_mem_gb", 0) for r in steps) * GIB
+    return {"seconds": [r["step_time"] for r in steps][1:], "peak": peak, "plan": predicted(recipe),
+            "tokens": recipe_tokens(recipe)}
+
+
+def recipe_tokens(recipe) -> int:
+    from wan_tune.models.variants import get_variant
+    from wan_tune.plan.memory import run_shape
+
+    return run_shape(recipe, get_variant(recipe.model.variant)).tokens
+
+
+def run_row(args, name: str) -> dict:
+    overrides = advice(args) if ROWS[name] is None else ROWS[name]
+    cmd = [sys.executable, __file__, "--child", json.dumps(overrides), "--variant", args.variant, "--latent", args.latent,
+           "--steps", str(args.steps), "--rank", str(args.rank)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    except subprocess.TimeoutExpired:
+        return {"name": name, "overrides": overrides, "error": f"over {args.timeout} s"}
+    if out.returncode:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"name": name, "overrides": overrides, "error": last[:120]}
+    return {"name": name, "overrides": overrides, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def table(args, rows: list[dict]) -> str:
+    import torch
+
+    where = torch.cuda.get_device_name() if gpu_here() else f"CPU ({os.cpu_count()} cores)"
+    tokens = next((r["tokens"] for r in rows if "tokens" in r), "?")
+    ref = next((statistics.median(r["seconds"]) for r in rows if r.get("seconds")), None)
+    lines = [f"{args.variant} LoRA r{args.rank}, latent {args.latent} ({tokens} tokens), {args.steps} steps a row "
+             f"(the first not timed), {where}, torch {torch.__version__}. Command: `python bench/settings.py "
+             f"--variant {args.variant} --latent {args.latent} --steps {args.steps} --rows '{args.rows}'`", "",
+             "| settings | s/step | x first row | peak measured | plan | measured / plan |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"{r['name']} (`{' '.join(r['overrides'])}`)" if r["name"] == "plan" else r["name"]
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | | |")
+            continue
+        s = statistics.median(r["seconds"]) if r["seconds"] else None
+        plan = size(r["plan"]) if r["plan"] else "-"
+        ratio = f"{r['peak'] / r['plan']:.2f}" if r["plan"] else "-"
+        lines.append(f"| {name} | {s:.3f} | {s / ref:.2f} | {size(r['peak'])} | {plan} | {ratio} |" if s else
+                     f"| {name} | - | - | {size(r['peak'])} | {plan} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def size(b: float) -> str:
+    return f"{b / GIB:.2f} GiB" if b >= 0.1 * GIB else f"{b / 2**20:.1f} MiB"
+
+
+def put_in_docs(path: Path, key: str, text: str) -> None:
+    """Replace (or append) the table of `key` in the docs file, atomically."""
+    from wan_tune.atomic import write_text
+
+    start, end = f"<!-- settings: {key} -->", "<!-- /settings -->"
+    old = path.read_text() if path.is_file() else ""
+    block = f"{start}\n{text}{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if pattern.search(old):
+        new = pattern.sub(lambda _m: block, old)
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block + "\n"
+    write_text(path, new)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="tiny")
+    ap.add_argument("--latent", default="3x8x12", help="F'xH'xW' of the latent (480x832x81: 21x60x104; 720x1280x81: 21x90x160)")
+    ap.add_argument("--rows", default="ckpt,none,fp8,block offload,act. offload,FFN chunks,attn. ckpt,all",
+                    help=f"comma-separated, the first is the reference; of: {', '.join(ROWS)}")
+    ap.add_argument("--steps", type=int, default=3, help="training steps a row (the first is warm-up)")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--budget", type=float, default=24.0, help="GiB for the `plan` row's advice")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds a row may take")
+    ap.add_argument("--docs", type=Path, help="put the table into this markdown file (see above)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args)))
+        return
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        ap.error(f"unknown row(s) {', '.join(unknown)}; rows are: {', '.join(ROWS)}")
+    rows = []
+    for name in names:
+        rows.append(run_row(args, name))
+        print(f"{name}: {json.dumps(rows[-1])}", flush=True)
+    text = table(args, rows)
+    print("\n" + text)
+    if args.docs:
+        put_in_docs(args.docs, f"{args.variant} {args.latent}", text)
+
+
+if __name__ == "__main__":
+    main()

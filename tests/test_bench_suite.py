@@ -1,0 +1,56 @@
+"""bench/gpu_suite.sh, run as SMOKE=1 on the tiny model on a CPU: every part runs, every settings row
+trains, and the tables land in the docs file beside what was there, replaced (not repeated) on a rerun.
+A GPU session runs the same script without SMOKE; no test needs a GPU."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ("ckpt", "none", "fp8", "block offload", "act. offload", "FFN chunks", "attn. ckpt", "all")
+
+
+def _suite(docs: Path, *parts: str) -> str:
+    env = dict(os.environ, SMOKE="1", DOCS=str(docs), PYTHON=sys.executable, OMP_NUM_THREADS="2")
+    out = subprocess.run(["bash", "bench/gpu_suite.sh", *parts], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=1500)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_suite_runs_every_row_and_writes_its_tables(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nwhat was measured before\n")
+    _suite(docs)
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nwhat was measured before\n")
+    settings = text.split("<!-- settings: tiny 3x8x12 -->")[1].split("<!-- /settings -->")[0]
+    assert "CPU (" in settings and "torch " in settings  # the machine is named
+    for name in ROWS:
+        row = re.search(rf"^\| {re.escape(name)} \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) [GM]iB \| (.*?) \|", settings, re.M)
+        assert row, f"row {name!r} missing or failed:\n{settings}"
+        assert float(row.group(1)) > 0 and float(row.group(3)) > 0
+        if name != "block offload":  # a CPU plan has no offload
+            assert row.group(4).endswith("iB"), name
+    assert re.search(r"^\| ckpt \| [0-9.]+ \| 1\.00 \|", settings, re.M)  # the first row is the reference
+    assert "| native |" in text.split("<!-- settings: backends tiny 3x8x12 -->")[1]
+    for latent in ("3x10x16", "3x12x20"):  # the 14b part: the planner's advice for 24 GiB, trained
+        part = text.split(f"<!-- settings: tiny {latent} -->")[1].split("<!-- /settings -->")[0]
+        assert re.search(r"^\| plan \(`train\.gradient_checkpointing=\w+ .*`\) \| [0-9.]+ \|", part, re.M), part
+    # A rerun replaces its own table.
+    _suite(docs, "backends")
+    again = docs.read_text()
+    assert again.count("<!-- settings: backends tiny 3x8x12 -->") == 1
+    assert again.count("<!-- settings: tiny 3x8x12 -->") == 1
+
+
+def test_an_unknown_part_is_refused():
+    out = subprocess.run(["bash", "bench/gpu_suite.sh", "everything"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown part 'everything' (all, 1.3b, backends, 14b)" in out.stderr
