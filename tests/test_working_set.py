@@ -229,3 +229,27 @@ def test_the_plan_counts_attention_checkpoints_and_720p_fits_24_gib():
     assert sets[True] < 0.8 * sets[False]
     fits = cheapest(plan, 24)
     assert fits is not None and fits.attention and plan.breakdown(fits).total <= 24 * GIB
+
+
+def test_attention_checkpoints_over_an_fp8_base_with_block_offload():
+    """The layers' own recompute runs in the block's backward, after the block's recompute: the
+    streamed block's weights must still be there (fp8 storage, block offload keeping 1 of 6)."""
+    from test_offload import six_block_model
+
+    from wan_tune.models.activation_offload import BlockCheckpoint
+    from wan_tune.models.working_set import checkpoint_attention
+    from wan_tune.training.offload import BlockOffload
+
+    reference = step(six_block_model(True))
+    model = six_block_model(True)
+    blocks = BlockOffload(model, keep=1, device=torch.device("cpu"))
+    for block in model.blocks:
+        checkpoint_attention(block.attn1)
+        checkpoint_attention(block.attn2)
+    model.enable_gradient_checkpointing(BlockCheckpoint(model))
+    projections = []
+    model.blocks[3].attn1.to_q.register_forward_hook(lambda *_: projections.append(1))
+    loss, grads = step(model)
+    assert len(projections) == 3  # forward, block recompute, the layer's own recompute
+    assert torch.equal(loss, reference[0]) and all(torch.equal(grads[n], reference[1][n]) for n in grads)
+    assert blocks.loads == {"forward": 5, "recompute": 5}

@@ -24,6 +24,8 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
     errors += _schedule_errors(r, variant, explicit, invalid)
     if variant is not None:
         errors += _variant_errors(r, variant, invalid)
+    if r.train.context_parallel > 1:
+        errors += _context_parallel_errors(r, variant)
     if r.validation.every and not r.validation.prompts:
         errors.append(("validation.prompts", "validation.every is set but there are no prompts; add prompts or set every=0"))
     return errors
@@ -177,4 +179,26 @@ def resolution_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]]:
     for key, side in (("validation.height", r.validation.height), ("validation.width", r.validation.width)):
         if side is not None and side > longest:
             errors.append((key, f"{side} px is beyond the {longest} px {variant.name} holds"))
+    return errors
+
+
+def _context_parallel_errors(r: Recipe, variant: Variant | None) -> list[tuple[str, str]]:
+    """What context parallelism runs so far: Ulysses, T2V models with one expert, DDP (the launch
+    checks the rest), no block offload."""
+    cp, errors = r.train.context_parallel, []
+    if r.train.context_parallel_kind == "ring":
+        errors.append(("train.context_parallel_kind", "ring attention is not in wan-tune yet: use ulysses (the default)"))
+    if r.train.offload != "none":
+        errors.append(("train.offload", f"blocks does not run with train.context_parallel={cp} yet: set train.offload=none "
+                       "(context parallelism already divides the activations)"))
+    if variant is None:
+        return errors
+    heads = variant.transformer["num_attention_heads"]
+    if heads % cp:
+        fits = ", ".join(str(d) for d in range(2, heads + 1) if heads % d == 0)
+        errors.append(("train.context_parallel", f"{variant.name} has {heads} attention heads and Ulysses splits them "
+                       f"across the group: use a degree that divides {heads} ({fits})"))
+    if variant.image_conditioned(r.data.task) or variant.expand_timesteps or variant.two_experts:
+        errors.append(("train.context_parallel", f"runs with text-to-video models of one expert so far; {variant.name} "
+                       "(image conditioning, per-token timesteps or two experts) is not covered yet: set 1"))
     return errors

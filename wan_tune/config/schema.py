@@ -298,6 +298,19 @@ class TrainConfig:
         "(the same bf16 matmul, without the fp32 copy in every block's working set); LoRA weights and AdamW stay fp32.",
     )
     compile: bool = opt(False, "torch.compile each transformer block (diffusers' compile_repeated_blocks): GPU speed-up.")
+    context_parallel: int = opt(
+        1,
+        "Split each clip's tokens across this many processes (context parallelism, diffusers' Ulysses attention): "
+        "groups of this many consecutive ranks train one batch together, so world = data-parallel x this. For "
+        "clips whose activations one GPU cannot hold (720p, long clips). 1 = off.",
+        check=positive,
+    )
+    context_parallel_kind: str = opt(
+        "ulysses",
+        "ulysses: an all-to-all swaps token shards for head shards around each attention (the degree must divide "
+        "the attention heads). ring: not yet in wan-tune.",
+        choices=("ulysses", "ring"),
+    )
     caption_dropout: float = opt(0.1, "Share of steps trained on the empty prompt (keeps guidance working).", check=unit_interval)
 
 

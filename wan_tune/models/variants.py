@@ -73,6 +73,18 @@ class Variant:
     def two_experts(self) -> bool:
         return len(self.experts) > 1
 
+    @property
+    def vae_spatial(self) -> int:
+        """Pixels per latent side: the Wan2.1 VAE compresses 8x, the Wan2.2 VAE (48 channels) 16x."""
+        return 16 if self.vae_z_dim == 48 else 8
+
+    def tokens(self, frames: int, height: int, width: int) -> int:
+        """Transformer tokens of a clip of `frames` x `height` x `width` pixels (the VAE packs 4
+        frames per latent after the first; patches of patch_size)."""
+        pt, ph, pw = self.transformer["patch_size"]
+        s = self.vae_spatial
+        return ((frames - 1) // 4 + 1) // pt * (height // s // ph) * (width // s // pw)
+
     def sigma_range(self, expert: str, boundary_ratio: float | None = None) -> tuple[float, float]:
         """The sigmas an expert denoises at inference: [boundary, 1] high noise, [0, boundary) low."""
         if not self.two_experts:

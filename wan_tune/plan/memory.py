@@ -100,17 +100,12 @@ class RunShape:
         return {k: (self.batch, *s) for k, s in shapes.items()}
 
 
-def vae_spatial(variant: Variant) -> int:
-    """Pixels per latent side: the Wan2.1 VAE compresses 8x, the Wan2.2 VAE (48 channels) 16x."""
-    return 16 if variant.vae_z_dim == 48 else 8
-
-
 def run_shape(recipe: Recipe, variant: Variant) -> RunShape:
     """Latent and token counts of the recipe's largest bucket (aspect buckets keep the pixel area of
     their `data.resolutions` entry within a few percent)."""
     frames = max(recipe.data.frames)
     height, width = max(recipe.data.resolutions, key=lambda hw: hw[0] * hw[1])
-    s, z = vae_spatial(variant), variant.vae_z_dim
+    s, z = variant.vae_spatial, variant.vae_z_dim
     latent = (z, (frames - 1) // 4 + 1, height // s, width // s)  # the VAE packs 4 frames per latent after the first
     _, ph, pw = variant.transformer["patch_size"]
     tokens = latent[1] * (latent[2] // ph) * (latent[3] // pw)

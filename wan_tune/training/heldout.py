@@ -65,12 +65,13 @@ class HeldOut:
         return len(self.indices)
 
     @torch.no_grad()
-    def losses(self, models: dict, variant, boundary, accelerator, dtype: torch.dtype) -> dict[str, float]:
+    def losses(self, models: dict, variant, boundary, accelerator, dtype: torch.dtype, cp: int = 1) -> dict[str, float]:
         """{"heldout_loss": mean over sigmas and samples, "heldout_loss@<sigma>": mean over samples}.
         `models`: {expert: module} of the trained experts; a sigma no trained expert owns (one
         A14B expert trained alone) is not scored. Every rank must call this (sharded weights
-        gather in each forward, so all ranks run the same number of forwards)."""
-        rank, world = accelerator.process_index, accelerator.num_processes
+        gather in each forward, so all ranks run the same number of forwards). `cp`: the ranks of a
+        context-parallel group (train.context_parallel) score the same clips together."""
+        rank, world = accelerator.process_index // cp, accelerator.num_processes // cp
         scored = [(j, s) for j, s in enumerate(self.sigmas) if variant.expert_for(s, boundary) in models]
         n = len(self.indices)
         per_rank = math.ceil(n / world)
@@ -99,7 +100,8 @@ class HeldOut:
             for name, m in models.items():
                 m.train(was_training[name])
         # Rank r's slot s holds sample r + s * world: gather, then put every sample back in order.
-        gathered = accelerator.gather(out.unsqueeze(0)) if world > 1 else out.unsqueeze(0)
+        gathered = accelerator.gather(out.unsqueeze(0)) if accelerator.num_processes > 1 else out.unsqueeze(0)
+        gathered = gathered[::cp]  # one row per group: its ranks scored the same clips
         rows = gathered.cpu().reshape(world, per_rank, len(scored)).transpose(0, 1).reshape(world * per_rank, len(scored))[:n]
         result = {f"heldout_loss@{s:g}": float(rows[:, col].mean()) for col, (_, s) in enumerate(scored)}
         result["heldout_loss"] = float(rows.mean()) if scored else float("nan")

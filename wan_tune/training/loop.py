@@ -17,6 +17,7 @@ from ..atomic import writable_problem
 from ..config import Recipe, to_yaml
 from ..models.variants import get_variant, trained_experts
 from .checkpoint import best_checkpoint, save_checkpoint
+from .context_parallel import layout, token_problem
 from .errors import TrainingError
 from .launch import agree, check_launch, make_accelerator
 from .resume import restore, starting_point
@@ -45,10 +46,14 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
     with claimed(accelerator, run_dir, say) as stop:  # the run folder is this run's until it returns
         # --- build the run: everything that can refuse does so before a model loads ----------
         check_launch(recipe, accelerator, experts)
-        data = open_data(recipe, variant, accelerator.process_index, accelerator.num_processes)
+        lay = layout(recipe, accelerator)  # the groups of train.context_parallel read one batch together
+        data = open_data(recipe, variant, lay.data_rank, lay.data_world)
+        problem = token_problem(variant, data.dataset.buckets, lay.cp)
+        if problem:
+            raise TrainingError(problem)
         checkpoint = starting_point(accelerator, recipe, run_dir, resume, say)
         data.announce(say)
-        run = build_run(recipe, accelerator, run_dir, variant, experts, say)
+        run = build_run(recipe, accelerator, run_dir, variant, experts, say, lay)
         step, consumed = restore(run, checkpoint)
         batches, empty_prompt = data.batches(consumed), data.empty_prompt(accelerator.device)
         if recipe.tracking.backend != "none":

@@ -14,6 +14,7 @@ from ..dist import use_cpu
 from ..models.loading import recipe_source
 from ..models.spec import load_for_training, trainable_parameters
 from ..models.variants import Variant
+from .context_parallel import Layout, enable as enable_context_parallel
 from .errors import TrainingError
 from .experts import Trainee, make_trainee, sigma_bounds, sigma_sampler
 from .offload import BlockOffload, ExpertSwap
@@ -38,6 +39,14 @@ class Run:
     sharded: str | None
     trainable: int
     say: Callable
+    layout: Layout = Layout(1, 0, 1)
+    """Data-parallel x context-parallel (train.context_parallel)."""
+
+    @property
+    def together(self) -> bool:
+        """Whether every rank must run the model's forwards together (sharded weights gather,
+        context-parallel groups split each clip): validation renders on every rank then."""
+        return bool(self.sharded) or self.layout.cp > 1
 
     @property
     def main(self) -> bool:
@@ -48,7 +57,8 @@ class Run:
         return {tr.name: self.accelerator.unwrap_model(tr.model) for tr in self.trainees}
 
 
-def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, experts: list[str], say) -> Run:
+def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, experts: list[str], say,
+              lay: Layout = Layout(1, 0, 1)) -> Run:
     """Load each trained expert (LoRA added, offload hooks, compile), its optimizer and schedule,
     prepared by accelerate."""
     boundary = recipe_source(recipe, components=()).boundary_ratio  # the folder's model_index.json
@@ -57,6 +67,8 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
     for name in experts:
         torch.manual_seed(recipe.run.seed)  # LoRA init: the same for an expert trained alone or beside the other
         model = load_for_training(recipe, use_cpu=use_cpu(), expert=name)
+        if lay.cp > 1:  # diffusers' hooks split the tokens at the first block, gather after proj_out
+            enable_context_parallel(model, lay, accelerator.device)
         # Before prepare, which moves to the GPU whatever is still on the model.
         blocks = BlockOffload(model, recipe.train.offload_keep, accelerator.device) if recipe.train.offload == "blocks" else None
         if swap is not None:
@@ -87,4 +99,4 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
             f"boundary {boundary}")
     draw = sigma_sampler(recipe, t.shift if t.shift is not None else variant.flow_shift)
     return Run(recipe, accelerator, run_dir, variant, trainees, boundary, bounds, draw, compute_dtype, sharded,
-               n_trainable, say)
+               n_trainable, say, lay)

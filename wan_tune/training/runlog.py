@@ -37,7 +37,8 @@ class RunLog:
     def score(self, step: int) -> None:
         """The held-out loss of the current weights (every rank: sharded forwards gather)."""
         run = self.run
-        result = self.heldout.losses(run.live(), run.variant, run.boundary, run.accelerator, run.compute_dtype)
+        result = self.heldout.losses(run.live(), run.variant, run.boundary, run.accelerator, run.compute_dtype,
+                                     run.layout.cp)
         run.say(format_heldout(step, result))
         if self.tracking:
             run.accelerator.log(result, step=step)

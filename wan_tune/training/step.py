@@ -34,7 +34,8 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
     """Train step `step` (0-based) on `recipe.train.grad_accum` micro-batches from `batches`;
     returns its record for metrics.jsonl (step = step + 1, the mean loss over ranks, lr, speed)."""
     recipe, accelerator, variant = run.recipe, run.accelerator, run.variant
-    rank, world, accum, t = accelerator.process_index, accelerator.num_processes, recipe.train.grad_accum, recipe.timesteps
+    # Positions count data-parallel ranks: the ranks of a context-parallel group draw alike.
+    rank, world, accum, t = run.layout.data_rank, run.layout.data_world, recipe.train.grad_accum, recipe.timesteps
     t0 = time.perf_counter()
     step_loss, samples, tokens, grad_norm = 0.0, 0, 0, None
     trainee = route(run.trainees, variant, run.boundary, recipe.run.seed, step, lambda g: run.draw(1, g, t.sigma_min, t.sigma_max))
@@ -44,7 +45,9 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         gen = micro_generator(recipe.run.seed, step, micro, accum, rank, world)
         if recipe.adapter.dropout > 0:  # LoRA dropout draws from the global RNG; torch.manual_seed
             # costs ~1 ms (it seeds every device type), so only when something uses it.
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            # Under context parallelism each rank draws the masks of its own tokens: offset by its
+            # place in the group, or both halves of a clip would get the same masks.
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)) + run.layout.rank % run.layout.cp)
         x0 = batch["latents"]
         n = x0.shape[0]
         drop = torch.rand(n, generator=gen) < recipe.train.caption_dropout
@@ -56,7 +59,9 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
             pred, target = fm.predict(model, variant, batch, sigmas.to(accelerator.device), noise.to(accelerator.device),
                                       run.compute_dtype)
             loss = fm.flow_matching_loss(pred, target, fm.loss_weights(sigmas, t.loss_weighting).to(pred.device))
-            accelerator.backward(loss)
+            # Each rank of a context-parallel group holds its tokens' share of the gradient and DDP
+            # averages over all ranks: scaled by the degree, that is the mean over groups.
+            accelerator.backward(loss * run.layout.loss_scale if run.layout.cp > 1 else loss)
             if accelerator.sync_gradients and recipe.train.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(trainee.params, recipe.train.max_grad_norm)
             optimizer.step()

@@ -32,7 +32,7 @@ def start_validation(run, heldout, start_step: int):
     if not recipe.validation.every:
         return None
     validator = None
-    if run.main or run.sharded:
+    if run.main or run.together:
         try:
             first_frames = None
             if run.variant.image_conditioned(recipe.data.task) and not recipe.validation.images:

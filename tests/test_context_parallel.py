@@ -1,0 +1,122 @@
+"""Context parallelism (train.context_parallel, #24): one clip's tokens across processes, on CPU with
+gloo. The model-level check runs diffusers' Ulysses hooks as wan-tune sets them up; the training
+checks launch exactly as users do (accelerate + launch/accelerate/multi_cpu.yaml)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = 3 * 4 * 6  # the test latent, 3 x 8 x 12, in 1 x 2 x 2 patches
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_each_rank_holds_half_the_tokens_and_the_group_gradient_is_one_process_s(method):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(ROOT / "tests" / "cp_probe.py"), method]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Both ranks print to one pipe: their lines may run together.
+    ranks = [json.loads(obj) for obj in re.findall(r"\{[^{}]*\}", out.stdout)]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert r["tokens"] and set(r["tokens"]) == {TOKENS // 2}  # block 0 works on its half of the clip
+        assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-6)  # the whole output, gathered on every rank
+        assert r["grads"] and r["n"] > (10 if method == "lora" else 40)
+        assert r["worst"] < 1e-5, r  # summed over the group: one process's gradient
+
+
+def _metrics(run_dir: Path) -> tuple[list[float], list[float]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r], [r["heldout_loss"] for r in lines if "heldout_loss" in r]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "step-000004" / "trainable.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_on_one_clip_train_like_one_process_and_resume(method, tiny_folders, tiny_shards, tmp_path):
+    """cp=2 on 2 processes (so data-parallel 1): the per-step losses of one process within 1e-5, the
+    weights within 1e-4 after 4 steps, through a stop at step 2 and a resume; LoRA with the
+    held-out loss and validation renders (every rank renders, the groups split the clip), and a full
+    fine-tune."""
+    from launching import PLAIN, launch
+
+    from wan_tune.config import load_recipe
+    from wan_tune.training.loop import train
+
+    extra = ["adapter.method=full"] if method == "full" else ["data.holdout=0.25", "validation.every=4"]
+    ref_dir = tmp_path / "one"
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        f"model.path={tiny_folders['tiny']}", f"data.shards={tiny_shards['tiny']}", f"run.output_dir={ref_dir}",
+        "data.num_workers=0", "train.steps=4", "checkpoint.every=2", *PLAIN, *extra])
+    train(recipe, progress=False, say=lambda *_: None)
+    ref = ref_dir / recipe.run.name
+
+    cp_dir = tmp_path / "cp"
+    for steps in (2, 4):  # stopped at step 2, resumed
+        proc = launch("multi_cpu.yaml", tiny_folders, tiny_shards, cp_dir, "train.context_parallel=2", *extra,
+                      f"train.steps={steps}")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    got = cp_dir / recipe.run.name
+    (losses, heldout), (ref_losses, ref_heldout) = _metrics(got), _metrics(ref)
+    assert len(losses) == 4 and losses == pytest.approx(ref_losses, rel=1e-5)
+    assert heldout == pytest.approx(ref_heldout, rel=1e-5)
+    weights, ref_weights = _weights(got), _weights(ref)
+    assert weights.keys() == ref_weights.keys()
+    for name in weights:
+        # AdamW turns the reordered sums of the gradients into differences of up to ~3e-5 (weights ~0.02-0.16)
+        assert torch.allclose(weights[name], ref_weights[name], rtol=0, atol=1e-4), name
+    if method == "lora":  # the group renders the validation sheet one process renders
+        import numpy as np
+        from PIL import Image
+
+        sheets = [np.asarray(Image.open(d / "validation" / "step-000004" / "00.png")).astype(float) for d in (got, ref)]
+        assert ref_heldout and sheets[0].shape == sheets[1].shape and np.abs(sheets[0] - sheets[1]).mean() < 1.0
+
+
+def test_a_degree_that_does_not_fit_is_refused_in_one_line():
+    from wan_tune.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError) as err:
+        load_recipe(ROOT / "recipes" / "wan2.1-t2v-14b-lora.yaml", ["train.context_parallel=3",
+                                                                    "train.context_parallel_kind=ring"])
+    text = str(err.value)
+    assert "40 attention heads" in text and "(2, 4, 5, 8, 10, 20, 40)" in text
+    assert "ring attention is not in wan-tune yet" in text
+    with pytest.raises(ConfigError, match="text-to-video models of one expert so far"):
+        load_recipe(ROOT / "recipes" / "wan2.2-t2v-a14b-lora.yaml", ["train.context_parallel=2"])
+
+
+def test_token_counts_the_degree_does_not_divide_are_named():
+    from wan_tune.models.variants import get_variant
+    from wan_tune.training.context_parallel import token_problem
+
+    v = get_variant("wan2.1-t2v-14b")
+    assert token_problem(v, [(81, 480, 832), (81, 720, 1280)], 2) is None  # 32,760 and 75,600 tokens
+    problem = token_problem(v, [(81, 480, 832), (9, 464, 816)], 8)  # 3 x 29 x 51 = 4,437 tokens
+    assert problem.startswith("train.context_parallel=8 must divide every clip's token count")
+    assert "9x464x816 (4437 tokens)" in problem and "81x480x832" not in problem
+    assert problem.endswith("or use a degree that fits these clips (none above 1)")  # 4,437 = 3 x 3 x 17 x 29
+    # 3 x 30 x 51 = 4,590 tokens: 2, 5 and 10 divide it and the 40 heads, 4 does not
+    assert token_problem(v, [(81, 480, 832), (9, 480, 816)], 4).endswith("fits these clips (2, 5, 10)")
