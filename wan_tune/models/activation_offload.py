@@ -24,6 +24,10 @@ So `OffloadedBlock` stands in for the checkpoint around each block (diffusers ta
 A zero-size tensor that needs a gradient rides along as an input, so the backward runs for block 0
 too, whose input (the patch embedding of frozen weights) needs none while its LoRA weights do.
 
+The same Function without a host stash (`BlockCheckpoint`, the input saved on the device) is the
+block checkpoint under train.attention_checkpointing: its recompute may nest checkpoints that the
+first forward does not have, which torch's checkpoint refuses (models/working_set.py).
+
 On a CPU the host buffer is an ordinary tensor and the copies are synchronous: the same code path
 runs, which is what the tests check (losses and gradients equal to torch's checkpoint, copies counted).
 """
