@@ -44,6 +44,9 @@ def transformer_inputs(variant_name: str, seed: int = 0) -> dict[str, torch.Tens
     }
     if v.is_i2v:
         inputs["encoder_hidden_states_image"] = torch.randn(1, 5, cfg["image_dim"], generator=g)
+    if v.expand_timesteps:  # Wan2.2 TI2V: a timestep per token, 0 on the first frame's (the image's)
+        per_frame = 8 * 12 // (cfg["patch_size"][1] * cfg["patch_size"][2])
+        inputs["timestep"] = torch.cat([torch.zeros(per_frame), torch.full((2 * per_frame,), 500.0)])[None]
     return inputs
 
 

@@ -1,6 +1,7 @@
-"""A child of tests/test_context_parallel.py, started by torchrun with 2 processes (gloo): the tiny
+"""A child of tests/test_context_parallel.py, started by torchrun with 2 processes (gloo): a tiny
 transformer's forward and backward under wan-tune's context parallelism against the same step in
-one process, computed here first. Prints one JSON line per rank."""
+one process, computed here first. Arguments: lora|full, the tiny variant (tiny, tiny-i2v: image
+tokens beside the text, tiny-ti2v: a timestep per token), ulysses|ring. Prints one JSON line per rank."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
-def model(method: str):
+def model(method: str, variant: str):
     """The tiny architecture, 6 blocks, checkpointed, LoRA (or every weight trained)."""
     from test_offload import six_block_model
 
-    m = six_block_model()
+    m = six_block_model(variant=variant)
     if method == "full":
         m.requires_grad_(True)
     return m
@@ -30,21 +31,22 @@ def main() -> None:
 
     from wan_tune.training.context_parallel import Layout, enable
 
-    method = sys.argv[1]
+    method, variant, kind = sys.argv[1], sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    ref_loss, ref_grads = step(model(method))  # one process's step, the same on both ranks
-    m = model(method)
-    enable(m, Layout(world, rank, world), torch.device("cpu"))
+    ref_loss, ref_grads = step(model(method, variant), variant)  # one process's step, the same on both ranks
+    m = model(method, variant)
+    enable(m, Layout(world, rank, world, kind), torch.device("cpu"))
     seen = []
     # Inside block 0 (diffusers' split runs in the block's own forward): its attention's input.
     m.blocks[0].attn1.register_forward_pre_hook(lambda _mod, args: seen.append(args[0].shape[1]))
-    loss, grads = step(m)
+    loss, grads = step(m, variant)
     for g in grads.values():  # the group's gradient: each rank holds its tokens' share
         dist.all_reduce(g)
     worst = max(float((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max()) for n in ref_grads)
     print(json.dumps({"rank": rank, "tokens": seen, "loss": float(loss), "ref_loss": float(ref_loss),
                       "grads": sorted(grads) == sorted(ref_grads), "worst": worst, "n": len(grads)}), flush=True)
+    dist.barrier()  # both ranks done with every collective before the group goes
     dist.destroy_process_group()
 
 

@@ -15,10 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PLAIN = ("data.holdout=0", "validation.every=0")
 
 
-def launch(config: str, tiny_folders, tiny_shards, out: Path, *extra: str, variant: str = "tiny") -> subprocess.CompletedProcess:
+def launch(config: str, tiny_folders, tiny_shards, out: Path, *extra: str, variant: str = "tiny",
+           processes: int | None = None) -> subprocess.CompletedProcess:
+    """`processes` overrides the config's num_processes, as `--num_processes` does for users."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "accelerate" / config),
-        "-m", "wan_tune.train", str(ROOT / "recipes" / "demo-tiny.yaml"),
+        *(["--num_processes", str(processes)] if processes else []), "-m", "wan_tune.train", str(ROOT / "recipes" / "demo-tiny.yaml"),
         f"model.variant={variant}", f"model.path={tiny_folders[variant]}", f"data.shards={tiny_shards[variant]}",
         f"run.output_dir={out}", "data.num_workers=0", "train.steps=4", "checkpoint.every=2", *PLAIN, *extra,
     ]

@@ -189,3 +189,33 @@ def test_fp8_streamed_load_names_what_is_wrong(tiny_folders, tmp_path):
     (bin_only / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="streams weights from safetensors"):
         load_transformer_fp8(resolve_source("tiny", path=str(bin_only)), torch.float32, "transformer", FP8_SKIP)
+
+
+def test_an_empty_model_filled_from_the_files_is_the_loaded_one(tiny_folders, tmp_path):
+    """FSDP2's load (models/sharded_load.py) on one process, where every weight is read whole: the
+    LoRA'd model equals load_for_training's, bit for bit, from a folder and from an original single
+    file; a file that lacks weights is named."""
+    from wan_tune.config import load_recipe
+    from wan_tune.models.sharded_load import fill_shards
+    from wan_tune.models.spec import load_for_training
+
+    folder = tiny_folders["tiny-i2v"]
+    single = tmp_path / "wan_original.safetensors"
+    sd = state_dict_to_original(build_tiny_pipeline("tiny-i2v", seed=0).transformer.state_dict())
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in sd.items()}, single)
+    for extra in ([], [f"model.transformer_file={single}"]):
+        recipe = load_recipe("recipes/demo-tiny.yaml", ["model.variant=tiny-i2v", f"model.path={folder}",
+                                                         "validation.every=0", *extra])
+        torch.manual_seed(0)
+        want = load_for_training(recipe).state_dict()
+        torch.manual_seed(0)
+        model = load_for_training(recipe, empty=True)
+        assert fill_shards(model, resolve_source("tiny-i2v", path=str(folder), transformer_file=str(single) if extra else None)) > 0
+        got = model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), extra
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items() if not k.startswith("head.")}, partial)
+    model = load_for_training(load_recipe("recipes/demo-tiny.yaml", ["model.variant=tiny-i2v", f"model.path={folder}",
+                                                                      "validation.every=0"]), empty=True)
+    with pytest.raises(ModelLoadError, match=r"weight\(s\) of the tiny-i2v transformer are missing"):
+        fill_shards(model, resolve_source("tiny-i2v", path=str(folder), transformer_file=str(partial)))

@@ -17,17 +17,17 @@ from launching import PLAIN
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def six_block_model(fp8: bool = False, seed: int = 0):
-    """The tiny architecture with 6 blocks (prefetching needs more than two), LoRA on attention
-    and ffn, gradient checkpointing on: what `load_for_training` makes of it."""
+def six_block_model(fp8: bool = False, seed: int = 0, variant: str = "tiny"):
+    """The tiny architecture (of `variant`) with 6 blocks (prefetching needs more than two), LoRA
+    on attention and ffn, gradient checkpointing on: what `load_for_training` makes of it."""
     from diffusers import WanTransformer3DModel
 
     from wan_tune.config import load_recipe
     from wan_tune.models.spec import adapt
     from wan_tune.models.variants import get_variant
 
-    variant = get_variant("tiny")
-    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [f"train.fp8_base={'true' if fp8 else 'false'}",
+    variant = get_variant(variant)
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [f"model.variant={variant.name}", f"train.fp8_base={'true' if fp8 else 'false'}",
                                                               "train.gradient_checkpointing=true"])
     torch.manual_seed(seed)
     model = WanTransformer3DModel(**dict(variant.transformer, num_layers=6))
@@ -38,10 +38,10 @@ def six_block_model(fp8: bool = False, seed: int = 0):
     return model
 
 
-def step(model):
+def step(model, variant: str = "tiny"):
     from conftest import transformer_inputs
 
-    out = model(**transformer_inputs("tiny"), return_dict=False)[0]
+    out = model(**transformer_inputs(variant), return_dict=False)[0]
     loss = (out.float() ** 2).mean()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -147,7 +147,10 @@ def test_activation_offload_moves_the_block_inputs_to_the_host(plan_14b):
 
 def test_ladder_goes_from_fastest_to_most_frugal(plan_14b):
     labels = [label for label, _ in ladder(plan_14b, 0, 8)]
-    assert labels == ["none", "ckpt", "+fp8", "+act. offload", "+FFN chunks", "+attn. ckpt", "+ZeRO-2", "+ZeRO-3", "+offload"]
+    assert labels == ["none", "ckpt", "+fp8", "+act. offload", "+FFN chunks", "+attn. ckpt", "+ZeRO-2", "+ZeRO-3",
+                      "+CP 2", "+CP 4", "+CP 8", "+offload"]  # 40 heads, 32,760 tokens: 2, 4 and 8 divide both
+    gpu8 = [plan_14b.breakdown(s).total for label, s in ladder(plan_14b, 0, 8) if label.startswith(("+ZeRO-3", "+CP"))]
+    assert gpu8 == sorted(gpu8, reverse=True)  # each degree divides further what ZeRO-3 cannot
     totals = [plan_14b.breakdown(s).total for _, s in ladder(plan_14b)]
     assert totals == sorted(totals, reverse=True)
     assert cheapest(plan_14b, 10_000) == Setup(False, False)  # room for anything: no saving needed
@@ -173,6 +176,52 @@ def test_an_impossible_budget_names_the_floor(plan_14b, capsys):
     assert f"nothing fits in 1 GiB: the floor is {low:.1f} GiB" in out and "train.offload_keep=0" in out
 
 
+def test_context_parallelism_divides_one_clip_s_activations(plan_14b):
+    """A rank of a group of 4 holds a quarter of the tokens: what the blocks keep and the working set
+    shrink about 4x, the weights and optimizer state not at all; the all-to-all copies and the
+    gathered output come on top; the FLOPs per GPU are a quarter."""
+    base = Setup(True, False, None, 3, 8, True, 4, True)
+    one, four = plan_14b.breakdown(base), plan_14b.breakdown(replace(base, cp=4))
+    a1, a4 = rows(one, "activations"), rows(four, "activations")
+    assert a4["kept for backward"] == pytest.approx(a1["kept for backward"] / 4, rel=0.02)
+    assert a4["backward working set"] == pytest.approx(a1["backward working set"] / 4, rel=0.05)
+    assert rows(four, "trainable") == rows(one, "trainable") and rows(four, "base weights") == rows(one, "base weights")
+    extra = rows(four, "ctx. parallel")
+    q_bytes = 32_760 // 4 * 5120 * 2  # one rank's q in bf16
+    assert extra == {"all-to-all copies": 9 * q_bytes, "whole output, gathered": 3 * 32_760 * 64 * 4}
+    assert not rows(one, "ctx. parallel")
+    assert plan_14b.flops(4) == pytest.approx(plan_14b.flops() / 4)
+    assert "train.context_parallel=4" in replace(base, cp=4).overrides() and "context_parallel" not in base.overrides()
+    # Ring attention: the same share of the tokens; the whole clip's keys and values come on top instead.
+    ring = MemoryPlan(load_recipe(RECIPE_14B, ["train.context_parallel_kind=ring"]))
+    r4 = ring.breakdown(replace(base, cp=4))
+    assert rows(r4, "activations") == a4
+    assert rows(r4, "ctx. parallel") == {"whole clip's K and V": 2 * 32_760 * 5120 * 2,
+                                         "fp32 ring gradients": 5 * 32_760 // 4 * 5120 * 4,
+                                         "whole output, gathered": 3 * 32_760 * 64 * 4}
+    assert ring.cp_degrees(12) == [2, 3, 4, 6, 12]  # no heads to divide: 32,760 = 2^3 x 3^2 x 5 x 7 x 13
+
+
+def test_the_14b_full_fine_tune_at_720p_fits_eight_80gb_gpus_with_context_parallelism(capsys):
+    """The shipped recipe (train.context_parallel=2, which the plan takes when --cp is not given):
+    under ZeRO-3 alone it would need activation offload (29 GiB of pinned host RAM per GPU); two
+    GPUs per clip fit with checkpointing alone and nothing on the host."""
+    args = ["plan", str(ROOT / "recipes" / "wan2.1-t2v-14b-720p-cp-full.yaml"), "--gpu-memory", "80", "--gpus", "8",
+            "--zero", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "8 GPUs, ZeRO-3, context parallel 2, Ulysses (4 clips at a time)" in out
+    assert "train.activation_offload=false" in out and "train.context_parallel=2" in out
+    assert "launch/accelerate/zero3.yaml --num_processes 8" in out
+    assert main([*args, "--cp", "1"]) == 0
+    assert "train.activation_offload=true" in capsys.readouterr().out
+    assert main([*args, "--cp", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--cp 3 must divide --gpus (8), the 40 attention heads (Ulysses) and the clip's 75,600 tokens; degrees that do: 2, 4, 8" in err
+    assert main([str(a) for a in ["plan", TINY, "--cpu", "--cp", "2"]]) == 2
+    assert "context parallelism needs several" in capsys.readouterr().err
+
+
 # --- command line -------------------------------------------------------------------------------
 
 
@@ -181,7 +230,7 @@ def test_help_explains_every_option(capsys):
         main(["plan", "--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--gpu-memory", "--gpus", "--zero", "--cpu", "cheapest settings"):
+    for option in ("--gpu-memory", "--gpus", "--zero", "--cp", "--cpu", "cheapest settings"):
         assert option in out
 
 

@@ -70,6 +70,9 @@ def test_sharded_run_checkpoints_whole_weights_and_resumes(config, method, tiny_
     kind = config.split("_")[0]
     proc = launch(config, tiny_folders, tiny_shards, tmp_path, *METHODS[method])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # FSDP2 reads each rank's rows from the files after sharding (models/sharded_load.py): the
+    # losses and weights below are those of a normal load.
+    assert ("each rank read only its shards' rows" in proc.stdout) == (kind == "fsdp2")
     # Partitioning is really on: each rank stores about half of every weight.
     held, total = (int(x.replace(",", "")) for x in re.search(rf"{kind}: rank 0 holds ([\d,]+) of the model's ([\d,]+) weights", proc.stdout).groups())
     assert held < 0.6 * total
@@ -133,3 +136,28 @@ def test_a_weight_still_in_shards_stops_the_save_and_keeps_the_last_checkpoint(t
     with pytest.raises(CheckpointError, match=r"blocks\.1\.attn1\.to_k\.weight: got a tensor of shape \(0,\) for a parameter of shape \(48, 48\)"):
         save_checkpoint(Accelerator(cpu=True), run, 3, [trainee], 6, to_yaml(r), 0)
     assert list_checkpoints(run) == before and not list(run.glob(".step-*"))
+
+
+@pytest.mark.slow
+def test_fsdp2_ranks_together_hold_about_one_copy_of_the_1_3b_in_host_ram(tmp_path):
+    """The real 1.3B architecture (5.3 GiB of fp32 weights), 2 FSDP2 processes on CPU, the trainer's
+    own build of the run: the sum of the ranks' peak RSS (imports, model, LoRA, shards) stays under
+    1.5 copies of the model, and no rank ever holds a whole one. (Each rank loading the whole model
+    first, as before: 3.4 copies; tests/load_probe.py whole.)"""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "launch" / "accelerate" / "fsdp2_cpu.yaml"), str(ROOT / "tests" / "load_probe.py"), "streamed",
+           str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="1"), cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    one_copy = ranks[0]["one_copy"]
+    assert one_copy > 5 * 2**30  # the 1.3B in fp32
+    peaks = [r["peak_rss"] for r in ranks]
+    print(f"peak RSS {[f'{p / 2**30:.2f}' for p in peaks]} GiB, one copy {one_copy / 2**30:.2f} GiB")
+    assert sum(peaks) < 1.5 * one_copy and max(peaks) < 0.75 * one_copy

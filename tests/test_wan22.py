@@ -274,6 +274,27 @@ def test_a14b_trains_both_experts_resumes_exactly_and_exports_one_file_each(fold
         sample(SampleArgs(**args, lora=[pair[0], pair[0]], out=str(tmp_path / "x.mp4")), say=lambda *_: None)
 
 
+@pytest.mark.slow
+def test_a14b_trains_on_two_processes_per_clip_like_one_process(folders, a14b_shards, tmp_path):
+    """Context parallelism with two experts: the group routes each step to the same expert (its
+    draw is seeded by the step), and both experts' weights end as one process's."""
+    from launching import launch
+    from safetensors.torch import load_file
+
+    ref = a14b_run(folders, a14b_shards, tmp_path / "one", "train.steps=4")
+    proc = launch("multi_cpu.yaml", folders, {"tiny-a14b": a14b_shards}, tmp_path / "cp", "train.context_parallel=2",
+                  "checkpoint.every=4", variant="tiny-a14b")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es) (1 data-parallel x 2 context-parallel, ulysses)" in proc.stdout
+    got, want = records(tmp_path / "cp" / "demo-tiny"), records(ref["run_dir"])
+    assert [r["expert"] for r in got] == [r["expert"] for r in want] and len({r["expert"] for r in got}) == 2
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in want], rel=1e-4)
+    for f in ("trainable.safetensors", "trainable.transformer_2.safetensors"):
+        a, b = load_file(tmp_path / "cp" / "demo-tiny" / "step-000004" / f), load_file(Path(ref["checkpoint"]) / f)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a), f
+
+
 def test_a14b_trains_one_expert_without_loading_the_other(folders, a14b_shards, tmp_path):
     summary = a14b_run(folders, a14b_shards, tmp_path, "train.steps=4", "model.experts=[low_noise]")
     assert list(summary["models"]) == ["low_noise"]

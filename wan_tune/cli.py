@@ -51,7 +51,11 @@ def _plan(args: argparse.Namespace) -> int:
     recipe = _load(args)
     if recipe is None:
         return 2
-    return run_plan(recipe, args.gpu_memory, args.gpus, args.zero, "cpu" if args.cpu else "gpu")
+    try:
+        return run_plan(recipe, args.gpu_memory, args.gpus, args.zero, "cpu" if args.cpu else "gpu", cp=args.cp)
+    except ValueError as err:  # a context-parallel degree the run cannot use
+        print(f"wan-tune plan: {err}", file=sys.stderr)
+        return 2
 
 
 def _load(args: argparse.Namespace):
@@ -227,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         "largest bucket (data.resolutions x data.frames): base weights by dtype, trainable state, activations "
         "(counted on the meta device), block offload and ZeRO sharding, side by side for the recipe's settings and "
         "for each saving in turn. With --gpu-memory, name the cheapest settings that fit (no saving < gradient "
-        "checkpointing < fp8 base < ZeRO stage < block offload) as overrides to paste. Exit 0 when they fit or no "
-        "budget was given, 1 when nothing fits, 2 on recipe errors.",
+        "checkpointing < fp8 base < activation offload < FFN chunks < attention checkpoints < ZeRO stage < context "
+        "parallelism < block offload) as overrides to paste. Exit 0 when they fit or no "
+        "budget was given, 1 when nothing fits, 2 on recipe errors or a context-parallel degree the run cannot use.",
     )
     _recipe_args(p)
     p.add_argument("--gpu-memory", type=_positive_float, default=None, metavar="GiB",
@@ -239,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero", type=int, choices=(0, 2, 3), default=0,
                    help="DeepSpeed ZeRO stage the run launches with: 0 = none (DDP), 2 = gradients + optimizer state "
                    "sharded, 3 = weights too (default 0; with --gpus > 1 the advice also tries higher stages)")
+    p.add_argument("--cp", type=_positive_int, default=None, metavar="N",
+                   help="context parallelism: split each clip's tokens over groups of N of the GPUs, dividing its "
+                   "activations by about N (default: the recipe's train.context_parallel; with --gpus > 1 the advice "
+                   "also tries the degrees that divide the GPUs, the heads and the tokens)")
     p.add_argument("--cpu", action="store_true",
                    help="plan a CPU run instead (fp32 weights and compute, no autocast; one process): host RAM")
     p.set_defaults(func=_plan)

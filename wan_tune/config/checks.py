@@ -183,22 +183,18 @@ def resolution_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]]:
 
 
 def _context_parallel_errors(r: Recipe, variant: Variant | None) -> list[tuple[str, str]]:
-    """What context parallelism runs so far: Ulysses, T2V models with one expert, DDP (the launch
-    checks the rest), no block offload."""
+    """What context parallelism runs with: no block offload; Ulysses needs a degree that divides the
+    heads (the launch checks the world size, the data the token counts)."""
     cp, errors = r.train.context_parallel, []
-    if r.train.context_parallel_kind == "ring":
-        errors.append(("train.context_parallel_kind", "ring attention is not in wan-tune yet: use ulysses (the default)"))
     if r.train.offload != "none":
         errors.append(("train.offload", f"blocks does not run with train.context_parallel={cp} yet: set train.offload=none "
                        "(context parallelism already divides the activations)"))
     if variant is None:
         return errors
     heads = variant.transformer["num_attention_heads"]
-    if heads % cp:
+    if r.train.context_parallel_kind == "ulysses" and heads % cp:
         fits = ", ".join(str(d) for d in range(2, heads + 1) if heads % d == 0)
         errors.append(("train.context_parallel", f"{variant.name} has {heads} attention heads and Ulysses splits them "
-                       f"across the group: use a degree that divides {heads} ({fits})"))
-    if variant.image_conditioned(r.data.task) or variant.expand_timesteps or variant.two_experts:
-        errors.append(("train.context_parallel", f"runs with text-to-video models of one expert so far; {variant.name} "
-                       "(image conditioning, per-token timesteps or two experts) is not covered yet: set 1"))
+                       f"across the group: use a degree that divides {heads} ({fits}), or "
+                       "train.context_parallel_kind=ring"))
     return errors

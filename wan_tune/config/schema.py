@@ -300,7 +300,7 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile each transformer block (diffusers' compile_repeated_blocks): GPU speed-up.")
     context_parallel: int = opt(
         1,
-        "Split each clip's tokens across this many processes (context parallelism, diffusers' Ulysses attention): "
+        "Split each clip's tokens across this many processes (context parallelism, diffusers' Ulysses or ring attention): "
         "groups of this many consecutive ranks train one batch together, so world = data-parallel x this. For "
         "clips whose activations one GPU cannot hold (720p, long clips). 1 = off.",
         check=positive,
@@ -308,7 +308,9 @@ class TrainConfig:
     context_parallel_kind: str = opt(
         "ulysses",
         "ulysses: an all-to-all swaps token shards for head shards around each attention (the degree must divide "
-        "the attention heads). ring: not yet in wan-tune.",
+        "the attention heads). ring: each rank's keys and values pass round the group, partial attentions merged by "
+        "their log-sum-exp (any degree that divides the tokens; attention runs on torch's flash kernel: bf16/fp16 "
+        "on a GPU, so mixed precision on).",
         choices=("ulysses", "ring"),
     )
     caption_dropout: float = opt(0.1, "Share of steps trained on the empty prompt (keeps guidance working).", check=unit_interval)

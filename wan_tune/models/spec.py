@@ -38,9 +38,10 @@ def lora_config(recipe: Recipe, variant: Variant):
     )
 
 
-def load_for_training(recipe: Recipe, use_cpu: bool = False, expert: str = "transformer"):
+def load_for_training(recipe: Recipe, use_cpu: bool = False, expert: str = "transformer", empty: bool = False):
     """The transformer (`expert`: Wan2.2 A14B's `transformer_2` is the low-noise one), frozen
-    except what the recipe trains, ready for accelerate.prepare."""
+    except what the recipe trains, ready for accelerate.prepare. `empty`: the base weights are
+    allocated, not read (FSDP2: `sharded_load.fill_shards` reads each rank's rows after sharding)."""
     variant = get_variant(recipe.model.variant)
     source = recipe_source(recipe)
     full = recipe.adapter.method == "full"
@@ -51,6 +52,10 @@ def load_for_training(recipe: Recipe, use_cpu: bool = False, expert: str = "tran
         from .streamed import load_transformer_fp8
 
         model = load_transformer_fp8(source, dtype, expert, FP8_SKIP)  # never whole in full precision
+    elif empty:
+        from .sharded_load import empty_transformer
+
+        model = empty_transformer(source, dtype, expert)
     else:
         model = load_transformer(source, dtype, expert)
     return adapt(model, recipe, variant, dtype)

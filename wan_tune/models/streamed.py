@@ -121,6 +121,14 @@ def _large_allocations_mapped():
 
 
 def _fill(model, params: dict, files: list[Path], original: bool, dtypes: dict, compute_dtype: torch.dtype) -> None:
+    for name, file, f, key in stored_weights(files, original):
+        _put(model, params, name, f.get_tensor(key), dtypes, compute_dtype, file)
+
+
+def stored_weights(files: list[Path], original: bool):
+    """(the model's name of a weight, its file, the open file, its key there) for every weight in
+    `files`, block by block: one open per block, since the pages of a mapped file that were read
+    count as this process's memory until the file is closed."""
     from safetensors import safe_open
 
     for file in files:
@@ -129,12 +137,10 @@ def _fill(model, params: dict, files: list[Path], original: bool, dtypes: dict, 
                 keys = list(f.keys())
         except Exception as err:
             raise ModelLoadError(f"{file}: not a readable safetensors file ({err})") from None
-        # One open per block: the pages of a mapped file that were read count as this process's
-        # memory until the file is closed.
         for group in _groups(keys):
             with safe_open(str(file), framework="pt") as f:
                 for key in group:
-                    _put(model, params, _name(key, original, file), f.get_tensor(key), dtypes, compute_dtype, file)
+                    yield _name(key, original, file), file, f, key
 
 
 def _name(key: str, original: bool, file: Path) -> str:

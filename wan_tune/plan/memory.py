@@ -7,6 +7,7 @@ the layout of optimizer state and of weights across GPUs, stated where it is use
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,13 @@ INPUTS_IN_FLIGHT = 2
 # gradients are reduced through a buffer of reduce_bucket_size elements, two of them with
 # overlap_comm (on by default for ZeRO-3 only).
 REDUCE_BUCKET_ELEMENTS = 500_000_000
+# diffusers' Ulysses attention (TemplatedUlyssesAttention): in the backward, the gradients of q, k
+# and v as the kernel returns them, permuted for the all-to-all and exchanged, before the permuted
+# copies back are made and the first ones freed; one rank's q each.
+ALL_TO_ALL_COPIES = 9
+# diffusers' ring attention (TemplatedRingAttention.backward): fp32 sums of the gradients of q, k
+# and v, and the k/v gradient buffer passed to the next rank.
+RING_FP32_GRADIENTS = 5
 # CLIP ViT-H/14 at 224 px: (224/14)^2 patches + the class token; Wan2.1 I2V's image tokens.
 CLIP_IMAGE_TOKENS = 257
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
@@ -52,6 +60,8 @@ class Setup:
     """train.ffn_chunks: each block's feed-forward in slices of tokens (0: whole)."""
     attention: bool = False
     """train.attention_checkpointing: attention layers checkpointed again inside the block's recompute."""
+    cp: int = 1
+    """train.context_parallel: each clip's tokens split over groups of this many GPUs (Ulysses)."""
 
     def overrides(self) -> str:
         keys = [f"train.gradient_checkpointing={str(self.checkpointing).lower()}",
@@ -60,6 +70,8 @@ class Setup:
                 f"train.attention_checkpointing={str(self.attention).lower()}", "train.offload=none"]
         if self.offload_keep is not None:
             keys[-1:] = ["train.offload=blocks", f"train.offload_keep={self.offload_keep}"]
+        if self.cp > 1:
+            keys.append(f"train.context_parallel={self.cp}")
         return " ".join(keys)
 
     def launch(self) -> str:
@@ -70,11 +82,11 @@ class Setup:
         return "accelerate launch --config_file launch/accelerate/single_gpu.yaml"
 
     @classmethod
-    def of(cls, recipe: Recipe, zero: int = 0, gpus: int = 1) -> "Setup":
+    def of(cls, recipe: Recipe, zero: int = 0, gpus: int = 1, cp: int = 1) -> "Setup":
         t = recipe.train
         return cls(t.gradient_checkpointing, t.fp8_base, t.offload_keep if t.offload == "blocks" else None, zero, gpus,
                    t.activation_offload and t.gradient_checkpointing, t.ffn_chunks if t.ffn_chunks > 1 else 0,
-                   t.attention_checkpointing and t.gradient_checkpointing)
+                   t.attention_checkpointing and t.gradient_checkpointing, cp)
 
 
 @dataclass(frozen=True)
@@ -94,9 +106,21 @@ class RunShape:
     extras: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Other batch tensors (I2V conditioning) and their per-sample shapes."""
 
-    def batch_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The collated batch as the trainer hands it to the model (text padded to its full length)."""
+    def batch_shapes(self, cp: int = 1, patch: tuple[int, int] = (2, 2)) -> dict[str, tuple[int, ...]]:
+        """The collated batch as the trainer hands it to the model (text padded to its full length).
+
+        With context parallelism (`cp` > 1), what one rank of the group works on: tokens / cp of
+        them, laid out as one latent frame of h x w patches (h x w = tokens / cp, as square as the
+        count allows: the rope covers 1024 patches per axis; conditioning likewise).
+        Every per-token tensor of a block then has one rank's size, and the attention's too: after
+        Ulysses' all-to-all a rank holds all tokens of heads / cp, the same bytes. The text is
+        not split. What differs (the all-to-all copies, the gathered output) is added by the plan."""
         shapes = {"latents": self.latent, "text": (self.text_tokens, self.text_dim), **self.extras}
+        if cp > 1:
+            n = self.tokens // cp
+            h = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+            grid = (1, h * patch[0], n // h * patch[1])
+            shapes = {k: (s[0], *grid) if k in ("latents", "condition") else s for k, s in shapes.items()}
         return {k: (self.batch, *s) for k, s in shapes.items()}
 
 
@@ -146,6 +170,18 @@ class MemoryPlan:
         self.experts = len(trained_experts(self.variant, recipe.model.experts))
         self._counts: dict[tuple, StepCount] = {}
 
+    @property
+    def ring(self) -> bool:
+        """train.context_parallel_kind=ring (else Ulysses)."""
+        return self.recipe.train.context_parallel_kind == "ring"
+
+    def cp_degrees(self, gpus: int) -> list[int]:
+        """Context-parallel degrees above 1 that `gpus` can run: each divides the GPUs, the
+        clip's tokens and (Ulysses splits them) the attention heads."""
+        heads = self.variant.transformer["num_attention_heads"]
+        return [k for k in range(2, gpus + 1)
+                if gpus % k == 0 and (self.ring or heads % k == 0) and self.shape.tokens % k == 0]
+
     # --- what the meta device counts ----------------------------------------------------------
 
     @property
@@ -158,16 +194,18 @@ class MemoryPlan:
         return None if self.device == "cpu" else AUTOCAST[self.recipe.train.mixed_precision]
 
     def count(self, checkpointing: bool, fp8: bool, deepspeed: bool = False, ffn_chunks: int = 0,
-              attention: bool = False) -> StepCount:
-        """The whole model's step, from a 2-block model counted on the meta device. Block inputs are
-        counted as kept on the device: activation offload is taken off by `_moved_inputs`."""
-        mine = (checkpointing, fp8, deepspeed, ffn_chunks, attention)
+              attention: bool = False, cp: int = 1) -> StepCount:
+        """The whole model's step, from a 2-block model counted on the meta device, for one rank of
+        a context-parallel group of `cp`. Block inputs are counted as kept on the device: activation
+        offload is taken off by `_moved_inputs`."""
+        mine = (checkpointing, fp8, deepspeed, ffn_chunks, attention, cp)
         if mine not in self._counts:
             recipe = with_train(self.recipe, gradient_checkpointing=checkpointing, fp8_base=fp8 and not self.full,
                                 ffn_chunks=ffn_chunks, attention_checkpointing=attention and checkpointing,
                                 activation_offload=False)
             engine = (self.autocast or torch.float32) if deepspeed else None
-            args = (self.shape.batch_shapes(), self.load_dtype, self.autocast, engine)
+            args = (self.shape.batch_shapes(cp, self.variant.transformer["patch_size"][1:]), self.load_dtype,
+                    self.autocast, engine)
             # Kept for the process (never on disk): plans of the same recipe share their counts.
             key = (to_yaml(recipe), self.variant.name, *map(repr, args))
             if key not in _COUNTS:
@@ -175,24 +213,26 @@ class MemoryPlan:
             self._counts[mine] = _COUNTS[key].extend(self.layers)
         return self._counts[mine]
 
-    def flops(self) -> float:
-        """Matmul FLOPs of one step (`step_flops` of the whole model, built on the meta device
-        without adapters: it does not count them)."""
+    def flops(self, cp: int = 1) -> float:
+        """Matmul FLOPs of one step on one GPU (`step_flops` of the whole model, built on the meta
+        device without adapters: it does not count them); a context-parallel group of `cp` splits
+        them evenly (each rank: its tokens' projections, its heads' attention)."""
         from diffusers import WanTransformer3DModel
 
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             model = WanTransformer3DModel(**self.variant.transformer)
         # Attention runs within each sample: a batch costs `batch` times one sample.
-        return self.shape.batch * step_flops(model, self.shape.tokens, self.full, self.shape.text_tokens)
+        return self.shape.batch * step_flops(model, self.shape.tokens, self.full, self.shape.text_tokens) / cp
 
     # --- the layout of one step ----------------------------------------------------------------
 
     def breakdown(self, s: Setup) -> Breakdown:
-        if self.device == "cpu" and (s.zero or s.gpus > 1 or s.offload_keep is not None):
-            raise ValueError("a CPU plan is one process without offload or ZeRO")
+        if self.device == "cpu" and (s.zero or s.gpus > 1 or s.offload_keep is not None or s.cp > 1):
+            raise ValueError("a CPU plan is one process without offload, ZeRO or context parallelism")
         count = self._count(s)
         rows = self._weights(s, count) + self._trainable(s, count)
         moved = self._moved_inputs(s, count)
+        rows += self._context_parallel(s)
         rows.append(("activations", "kept for backward", count.saved - moved))
         rows.append(("activations", "backward working set", count.peak - count.saved))
         optimizer = self._optimizer_temporaries(s, count)
@@ -200,6 +240,27 @@ class MemoryPlan:
         # Activations are gone when the optimizer steps: the peak holds the larger of the two.
         total = sum(b for sec, _, b in rows if sec not in ("activations", "optimizer")) + max(count.peak - moved, optimizer)
         return Breakdown(rows, total, self._host(s, count))
+
+    def _context_parallel(self, s: Setup) -> list[tuple[str, str, float]]:
+        """What a rank of a context-parallel group holds beyond its share of the tokens (counted on
+        top of the peak, though they are transient). Ulysses: diffusers' attention copies q, k and
+        v around each all-to-all (permuted, exchanged, permuted back; in the backward the gradients
+        of all three the same way: up to 9 tensors of one rank's q at once). Ring: diffusers
+        gathers the keys and values of the whole clip before the ring steps (forward and backward),
+        and the backward sums the gradients of q, k and v in fp32, with the k/v gradients passed on
+        (5 fp32 tensors of one rank's q). After proj_out the output is gathered whole on every
+        rank, for the loss and its gradient."""
+        if s.cp == 1:
+            return []
+        cfg, b, tokens = self.variant.transformer, self.shape.batch, self.shape.tokens
+        act = 4 if self.autocast is None else torch.finfo(self.autocast).bits // 8
+        inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        out = cfg["out_channels"] * cfg["patch_size"][0] * cfg["patch_size"][1] * cfg["patch_size"][2]
+        gathered = ("ctx. parallel", "whole output, gathered", 3 * b * tokens * out * 4)
+        if self.ring:
+            return [("ctx. parallel", "whole clip's K and V", 2 * b * tokens * inner * act),
+                    ("ctx. parallel", "fp32 ring gradients", RING_FP32_GRADIENTS * b * tokens // s.cp * inner * 4), gathered]
+        return [("ctx. parallel", "all-to-all copies", ALL_TO_ALL_COPIES * b * tokens // s.cp * inner * act), gathered]
 
     def _moved_inputs(self, s: Setup, count: StepCount) -> float:
         """Bytes of block inputs train.activation_offload takes off the device (with checkpointing,
@@ -229,7 +290,7 @@ class MemoryPlan:
         return self._count(s).block_frozen
 
     def _count(self, s: Setup) -> StepCount:
-        return self.count(s.checkpointing, s.fp8, s.zero > 0, s.ffn_chunks, s.attention)
+        return self.count(s.checkpointing, s.fp8, s.zero > 0, s.ffn_chunks, s.attention, s.cp)
 
     def _trainable(self, s: Setup, count: StepCount) -> list[tuple[str, str, float]]:
         n = count.trainable * self.experts  # both A14B experts keep their LoRA and optimizer on the GPU

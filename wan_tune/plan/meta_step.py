@@ -339,9 +339,8 @@ def _checkpoint_with(kernels: DeviceKernels):
             with kernels.active():
                 return block(*inputs)
 
-        if context_fn is None:
-            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, context_fn=context_fn)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False,
+                                                 context_fn=context_fn or torch.utils.checkpoint.noop_context_fn)
 
     return checkpointed
 

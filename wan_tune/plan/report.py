@@ -11,7 +11,7 @@ MIB = 2**20
 FITS, NOTHING_FITS = 0, 1
 
 
-def headline(plan: MemoryPlan, zero: int, gpus: int) -> str:
+def headline(plan: MemoryPlan, zero: int, gpus: int, cp: int = 1) -> str:
     r, s, device = plan.recipe, plan.shape, plan.device
     a = r.adapter
     method = "full fine-tune" if plan.full else f"LoRA r{a.rank} on {', '.join(a.targets)}"
@@ -22,6 +22,8 @@ def headline(plan: MemoryPlan, zero: int, gpus: int) -> str:
         else f"fp32 weights, {r.train.mixed_precision} autocast")
     where = "one CPU process" if device == "cpu" else f"{gpus} GPU{'s' if gpus > 1 else ''}"
     where += f", ZeRO-{zero}" if zero else ""
+    kind = "ring" if plan.ring else "Ulysses"
+    where += f", context parallel {cp}, {kind} ({gpus // cp} clip{'s' if gpus // cp > 1 else ''} at a time)" if cp > 1 else ""
     return (f"{r.model.variant}, {method}{experts}; per {'process' if device == 'cpu' else 'GPU'}: batch {s.batch} x "
             f"{s.frames} frames at {s.height}x{s.width} -> latent {c}x{f}x{h}x{w}, "
             f"{s.tokens:,} tokens per clip + {s.text_tokens} text\n{precision}; {where}")
@@ -56,8 +58,8 @@ def _cell(n: float, width: int, unit: float) -> str:
     return f"{n / unit:>{width}.2f}" if n else f"{'-':>{width}}"
 
 
-def flops_line(plan: MemoryPlan) -> str:
-    step = plan.flops()
+def flops_line(plan: MemoryPlan, cp: int = 1) -> str:
+    step = plan.flops(cp)
     recompute = step / (3 if plan.full else 2)  # checkpointing runs the forward once more
     return (f"step: {_flop(step)} of matmuls per {'GPU' if plan.device == 'gpu' else 'process'} "
             f"(+{_flop(recompute)} recomputed with gradient checkpointing)")
@@ -67,10 +69,10 @@ def _flop(n: float) -> str:
     return f"{n / 1e12:,.0f} TFLOP" if n >= 1e13 else f"{n / 1e9:,.1f} GFLOP"
 
 
-def columns_for(plan: MemoryPlan, zero: int, gpus: int, budget_gib: float | None) -> list[tuple[str, Setup]]:
+def columns_for(plan: MemoryPlan, zero: int, gpus: int, budget_gib: float | None, cp: int = 1) -> list[tuple[str, Setup]]:
     """The recipe's own settings, then the ladder (offload keeping as many blocks as fit the budget)."""
-    cols = [("recipe", Setup.of(plan.recipe, zero, gpus))]
-    for label, s in ladder(plan, zero, gpus):
+    cols = [("recipe", Setup.of(plan.recipe, zero, gpus, cp))]
+    for label, s in ladder(plan, zero, gpus, cp):
         if s.offload_keep is not None:
             s = most_kept(plan, s, budget_gib * GIB) if budget_gib else s
             label = f"offload {s.offload_keep}"
@@ -78,16 +80,16 @@ def columns_for(plan: MemoryPlan, zero: int, gpus: int, budget_gib: float | None
     return cols
 
 
-def verdict(plan: MemoryPlan, budget_gib: float | None, zero: int, gpus: int) -> tuple[str, int]:
+def verdict(plan: MemoryPlan, budget_gib: float | None, zero: int, gpus: int, cp: int = 1) -> tuple[str, int]:
     if budget_gib is None:
         return "give --gpu-memory GiB for the cheapest settings that fit", FITS
-    fit = cheapest(plan, budget_gib, zero, gpus)
+    fit = cheapest(plan, budget_gib, zero, gpus, cp)
     if fit is not None:
         run = "wan-tune train" if plan.device == "cpu" else f"{fit.launch()} -m wan_tune.train"
         text = (f"fits in {budget_gib:g} GiB (peak {_size(plan.breakdown(fit).total)}) with:\n"
                 f"  {fit.overrides()}\nrun: {run} RECIPE {fit.overrides()}")
         return text, FITS
-    low = floor(plan, zero, gpus)
+    low = floor(plan, zero, gpus, cp)
     more = " or spread the run over more GPUs with --gpus and ZeRO" if plan.device == "gpu" else ""
     text = (f"nothing fits in {budget_gib:g} GiB: the floor is {_size(plan.breakdown(low).total)}, with "
             f"{low.overrides()}{f' under ZeRO-{low.zero}' if low.zero else ''}.\n"
@@ -99,16 +101,35 @@ def _size(n: float) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / MIB:.1f} MiB"
 
 
+def cp_problem(plan: MemoryPlan, gpus: int, cp: int) -> str | None:
+    """Why `cp` cannot split this recipe's clips over `gpus`, or None."""
+    if cp == 1:
+        return None
+    if plan.device == "cpu":
+        return "--cpu plans one process: context parallelism needs several"
+    if cp in plan.cp_degrees(gpus):
+        return None
+    fits = ", ".join(map(str, plan.cp_degrees(gpus))) or "none above 1"
+    heads = "" if plan.ring else f"the {plan.variant.transformer['num_attention_heads']} attention heads (Ulysses) and "
+    return f"--cp {cp} must divide --gpus ({gpus}), {heads}the clip's {plan.shape.tokens:,} tokens; degrees that do: {fits}"
+
+
 def run_plan(recipe, budget_gib: float | None = None, gpus: int = 1, zero: int = 0, device: str = "gpu",
-             say=print) -> int:
-    """Print the plan of `recipe`; 0 when it fits (or no budget was given), 1 when nothing fits."""
+             say=print, cp: int | None = None) -> int:
+    """Print the plan of `recipe`; 0 when it fits (or no budget was given), 1 when nothing fits.
+    `cp`: the context-parallel degree (default: the recipe's train.context_parallel). A degree the
+    run cannot use raises ValueError."""
     plan = MemoryPlan(recipe, device)
-    say(headline(plan, zero, gpus))
+    cp = cp or recipe.train.context_parallel
+    problem = cp_problem(plan, gpus, cp)
+    if problem:
+        raise ValueError(problem)
+    say(headline(plan, zero, gpus, cp))
     say("")
-    say(table(plan, columns_for(plan, zero, gpus, budget_gib)))
+    say(table(plan, columns_for(plan, zero, gpus, budget_gib, cp)))
     say("")
-    say(flops_line(plan))
-    text, status = verdict(plan, budget_gib, zero, gpus)
+    say(flops_line(plan, cp))
+    text, status = verdict(plan, budget_gib, zero, gpus, cp)
     say(text)
     if device == "gpu":
         say("(GPU figures are counted, not yet measured on a GPU; leave headroom for the CUDA context and "

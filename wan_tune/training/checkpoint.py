@@ -8,7 +8,8 @@ step-000250/
                           Wan2.2 A14B: the low-noise expert's files (the high-noise one's are the above)
   optimizer.safetensors   optimizer state tensors; optimizer.json: param groups + scalars
                           (FSDP2: whole tensors keyed by parameter name, so any world size resumes)
-  state.json              step, batches consumed, lr-scheduler state per expert, world size, sharding,
+  state.json              step, batches consumed, lr-scheduler state per expert, world size and
+                          context-parallel degree (their quotient deals the data), sharding,
                           and the size + CRC-32 of every other file but recipe.yaml (checked before
                           the checkpoint is resumed from or exported)
   recipe.yaml             the resolved recipe: export and resume need no flags
@@ -212,9 +213,10 @@ def expert_file(stem: str, expert: str) -> str:
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, trainees: list, consumed: int, recipe_yaml: str, keep_last: int,
-                    keep: Path | None = None) -> Path:
+                    keep: Path | None = None, cp: int = 1) -> Path:
     """Write step-N for every trainee (collective: every rank calls it). Returns the final path.
     `keep_last` rotates old checkpoints out, except `keep` (the best one by the held-out loss).
+    `consumed` counts one rank's batches; `cp` (train.context_parallel) says how many ranks read each.
 
     Weights are gathered to full shape one module at a time (only rank 0 keeps the copies), and
     every tensor is checked against its parameter's whole shape before anything is written: a
@@ -239,7 +241,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainees: list, consu
     if accelerator.is_main_process:
         with _save_failure(run_dir, final, tmp):
             _write_main(tmp, final, step, trainees, trainable, optim_state, consumed, recipe_yaml, deepspeed, kind,
-                        accelerator.num_processes)
+                        accelerator.num_processes, cp)
         prune_checkpoints(run_dir, keep_last, keep)
     accelerator.wait_for_everyone()
     return final
@@ -260,7 +262,7 @@ def _save_failure(run_dir: Path, final: Path, tmp: Path):
 
 
 def _write_main(tmp: Path, final: Path, step: int, trainees: list, trainable: dict, optim_state: dict, consumed: int,
-                recipe_yaml: str, deepspeed: bool, kind: str, world: int) -> None:
+                recipe_yaml: str, deepspeed: bool, kind: str, world: int, cp: int) -> None:
     """The main process's files of step-N, into `tmp`, then renamed to `final`."""
     for tr in trainees:
         save_tensors(tmp / expert_file("trainable.safetensors", tr.name), trainable[tr.name], {"step": str(step)})
@@ -274,7 +276,7 @@ def _write_main(tmp: Path, final: Path, step: int, trainees: list, trainable: di
     write_json(tmp / "state.json", {
         "step": step, "batches_consumed": consumed, "experts": [tr.name for tr in trainees],
         "schedulers": {tr.name: tr.scheduler.state_dict() for tr in trainees},
-        "world_size": world, "deepspeed": deepspeed, "sharding": kind,
+        "world_size": world, "context_parallel": cp, "deepspeed": deepspeed, "sharding": kind,
         "files": {f.relative_to(tmp).as_posix(): file_digest(f) for f in files},
     })
     if final.exists():

@@ -1,17 +1,20 @@
 """`train.context_parallel`: one clip's tokens across a group of processes (diffusers' context
-parallelism, Ulysses attention).
+parallelism, Ulysses or ring attention: `train.context_parallel_kind`).
 
 The world is `data-parallel x context-parallel`: ranks `g*cp ... g*cp+cp-1` form group g and train
 one batch together.
 - Data and seeds follow the data-parallel position (`Layout.data_rank` / `data_world`): every rank
   of a group reads the same batch and draws the same noise, sigmas and caption dropout.
 - The model: diffusers' context-parallel plan for Wan (the transformer's `_cp_plan`) splits the
-  tokens at the first block, runs each attention with an all-to-all (token shards <-> head shards)
-  and gathers after `proj_out`. Every rank of a group computes the same whole output and loss; its
+  tokens at the first block, runs each attention with an all-to-all (Ulysses: token shards <->
+  head shards) or by passing keys and values round the group (ring: partial attentions merged by
+  their log-sum-exp, on the kernel `models/ring_attention.py` sets) and gathers after `proj_out`. Every rank of a group computes the same whole output and loss; its
   parameter gradients are those of its own tokens (their sum over the group is one process's
   gradient: tested).
-- Gradients: DDP averages over all `dp x cp` ranks, so the loss is scaled by `cp` before the
-  backward (`Layout.loss_scale`): DDP's mean times cp is the mean over groups of the group sums.
+- Gradients: DDP, FSDP2 and DeepSpeed ZeRO (2 and 3) all average over all `dp x cp` ranks, so the
+  loss is scaled by `cp` before the backward (`Layout.loss_scale`): their mean times cp is the mean
+  over groups of the group sums. Sharded weights are sharded over the whole world, context ranks
+  included: FSDP2 / ZeRO-3 gather each block's weights before diffusers' hooks split its tokens.
 
 Why not `enable_parallelism` alone: it places the model on `rank % torch.accelerator.device_count()`
 (a division by zero on a CPU, where the tests run with gloo) and builds a mesh of the whole world.
@@ -22,6 +25,7 @@ own hooks.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +38,8 @@ class Layout:
     cp: int
     rank: int
     world: int
+    kind: str = "ulysses"
+    """train.context_parallel_kind: ulysses | ring."""
 
     @property
     def data_rank(self) -> int:
@@ -47,6 +53,14 @@ class Layout:
     def loss_scale(self) -> float:
         return float(self.cp)
 
+    def describe(self) -> str:
+        """How the processes divide the work, for the start line; nothing without context parallelism."""
+        return f" ({self.data_world} data-parallel x {self.cp} context-parallel, {self.kind})" if self.cp > 1 else ""
+
+
+ONE_PROCESS_PER_CLIP = Layout(1, 0, 1)
+"""No context parallelism (what a run that is not told otherwise has)."""
+
 
 def layout(recipe, accelerator) -> Layout:
     cp, world = recipe.train.context_parallel, accelerator.num_processes
@@ -55,12 +69,11 @@ def layout(recipe, accelerator) -> Layout:
             f"train.context_parallel={cp} splits each clip over {cp} processes, but this launch has {world}: launch a "
             f"multiple of {cp} processes (--num_processes), or set train.context_parallel to a divisor of {world}"
         )
-    if cp > 1 and accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
-        raise TrainingError(
-            f"train.context_parallel={cp} runs under DDP so far (launch/accelerate/ddp.yaml or multi_gpu); "
-            "DeepSpeed / FSDP with context parallelism is not covered yet"
-        )
-    return Layout(cp, accelerator.process_index, world)
+    kind = recipe.train.context_parallel_kind
+    if cp > 1 and kind == "ring" and accelerator.device.type == "cuda" and recipe.train.mixed_precision == "no":
+        raise TrainingError("train.context_parallel_kind=ring runs attention on torch's flash kernel, which takes "
+                            "bf16/fp16 on a GPU: set train.mixed_precision=bf16 (or use ulysses)")
+    return Layout(cp, accelerator.process_index, world, kind)
 
 
 def token_problem(variant, buckets, cp: int) -> str | None:
@@ -78,12 +91,23 @@ def token_problem(variant, buckets, cp: int) -> str | None:
 
 
 def enable(model: torch.nn.Module, lay: Layout, device: torch.device) -> None:
-    """Split `model`'s tokens over the group (Ulysses), diffusers' hooks on diffusers' plan."""
+    """Split `model`'s tokens over the group (Ulysses or ring), diffusers' hooks on diffusers' plan."""
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (lay.data_world, 1, lay.cp), mesh_dim_names=("dp", "ring", "ulysses"))
-    cp_config = ContextParallelConfig(ulysses_degree=lay.cp, mesh=mesh)
+    # diffusers' gather after proj_out calls a torch collective torch has deprecated: once a step
+    # per rank otherwise, in every run's log.
+    warnings.filterwarnings("ignore", message=r".*all_gather_tensor.* is deprecated", category=FutureWarning)
+
+    ring = lay.cp if lay.kind == "ring" else 1
+    mesh = init_device_mesh(device.type, (lay.data_world, ring, lay.cp // ring), mesh_dim_names=("dp", "ring", "ulysses"))
+    if ring > 1:
+        from ..models.ring_attention import use_ring_kernel
+
+        use_ring_kernel(model)
+        cp_config = ContextParallelConfig(ring_degree=ring, mesh=mesh)
+    else:
+        cp_config = ContextParallelConfig(ulysses_degree=lay.cp, mesh=mesh)
     config = ParallelConfig(context_parallel_config=cp_config)
     config.setup(lay.rank, lay.world, device, mesh=mesh)
 

@@ -60,7 +60,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             init_tracking(accelerator, recipe, run_dir)
         validator = start_validation(run, data.heldout, step)
         say(f"training {recipe.adapter.method}: {run.trainable:,} trainable parameters, {data.training_samples} samples, "
-            f"{accelerator.num_processes} process(es), steps {step} -> {recipe.train.steps}")
+            f"{accelerator.num_processes} process(es){lay.describe()}, steps {step} -> {recipe.train.steps}")
 
         # --- steps ---------------------------------------------------------------------------
         recipe_yaml, last_saved = to_yaml(recipe), None
@@ -79,7 +79,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                 saving = step % recipe.checkpoint.every == 0 or step == recipe.train.steps or stopping
                 if saving:
                     last_saved = save_checkpoint(accelerator, run_dir, step, run.trainees, consumed, recipe_yaml,
-                                                 recipe.checkpoint.keep_last, keep=best_checkpoint(run_dir))
+                                                 recipe.checkpoint.keep_last, keep=best_checkpoint(run_dir), cp=lay.cp)
                 # Not while stopping (a preempted job has little time): the resumed run scores that step first.
                 if data.heldout is not None and not stopping and (step % recipe.eval.every == 0 if recipe.eval.every else saving):
                     log.score(step)

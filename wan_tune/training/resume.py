@@ -77,10 +77,16 @@ def restore(run, checkpoint: Path | None) -> tuple[int, int]:
         apply_changed_settings(run.recipe.train, _saved_train(checkpoint), run.trainees, checkpoint.name, run.say)
     except ValueError as err:
         raise TrainingError(str(err)) from None
-    world = run.accelerator.num_processes
-    if state["world_size"] != world:
-        run.say(f"resuming a {state['world_size']}-process run on {world}: data order changes from here on")
-        consumed = consumed * state["world_size"] // world
+    # The data is dealt over data-parallel ranks (processes / train.context_parallel): another
+    # degree on as many groups goes on with the same batches, bit for bit up to float order.
+    saved_cp = state.get("context_parallel", 1)  # written since #24; 1 before
+    was, now = state["world_size"] // saved_cp, run.layout.data_world
+    if saved_cp != run.layout.cp:
+        run.say(f"resuming a run of train.context_parallel={saved_cp} at {run.layout.cp}: each clip's tokens are "
+                f"split {run.layout.cp} way(s) from here on")
+    if was != now:
+        run.say(f"resuming a run of {was} data-parallel rank(s) on {now}: data order changes from here on")
+        consumed = consumed * was // now
     run.say(f"resumed from {checkpoint} (step {step})")
     return step, consumed
 

@@ -12,9 +12,10 @@ import torch
 from ..config import Recipe
 from ..dist import use_cpu
 from ..models.loading import recipe_source
+from ..models.sharded_load import fill_shards
 from ..models.spec import load_for_training, trainable_parameters
 from ..models.variants import Variant
-from .context_parallel import Layout, enable as enable_context_parallel
+from .context_parallel import ONE_PROCESS_PER_CLIP, Layout, enable as enable_context_parallel
 from .errors import TrainingError
 from .experts import Trainee, make_trainee, sigma_bounds, sigma_sampler
 from .offload import BlockOffload, ExpertSwap
@@ -39,7 +40,7 @@ class Run:
     sharded: str | None
     trainable: int
     say: Callable
-    layout: Layout = Layout(1, 0, 1)
+    layout: Layout = ONE_PROCESS_PER_CLIP
     """Data-parallel x context-parallel (train.context_parallel)."""
 
     @property
@@ -58,15 +59,21 @@ class Run:
 
 
 def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, experts: list[str], say,
-              lay: Layout = Layout(1, 0, 1)) -> Run:
+              lay: Layout = ONE_PROCESS_PER_CLIP) -> Run:
     """Load each trained expert (LoRA added, offload hooks, compile), its optimizer and schedule,
     prepared by accelerate."""
     boundary = recipe_source(recipe, components=()).boundary_ratio  # the folder's model_index.json
     trainees, n_trainable = [], 0
     swap = ExpertSwap(accelerator.device) if len(experts) > 1 else None
+    sharded = sharding(accelerator)
+    # FSDP2: no rank holds the whole model; each reads its shards' rows after prepare (sharded_load).
+    # Not ZeRO-3: DeepSpeed broadcasts rank 0's weights into every rank's whole copy before it
+    # partitions them (measured: the other rank's peak RSS is a whole copy), and makes the fp32
+    # master copies of a full fine-tune inside prepare, before anything could be filled in.
+    streamed = sharded == "fsdp2" and not recipe.train.fp8_base
     for name in experts:
         torch.manual_seed(recipe.run.seed)  # LoRA init: the same for an expert trained alone or beside the other
-        model = load_for_training(recipe, use_cpu=use_cpu(), expert=name)
+        model = load_for_training(recipe, use_cpu=use_cpu(), expert=name, empty=streamed)
         if lay.cp > 1:  # diffusers' hooks split the tokens at the first block, gather after proj_out
             enable_context_parallel(model, lay, accelerator.device)
         # Before prepare, which moves to the GPU whatever is still on the model.
@@ -80,6 +87,10 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
         optimizer = make_optimizer(params, recipe.train, say)
         scheduler = make_scheduler(optimizer, recipe.train)
         model, optimizer = accelerator.prepare(model, optimizer)
+        if streamed:
+            read = fill_shards(accelerator.unwrap_model(model), recipe_source(recipe), name)
+            say(f"fsdp2: each rank read only its shards' rows of the weights ({read / 2**20:,.0f} MiB on rank 0): "
+                "no rank held the whole model")
         trainee = make_trainee(variant, name, boundary, model, optimizer, scheduler)
         # FSDP2 replaces the parameters by sharded ones: clip what the optimizer now holds.
         trainee.params = list(trainable_parameters(accelerator.unwrap_model(model)).values())
@@ -90,7 +101,6 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
     except ValueError as err:
         raise TrainingError(f"{err}: widen the range or pick the other expert (model.experts)") from None
     compute_dtype = accelerator.unwrap_model(trainees[0].model).dtype  # the base weights' dtype (LoRA params are fp32)
-    sharded = sharding(accelerator)
     if sharded:
         held, total = local_share(accelerator.unwrap_model(trainees[0].model))
         say(f"{sharded}: rank 0 holds {held:,} of the model's {total:,} weights ({held / total:.1%})")

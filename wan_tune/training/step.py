@@ -60,7 +60,7 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
                                       run.compute_dtype)
             loss = fm.flow_matching_loss(pred, target, fm.loss_weights(sigmas, t.loss_weighting).to(pred.device))
             # Each rank of a context-parallel group holds its tokens' share of the gradient and DDP
-            # averages over all ranks: scaled by the degree, that is the mean over groups.
+            # (FSDP2, ZeRO) averages over all ranks: scaled by the degree, that is the mean over groups.
             accelerator.backward(loss * run.layout.loss_scale if run.layout.cp > 1 else loss)
             if accelerator.sync_gradients and recipe.train.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(trainee.params, recipe.train.max_grad_norm)
