@@ -40,9 +40,11 @@ ATTENTION_KERNELS = frozenset(
 
 
 def _torch_checkpoint(fn, *args, context_fn=None):
-    from torch.utils.checkpoint import noop_context_fn  # torch's own default
-
-    return torch_checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn or noop_context_fn)
+    # Two calls, not `context_fn=context_fn or noop_context_fn`: torch.compile traces a checkpoint
+    # only when no context_fn is passed (dynamo: "checkpoint not implemented for ... context_fn").
+    if context_fn is None:
+        return torch_checkpoint(fn, *args, use_reentrant=False)
+    return torch_checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
 
 
 def shrink_working_set(model, train, checkpoint=None) -> None:
