@@ -106,22 +106,27 @@ class Encoders:
         return normalize_latents(z.float(), self.vae)[0].cpu()
 
     @torch.no_grad()
-    def image_condition(self, first_frame, num_frames: int) -> dict[str, torch.Tensor]:
+    def image_condition(self, first_frame, num_frames: int, last_frame=None) -> dict[str, torch.Tensor]:
         """I2V inputs for a clip whose first frame is `first_frame` (a PIL image at bucket size).
 
         `condition` [20, F', H', W']: 4 mask channels + 16 condition-latent channels, as
         `WanImageToVideoPipeline.prepare_latents` builds them; `image_embeds` [257, 1280] (CLIP),
         Wan2.1 only. TI2V-5B: `condition` [48, 1, H', W'], the image's latent that replaces the
-        first latent frame.
+        first latent frame. FLF2V (`last_frame` given): the pipeline's `last_image` too: the mask
+        and latents of both frames, and `image_embeds` [2 x 257, 1280], the first frame's tokens
+        then the last's (`spec.transformer_inputs` hands them over as the pipeline does).
         """
         width, height = first_frame.size
-        image = self.pipe.video_processor.preprocess(first_frame, height=height, width=width).to(self.device, torch.float32)
+        prepare = self.pipe.video_processor.preprocess
+        image = prepare(first_frame, height=height, width=width).to(self.device, torch.float32)
+        last = None if last_frame is None else prepare(last_frame, height=height, width=width).to(self.device, torch.float32)
         _, condition, *_mask = self.pipe.prepare_latents(  # TI2V also returns its first-frame mask
-            image, 1, self.vae.config.z_dim, height, width, num_frames, torch.float32, self.device
+            image, 1, self.vae.config.z_dim, height, width, num_frames, torch.float32, self.device, last_image=last
         )
         out = {"condition": condition[0].cpu()}
         if self.clip:
-            out["image_embeds"] = self.pipe.encode_image(first_frame, self.device)[0].float().cpu()
+            frames = first_frame if last_frame is None else [first_frame, last_frame]
+            out["image_embeds"] = self.pipe.encode_image(frames, self.device).flatten(0, 1).float().cpu()
         return out
 
 

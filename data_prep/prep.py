@@ -196,7 +196,7 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
         _announce_changes(root, settings, encoders.identity(), say)
         empty = shards.save_empty_prompt(root, encoders.text([""])[0], storage)
         shards.write_meta(root, {
-            "variant": variant.name, "task": "i2v" if i2v else "t2v", "encoders": encoders.identity(),
+            "variant": variant.name, "task": variant.shard_task("i2v" if i2v else "t2v"), "encoders": encoders.identity(),
             "vae": encoders.vae_meta(), "settings": settings, "settings_hash": identity,
             "text_dim": variant.transformer["text_dim"], "recipe": to_yaml(recipe), "empty_prompt_checksum": empty,
         })
@@ -253,16 +253,21 @@ def _encode(todo: list[Sample], encoders: Encoders, writer, i2v: bool, skips: li
         t = timer.add("text encode", t)
         tensors = {"latents": encoders.latents(video), "text": text_cache[sample.caption]}
         if i2v:
-            from PIL import Image
-
-            first = Image.fromarray(((video[:, 0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
-            tensors.update(encoders.image_condition(first, sample.bucket[0]))
+            first, last = _still(video, 0), (_still(video, -1) if encoders.source.variant.last_frame else None)
+            tensors.update(encoders.image_condition(first, sample.bucket[0], last))
         t = timer.add("vae encode", t)
         w = sample.window
         writer.add({"id": sample.id, "source": sample.item.name, "caption": sample.caption, "frames": sample.bucket[0],
                     "height": sample.bucket[1], "width": sample.bucket[2], "start_frame": w.start_frame,
                     "start_s": w.start_s, "end_s": w.end_s}, tensors)
         t = timer.add("write", t)
+
+
+def _still(video: torch.Tensor, index: int):
+    """Frame `index` of a [3, T, H, W] clip in [-1, 1] as the PIL image the I2V pipeline takes."""
+    from PIL import Image
+
+    return Image.fromarray(((video[:, index].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
 
 
 def _check_existing(root: Path, verify: bool, say) -> None:

@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample",
         help="render a video from a base model and an exported LoRA (mp4 + contact-sheet PNG)",
-        description="Text-to-video (or image-to-video with --image) through the diffusers Wan pipelines, with an "
+        description="Text-to-video (or image-to-video with --image, first-and-last-frame with --image and --last-image) "
+        "through the diffusers Wan pipelines, with an "
         "optional LoRA from `wan-tune export` (any of its formats).",
     )
     p.add_argument("--base", required=True, help="diffusers-format folder or hub id of the base model")
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="include the trigger word")
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--image", default=None, help="first frame, for image-to-video models")
+    p.add_argument("--last-image", default=None, help="last frame, for first-and-last-frame models (FLF2V; with --image)")
     p.add_argument("--frames", type=int, default=33, help="frame count, 4k+1")
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
     p.add_argument("--seed", type=int, default=0)

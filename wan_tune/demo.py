@@ -113,12 +113,18 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     # The comfyui file of each expert (Wan2.2 A14B: the high- and the low-noise one).
     loras = [str(p) for p in sorted(exported.glob("*-comfyui.safetensors"))] or [str(next(exported.glob("*.safetensors")))]
     h, w = recipe.data.resolutions[0]
-    image = None
-    if get_variant(recipe.model.variant).image_conditioned(recipe.data.task):  # I2V: animate a clip's first frame
+    image = last_image = None
+    variant = get_variant(recipe.model.variant)
+    if variant.image_conditioned(recipe.data.task):  # I2V: animate a clip's first frame (FLF2V: to its last)
         image = str(run_dir / "first_frame.png")
-        clip_first_frames(recipe, recipe.data.shards, [], 1)[0].save(image)
+        frames = clip_first_frames(recipe, recipe.data.shards, [], 1, last=variant.last_frame)[0]
+        (frames[0] if variant.last_frame else frames).save(image)
+        if variant.last_frame:
+            last_image = str(run_dir / "last_frame.png")
+            frames[1].save(last_image)
     video, sheet = sample(SampleArgs(base=str(source.folder), lora=loras, prompt=f"{recipe.caption.trigger_word} style, a red circle drifting over a dark gradient",
                                      frames=recipe.data.frames[0], steps=10, height=h, width=w, image=image,
+                                     last_image=last_image,
                                      out=str(run_dir / "sample.mp4")), say=say)
     lap("sample")
 

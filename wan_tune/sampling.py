@@ -28,6 +28,8 @@ class SampleArgs:
     """One adapter, or a Wan2.2 A14B pair (each file's header says its expert)."""
     lora_scale: float = 1.0
     image: str | None = None
+    last_image: str | None = None
+    """FLF2V: the last frame (with `image`, the first)."""
     negative_prompt: str = ""
     frames: int = 33
     steps: int = 30
@@ -124,6 +126,11 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     takes_image = variant is not None and variant.image_conditioned("i2v")  # I2V, or TI2V-5B (either way)
     if args.image and not takes_image:
         raise SampleError(f"--image is for image-to-video models; {args.base} is text-to-video")
+    last_frame = variant is not None and variant.last_frame
+    if last_frame and not args.last_image:
+        raise SampleError(f"{args.base} is a first-and-last-frame model: give the last frame with --last-image (and the first with --image)")
+    if args.last_image and not last_frame:
+        raise SampleError(f"--last-image is for first-and-last-frame (FLF2V) models; {args.base} is not one")
     problems = argument_problems(args, variant)
     if problems:
         raise SampleError("; ".join(problems))
@@ -153,8 +160,9 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
                   num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   **({"guidance_scale_2": args.guidance_scale_2} if variant and variant.two_experts else {}),
                   generator=torch.Generator().manual_seed(args.seed), output_type="np")
-    if args.image:
-        kwargs["image"] = Image.open(args.image).convert("RGB")
+    for key, path in (("image", args.image), ("last_image", args.last_image)):
+        if path:
+            kwargs[key] = Image.open(path).convert("RGB")
     say(f"sampling {args.frames} frames at {width}x{height}, {args.steps} steps on {device}")
     frames = to_uint8(pipe(**kwargs).frames[0])
     out = write_video(args.out, frames, fps=variant.fps if variant else 16)  # TI2V-5B: 24 fps

@@ -137,6 +137,12 @@ def _variant_errors(r: Recipe, variant: Variant, invalid: set[str]) -> list[tupl
             ("validation.images", f"I2V validation takes one first frame per prompt ({len(v.images)} images, {len(v.prompts)} "
                                   "prompts), or none: then the first frames of held-out clips (else of the first clips)")
         )
+    if v.last_images and not variant.last_frame:
+        errors.append(("validation.last_images", f"last frames are for FLF2V variants; {variant.name} takes a first frame at most"))
+    if variant.last_frame and v.every and len(v.last_images) != len(v.images):
+        errors.append(("validation.last_images", f"FLF2V validation takes a last frame for each first frame ({len(v.images)} "
+                                                 f"validation.images, {len(v.last_images)} last_images), or neither: then "
+                                                 "both come from clips"))
     return errors
 
 

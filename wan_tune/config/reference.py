@@ -46,7 +46,7 @@ def reference_markdown() -> str:
         hub = f"`{v.hub_id}`" if v.hub_id else "built locally"
         size = f"{v.resolution[0]}x{v.resolution[1]}, {v.frames} frames at {v.fps} fps"
         notes = v.notes + (f"; boundary {v.boundary_ratio}" if v.boundary_ratio else "")
-        lines.append(f"| `{v.name}` | {v.task.upper()} | {hub} | {size} | {v.flow_shift} | {notes} |")
+        lines.append(f"| `{v.name}` | {v.kind} | {hub} | {size} | {v.flow_shift} | {notes} |")
     lines += ["", END]
     return "\n".join(lines)
 

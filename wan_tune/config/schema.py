@@ -350,6 +350,8 @@ class ValidationConfig:
     every: int = opt(0, "Render the prompts every N steps; 0 = off.", check=non_negative)
     prompts: list[str] = opt([], "Prompts to render; include the trigger word.")
     images: list[str] = opt([], "I2V only: first-frame image per prompt.")
+    last_images: list[str] = opt([], "FLF2V only: last-frame image per prompt (with `images`); both empty: the first "
+                                     "and last frames of held-out clips (else of the first clips).")
     frames: int = opt(33, "Frames per validation video (4k+1).", check=frames_4k1)
     height: Optional[int] = opt(None, "Height in pixels; empty = the first `data.resolutions` entry.", check=multiple_of_16)
     width: Optional[int] = opt(None, "Width in pixels; empty = the first `data.resolutions` entry.", check=multiple_of_16)

@@ -42,6 +42,7 @@ _PAIRS: list[tuple[str, str]] = [
     ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
     ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
     ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+    ("condition_embedder.image_embedder.pos_embed", "img_emb.emb_pos"),  # FLF2V: first vs last frame's tokens
     ("patch_embedding", "patch_embedding"),
     ("proj_out", "head.head"),
     ("scale_shift_table", "head.modulation"),

@@ -199,6 +199,14 @@ def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32, ex
     file = source.single_file(expert)
     if file is None:
         model = WanTransformer3DModel.from_pretrained(source.folder, subfolder=expert, torch_dtype=dtype)
+    elif source.variant.last_frame:
+        # diffusers' single-file converter (0.42) has no name for FLF2V's position embedding of
+        # the two images' tokens (img_emb.emb_pos) and leaves it unloaded: read the file with
+        # wan-tune's key map, one weight at a time, into a model allocated in the load dtype.
+        from .sharded_load import empty_transformer, fill_shards
+
+        model = empty_transformer(source, dtype, expert)
+        fill_shards(model, source, expert)
     else:
         _check_single_file(source, expert)
         # `config=` a local folder keeps diffusers from guessing the variant through the hub.

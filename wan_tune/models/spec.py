@@ -165,10 +165,15 @@ def transformer_inputs(
         timestep = (mask[:, 0, :, ::ph, ::pw] * timestep.view(-1, 1, 1, 1)).flatten(1)
     else:
         hidden = torch.cat([x_t, batch["condition"]], dim=1) if "condition" in batch else x_t
+    image = batch.get("image_embeds")
+    if image is not None and variant.last_frame:
+        # FLF2V: [B, 2 x 257, D] stored, [2B, 257, D] as the pipeline hands them (its image
+        # embedder puts each clip's pair back together before adding the position embedding).
+        image = image.reshape(-1, image.shape[1] // 2, image.shape[2])
     return dict(
         hidden_states=hidden.to(dtype),
         timestep=timestep,
         encoder_hidden_states=batch["text"].to(dtype),
-        encoder_hidden_states_image=batch["image_embeds"].to(dtype) if "image_embeds" in batch else None,
+        encoder_hidden_states_image=image.to(dtype) if image is not None else None,
         return_dict=False,
     )

@@ -46,6 +46,10 @@ class Variant:
     pipeline's `boundary_ratio`; a model folder's model_index.json overrides it)."""
     expand_timesteps: bool = False
     """Wan2.2 TI2V-5B: one timestep per token (the first frame's tokens get 0 when conditioned on an image)."""
+    last_frame: bool = False
+    """FLF2V: conditioned on a clip's first and last frames (the I2V pipeline's `last_image`): both
+    frames' latents in the condition, the CLIP tokens of both (a learned position embedding tells
+    them apart: `pos_embed_seq_len`)."""
     fps: int = 16
     """Frame rate of the model's training footage and samples."""
     expected_params: float | None = None
@@ -68,6 +72,17 @@ class Variant:
         """Whether a run conditions on a first frame: I2V variants always; TI2V-5B when the
         recipe says data.task=i2v (it does both, the image replacing the first latent frame)."""
         return self.is_i2v or (self.expand_timesteps and task == "i2v")
+
+    def shard_task(self, task: str = "auto") -> str:
+        """What prep's shards hold for this variant (meta.json's `task`): t2v, i2v or flf2v."""
+        if self.last_frame:
+            return "flf2v"
+        return "i2v" if self.image_conditioned(task) else "t2v"
+
+    @property
+    def kind(self) -> str:
+        """T2V, I2V or FLF2V, as the README's table says it."""
+        return "FLF2V" if self.last_frame else self.task.upper()
 
     @property
     def two_experts(self) -> bool:
@@ -168,6 +183,7 @@ def _tiny(*, i2v: bool) -> dict[str, Any]:
 
 TINY_TEXT_DIM = 32
 TINY_IMAGE_DIM = 32
+TINY_IMAGE_TOKENS = 5  # the tiny CLIP (models/tiny.py): (28 / 14)^2 patches + the class token
 
 
 def _tiny22(**changes) -> dict[str, Any]:
@@ -211,6 +227,19 @@ VARIANTS: dict[str, Variant] = {
             flow_shift=5.0,
             resolution=(720, 1280),
             expected_params=16.4e9,
+        ),
+        Variant(
+            name="wan2.1-flf2v-14b-720p",
+            task="i2v",
+            hub_id="Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers",
+            # diffusers' conversion script (scripts/convert_wan_to_diffusers.py, "Wan-FLF2V-14B-720P"):
+            # the I2V 14B with a position embedding over the two images' 2 x 257 CLIP tokens.
+            transformer=dict(_wan21(40, 40, 13824, i2v=True), pos_embed_seq_len=2 * 257),
+            flow_shift=16.0,  # Wan's generate.py: sample_shift 16 for flf2v
+            resolution=(720, 1280),
+            expected_params=16.4e9,
+            last_frame=True,
+            notes="first and last frame to video",
         ),
         Variant(
             name="wan2.2-ti2v-5b",
@@ -300,6 +329,18 @@ VARIANTS: dict[str, Variant] = {
             notes="random init, A14B-shaped: two experts split at the boundary",
         ),
         Variant(
+            name="tiny-flf2v",
+            task="i2v",
+            hub_id=None,
+            transformer=dict(_tiny(i2v=True), pos_embed_seq_len=2 * TINY_IMAGE_TOKENS),
+            flow_shift=3.0,
+            resolution=(64, 96),
+            frames=9,
+            last_frame=True,
+            tiny=True,
+            notes="random init, FLF2V-shaped: first and last frame, CLIP tokens of both",
+        ),
+        Variant(
             name="tiny-a14b-i2v",
             task="i2v",
             hub_id=None,
@@ -341,6 +382,7 @@ ARCHITECTURE_KEYS = (
     "text_dim",
     "image_dim",
     "added_kv_proj_dim",
+    "pos_embed_seq_len",  # FLF2V's; the I2V 14B 720P is otherwise the same
 )
 
 

@@ -139,8 +139,8 @@ def run_shape(recipe: Recipe, variant: Variant) -> RunShape:
             extras["condition"] = (z, 1, *latent[2:])
         else:  # mask + condition latents beside the noisy ones
             extras["condition"] = (variant.in_channels - z, *latent[1:])
-        if variant.clip_image_tokens:
-            extras["image_embeds"] = (CLIP_IMAGE_TOKENS, variant.transformer["image_dim"])
+        if variant.clip_image_tokens:  # FLF2V: the first and the last frame's
+            extras["image_embeds"] = (CLIP_IMAGE_TOKENS * (2 if variant.last_frame else 1), variant.transformer["image_dim"])
     return RunShape(recipe.train.batch_size, frames, height, width, latent, tokens, recipe.data.max_text_tokens,
                     variant.transformer["text_dim"], extras)
 

@@ -58,8 +58,10 @@ def open_data(recipe: Recipe, variant: Variant, rank: int, world: int) -> RunDat
     meta = dataset.meta
     if meta["variant"] != variant.name and not (variant.tiny and meta["variant"].startswith("tiny")):
         raise TrainingError(f"{recipe.data.shards} was prepped for {meta['variant']!r} but model.variant={variant.name!r}; rerun prep")
-    if (meta["task"] == "i2v") != variant.image_conditioned(meta["task"]):
-        raise TrainingError(f"{recipe.data.shards} holds {meta['task']} data; {variant.name} needs {variant.task}")
+    task = meta["task"]  # t2v, i2v or flf2v; TI2V-5B trains on either of the first two
+    if task != variant.shard_task("i2v" if task == "flf2v" else task):
+        raise TrainingError(f"{recipe.data.shards} holds {task} data; {variant.name} trains on "
+                            f"{variant.shard_task(recipe.data.task)} data: prep the footage for it, into another data.shards")
     z_dim = meta.get("vae", {}).get("z_dim", variant.vae_z_dim)
     if z_dim != variant.vae_z_dim:
         raise TrainingError(f"{recipe.data.shards} holds {z_dim}-channel latents (prepped with {meta['variant']}'s VAE); "

@@ -37,7 +37,7 @@ def start_validation(run, heldout, start_step: int):
             first_frames = None
             if run.variant.image_conditioned(recipe.data.task) and not recipe.validation.images:
                 first_frames = clip_first_frames(recipe, recipe.data.shards, heldout.indices if heldout else [],
-                                                 len(recipe.validation.prompts))
+                                                 len(recipe.validation.prompts), last=run.variant.last_frame)
             with unpartitioned_loading(accelerator):
                 validator = Validator(recipe, accelerator.device, run.compute_dtype, trained=[tr.name for tr in run.trainees],
                                       first_frames=first_frames)
@@ -95,8 +95,12 @@ class Validator:
             ]
         self.pipe.text_encoder = None  # embeddings are cached; free the encoder
         self.images = [Image.open(p).convert("RGB") for p in v.images] if self.with_image else []
+        self.last_images = [Image.open(p).convert("RGB") for p in v.last_images]  # FLF2V
         if self.with_image and not self.images:
-            self.images = list(first_frames or [])
+            frames = list(first_frames or [])
+            if self.variant.last_frame:  # (first, last) pairs
+                frames, self.last_images = [f for f, _ in frames], [last for _, last in frames]
+            self.images = frames
             if len(self.images) < len(v.prompts):
                 raise ValueError(f"I2V validation needs {len(v.prompts)} first frame(s): give validation.images")
         self.base_rows: list | None = None
@@ -168,6 +172,8 @@ class Validator:
                     kwargs["guidance_scale_2"] = v.guidance_scale_2
                 if self.with_image:
                     kwargs["image"] = self.images[i]
+                if self.last_images:
+                    kwargs["last_image"] = self.last_images[i]
                 videos.append(to_uint8(self.pipe(**kwargs).frames[0]))
         finally:
             for name in models:
@@ -177,10 +183,11 @@ class Validator:
         return videos
 
 
-def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int) -> list:
+def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int, last: bool = False) -> list:
     """I2V validation without `validation.images`: the first frames of the windows of `count`
     clips, held-out ones (`prefer`) first, read from the footage prep read (`data.source`), at
-    each window's start time (through prep's own reader: rotation and variable frame rate as prep saw them)."""
+    each window's start time (through prep's own reader: rotation and variable frame rate as prep saw them).
+    `last` (FLF2V): (first, last) pairs, the last at the time of the window's last frame."""
     from PIL import Image
 
     from ..data.shards import ShardReader
@@ -202,8 +209,13 @@ def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int) -> 
             raise ValueError(f"I2V validation takes the first frames of clips when validation.images is empty, but "
                              f"{path} is not here (data.source={recipe.data.source}): give validation.images")
         still = path.suffix.lower() in IMAGE_EXTS
-        index = 0 if still else probe(str(path), False).frame_at(float(row["start_s"]))
-        frames.append(Image.fromarray(read_frames(str(path), Window(0, (index,), 0.0, 0.0), still)[0]))
+        info = None if still else probe(str(path), False)
+        times = [float(row["start_s"])] + ([float(row["start_s"]) + (int(row["frames"]) - 1) / recipe.data.fps] if last else [])
+        indices = tuple(0 if still else info.frame_at(t) for t in times)  # as prep's windows pick them
+        pictures = [Image.fromarray(a) for a in read_frames(str(path), Window(0, indices, 0.0, 0.0), still)]
+        if last and still:  # a still image is its own first and last frame
+            pictures *= 2
+        frames.append(tuple(pictures) if last else pictures[0])
         if len(frames) == count:
             break
     return frames
