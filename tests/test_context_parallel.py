@@ -126,9 +126,9 @@ def test_image_to_video_and_ring_attention_train_on_two_processes_like_one(v, ki
     attention: keys and values pass round the group (torch's CPU flash kernel, models/ring_attention.py)."""
     from launching import launch
 
-    ref = _one_process(tiny_folders, tiny_shards, tmp_path / "one", variant=v)
+    ref = _one_process(tiny_folders, tiny_shards, tmp_path / "one", "train.gradient_checkpointing=true", variant=v)
     proc = launch("multi_cpu.yaml", tiny_folders, tiny_shards, tmp_path / "cp", "train.context_parallel=2",
-                  f"train.context_parallel_kind={kind}", variant=v)
+                  f"train.context_parallel_kind={kind}", "train.gradient_checkpointing=true", variant=v)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"(1 data-parallel x 2 context-parallel, {kind})" in proc.stdout
     _assert_same_run(tmp_path / "cp" / ref.name, ref)
@@ -180,6 +180,23 @@ def test_a_degree_that_does_not_fit_is_refused_in_one_line():
                                                                 "train.context_parallel_kind=ring"])  # any degree
     with pytest.raises(ConfigError, match="train.offload.*blocks does not run with train.context_parallel=2"):
         load_recipe(ROOT / "recipes" / "wan2.2-t2v-a14b-lora.yaml", ["train.context_parallel=2", "train.offload=blocks"])
+
+
+def test_ring_attention_blocks_are_checkpointed_by_wan_tune_s_own_function():
+    """diffusers' ring backward reads its saved tensors twice (its own read, then the kernel's
+    backward op: on a GPU, `_native_flash`'s), which torch's checkpoint refuses."""
+    from wan_tune.config import load_recipe
+    from wan_tune.models.activation_offload import BlockCheckpoint, block_checkpoint
+
+    def chosen(*overrides):
+        recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["train.gradient_checkpointing=true", *overrides])
+        model = torch.nn.Module()
+        model.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+        return block_checkpoint(model, recipe.train)
+
+    assert chosen() is None  # torch's checkpoint, diffusers' default
+    assert chosen("train.context_parallel=2") is None  # Ulysses reads them once
+    assert isinstance(chosen("train.context_parallel=2", "train.context_parallel_kind=ring"), BlockCheckpoint)
 
 
 def test_token_counts_the_degree_does_not_divide_are_named():

@@ -54,6 +54,23 @@ def find_demo_recipe() -> Path:
     raise FileNotFoundError(f"recipes/{DEMO_RECIPE} not found: run from the wan-tune checkout or pass --recipe")
 
 
+def _sample_frames(recipe, run_dir: Path) -> tuple[str | None, str | None]:
+    """The first frame (I2V) and the last (FLF2V) the demo's sample starts and ends on: a clip's,
+    written beside the run; None for what the variant does not take."""
+    from .models.variants import get_variant
+    from .training.validation import clip_first_frames
+
+    variant = get_variant(recipe.model.variant)
+    if not variant.image_conditioned(recipe.data.task):
+        return None, None
+    frames = clip_first_frames(recipe, recipe.data.shards, [], 1, last=variant.last_frame)[0]
+    first, last = frames if variant.last_frame else (frames, None)
+    first.save(run_dir / "first_frame.png")
+    if last is not None:
+        last.save(run_dir / "last_frame.png")
+    return str(run_dir / "first_frame.png"), (str(run_dir / "last_frame.png") if last is not None else None)
+
+
 def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None = None, clips: int = 8, say=print) -> dict:
     from data_prep.captions import make_captions
     from data_prep.prep import run_prep
@@ -64,9 +81,7 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     from .synthetic import make_clips
     from .models.loading import resolve_source
     from .sampling import SampleArgs, sample
-    from .models.variants import get_variant
     from .training.loop import train
-    from .training.validation import clip_first_frames
 
     recipe = load_recipe(recipe_path or find_demo_recipe(), overrides or [])
     times: dict[str, float] = {}
@@ -113,15 +128,7 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     # The comfyui file of each expert (Wan2.2 A14B: the high- and the low-noise one).
     loras = [str(p) for p in sorted(exported.glob("*-comfyui.safetensors"))] or [str(next(exported.glob("*.safetensors")))]
     h, w = recipe.data.resolutions[0]
-    image = last_image = None
-    variant = get_variant(recipe.model.variant)
-    if variant.image_conditioned(recipe.data.task):  # I2V: animate a clip's first frame (FLF2V: to its last)
-        image = str(run_dir / "first_frame.png")
-        frames = clip_first_frames(recipe, recipe.data.shards, [], 1, last=variant.last_frame)[0]
-        (frames[0] if variant.last_frame else frames).save(image)
-        if variant.last_frame:
-            last_image = str(run_dir / "last_frame.png")
-            frames[1].save(last_image)
+    image, last_image = _sample_frames(recipe, run_dir)
     video, sheet = sample(SampleArgs(base=str(source.folder), lora=loras, prompt=f"{recipe.caption.trigger_word} style, a red circle drifting over a dark gradient",
                                      frames=recipe.data.frames[0], steps=10, height=h, width=w, image=image,
                                      last_image=last_image,

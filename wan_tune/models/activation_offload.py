@@ -206,10 +206,14 @@ class ActivationOffload(BlockCheckpoint):
 
 def block_checkpoint(model: torch.nn.Module, train, run=_run):
     """The checkpoint function the recipe's settings call for: inputs to the host
-    (train.activation_offload), ours on the device (train.attention_checkpointing), or None:
-    diffusers' default (torch's non-reentrant checkpoint)."""
+    (train.activation_offload), ours on the device (train.attention_checkpointing, or ring
+    attention: diffusers' ring backward reads its saved tensors, then its kernel's backward op reads
+    them again, which torch's checkpoint refuses: "Unpack is being triggered for a tensor that was
+    already unpacked once"; ours recomputes the block with plain autograd), or None: diffusers'
+    default (torch's non-reentrant checkpoint)."""
     if train.activation_offload:
         return ActivationOffload(model, run)
-    if train.attention_checkpointing:
+    ring = train.context_parallel > 1 and train.context_parallel_kind == "ring"
+    if train.attention_checkpointing or ring:
         return BlockCheckpoint(model, None, run)
     return None

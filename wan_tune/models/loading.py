@@ -199,19 +199,40 @@ def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32, ex
     file = source.single_file(expert)
     if file is None:
         model = WanTransformer3DModel.from_pretrained(source.folder, subfolder=expert, torch_dtype=dtype)
-    elif source.variant.last_frame:
-        # diffusers' single-file converter (0.42) has no name for FLF2V's position embedding of
-        # the two images' tokens (img_emb.emb_pos) and leaves it unloaded: read the file with
-        # wan-tune's key map, one weight at a time, into a model allocated in the load dtype.
-        from .sharded_load import empty_transformer, fill_shards
-
-        model = empty_transformer(source, dtype, expert)
-        fill_shards(model, source, expert)
     else:
         _check_single_file(source, expert)
-        # `config=` a local folder keeps diffusers from guessing the variant through the hub.
-        model = WanTransformer3DModel.from_single_file(str(file), config=str(source.folder), subfolder=expert, torch_dtype=dtype)
+        if source.variant.last_frame:
+            model = _from_original_keys(source, file, dtype, expert)
+        else:  # `config=` a local folder keeps diffusers from guessing the variant through the hub
+            model = WanTransformer3DModel.from_single_file(str(file), config=str(source.folder), subfolder=expert,
+                                                           torch_dtype=dtype)
     return _own_memory(model)
+
+
+def _from_original_keys(source: ModelSource, file: Path, dtype: torch.dtype, expert: str):
+    """An original-key file read with wan-tune's key map. For FLF2V: diffusers' single-file
+    converter (0.42) has no name for the position embedding of the two images' tokens
+    (`img_emb.emb_pos`) and leaves that weight unloaded. Dtypes as from_pretrained gives them."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    from .keymap import UnmappedKeyError, to_diffusers
+
+    with init_empty_weights():
+        model = WanTransformer3DModel.from_config(check_transformer_config(source, expert))
+    keep_fp32 = model._keep_in_fp32_modules or []
+    try:
+        weights = {to_diffusers(k.removeprefix("model.diffusion_model.")): v for k, v in load_file(str(file)).items()}
+    except UnmappedKeyError as err:
+        raise ModelLoadError(f"{file}: {err.args[0]}; is it a {source.variant.name} transformer?") from None
+    missing = sorted(set(model.state_dict()) - set(weights))
+    if missing:
+        raise ModelLoadError(f"{file}: {len(missing)} weight(s) of the {source.variant.name} transformer are missing, "
+                             f"e.g. {', '.join(missing[:3])}; the file is incomplete or of another model")
+    weights = {k: v.to(torch.float32 if any(m in k.split(".") for m in keep_fp32) else dtype) for k, v in weights.items()}
+    model.load_state_dict(weights, assign=True)
+    return model.eval()
 
 
 def _own_memory(model):
