@@ -123,13 +123,16 @@ def test_two_processes_on_one_clip_train_like_one_process_and_resume(method, tin
 @pytest.mark.parametrize("v, kind", [("tiny-i2v", "ulysses"), ("tiny", "ring")])
 def test_image_to_video_and_ring_attention_train_on_two_processes_like_one(v, kind, tiny_folders, tiny_shards, tmp_path):
     """I2V: the condition latents split with the noisy ones, the CLIP image tokens stay whole. Ring
-    attention: keys and values pass round the group (torch's CPU flash kernel, models/ring_attention.py)."""
+    attention: keys and values pass round the group (torch's CPU flash kernel, models/ring_attention.py).
+    Gradient checkpointing on, through a stop at step 2 and a resume."""
     from launching import launch
 
     ref = _one_process(tiny_folders, tiny_shards, tmp_path / "one", "train.gradient_checkpointing=true", variant=v)
-    proc = launch("multi_cpu.yaml", tiny_folders, tiny_shards, tmp_path / "cp", "train.context_parallel=2",
-                  f"train.context_parallel_kind={kind}", "train.gradient_checkpointing=true", variant=v)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    for steps in (2, 4):
+        proc = launch("multi_cpu.yaml", tiny_folders, tiny_shards, tmp_path / "cp", "train.context_parallel=2",
+                      f"train.context_parallel_kind={kind}", "train.gradient_checkpointing=true", f"train.steps={steps}",
+                      variant=v)
+        assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"(1 data-parallel x 2 context-parallel, {kind})" in proc.stdout
     _assert_same_run(tmp_path / "cp" / ref.name, ref)
 
