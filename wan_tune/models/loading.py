@@ -209,6 +209,13 @@ def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32, ex
     return _own_memory(model)
 
 
+def load_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Each parameter's dtype after `from_pretrained(torch_dtype=dtype)`: fp32 for the model's
+    `_keep_in_fp32_modules` (the rule of diffusers' load_model_dict_into_meta), `dtype` for the rest."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    return {n: torch.float32 if any(m in n.split(".") for m in keep) else dtype for n, _ in model.named_parameters()}
+
+
 def _from_original_keys(source: ModelSource, file: Path, dtype: torch.dtype, expert: str):
     """An original-key file read with wan-tune's key map. For FLF2V: diffusers' single-file
     converter (0.42) has no name for the position embedding of the two images' tokens
@@ -221,7 +228,6 @@ def _from_original_keys(source: ModelSource, file: Path, dtype: torch.dtype, exp
 
     with init_empty_weights():
         model = WanTransformer3DModel.from_config(check_transformer_config(source, expert))
-    keep_fp32 = model._keep_in_fp32_modules or []
     try:
         weights = {to_diffusers(k.removeprefix("model.diffusion_model.")): v for k, v in load_file(str(file)).items()}
     except UnmappedKeyError as err:
@@ -230,8 +236,8 @@ def _from_original_keys(source: ModelSource, file: Path, dtype: torch.dtype, exp
     if missing:
         raise ModelLoadError(f"{file}: {len(missing)} weight(s) of the {source.variant.name} transformer are missing, "
                              f"e.g. {', '.join(missing[:3])}; the file is incomplete or of another model")
-    weights = {k: v.to(torch.float32 if any(m in k.split(".") for m in keep_fp32) else dtype) for k, v in weights.items()}
-    model.load_state_dict(weights, assign=True)
+    dtypes = load_dtypes(model, dtype)
+    model.load_state_dict({k: v.to(dtypes.get(k, dtype)) for k, v in weights.items()}, assign=True)
     return model.eval()
 
 

@@ -40,10 +40,9 @@ def _register_cpu_kernel() -> None:
 
         if attn_mask is not None:
             raise ValueError("ring attention takes no attention mask")
-        out = _templated_context_parallel_attention(
+        return _templated_context_parallel_attention(
             query, key, value, None, dropout_p, is_causal, scale, enable_gqa, return_lse,
             forward_op=_cpu_forward, backward_op=_cpu_backward, _parallel_config=_parallel_config)
-        return out
 
     native_flash.wan_tune_cpu = True
     _AttentionBackendRegistry._backends[name] = native_flash

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .loading import ModelLoadError, ModelSource, check_transformer_config
+from .loading import ModelLoadError, ModelSource, check_transformer_config, load_dtypes
 from .streamed import _meta_model, stored_weights, weight_files
 
 
@@ -33,11 +33,10 @@ def empty_transformer(source: ModelSource, dtype: torch.dtype, expert: str = "tr
     puts the values in after sharding. Buffers (the RoPE tables) are computed as usual."""
     config = dict(check_transformer_config(source, expert))
     model = _meta_model(config)  # built as from_pretrained builds it: the same RNG draws before the LoRA
-    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
+    dtypes = load_dtypes(model, dtype)
     for name, p in list(model.named_parameters()):
         module_name, _, attr = name.rpartition(".")
-        want = torch.float32 if any(m in name.split(".") for m in keep_fp32) else dtype
-        empty = torch.empty(p.shape, dtype=want)  # no page is touched until the shard is filled
+        empty = torch.empty(p.shape, dtype=dtypes[name])  # no page is touched until the shard is filled
         model.get_submodule(module_name)._parameters[attr] = torch.nn.Parameter(empty, requires_grad=False)
     return model.eval()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .keymap import UnmappedKeyError, to_diffusers
-from .loading import ModelLoadError, ModelSource, _check_single_file, check_transformer_config
+from .loading import ModelLoadError, ModelSource, _check_single_file, check_transformer_config, load_dtypes
 
 FP8 = torch.float8_e4m3fn
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -42,11 +42,7 @@ def stored_dtypes(config: dict, compute_dtype: torch.dtype, skip: tuple[str, ...
 
     with torch.random.fork_rng(devices=[]):  # building draws from the RNG; the LoRA init after must not see it
         model = _meta_model(config)
-    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
-    loaded = {
-        name: torch.float32 if any(m in name.split(".") for m in keep_fp32) else compute_dtype
-        for name, _ in model.named_parameters()
-    }
+    loaded = load_dtypes(model, compute_dtype)
     apply_layerwise_casting(model, storage_dtype=FP8, compute_dtype=compute_dtype, skip_modules_pattern=skip)
     return {name: FP8 if p.dtype == FP8 else loaded[name] for name, p in model.named_parameters()}
 

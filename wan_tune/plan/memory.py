@@ -61,7 +61,7 @@ class Setup:
     attention: bool = False
     """train.attention_checkpointing: attention layers checkpointed again inside the block's recompute."""
     cp: int = 1
-    """train.context_parallel: each clip's tokens split over groups of this many GPUs (Ulysses)."""
+    """train.context_parallel: each clip's tokens split over groups of this many GPUs (the recipe's kind)."""
 
     def overrides(self) -> str:
         keys = [f"train.gradient_checkpointing={str(self.checkpointing).lower()}",

@@ -201,15 +201,15 @@ def build_model(recipe, variant, layers: int, load_dtype: torch.dtype, device: s
     trainer adapts it."""
     from diffusers import WanTransformer3DModel
 
+    from ..models.loading import load_dtypes
     from ..models.spec import adapt
 
     # On the device throughout, so the LoRA layers peft adds are made (and initialised) there too.
     with torch.random.fork_rng(devices=[]), torch.device(device):
         model = WanTransformer3DModel(**dict(variant.transformer, num_layers=layers))
-        keep = model._keep_in_fp32_modules or []
+        dtypes = load_dtypes(model, load_dtype)
         for name, p in model.named_parameters():
-            if not any(m in name.split(".") for m in keep):  # the rule of diffusers' load_model_dict_into_meta
-                p.data = p.data.to(load_dtype)
+            p.data = p.data.to(dtypes[name])
         return adapt(model, recipe, variant, load_dtype)
 
 
