@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from wan_tune.footage import resize_crop  # noqa: F401  (prep's name for it; validation and sampling share it)
 
 STEP = 16
 MAX_ASPECT = 4.0  # buckets span 1:4 .. 4:1
@@ -45,24 +43,3 @@ def fit_problem(src_h: int, src_w: int, bucket: tuple[int, int]) -> str | None:
     if kept < MIN_KEPT:
         return f"extreme aspect ratio {src_w / src_h:.2f}: the crop to {bw}x{bh} would keep {kept:.0%} of the frame"
     return None
-
-
-def resize_crop(frames: np.ndarray, bucket: tuple[int, int], chunk: int = 16) -> torch.Tensor:
-    """uint8 frames [T, H, W, 3] -> float video [3, T, h, w] in [-1, 1], covering `bucket` then centre-cropped.
-
-    Works `chunk` frames at a time so 81 frames of 4K never sit in memory as floats at once.
-    """
-    bh, bw = bucket
-    t, h, w, _ = frames.shape
-    scale = max(bh / h, bw / w)
-    rh, rw = max(bh, round(h * scale)), max(bw, round(w * scale))
-    top, left = (rh - bh) // 2, (rw - bw) // 2
-    out = torch.empty(3, t, bh, bw)
-    for i in range(0, t, chunk):
-        x = torch.from_numpy(np.array(frames[i : i + chunk])).permute(0, 3, 1, 2).float()  # copy: decord's arrays are read-only
-        if (rh, rw) != (h, w):
-            # antialias: downscaling 4K to 480p without it aliases fine textures.
-            x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
-        x = x[:, :, top : top + bh, left : left + bw]
-        out[:, i : i + chunk] = (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3)
-    return out

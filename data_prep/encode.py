@@ -59,10 +59,24 @@ class Encoders:
         else:
             self.pipe = WanPipeline(**parts)
         self.pipe.to(self.device)
+        self.vace = _vace_pipeline(self.pipe, source.variant) if source.variant.vace else None
+        self._blank: dict[tuple, torch.Tensor] = {}
 
     @property
     def vae(self):
         return self.pipe.vae
+
+    def vace_condition(self, num_frames: int, height: int, width: int, control=None, mask=None, references=()) -> dict:
+        """VACE tensors of a clip: `vace_context` [96, R + F', H', W'] (what `WanVACEPipeline` feeds
+        the transformer as `control_hidden_states`), and `vace_blank` [16, F', H', W'], the latent
+        of the grey video the pipeline encodes when no control is given: training swaps it in for
+        the control when `vace.drop_control` draws (inactive and reactive latents are both it)."""
+        out = {"vace_context": vace_context(self.vace, self.device, height, width, num_frames, control, mask, references)}
+        key = (num_frames, height, width)
+        if key not in self._blank:
+            self._blank[key] = vace_context(self.vace, self.device, height, width, num_frames)[:16]
+        out["vace_blank"] = self._blank[key]
+        return out
 
     def identity(self) -> dict:
         """What decides the encodings (goes into meta.json and every sample id)."""
@@ -128,6 +142,32 @@ class Encoders:
             frames = first_frame if last_frame is None else [first_frame, last_frame]
             out["image_embeds"] = self.pipe.encode_image(frames, self.device).flatten(0, 1).float().cpu()
         return out
+
+
+def _vace_pipeline(pipe, variant):
+    """A `WanVACEPipeline` over the same encoders whose context methods prep calls. Its transformer
+    is built on the meta device: the methods read only its config (patch size)."""
+    from diffusers import WanVACEPipeline
+
+    from wan_tune.models.variants import transformer_class
+
+    with torch.device("meta"):
+        transformer = transformer_class(variant)(**variant.transformer)
+    return WanVACEPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                           scheduler=pipe.scheduler, transformer=transformer)
+
+
+@torch.no_grad()
+def vace_context(vace, device, height: int, width: int, num_frames: int, video=None, mask=None, references=()) -> torch.Tensor:
+    """The VACE context [96, R + F', H', W'] of one clip, built by `WanVACEPipeline`'s own steps as
+    its __call__ runs them: `preprocess_conditions` (references fitted on a white canvas, mask to
+    [0, 1]), `prepare_video_latents` (inactive and reactive latents, references' latents in front),
+    `prepare_masks` (the mask folded 8 x 8 into 64 channels, zeros for the reference frames).
+    `video` / `mask`: lists of PIL frames at the clip's size, or None (a grey video, all generated)."""
+    video, mask, refs = vace.preprocess_conditions(video, mask, list(references) or None, 1, height, width, num_frames,
+                                                  torch.float32, device)
+    latents = vace.prepare_video_latents(video, mask, refs, None, device)
+    return torch.cat([latents, vace.prepare_masks(mask, refs, None)], dim=1)[0].float().cpu()
 
 
 def settings_hash(settings: dict) -> str:

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,6 +28,7 @@ from wan_tune.dist import process_state
 from wan_tune.footage import SkipClip, Window, probe, read_frames, unsupported_reason
 from wan_tune.models import get_variant
 from wan_tune.models.loading import recipe_source
+from wan_tune.vace_inputs import check_inputs, control_frames, mask_problem
 
 from .buckets import aspect_buckets, fit_problem, nearest_bucket, resize_crop
 from .captions import make_captions, read_captions
@@ -89,7 +91,7 @@ def prep_settings(recipe: Recipe, i2v: bool) -> dict:
     }
 
 
-def _plan_item(item: SourceItem, caption: str, recipe: Recipe, identity: str) -> list[Sample]:
+def _plan_item(item: SourceItem, caption: str, recipe: Recipe, identity: str, vace: bool = False) -> list[Sample]:
     d = recipe.data
     if item.problem:  # a manifest row that names no usable file or window
         raise SkipClip(item.problem)
@@ -101,7 +103,10 @@ def _plan_item(item: SourceItem, caption: str, recipe: Recipe, identity: str) ->
         why = item.caption_problem or "no sidecar .txt or manifest caption"
         raise SkipClip(f"missing caption: {why}; add one in the captions file, or use caption.mode=template/vlm")
     windows = plan_windows(info, d.fps, d.frames, d.clip_stride, d.max_clips_per_video, item.start_s, item.end_s)
-    digest = content_hash(item.path)
+    if vace:
+        check_inputs(item.vace, info)
+    # A VACE clip's conditioning files decide its tensors too: edit one, and the clip is encoded again.
+    digest = content_hash(item.path) + "".join(content_hash(f) for f in item.vace.files() if vace)
     samples, problems = [], []
     for h, w in d.resolutions:
         bucket_hw = nearest_bucket(info.height, info.width, aspect_buckets(h, w))
@@ -120,9 +125,10 @@ def _plan_item(item: SourceItem, caption: str, recipe: Recipe, identity: str) ->
 
 def plan(items: list[SourceItem], captions: dict[str, str], recipe: Recipe, identity: str, progress: bool):
     samples, skips = [], []
+    vace = get_variant(recipe.model.variant).vace
     for item in tqdm(items, desc="probe", unit="file", disable=not progress):
         try:
-            samples += _plan_item(item, captions.get(item.key) or "", recipe, identity)
+            samples += _plan_item(item, captions.get(item.key) or "", recipe, identity, vace)
         except SkipClip as err:
             skips.append(skip_line(item, err))
     return samples, skips
@@ -165,6 +171,7 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
     variant = get_variant(recipe.model.variant)
     i2v = variant.is_i2v if recipe.data.task == "auto" else recipe.data.task == "i2v"
     items = discover(recipe.data.source)
+    _announce_unused_vace(items, variant, say)
     captions_path = Path(recipe.data.captions)
     if main:
         if not captions_path.is_file():
@@ -255,12 +262,53 @@ def _encode(todo: list[Sample], encoders: Encoders, writer, i2v: bool, skips: li
         if i2v:
             first, last = _still(video, 0), (_still(video, -1) if encoders.source.variant.last_frame else None)
             tensors.update(encoders.image_condition(first, sample.bucket[0], last))
+        if encoders.vace is not None:
+            try:
+                tensors.update(_vace_tensors(encoders, sample))
+            except SkipClip as err:
+                skips.append(skip_line(sample.item, err))
+                t = timer.add("vae encode", t)
+                continue
         t = timer.add("vae encode", t)
         w = sample.window
         writer.add({"id": sample.id, "source": sample.item.name, "caption": sample.caption, "frames": sample.bucket[0],
                     "height": sample.bucket[1], "width": sample.bucket[2], "start_frame": w.start_frame,
-                    "start_s": w.start_s, "end_s": w.end_s}, tensors)
+                    "start_s": w.start_s, "end_s": w.end_s,
+                    "vace": sample.item.vace.to_json() if encoders.vace is not None else ""}, tensors)
         t = timer.add("write", t)
+
+
+def _vace_tensors(encoders: Encoders, sample: Sample) -> dict[str, torch.Tensor]:
+    """The clip's VACE context from its control / mask (cut to its window, resized and cropped as
+    the clip is) and reference images (whole: the pipeline fits them on its canvas)."""
+    from PIL import Image
+
+    inputs, (frames, h, w) = sample.item.vace, sample.bucket
+
+    def cut(file):
+        if file is None:
+            return None
+        pixels = resize_crop(control_frames(file, sample.window), (h, w))
+        return [_still(pixels, i) for i in range(pixels.shape[1])]
+
+    control, mask = cut(inputs.control), cut(inputs.mask)
+    if mask is not None:
+        problem = mask_problem(np.stack([np.asarray(m) for m in mask]), Path(inputs.mask).name)
+        if problem:
+            raise SkipClip(problem)
+    references = []
+    for file in inputs.references:
+        with Image.open(file) as im:
+            references.append(im.convert("RGB"))
+    return encoders.vace_condition(frames, h, w, control, mask, references)
+
+
+def _announce_unused_vace(items: list[SourceItem], variant, say) -> None:
+    given = [it for it in items if it.vace]
+    if given and not variant.vace:
+        say(f"{len(given)} clip(s) come with VACE inputs (references / control / mask, e.g. {given[0].vace.files()[0]}), "
+            f"but model.variant={variant.name} is not a VACE model: they are not used. For VACE training use "
+            "wan2.1-vace-1.3b or wan2.1-vace-14b")
 
 
 def _still(video: torch.Tensor, index: int):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from wan_tune.footage import IMAGE_EXTS, VIDEO_EXTS
 
+from wan_tune.vace_inputs import VaceInputs, from_record, split_sidecars
+
 CAPTION_EXT = ".txt"  # sidecar captions: the only other files a footage folder is expected to hold
 MAX_CAPTION_BYTES = 64 << 10  # a caption is at most 512 umT5 tokens, a few KB; anything far larger is the wrong file
 PATH_COLUMNS = ("path", "video", "file", "file_name", "image")
@@ -39,6 +41,8 @@ class SourceItem:
     """Why this item cannot be used whatever the file holds (a bad manifest row); None when it can."""
     caption_problem: str | None = None
     """Why the source gave no caption (an empty or undecodable sidecar, no caption column)."""
+    vace: VaceInputs = VaceInputs()
+    """VACE reference images, control video and mask given for this clip (sidecars or columns)."""
 
     @property
     def supported(self) -> bool:
@@ -105,9 +109,10 @@ def _walk(folder: Path) -> list[Path]:
 def from_folder(folder: Path) -> list[SourceItem]:
     folder = folder.resolve()
     items = []
-    for path in _walk(folder):  # broken links and pipes too: each is reported, not ignored
-        if path.suffix.lower() == CAPTION_EXT:
-            continue
+    footage, vace, orphans = split_sidecars([p for p in _walk(folder) if p.suffix.lower() != CAPTION_EXT])
+    for path, why in orphans:
+        items.append(SourceItem(str(path), _name(path, folder), problem=why))
+    for path in footage:  # broken links and pipes too: each is reported, not ignored
         name = _name(path, folder)
         if path.exists() and not path.is_file():  # reading a named pipe would block prep for ever
             items.append(SourceItem(str(path), name, problem="not a regular file (a named pipe, socket or device); "
@@ -116,7 +121,7 @@ def from_folder(folder: Path) -> list[SourceItem]:
         # Every other file is an item: prep encodes it or its report says why not (a .pdf or
         # a .psd left out in silence looks like a bug to the person who put it there).
         caption, problem = _sidecar(path)
-        items.append(SourceItem(str(path), name, caption, caption_problem=problem))
+        items.append(SourceItem(str(path), name, caption, caption_problem=problem, vace=vace.get(path, VaceInputs())))
     return items
 
 
@@ -177,7 +182,7 @@ def _from_records(records: list[dict], columns, where: str, base: Path) -> list[
         except _BadValue as err:
             start, end, problem = None, None, str(err)
         item = SourceItem(str(path), _name(path, base), caption, start, end, row=row, problem=problem,
-                          caption_problem=no_caption)
+                          caption_problem=no_caption, vace=from_record(rec, base))
         if problem is None and item.key in first_row:
             item = replace(item, problem=f"duplicate of row {first_row[item.key]} (same file and time range)")
         elif problem is None:

@@ -426,7 +426,7 @@ def test_a_linked_footage_folder_lands_and_a_failed_export_file_is_renamed(world
     assert sorted(i.name for i in items if i.supported) == [f"shoot/clip_{i:03d}.mp4" for i in range(4)]
     assert all(i.caption for i in items)
 
-    def failing(path, adapter, variant, expert="transformer"):
+    def failing(path, adapter, variant, expert="transformer", fmt=""):
         return Check(str(path), 1, 1.0, 1e-5, "")  # our own self-test reporting a mismatch
 
     monkeypatch.setattr(export_run, "check_adapter_file", failing)

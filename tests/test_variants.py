@@ -8,7 +8,7 @@ from diffusers import WanTransformer3DModel
 
 from wan_tune.models import VARIANTS, get_variant
 from wan_tune.models.lora_targets import expand_targets
-from wan_tune.models.variants import architecture_mismatches
+from wan_tune.models.variants import architecture_mismatches, transformer_class
 
 REAL = [v for v in VARIANTS.values() if not v.tiny]
 
@@ -16,7 +16,7 @@ REAL = [v for v in VARIANTS.values() if not v.tiny]
 @pytest.mark.parametrize("variant", REAL, ids=lambda v: v.name)
 def test_real_variant_parameter_count_matches_design(variant):
     with torch.device("meta"):  # no memory: shapes only
-        model = WanTransformer3DModel(**variant.transformer)
+        model = transformer_class(variant)(**variant.transformer)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count / variant.expected_params - 1) < 0.01, f"{variant.name}: {count / 1e9:.3f} B"
     # The FLF2V repository spells it "-diffusers", the others "-Diffusers".

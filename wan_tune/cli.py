@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample",
         help="render a video from a base model and an exported LoRA (mp4 + contact-sheet PNG)",
-        description="Text-to-video (or image-to-video with --image, first-and-last-frame with --image and --last-image) "
+        description="Text-to-video (or image-to-video with --image, first-and-last-frame with --image and --last-image, "
+        "VACE with --reference-image / --control-video / --mask-video) "
         "through the diffusers Wan pipelines, with an "
         "optional LoRA from `wan-tune export` (any of its formats).",
     )
@@ -319,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--image", default=None, help="first frame, for image-to-video models")
     p.add_argument("--last-image", default=None, help="last frame, for first-and-last-frame models (FLF2V; with --image)")
+    p.add_argument("--reference-image", action="append", default=[], metavar="IMAGE",
+                   help="VACE: a reference image (product, logo, character) the video keeps; repeat for several")
+    p.add_argument("--control-video", default=None, help="VACE: control video (depth, pose, edges, grey, layout), "
+                   "at least --frames long; cut to the render size as prep cuts training controls")
+    p.add_argument("--mask-video", default=None, help="VACE: black keeps the control's pixels, white generates (with --control-video)")
+    p.add_argument("--conditioning-scale", type=float, default=1.0, help="VACE: weight of the reference/control hints")
     p.add_argument("--frames", type=int, default=33, help="frame count, 4k+1")
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
     p.add_argument("--seed", type=int, default=0)

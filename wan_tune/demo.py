@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .config import load_recipe
+from .models.variants import get_variant
 
 DEMO_RECIPE = "demo-tiny.yaml"
 MARKER = ".wan-tune-demo"
@@ -71,6 +72,16 @@ def _sample_frames(recipe, run_dir: Path) -> tuple[str | None, str | None]:
     return str(run_dir / "first_frame.png"), (str(run_dir / "last_frame.png") if last is not None else None)
 
 
+def _vace_inputs(recipe, variant) -> dict:
+    """VACE: the first generated clip's own control, mask and reference for the sample."""
+    if not variant.vace:
+        return {}
+    from data_prep.sources import discover
+
+    inputs = next(it.vace for it in discover(recipe.data.source) if it.vace)
+    return {"reference_image": list(inputs.references), "control_video": inputs.control, "mask_video": inputs.mask}
+
+
 def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None = None, clips: int = 8, say=print) -> dict:
     from data_prep.captions import make_captions
     from data_prep.prep import run_prep
@@ -100,8 +111,10 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
         if not folder.exists():
             mark(folder)
 
-    say(f"[1/6] generating {clips} clips in {recipe.data.source}")
-    make_clips(recipe.data.source, clips, trigger=recipe.caption.trigger_word or "wtune", frames=24, height=96, width=128)
+    variant = get_variant(recipe.model.variant)
+    say(f"[1/6] generating {clips} clips in {recipe.data.source}" + (" with VACE control, mask and reference" if variant.vace else ""))
+    make_clips(recipe.data.source, clips, trigger=recipe.caption.trigger_word or "wtune", frames=24, height=96, width=128,
+               vace=variant.vace)
     source = resolve_source(recipe.model.variant, recipe.model.path)  # builds the tiny model on first use
     lap("clips + tiny model")
 
@@ -131,7 +144,7 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     image, last_image = _sample_frames(recipe, run_dir)
     video, sheet = sample(SampleArgs(base=str(source.folder), lora=loras, prompt=f"{recipe.caption.trigger_word} style, a red circle drifting over a dark gradient",
                                      frames=recipe.data.frames[0], steps=10, height=h, width=w, image=image,
-                                     last_image=last_image,
+                                     last_image=last_image, **_vace_inputs(recipe, variant),
                                      out=str(run_dir / "sample.mp4")), say=say)
     lap("sample")
 

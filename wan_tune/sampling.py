@@ -3,7 +3,7 @@ diffusers Wan pipelines. The pipeline class comes from the base folder's model_i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,8 @@ import torch
 from .atomic import atomic_write, writable_problem, write_json
 from .models.loading import ModelLoadError, read_pipeline_config, resolve_source
 from .models.variants import VARIANTS, Variant, architecture_mismatches, pipeline_mismatches
+from .training.overview import frame_row, write_sheet
+from .vace_media import ConditioningError, control_frames, mask_frames, pipeline_inputs, reference_images, sheet_rows
 from .video_io import to_uint8, write_video
 
 
@@ -30,6 +32,14 @@ class SampleArgs:
     image: str | None = None
     last_image: str | None = None
     """FLF2V: the last frame (with `image`, the first)."""
+    reference_image: list[str] = field(default_factory=list)
+    """VACE: reference images (product, logo, character) the video keeps."""
+    control_video: str | None = None
+    """VACE: the control video (depth, pose, edges, grey, layout), at least `frames` long."""
+    mask_video: str | None = None
+    """VACE: which parts of the control to keep (black) and to generate (white)."""
+    conditioning_scale: float = 1.0
+    """VACE: weight of the hints from the references and control."""
     negative_prompt: str = ""
     frames: int = 33
     steps: int = 30
@@ -87,9 +97,49 @@ def variant_of(folder: Path) -> Variant | None:
     """The registered variant whose architecture (and pipeline) the folder has."""
     from diffusers import WanTransformer3DModel
 
-    config = WanTransformer3DModel.load_config(folder / "transformer")
+    config = WanTransformer3DModel.load_config(folder / "transformer")  # ConfigMixin: any Wan class reads it
     index = read_pipeline_config(folder)
     return next((v for v in VARIANTS.values() if not architecture_mismatches(v, config) + pipeline_mismatches(v, index)), None)
+
+
+def vace_problems(args: SampleArgs, variant: Variant | None, base: str) -> list[str]:
+    given = [name for name, value in (("--reference-image", args.reference_image), ("--control-video", args.control_video),
+                                      ("--mask-video", args.mask_video)) if value]
+    if variant is not None and not variant.vace:
+        return [f"{', '.join(given)}: for VACE models; {base} is {variant.name}, not one"] if given else []
+    problems = []
+    if args.mask_video and not args.control_video:
+        problems.append("--mask-video masks a control video: give --control-video too")
+    if not np.isfinite(args.conditioning_scale) or args.conditioning_scale < 0:
+        problems.append(f"--conditioning-scale must be a finite number >= 0, got {args.conditioning_scale}")
+    return problems
+
+
+def _vace_media(args: SampleArgs, height: int, width: int, fps: float) -> dict:
+    """The control and mask (--frames of them from the start, at the model's frame rate, as prep
+    resamples training footage) and the references, as the pipeline takes them."""
+    try:
+        return {
+            "video": control_frames(args.control_video, args.frames, height, width, fps=fps) if args.control_video else None,
+            "mask": mask_frames(args.mask_video, args.frames, height, width, fps=fps) if args.mask_video else None,
+            "reference_images": reference_images(args.reference_image, height, width),
+        }
+    except ConditioningError as err:
+        raise SampleError(str(err)) from None
+
+
+def _lora_weights(path: str):
+    """The file, or, for an original-key LoRA of VACE blocks (which diffusers 0.42's converter
+    refuses), its weights in diffusers' keys."""
+    from safetensors.torch import load_file
+
+    from .export.adapters import peft_from_original
+
+    with open(path, "rb") as f:  # the safetensors header: 8 bytes of length, then the JSON naming every key
+        head = f.read(int.from_bytes(f.read(8), "little"))
+    if b"diffusion_model.vace_blocks." not in head:
+        return path
+    return peft_from_original(load_file(path))
 
 
 def contact_sheet(frames: np.ndarray, count: int = 8) -> "Image.Image":
@@ -131,7 +181,7 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
         raise SampleError(f"{args.base} is a first-and-last-frame model: give the last frame with --last-image (and the first with --image)")
     if args.last_image and not last_frame:
         raise SampleError(f"--last-image is for first-and-last-frame (FLF2V) models; {args.base} is not one")
-    problems = argument_problems(args, variant)
+    problems = argument_problems(args, variant) + vace_problems(args, variant, args.base)
     if problems:
         raise SampleError("; ".join(problems))
     problem = writable_problem(Path(args.out).parent)
@@ -149,7 +199,7 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     for (path, h), expert in zip(headers, experts):
         low = h.get("wan_tune.expert") == "low_noise"  # A14B: the low-noise file goes into transformer_2
         try:
-            pipe.load_lora_weights(path, adapter_name=f"lora_{expert}", load_into_transformer_2=low)
+            pipe.load_lora_weights(_lora_weights(path), adapter_name=f"lora_{expert}", load_into_transformer_2=low)
         except Exception as err:
             raise SampleError(f"--lora {path} does not load into {args.base}: {err}") from None
     if loras:
@@ -163,9 +213,15 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     for key, path in (("image", args.image), ("last_image", args.last_image)):
         if path:
             kwargs[key] = Image.open(path).convert("RGB")
+    media = _vace_media(args, height, width, variant.fps) if variant is not None and variant.vace else {}
+    if variant is not None and variant.vace:
+        kwargs.update(conditioning_scale=args.conditioning_scale, **pipeline_inputs(media))
     say(f"sampling {args.frames} frames at {width}x{height}, {args.steps} steps on {device}")
     frames = to_uint8(pipe(**kwargs).frames[0])
     out = write_video(args.out, frames, fps=variant.fps if variant else 16)  # TI2V-5B: 24 fps
-    sheet = atomic_write(Path(out).with_suffix(".png"), lambda tmp: contact_sheet(frames).save(tmp, format="PNG"))
+    if media:  # the conditioning above the render
+        sheet = write_sheet(Path(out).with_suffix(".png"), [*sheet_rows(media, height, width), ("sample", frame_row(frames))])
+    else:
+        sheet = atomic_write(Path(out).with_suffix(".png"), lambda tmp: contact_sheet(frames).save(tmp, format="PNG"))
     write_json(Path(out).with_suffix(".json"), {**vars(args), "height": height, "width": width})  # how it was made
     return out, sheet

@@ -66,13 +66,49 @@ def make_clips(
     width: int = 128,
     fps: float = 16,
     seed: int = 0,
+    vace: bool = False,
 ) -> list[Path]:
-    """`count` mp4 clips with sidecar captions in `folder`; returns the video paths."""
+    """`count` mp4 clips with sidecar captions in `folder`; returns the video paths. `vace`: each
+    clip also gets VACE sidecars made from its own frames (see `vace_sidecars`)."""
     folder = Path(folder)
     paths = []
     for i in range(count):
         shape, color = SHAPES[i % len(SHAPES)], list(COLORS)[i % len(COLORS)]
-        path = write_video(folder / f"clip_{i:03d}.mp4", moving_shape(frames, height, width, shape, color, seed + i), fps)
+        video = moving_shape(frames, height, width, shape, color, seed + i)
+        path = write_video(folder / f"clip_{i:03d}.mp4", video, fps)
         path.with_suffix(".txt").write_text(f"{trigger} style, a {color} {shape} drifting over a dark gradient\n")
+        if vace:
+            vace_sidecars(path, video, fps)
         paths.append(path)
     return paths
+
+
+def grey_control(video: np.ndarray) -> np.ndarray:
+    """A control video made from footage: its luminance as grey frames (VACE's 'grey' control)."""
+    luma = video.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.repeat(luma.round().clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def right_half_mask(frames: int, height: int, width: int) -> np.ndarray:
+    """A VACE mask: the left half kept (black), the right half generated (white)."""
+    mask = np.zeros((frames, height, width, 3), np.uint8)
+    mask[:, :, width // 2 :] = 255
+    return mask
+
+
+def vace_sidecars(path: Path, video: np.ndarray, fps: float) -> dict[str, Path]:
+    """Beside `path`: `.control.mp4` (grey), `.mask.mp4` (right half generated) and `.ref.png` (the
+    middle of the first frame, square: a reference of another aspect than the clip)."""
+    from PIL import Image
+
+    t, h, w, _ = video.shape
+    stem = path.with_suffix("")
+    side = min(h, w)
+    left = (w - side) // 2
+    ref = Path(f"{stem}.ref.png")
+    Image.fromarray(video[0, :side, left : left + side]).save(ref)
+    return {
+        "control": write_video(f"{stem}.control.mp4", grey_control(video), fps),
+        "mask": write_video(f"{stem}.mask.mp4", right_half_mask(t, h, w), fps),
+        "ref": ref,
+    }

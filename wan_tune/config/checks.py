@@ -5,13 +5,13 @@ from __future__ import annotations
 import difflib
 import string
 
-from ..models.lora_targets import PRESETS, expand_targets, matching, module_widths
+from ..models.lora_targets import PRESET_NAMES, PRESETS, VACE_PRESET, expand_targets, matching, module_widths
 from ..models.variants import VARIANTS, Variant
 from .schema import AdapterConfig, Recipe
 
 LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets")
 # Top-level modules of WanTransformer3DModel outside its blocks (a target naming one trains there).
-OUTSIDE_BLOCKS = ("condition_embedder", "patch_embedding", "proj_out", "norm_out")
+OUTSIDE_BLOCKS = ("condition_embedder", "patch_embedding", "proj_out", "norm_out", "vace_patch_embedding")
 
 
 def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list[tuple[str, str]]:
@@ -60,15 +60,18 @@ def _full_errors(r: Recipe, explicit: set[str]) -> list[tuple[str, str]]:
 def _lora_errors(r: Recipe, variant: Variant | None, invalid: set[str]) -> list[tuple[str, str]]:
     errors = []
     for t in r.adapter.targets:
-        if "." not in t and t not in PRESETS:
-            close = difflib.get_close_matches(t, PRESETS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(PRESETS)}"
+        if "." not in t and t not in PRESET_NAMES:
+            close = difflib.get_close_matches(t, PRESET_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(PRESET_NAMES)}"
             errors.append(("adapter.targets", f"{t!r} is neither a preset nor a module name like 'attn1.to_q'{hint}"))
+        elif t == VACE_PRESET and variant is not None and not variant.vace:
+            errors.append(("adapter.targets", f"{VACE_PRESET}: {variant.name} has no VACE blocks (the VACE variants: "
+                           f"{', '.join(n for n, v in VARIANTS.items() if v.vace)})"))
     if not r.adapter.targets:
         errors.append(("adapter.targets", "a LoRA needs at least one target"))
     elif variant is not None and not {"adapter.targets", "adapter.rank"} & invalid:
         errors += target_errors(r.adapter.targets, r.adapter.rank, variant)
-    outside = [t for t in r.adapter.targets if t.split(".")[0] in OUTSIDE_BLOCKS]
+    outside = [t for t in r.adapter.targets if t.split(".")[0] in OUTSIDE_BLOCKS or t.startswith(VACE_PRESET)]
     if outside and r.export.format in ("kohya", "all"):
         errors.append(("export.format", f"{r.export.format} includes kohya, which cannot carry adapters outside the "
                        f"transformer blocks ({', '.join(outside)}): set export.format=comfyui or diffusers"))
@@ -143,6 +146,21 @@ def _variant_errors(r: Recipe, variant: Variant, invalid: set[str]) -> list[tupl
         errors.append(("validation.last_images", f"FLF2V validation takes a last frame for each first frame ({len(v.images)} "
                                                  f"validation.images, {len(v.last_images)} last_images), or neither: then "
                                                  "both come from clips"))
+    return errors + _vace_validation_errors(r, variant)
+
+
+def _vace_validation_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]]:
+    v, errors = r.validation, []
+    for key in ("references", "controls", "masks"):
+        given = getattr(v, key)
+        if given and not variant.vace:
+            errors.append((f"validation.{key}", f"is for VACE variants; {variant.name} is not one"))
+        elif given and len(given) != len(v.prompts):
+            errors.append((f"validation.{key}", f"one entry per prompt ({len(given)} for {len(v.prompts)} prompts; an "
+                                                "empty entry gives none)"))
+    for i, (control, mask) in enumerate(zip(v.controls or [""] * len(v.masks), v.masks)):
+        if mask and not control:
+            errors.append(("validation.masks", f"entry {i} masks no control video: give validation.controls[{i}]"))
     return errors
 
 
@@ -152,7 +170,7 @@ def target_errors(targets: list[str], rank: int, variant: Variant) -> list[tuple
     widths = module_widths(variant)
     errors = []
     for t in targets:
-        if t not in PRESETS and "." in t and not matching(t, widths):
+        if t not in PRESET_NAMES and "." in t and not matching(t, widths):
             names = sorted({m.split(".", 2)[2] if m.startswith("blocks.") else m for m in widths})
             close = difflib.get_close_matches(t, names, n=1)
             hint = f"did you mean {close[0]!r}?" if close else "block modules are named like attn1.to_q, attn2.to_out.0, ffn.net.2"
@@ -196,6 +214,11 @@ def _context_parallel_errors(r: Recipe, variant: Variant | None) -> list[tuple[s
         errors.append(("train.offload", f"blocks does not run with train.context_parallel={cp} yet: set train.offload=none "
                        "(context parallelism already divides the activations)"))
     if variant is None:
+        return errors
+    if variant.vace:  # diffusers' WanVACETransformer3DModel has no _cp_plan to split its tokens by
+        errors.append(("train.context_parallel", f"{variant.name} is a VACE model, which diffusers 0.42 cannot split "
+                       "across processes yet: set train.context_parallel=1 (activation offload or train.ffn_chunks "
+                       "shrink one clip's activations instead)"))
         return errors
     heads = variant.transformer["num_attention_heads"]
     if r.train.context_parallel_kind == "ulysses" and heads % cp:

@@ -211,6 +211,20 @@ class DataConfig:
 
 
 @dataclass
+class VaceConfig:
+    """VACE models (wan2.1-vace-*): how the references and control video are used in training."""
+
+    drop_reference: float = opt(
+        0.0, "Share of steps trained without the clip's reference images, so one adapter serves with and without.",
+        check=unit_interval)
+    drop_control: float = opt(
+        0.0, "Share of steps trained without the control video and mask (the grey video the pipeline uses "
+        "when none is given), so one adapter serves with and without.", check=unit_interval)
+    conditioning_scale: float = opt(
+        1.0, "Weight of the VACE hints added into the blocks (the pipeline's `conditioning_scale`).", check=non_negative)
+
+
+@dataclass
 class CaptionConfig:
     """How captions are made before encoding (`wan-tune caption`), for review."""
 
@@ -243,7 +257,8 @@ class AdapterConfig:
     dropout: float = opt(0.0, "LoRA dropout on the adapter input.", check=below_one)
     targets: list[str] = opt(
         ["attention", "ffn"],
-        "Presets `attention` (self + cross q,k,v,o), `self_attention`, `cross_attention`, `ffn`, or diffusers module "
+        "Presets `attention` (self + cross q,k,v,o), `self_attention`, `cross_attention`, `ffn`, `vace_blocks` (every "
+        "layer of a VACE model's VACE blocks; the other presets then mean the main blocks only), or diffusers module "
         "names such as `attn1.to_q`.",
     )
 
@@ -352,6 +367,11 @@ class ValidationConfig:
     images: list[str] = opt([], "I2V only: first-frame image per prompt.")
     last_images: list[str] = opt([], "FLF2V only: last-frame image per prompt (with `images`); both empty: the first "
                                      "and last frames of held-out clips (else of the first clips).")
+    references: list[str] = opt([], "VACE only: reference image(s) per prompt, several separated by `;` (an empty "
+                                    "entry: none). All three VACE lists empty: each prompt takes a clip's own inputs "
+                                    "(held-out clips first).")
+    controls: list[str] = opt([], "VACE only: control video per prompt (an empty entry: none).")
+    masks: list[str] = opt([], "VACE only: mask video per prompt, for its control (an empty entry: none).")
     frames: int = opt(33, "Frames per validation video (4k+1).", check=frames_4k1)
     height: Optional[int] = opt(None, "Height in pixels; empty = the first `data.resolutions` entry.", check=multiple_of_16)
     width: Optional[int] = opt(None, "Width in pixels; empty = the first `data.resolutions` entry.", check=multiple_of_16)
@@ -406,6 +426,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    vace: VaceConfig = field(default_factory=VaceConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)

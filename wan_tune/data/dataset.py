@@ -22,7 +22,10 @@ class ShardDataset(Dataset):
         self._reader: ShardReader | None = None
         probe = ShardReader(root)
         self.meta = probe.meta
-        self.buckets = [tuple(b) for b in probe.index[["frames", "height", "width"]].itertuples(index=False)]
+        # VACE: clips with another number of reference images have another context length, so
+        # they are another bucket (a batch stacks one shape). Index files from before the column: 0.
+        refs = probe.index["references"].fillna(0).astype(int) if "references" in probe.index else [0] * len(probe.index)
+        self.buckets = [(*b, r) for b, r in zip(probe.index[["frames", "height", "width"]].itertuples(index=False), refs)]
         self.ids, self.sources = probe.index["id"].tolist(), probe.index["source"].tolist()
         self.empty_prompt = probe.empty_prompt()
 

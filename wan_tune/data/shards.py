@@ -47,7 +47,7 @@ PARTS_DIR = "index"
 # Index columns, in order; `file` is relative to the shard folder.
 COLUMNS = (
     "id", "source", "caption", "frames", "height", "width", "start_frame", "start_s", "end_s", "text_len", "checksum",
-    "file",
+    "file", "references", "vace",
 )
 _OWN_NAME = re.compile(r"rank(\d+)-(\d{5})")  # the stem of every data file and index part prep writes
 
@@ -56,6 +56,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 class ShardFormatError(RuntimeError):
     """The shard folder is missing, damaged or from another format version."""
+
+
+def reference_count(tensors: dict[str, torch.Tensor]) -> int:
+    """VACE reference images of a sample: the latent frames its context has before the clip's."""
+    if "vace_context" not in tensors:
+        return 0
+    return int(tensors["vace_context"].shape[-3] - tensors["latents"].shape[-3])
 
 
 def own_files(folder: Path, suffix: str, rank: int | None = None) -> list[Path]:
@@ -164,13 +171,14 @@ class ShardWriter:
                 tmp.unlink()
 
     def add(self, row: dict, tensors: dict[str, torch.Tensor]) -> None:
-        missing = set(COLUMNS) - {"file", "text_len", "checksum"} - set(row)
+        missing = set(COLUMNS) - {"file", "text_len", "checksum", "references", "vace"} - set(row)
         if missing:
             raise ValueError(f"sample row lacks {sorted(missing)}")
         sid = row["id"]
         # clone: samples of one caption share a cached text tensor; safetensors refuses shared memory
         stored = {name: t.detach().to("cpu", self.dtype).clone() for name, t in tensors.items()}
-        self._rows.append({**row, "text_len": int(tensors["text"].shape[0]), "checksum": checksum(stored)})
+        self._rows.append({**row, "text_len": int(tensors["text"].shape[0]), "checksum": checksum(stored),
+                           "references": reference_count(tensors), "vace": row.get("vace", "")})
         for name, t in stored.items():
             self._tensors[f"{sid}/{name}"] = t
         if len(self._rows) >= self.per_file:

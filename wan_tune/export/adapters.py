@@ -93,6 +93,31 @@ def comfyui_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_original(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """An original-key (ComfyUI) LoRA as {diffusers module: (down, up, scale)}: scale = alpha / rank,
+    1 without an alpha (as ComfyUI and diffusers read it)."""
+    from ..models.keymap import to_diffusers
+
+    parts: dict[str, dict] = {}
+    for key, tensor in state_dict.items():
+        name = key.removeprefix("diffusion_model.")
+        module, part = (name.removesuffix(".alpha"), "alpha") if name.endswith(".alpha") else name.split(".lora_", 1)
+        parts.setdefault(to_diffusers(module), {})[part] = tensor
+    return {m: (p["down.weight"], p["up.weight"], float(p["alpha"]) / p["down.weight"].shape[0] if "alpha" in p else 1.0)
+            for m, p in parts.items()}
+
+
+def peft_from_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An original-key LoRA in diffusers' own keys (`transformer.<module>.lora_A/B.weight`, the scale
+    folded into B): what `load_lora_weights` takes where its converter cannot read the original
+    (VACE blocks, diffusers 0.42)."""
+    out = {}
+    for module, (down, up, scale) in read_original(state_dict).items():
+        out[f"transformer.{module}.lora_A.weight"] = down
+        out[f"transformer.{module}.lora_B.weight"] = (up.float() * scale).to(up.dtype)
+    return out
+
+
 def diffusers_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     out = {}
     for module, (a, b) in adapter.pairs.items():
@@ -119,7 +144,8 @@ def kohya_problems(adapter: Adapter, is_i2v: bool) -> list[str]:
 
 
 def kohya_outside_blocks(modules) -> list[str]:
-    """Targets diffusers' kohya/musubi converter cannot take (it expects `blocks_N` in every key)."""
+    """Targets diffusers' kohya/musubi converter cannot take (it expects `blocks_N` in every key;
+    VACE's `vace_blocks` are not among them)."""
     return sorted(m for m in modules if not in_blocks(m))
 
 

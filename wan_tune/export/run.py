@@ -15,7 +15,7 @@ from .. import __version__
 from ..atomic import save_tensors, writable_problem
 from ..config import Recipe, load_recipe, recipe_hash
 from ..models.keymap import state_dict_to_original
-from ..models.variants import Variant, expert_label, get_variant
+from ..models.variants import Variant, expert_label, get_variant, transformer_class
 from .adapters import (
     FORMATS,
     Adapter,
@@ -85,9 +85,7 @@ def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict[str, dict[str,
 def check_fits(adapter: Adapter, variant: Variant) -> None:
     """Refuse a LoRA whose modules or shapes are not the variant's (another model's adapter)."""
     with torch.device("meta"):
-        from diffusers import WanTransformer3DModel
-
-        model = WanTransformer3DModel(**variant.transformer)
+        model = transformer_class(variant)(**variant.transformer)
     modules = dict(model.named_modules())
     for name, (a, b) in adapter.pairs.items():
         m = modules.get(name)
@@ -179,7 +177,7 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
         path = save_tensors(out / f"{stem}-{fmt}.safetensors", sd,
                             {"format": "pt", **meta, **header(recipe, state, fmt, expert, adapter.pairs)})
         try:
-            check = check_adapter_file(path, adapter, variant, expert)
+            check = check_adapter_file(path, adapter, variant, expert, fmt)
         except Exception as err:  # a file diffusers cannot even load must not stay behind looking usable
             path.unlink(missing_ok=True)
             raise ExportError(f"{path.name}: diffusers could not load it back ({type(err).__name__}: "
@@ -223,15 +221,13 @@ def _reload_check(model, folder: Path, recipe: Recipe, expert: str = "transforme
 
 
 def export_full(recipe: Recipe, weights: dict[str, torch.Tensor], folder: Path, say, expert: str = "transformer") -> list[Check]:
-    from diffusers import WanTransformer3DModel
-
     variant = get_variant(recipe.model.variant)
     model = empty_transformer(variant, torch.float32)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ExportError(f"the checkpoint's weights do not match {variant.name} (missing {listing(missing)}, "
                           f"unexpected {listing(unexpected)})")
-    assert isinstance(model, WanTransformer3DModel)
+    assert isinstance(model, transformer_class(variant))
     _write_transformer(model, folder, recipe, say, expert)
     return _checked(_reload_check(model, folder, recipe, expert), folder, expert)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..models.keymap import to_original
-from ..models.variants import Variant
-from .adapters import Adapter
+from ..models.variants import Variant, pipeline_class, transformer_class
+from .adapters import Adapter, read_original
 
 # Above this size the check model is materialised in bf16 to halve its memory.
 FP32_LIMIT = 2e9
@@ -35,10 +35,8 @@ class Check:
 
 def empty_transformer(variant: Variant, dtype: torch.dtype | None = None):
     """A transformer of the variant's architecture with uninitialised weights (no random-init cost)."""
-    from diffusers import WanTransformer3DModel
-
     with torch.device("meta"):
-        model = WanTransformer3DModel(**variant.transformer)
+        model = transformer_class(variant)(**variant.transformer)
     params = sum(p.numel() for p in model.parameters())
     dtype = dtype or (torch.float32 if params <= FP32_LIMIT else torch.bfloat16)
     model = model.to_empty(device="cpu")
@@ -46,10 +44,8 @@ def empty_transformer(variant: Variant, dtype: torch.dtype | None = None):
 
 
 def original_module_names(variant: Variant) -> set[str]:
-    from diffusers import WanTransformer3DModel
-
     with torch.device("meta"):
-        model = WanTransformer3DModel(**variant.transformer)
+        model = transformer_class(variant)(**variant.transformer)
     out = set()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -71,23 +67,49 @@ def check_original_keys(state_dict: dict, variant: Variant, prefix: str) -> list
     return bad
 
 
-def check_adapter_file(path, adapter: Adapter, variant: Variant, expert: str = "transformer") -> Check:
-    """`expert="transformer_2"`: an A14B low-noise file, loaded the way diffusers users load it,
-    into the pipeline's `transformer_2` with `load_into_transformer_2=True`."""
-    from diffusers import WanImageToVideoPipeline, WanPipeline
+def diffusers_reads(adapter: Adapter, fmt: str) -> bool:
+    """Whether diffusers' loader takes the file: its converter of original-key files (0.42) knows
+    the main blocks and embedders, not VACE's blocks."""
+    return fmt == "diffusers" or not any(m.startswith("vace_blocks.") for m in adapter.pairs)
 
+
+def check_original_file(path, adapter: Adapter, variant: Variant) -> Check:
+    """An original-key (ComfyUI) file read back key by key, where diffusers cannot read it: every
+    module must be a Linear of the original-key model (ComfyUI applies a LoRA key to the model
+    weight of the same name) and its update, alpha / rank * up @ down, the trained one."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    bad = check_original_keys(sd, variant, "diffusion_model.")
+    if bad:
+        return Check(str(path), 0, float("inf"), 1e-5, f"keys that name no Linear of {variant.name}: {bad[:2]}")
+    parts = read_original(sd)
+    if set(parts) != set(adapter.pairs):
+        return Check(str(path), len(parts), float("inf"), 1e-5, f"{len(parts)} modules in the file, {len(adapter.pairs)} trained")
+    worst = 0.0
+    for module, (down, up, scale) in parts.items():
+        got = scale * (up.float() @ down.float())
+        want = adapter.delta(module)
+        worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
+    return Check(str(path), len(parts), worst, 1e-5)
+
+
+def check_adapter_file(path, adapter: Adapter, variant: Variant, expert: str = "transformer", fmt: str = "") -> Check:
+    """`expert="transformer_2"`: an A14B low-noise file, loaded the way diffusers users load it,
+    into the pipeline's `transformer_2` with `load_into_transformer_2=True`. A file diffusers
+    cannot read (a VACE-block LoRA in original keys) is read back by `check_original_file`."""
+    if not diffusers_reads(adapter, fmt):
+        return check_original_file(path, adapter, variant)
     model = empty_transformer(variant)
     tol = 1e-5 if model.dtype == torch.float32 else 2e-2
     parts = dict(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=model, transformer_2=None)
     if expert == "transformer_2":
         # diffusers reads `transformer.config` even when loading into transformer_2: a
         # weightless (meta) high-noise expert answers that without the memory of a second model.
-        from diffusers import WanTransformer3DModel
-
         with torch.device("meta"):
-            parts.update(transformer=WanTransformer3DModel(**variant.transformer), transformer_2=model,
+            parts.update(transformer=transformer_class(variant)(**variant.transformer), transformer_2=model,
                          boundary_ratio=variant.boundary_ratio)
-    pipe = WanImageToVideoPipeline(**parts) if variant.is_i2v else WanPipeline(**parts)
+    pipe = pipeline_class(variant)(**parts)
     pipe.load_lora_weights(str(path), adapter_name="selftest", load_into_transformer_2=expert == "transformer_2")
     loaded = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and "selftest" in getattr(m, "lora_A", {})}
     if loaded != set(adapter.pairs):

@@ -180,6 +180,10 @@ class BlockCheckpoint:
         self.anchor = torch.empty(0, requires_grad=True)  # makes every block's backward run (see the module docstring)
 
     def __call__(self, block: torch.nn.Module, hidden_states: torch.Tensor, *args):
+        if id(block) not in self.slots:  # a VACE block (two outputs, nothing nested in it): torch's checkpoint
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.run, block, hidden_states, *args, use_reentrant=False)
         anchor = self.anchor if self.anchor.device == hidden_states.device else self._move_anchor(hidden_states.device)
         call = _Call(block, self.slots[id(block)], self.stash, self.run)
         return OffloadedBlock.apply(call, anchor, hidden_states, *args)

@@ -11,28 +11,37 @@ import re
 
 # (diffusers name, original name) for module / parameter paths; `{i}` is a block index.
 # Parameters that are not `.weight`/`.bias` of a module (the modulation tables) are listed whole.
-_PAIRS: list[tuple[str, str]] = [
-    ("blocks.{i}.attn1.to_q", "blocks.{i}.self_attn.q"),
-    ("blocks.{i}.attn1.to_k", "blocks.{i}.self_attn.k"),
-    ("blocks.{i}.attn1.to_v", "blocks.{i}.self_attn.v"),
-    ("blocks.{i}.attn1.to_out.0", "blocks.{i}.self_attn.o"),
-    ("blocks.{i}.attn1.norm_q", "blocks.{i}.self_attn.norm_q"),
-    ("blocks.{i}.attn1.norm_k", "blocks.{i}.self_attn.norm_k"),
-    ("blocks.{i}.attn2.to_q", "blocks.{i}.cross_attn.q"),
-    ("blocks.{i}.attn2.to_k", "blocks.{i}.cross_attn.k"),
-    ("blocks.{i}.attn2.to_v", "blocks.{i}.cross_attn.v"),
-    ("blocks.{i}.attn2.to_out.0", "blocks.{i}.cross_attn.o"),
-    ("blocks.{i}.attn2.norm_q", "blocks.{i}.cross_attn.norm_q"),
-    ("blocks.{i}.attn2.norm_k", "blocks.{i}.cross_attn.norm_k"),
+_BLOCK_PAIRS: list[tuple[str, str]] = [
+    ("attn1.to_q", "self_attn.q"),
+    ("attn1.to_k", "self_attn.k"),
+    ("attn1.to_v", "self_attn.v"),
+    ("attn1.to_out.0", "self_attn.o"),
+    ("attn1.norm_q", "self_attn.norm_q"),
+    ("attn1.norm_k", "self_attn.norm_k"),
+    ("attn2.to_q", "cross_attn.q"),
+    ("attn2.to_k", "cross_attn.k"),
+    ("attn2.to_v", "cross_attn.v"),
+    ("attn2.to_out.0", "cross_attn.o"),
+    ("attn2.norm_q", "cross_attn.norm_q"),
+    ("attn2.norm_k", "cross_attn.norm_k"),
     # Wan2.1 I2V: the image branch of cross-attention.
-    ("blocks.{i}.attn2.add_k_proj", "blocks.{i}.cross_attn.k_img"),
-    ("blocks.{i}.attn2.add_v_proj", "blocks.{i}.cross_attn.v_img"),
-    ("blocks.{i}.attn2.norm_added_k", "blocks.{i}.cross_attn.norm_k_img"),
-    ("blocks.{i}.ffn.net.0.proj", "blocks.{i}.ffn.0"),
-    ("blocks.{i}.ffn.net.2", "blocks.{i}.ffn.2"),
+    ("attn2.add_k_proj", "cross_attn.k_img"),
+    ("attn2.add_v_proj", "cross_attn.v_img"),
+    ("attn2.norm_added_k", "cross_attn.norm_k_img"),
+    ("ffn.net.0.proj", "ffn.0"),
+    ("ffn.net.2", "ffn.2"),
     # Only the cross-attention norm has weights; diffusers calls it norm2, Wan norm3.
-    ("blocks.{i}.norm2", "blocks.{i}.norm3"),
-    ("blocks.{i}.scale_shift_table", "blocks.{i}.modulation"),
+    ("norm2", "norm3"),
+    ("scale_shift_table", "modulation"),
+]
+# VACE (WanVACETransformer3DModel): its blocks are Wan blocks; the first also projects the context
+# in (original `before_proj`), each projects its hint out (`after_proj`).
+_VACE_PAIRS = [("proj_in", "before_proj"), ("proj_out", "after_proj")]
+
+_PAIRS: list[tuple[str, str]] = [
+    *((f"blocks.{{i}}.{d}", f"blocks.{{i}}.{o}") for d, o in _BLOCK_PAIRS),
+    *((f"vace_blocks.{{i}}.{d}", f"vace_blocks.{{i}}.{o}") for d, o in _BLOCK_PAIRS + _VACE_PAIRS),
+    ("vace_patch_embedding", "vace_patch_embedding"),
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
     ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
     ("condition_embedder.time_proj", "time_projection.1"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .variants import Variant, architecture_mismatches, get_variant, pipeline_mismatches
+from .variants import Variant, architecture_mismatches, get_variant, pipeline_mismatches, transformer_class
 
 # Files every component needs besides weights (configs, tokenizer, processor).
 _META_PATTERNS = ["model_index.json", "*.json", "*.txt", "*.model", "*.spm"]
@@ -171,7 +171,8 @@ def _check_single_file(source: ModelSource, expert: str) -> None:
     try:
         with safe_open(str(file), framework="pt") as f:
             keys = list(f.keys())
-            shapes = {k: f.get_slice(k).get_shape() for k in keys if k.endswith("patch_embedding.weight")}
+            shapes = {k: f.get_slice(k).get_shape() for k in keys if k.endswith("patch_embedding.weight")
+                      and "vace_" not in k}
     except Exception as err:
         raise ModelLoadError(f"{key}: {file} is not a readable safetensors file ({err})") from None
     keys = [k.removeprefix("model.diffusion_model.") for k in keys]
@@ -179,10 +180,13 @@ def _check_single_file(source: ModelSource, expert: str) -> None:
         hint = " (it has diffusers keys: use model.path for a diffusers folder instead)" if any(".attn1." in k for k in keys) else ""
         raise ModelLoadError(f"{key}: {file} is not an original-key Wan transformer{hint}")
     layers = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
+    vace_blocks = len({k.split(".")[1] for k in keys if k.startswith("vace_blocks.")})
     patch_shape = next(iter(shapes.values()), None)  # [inner_dim, in_channels, 1, 2, 2]
     want = source.variant.transformer
-    got = {"num_layers": layers, "inner_dim": patch_shape[0] if patch_shape else None, "in_channels": patch_shape[1] if patch_shape else None}
-    expected = {"num_layers": want["num_layers"], "inner_dim": source.variant.inner_dim, "in_channels": want["in_channels"]}
+    got = {"num_layers": layers, "inner_dim": patch_shape[0] if patch_shape else None,
+           "in_channels": patch_shape[1] if patch_shape else None, "vace_blocks": vace_blocks}
+    expected = {"num_layers": want["num_layers"], "inner_dim": source.variant.inner_dim, "in_channels": want["in_channels"],
+                "vace_blocks": len(want.get("vace_layers", ()))}
     if got != expected:
         raise ModelLoadError(
             f"{key}: {file} does not hold model.variant={source.variant.name!r}: "
@@ -191,21 +195,19 @@ def _check_single_file(source: ModelSource, expert: str) -> None:
 
 
 def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32, expert: str = "transformer"):
-    """A `WanTransformer3DModel` of a source (`expert`: `transformer_2` is Wan2.2 A14B's
-    low-noise expert), checked against the variant."""
-    from diffusers import WanTransformer3DModel
-
+    """A `WanTransformer3DModel` (VACE: `WanVACETransformer3DModel`) of a source (`expert`:
+    `transformer_2` is Wan2.2 A14B's low-noise expert), checked against the variant."""
+    cls = transformer_class(source.variant)
     check_transformer_config(source, expert)
     file = source.single_file(expert)
     if file is None:
-        model = WanTransformer3DModel.from_pretrained(source.folder, subfolder=expert, torch_dtype=dtype)
+        model = cls.from_pretrained(source.folder, subfolder=expert, torch_dtype=dtype)
     else:
         _check_single_file(source, expert)
         if source.variant.last_frame:
             model = _from_original_keys(source, file, dtype, expert)
         else:  # `config=` a local folder keeps diffusers from guessing the variant through the hub
-            model = WanTransformer3DModel.from_single_file(str(file), config=str(source.folder), subfolder=expert,
-                                                           torch_dtype=dtype)
+            model = cls.from_single_file(str(file), config=str(source.folder), subfolder=expert, torch_dtype=dtype)
     return _own_memory(model)
 
 
@@ -221,13 +223,12 @@ def _from_original_keys(source: ModelSource, file: Path, dtype: torch.dtype, exp
     converter (0.42) has no name for the position embedding of the two images' tokens
     (`img_emb.emb_pos`) and leaves that weight unloaded. Dtypes as from_pretrained gives them."""
     from accelerate import init_empty_weights
-    from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
 
     from .keymap import UnmappedKeyError, to_diffusers
 
     with init_empty_weights():
-        model = WanTransformer3DModel.from_config(check_transformer_config(source, expert))
+        model = transformer_class(source.variant).from_config(check_transformer_config(source, expert))
     try:
         weights = {to_diffusers(k.removeprefix("model.diffusion_model.")): v for k, v in load_file(str(file)).items()}
     except UnmappedKeyError as err:

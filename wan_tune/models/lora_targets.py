@@ -18,15 +18,28 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 # Wan2.1 I2V: the image branch of cross-attention belongs to the cross-attention presets.
 _I2V_EXTRA = ("attn2.add_k_proj", "attn2.add_v_proj")
+# VACE: every Linear of the VACE blocks (attention, ffn, and the hint projections in and out).
+VACE_PRESET = "vace_blocks"
+_VACE_LINEARS = PRESETS["attention"] + PRESETS["ffn"] + ("proj_in", "proj_out")
+PRESET_NAMES = (*PRESETS, VACE_PRESET)
 
 
 def expand_targets(targets: list[str], variant: Variant) -> list[str]:
-    """Module-name suffixes for peft's `target_modules`, presets expanded, order kept, no repeats."""
+    """Module-name suffixes for peft's `target_modules`, presets expanded, order kept, no repeats.
+
+    On a VACE model a preset's suffix (`attn1.to_q`) would match the VACE blocks too, so presets
+    name the main blocks' modules in full (`blocks.3.attn1.to_q`), and `vace_blocks` theirs: each
+    trains alone or both together."""
     out: list[str] = []
     for t in targets:
         names = PRESETS.get(t, (t,))
         if variant.is_i2v and t in ("attention", "cross_attention"):
             names = names + _I2V_EXTRA
+        if t == VACE_PRESET:
+            names = tuple(f"vace_blocks.{i}.{n}" for i in range(len(variant.transformer.get("vace_layers", ())))
+                          for n in _VACE_LINEARS if i == 0 or n != "proj_in")  # only the first projects in
+        elif variant.vace and t in PRESETS:
+            names = tuple(f"blocks.{i}.{n}" for i in range(variant.transformer["num_layers"]) for n in names)
         out.extend(n for n in names if n not in out)
     return out
 
@@ -56,6 +69,12 @@ def module_widths(variant: Variant) -> dict[str, tuple[int, int] | None]:
     block.update({"ffn.net.0.proj": (inner, ffn), "ffn.net.2": (ffn, inner)})
     for i in range(c["num_layers"]):
         out.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
+    for i in range(len(c.get("vace_layers", ()))):
+        out.update({f"vace_blocks.{i}.{name}": shape for name, shape in block.items()})
+        out.update({f"vace_blocks.{i}.proj_in": (inner, inner)} if i == 0 else {})
+        out[f"vace_blocks.{i}.proj_out"] = (inner, inner)
+    if "vace_layers" in c:
+        out["vace_patch_embedding"] = None
     out["proj_out"] = (inner, c["out_channels"] * patch)
     return out
 

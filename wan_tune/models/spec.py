@@ -15,6 +15,7 @@ import torch
 from ..config import Recipe
 from .loading import load_transformer, recipe_source
 from .lora_targets import expand_targets
+from .vace import control_inputs
 from .variants import Variant, get_variant
 from .activation_offload import block_checkpoint
 from .working_set import shrink_working_set
@@ -170,10 +171,13 @@ def transformer_inputs(
         # FLF2V: [B, 2 x 257, D] stored, [2B, 257, D] as the pipeline hands them (its image
         # embedder puts each clip's pair back together before adding the position embedding).
         image = image.reshape(-1, image.shape[1] // 2, image.shape[2])
-    return dict(
+    inputs = dict(
         hidden_states=hidden.to(dtype),
         timestep=timestep,
         encoder_hidden_states=batch["text"].to(dtype),
         encoder_hidden_states_image=image.to(dtype) if image is not None else None,
         return_dict=False,
     )
+    if variant.vace:  # WanVACEPipeline: the context as control_hidden_states, conditioning_scale per layer
+        inputs.update(control_inputs(variant, batch, dtype))
+    return inputs

@@ -29,10 +29,11 @@ ORIGINAL_PREFIX = "model.diffusion_model."  # ComfyUI's single files
 
 def _meta_model(config: dict):
     from accelerate import init_empty_weights
-    from diffusers import WanTransformer3DModel
+
+    from .variants import transformer_class
 
     with init_empty_weights(include_buffers=False):  # buffers (the RoPE tables) are computed, not stored
-        return WanTransformer3DModel.from_config(config)
+        return transformer_class(config).from_config(config)
 
 
 def stored_dtypes(config: dict, compute_dtype: torch.dtype, skip: tuple[str, ...]) -> dict[str, torch.dtype]:

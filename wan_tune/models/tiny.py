@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .variants import TINY_IMAGE_DIM, TINY_TEXT_DIM, Variant, get_variant
+from .variants import TINY_IMAGE_DIM, TINY_TEXT_DIM, Variant, get_variant, pipeline_class, transformer_class
 
 # Words the demo and the tests use in captions; anything else becomes <unk>.
 _WORDS = """
@@ -52,7 +52,7 @@ def _tokenizer():
 
 def build_tiny_pipeline(variant: Variant | str = "tiny", seed: int = 0):
     """The tiny diffusers pipeline for a tiny variant, in memory."""
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     variant = get_variant(variant) if isinstance(variant, str) else variant
@@ -75,7 +75,7 @@ def build_tiny_pipeline(variant: Variant | str = "tiny", seed: int = 0):
         )
     )
     vae = _tiny_vae(variant)
-    transformer = WanTransformer3DModel(**variant.transformer)
+    transformer = transformer_class(variant)(**variant.transformer)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=variant.flow_shift
     )
@@ -84,11 +84,11 @@ def build_tiny_pipeline(variant: Variant | str = "tiny", seed: int = 0):
         tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), scheduler=scheduler, transformer=transformer.eval()
     )
     if variant.two_experts:  # the low-noise expert: same shape, its own random weights
-        parts.update(transformer_2=WanTransformer3DModel(**variant.transformer).eval(), boundary_ratio=variant.boundary_ratio)
+        parts.update(transformer_2=transformer_class(variant)(**variant.transformer).eval(), boundary_ratio=variant.boundary_ratio)
     if variant.expand_timesteps:
         parts.update(expand_timesteps=True)
     if not variant.is_i2v:
-        return WanPipeline(**parts)
+        return pipeline_class(variant)(**parts)  # WanPipeline, or WanVACEPipeline for VACE
     if not variant.clip_image_tokens:  # Wan2.2 I2V: the image enters as latents only
         return WanImageToVideoPipeline(**parts)
     image_encoder = CLIPVisionModel(

@@ -64,6 +64,12 @@ class Variant:
         return self.task == "i2v"
 
     @property
+    def vace(self) -> bool:
+        """VACE: a T2V model with a second stack of blocks (`vace_blocks`) that reads a context of
+        reference images, a control video and its mask, and adds hints into the main blocks."""
+        return "vace_layers" in self.transformer
+
+    @property
     def clip_image_tokens(self) -> bool:
         """Wan2.1 I2V feeds CLIP image tokens to cross-attention; Wan2.2 I2V does not."""
         return self.transformer.get("image_dim") is not None
@@ -77,12 +83,14 @@ class Variant:
         """What prep's shards hold for this variant (meta.json's `task`): t2v, i2v or flf2v."""
         if self.last_frame:
             return "flf2v"
+        if self.vace:
+            return "vace"
         return "i2v" if self.image_conditioned(task) else "t2v"
 
     @property
     def kind(self) -> str:
-        """T2V, I2V or FLF2V, as the README's table says it."""
-        return "FLF2V" if self.last_frame else self.task.upper()
+        """T2V, I2V, FLF2V or VACE, as the README's table says it."""
+        return "FLF2V" if self.last_frame else "VACE" if self.vace else self.task.upper()
 
     @property
     def two_experts(self) -> bool:
@@ -125,6 +133,24 @@ class Variant:
         return self.transformer["num_attention_heads"] * self.transformer["attention_head_dim"]
 
 
+def transformer_class(variant: Variant | dict[str, Any]):
+    """The diffusers class of a variant's (or a transformer config's) model:
+    `WanVACETransformer3DModel` for VACE, `WanTransformer3DModel` for the rest."""
+    import diffusers
+
+    config = variant.transformer if isinstance(variant, Variant) else variant
+    return diffusers.WanVACETransformer3DModel if "vace_layers" in config else diffusers.WanTransformer3DModel
+
+
+def pipeline_class(variant: Variant, with_image: bool = False):
+    """The diffusers pipeline that samples the variant (`with_image`: TI2V-5B given a first frame)."""
+    import diffusers
+
+    if variant.vace:
+        return diffusers.WanVACEPipeline
+    return diffusers.WanImageToVideoPipeline if variant.is_i2v or with_image else diffusers.WanPipeline
+
+
 # What a recipe calls the two Wan2.2 A14B experts (`model.experts`), by pipeline component.
 EXPERT_LABELS = {"transformer": "high_noise", "transformer_2": "low_noise"}
 
@@ -149,6 +175,13 @@ def _wan21(heads: int, layers: int, ffn: int, *, i2v: bool = False) -> dict[str,
     else:
         cfg.update(in_channels=16, image_dim=None, added_kv_proj_dim=None)
     return cfg
+
+
+def _vace(cfg: dict[str, Any], layers: list[int]) -> dict[str, Any]:
+    # diffusers' conversion script ("Wan-VACE-1.3B" / "Wan-VACE-14B"): a T2V model plus one VACE
+    # block per listed layer. 96 context channels: inactive + reactive video latents (2 x 16) and
+    # the mask folded 8 x 8 into 64 channels (WanVACEPipeline.prepare_masks).
+    return dict(cfg, vace_layers=layers, vace_in_channels=96)
 
 
 def _wan22_5b() -> dict[str, Any]:
@@ -240,6 +273,26 @@ VARIANTS: dict[str, Variant] = {
             expected_params=16.4e9,
             last_frame=True,
             notes="first and last frame to video",
+        ),
+        Variant(
+            name="wan2.1-vace-1.3b",
+            task="t2v",
+            hub_id="Wan-AI/Wan2.1-VACE-1.3B-diffusers",
+            transformer=_vace(_wan21(12, 30, 8960), list(range(0, 30, 2))),
+            flow_shift=16.0,  # Wan's generate.py: sample_shift 16 for vace
+            resolution=(480, 832),
+            expected_params=2.15e9,
+            notes="reference images, control video and mask (VACE blocks beside the T2V 1.3B)",
+        ),
+        Variant(
+            name="wan2.1-vace-14b",
+            task="t2v",
+            hub_id="Wan-AI/Wan2.1-VACE-14B-diffusers",
+            transformer=_vace(_wan21(40, 40, 13824), list(range(0, 40, 5))),
+            flow_shift=16.0,
+            resolution=(720, 1280),
+            expected_params=17.3e9,
+            notes="reference images, control video and mask (VACE blocks beside the T2V 14B)",
         ),
         Variant(
             name="wan2.2-ti2v-5b",
@@ -341,6 +394,17 @@ VARIANTS: dict[str, Variant] = {
             notes="random init, FLF2V-shaped: first and last frame, CLIP tokens of both",
         ),
         Variant(
+            name="tiny-vace",
+            task="t2v",
+            hub_id=None,
+            transformer=_vace(_tiny(i2v=False), [0, 1]),
+            flow_shift=3.0,
+            resolution=(64, 96),
+            frames=9,
+            tiny=True,
+            notes="random init, VACE-shaped: a VACE block beside each of the two blocks",
+        ),
+        Variant(
             name="tiny-a14b-i2v",
             task="i2v",
             hub_id=None,
@@ -383,6 +447,8 @@ ARCHITECTURE_KEYS = (
     "image_dim",
     "added_kv_proj_dim",
     "pos_embed_seq_len",  # FLF2V's; the I2V 14B 720P is otherwise the same
+    "vace_layers",  # VACE's; its main blocks are the T2V model's
+    "vace_in_channels",
 )
 
 

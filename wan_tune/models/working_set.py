@@ -48,7 +48,12 @@ def _torch_checkpoint(fn, *args, context_fn=None):
 
 
 def shrink_working_set(model, train, checkpoint=None) -> None:
-    """Apply the recipe's `train.ffn_chunks` and `train.attention_checkpointing` to every block."""
+    """Apply the recipe's `train.ffn_chunks` and `train.attention_checkpointing` to every block.
+    A VACE model's VACE blocks get the FFN chunks; their attention is not checkpointed again (torch's
+    checkpoint around them refuses checkpoints that only its recompute has)."""
+    for block in getattr(model, "vace_blocks", ()):
+        if train.ffn_chunks > 1:
+            chunk_feed_forward(block.ffn, train.ffn_chunks, checkpoint)
     for block in model.blocks:
         if train.ffn_chunks > 1:
             chunk_feed_forward(block.ffn, train.ffn_chunks, checkpoint)

@@ -22,5 +22,6 @@ def step_flops(model, tokens: int, full: bool, text_tokens: int = 512) -> float:
                 text += m.in_features * m.out_features
             else:
                 video += m.in_features * m.out_features
-    forward = 2 * (video * tokens + text * text_tokens) + cfg.num_layers * (4 * tokens**2 * dim + 4 * tokens * text_tokens * dim)
+    layers = cfg.num_layers + len(getattr(cfg, "vace_layers", None) or ())  # VACE blocks attend like the others
+    forward = 2 * (video * tokens + text * text_tokens) + layers * (4 * tokens**2 * dim + 4 * tokens * text_tokens * dim)
     return (3 if full else 2) * forward

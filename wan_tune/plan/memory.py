@@ -134,6 +134,8 @@ def run_shape(recipe: Recipe, variant: Variant) -> RunShape:
     _, ph, pw = variant.transformer["patch_size"]
     tokens = latent[1] * (latent[2] // ph) * (latent[3] // pw)
     extras: dict[str, tuple[int, ...]] = {}
+    if variant.vace:  # the context beside the latents (a control: no reference frames counted)
+        extras["vace_context"] = (variant.transformer["vace_in_channels"], *latent[1:])
     if variant.image_conditioned(recipe.data.task):
         if variant.expand_timesteps:  # TI2V-5B: the image's latent replaces the first latent frame
             extras["condition"] = (z, 1, *latent[2:])
@@ -165,7 +167,10 @@ class MemoryPlan:
         self.recipe, self.device = recipe, device
         self.variant = get_variant(recipe.model.variant)
         self.shape = run_shape(recipe, self.variant)
-        self.layers = self.variant.transformer["num_layers"]
+        # VACE blocks are Wan blocks beside the main ones: counted as more layers of the same kind.
+        # Block offload and activation offload move the main blocks' (`main_layers`) only.
+        self.main_layers = self.variant.transformer["num_layers"]
+        self.layers = self.main_layers + len(self.variant.transformer.get("vace_layers", ()))
         self.full = recipe.adapter.method == "full"
         self.experts = len(trained_experts(self.variant, recipe.model.experts))
         self._counts: dict[tuple, StepCount] = {}
@@ -217,10 +222,10 @@ class MemoryPlan:
         """Matmul FLOPs of one step on one GPU (`step_flops` of the whole model, built on the meta
         device without adapters: it does not count them); a context-parallel group of `cp` splits
         them evenly (each rank: its tokens' projections, its heads' attention)."""
-        from diffusers import WanTransformer3DModel
+        from ..models.variants import transformer_class
 
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            model = WanTransformer3DModel(**self.variant.transformer)
+            model = transformer_class(self.variant)(**self.variant.transformer)
         # Attention runs within each sample: a batch costs `batch` times one sample.
         return self.shape.batch * step_flops(model, self.shape.tokens, self.full, self.shape.text_tokens) / cp
 
@@ -270,14 +275,14 @@ class MemoryPlan:
             return 0.0
         if self.device == "cpu":
             return -INPUTS_IN_FLIGHT * count.block_saved
-        return (self.layers - INPUTS_IN_FLIGHT) * count.block_saved
+        return (self.main_layers - INPUTS_IN_FLIGHT) * count.block_saved
 
     def _weights(self, s: Setup, count: StepCount) -> list[tuple[str, str, float]]:
         on_device = {d: float(n) for d, n in count.frozen.items()}
         if self.device == "cpu" and self.experts > 1:  # host and device are one memory: both experts stay
             on_device = {d: n * self.experts for d, n in on_device.items()}
         if s.offload_keep is not None:
-            resting = max(0, self.layers - s.offload_keep - STREAMED_BLOCKS)  # blocks waiting in host memory
+            resting = max(0, self.main_layers - s.offload_keep - STREAMED_BLOCKS)  # blocks waiting in host memory
             block = self._per_block(s)
             on_device = {d: n - resting * block.get(d, 0) for d, n in on_device.items()}
         rows = [("base weights", d, n / (s.gpus if s.zero == 3 else 1)) for d, n in sorted(on_device.items())]
@@ -326,9 +331,9 @@ class MemoryPlan:
     def _host(self, s: Setup, count: StepCount) -> float:
         host = 0.0
         if s.offload_keep is not None:
-            host += (self.layers - s.offload_keep) * sum(self._per_block(s).values())
+            host += (self.main_layers - s.offload_keep) * sum(self._per_block(s).values())
         if self.device == "gpu" and self.experts > 1:  # the idle expert's frozen weights wait on the host
             host += sum(count.frozen.values()) * (self.experts - 1)
         if self.device == "gpu" and s.activations and s.checkpointing:  # a pinned buffer per block input
-            host += self.layers * count.block_saved
+            host += self.main_layers * count.block_saved
         return host

@@ -199,14 +199,16 @@ def build_model(recipe, variant, layers: int, load_dtype: torch.dtype, device: s
     """The recipe's transformer with `layers` blocks (on the meta device: no memory), in the dtypes
     a load in `load_dtype` gives (diffusers keeps `_keep_in_fp32_modules` in fp32), adapted as the
     trainer adapts it."""
-    from diffusers import WanTransformer3DModel
-
     from ..models.loading import load_dtypes
+    from ..models.variants import transformer_class
     from ..models.spec import adapt
 
     # On the device throughout, so the LoRA layers peft adds are made (and initialised) there too.
     with torch.random.fork_rng(devices=[]), torch.device(device):
-        model = WanTransformer3DModel(**dict(variant.transformer, num_layers=layers))
+        config = dict(variant.transformer, num_layers=layers)
+        if variant.vace:  # the VACE blocks that fit in `layers`
+            config["vace_layers"] = [i for i in variant.transformer["vace_layers"] if i < layers]
+        model = transformer_class(variant)(**config)
         dtypes = load_dtypes(model, load_dtype)
         for name, p in model.named_parameters():
             p.data = p.data.to(dtypes[name])
@@ -250,7 +252,8 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
         warnings.simplefilter("ignore")
         saved, ends = _step(model, variant, {k: torch.zeros(s, device=device) for k, s in batch_shapes.items()}, live)
     block = model.blocks[1]
-    return StepCount(layers, _frozen_bytes(model), sum(p.numel() for p in trainable),
+    # VACE: the model built has a VACE block beside its `layers` blocks; it counts as one more.
+    return StepCount(layers + len(getattr(model.config, "vace_layers", None) or ()), _frozen_bytes(model), sum(p.numel() for p in trainable),
                      max((p.numel() for p in trainable), default=0), saved, live.peak, _frozen_bytes(block),
                      sum(p.numel() for p in block.parameters() if p.requires_grad),
                      ends[1][0] - ends[0][0], ends[1][1] - ends[0][1])
@@ -288,9 +291,12 @@ def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list[tuple
         # After the checkpoint function returns: a custom autograd Function (BlockCheckpoint)
         # saves the block's input and arguments when its forward returns, after the block's own
         # forward hooks ran.
+        main = {id(b) for b in model.blocks}  # VACE's blocks run first, through the same function
+
         def after(block, *args):
             out = checkpoint(block, *args)
-            block_done(block, args, out)
+            if id(block) in main:
+                block_done(block, args, out)
             return out
 
         checkpoint, model._gradient_checkpointing_func = model._gradient_checkpointing_func, after

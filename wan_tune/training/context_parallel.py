@@ -78,13 +78,14 @@ def layout(recipe, accelerator) -> Layout:
 
 def token_problem(variant, buckets, cp: int) -> str | None:
     """A message naming the buckets (frames, height, width) whose token count the degree does not
-    divide, or None."""
+    divide, or None. A bucket key may carry more after the three (VACE's reference count)."""
+    buckets = {tuple(b[:3]) for b in buckets}
     bad = sorted({b for b in buckets if variant.tokens(*b) % cp})
     if cp == 1 or not bad:
         return None
     shown = ", ".join(f"{f}x{h}x{w} ({variant.tokens(f, h, w)} tokens)" for f, h, w in bad[:3])
     heads = variant.transformer["num_attention_heads"]
-    fits = [d for d in range(2, heads + 1) if heads % d == 0 and all(variant.tokens(*b) % d == 0 for b in set(buckets))]
+    fits = [d for d in range(2, heads + 1) if heads % d == 0 and all(variant.tokens(*b) % d == 0 for b in buckets)]
     return (f"train.context_parallel={cp} must divide every clip's token count, and the bucket(s) {shown} "
             f"do not: change data.resolutions or data.frames, or use a degree that fits these clips "
             f"({', '.join(map(str, fits)) or 'none above 1'})")

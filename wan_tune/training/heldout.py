@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..data.dataset import collate, to_device
+from ..models.vace import vace_batch
 from . import flow_matching as fm
 
 
@@ -86,6 +87,8 @@ class HeldOut:
                 padded = k >= n  # a rank with nothing left repeats its last sample, discarded below
                 i = self.indices[min(k, n - 1)]
                 batch = to_device(collate([self.dataset[i]]), device, torch.float32, self.max_text_tokens)
+                if variant.vace:  # every input, no dropout, the pipeline's default weight: the same score each time
+                    batch = vace_batch(batch)
                 sid = self.ids[min(k, n - 1)]
                 for col, (j, sigma) in enumerate(scored):
                     g = torch.Generator().manual_seed(sample_noise_seed(self.seed, sid, j))

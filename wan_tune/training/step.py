@@ -17,6 +17,7 @@ import torch
 
 from ..data.dataset import to_device
 from ..models.spec import tokens_per_sample
+from ..models.vace import training_batch
 from . import flow_matching as fm
 from .checkpoint import list_checkpoints
 from .errors import TrainingError
@@ -48,6 +49,7 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
             # Under context parallelism each rank draws the masks of its own tokens: offset by its
             # place in the group, or both halves of a clip would get the same masks.
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)) + run.layout.rank % run.layout.cp)
+        batch = training_batch(variant, recipe, batch, gen)  # VACE: references ++ clip, dropped inputs
         x0 = batch["latents"]
         n = x0.shape[0]
         drop = torch.rand(n, generator=gen) < recipe.train.caption_dropout

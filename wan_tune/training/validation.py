@@ -16,7 +16,8 @@ import torch
 
 from ..config import Recipe
 from ..models.loading import load_transformer, recipe_source, resolve_source
-from ..models.variants import get_variant
+from ..models.variants import get_variant, pipeline_class
+from ..vace_media import pipeline_inputs, sheet_rows, validation_media
 from ..video_io import to_uint8, write_video
 from .errors import TrainingError
 from .launch import agree
@@ -40,8 +41,8 @@ def start_validation(run, heldout, start_step: int):
                                                  len(recipe.validation.prompts), last=run.variant.last_frame)
             with unpartitioned_loading(accelerator):
                 validator = Validator(recipe, accelerator.device, run.compute_dtype, trained=[tr.name for tr in run.trainees],
-                                      first_frames=first_frames)
-        except ValueError as err:
+                                      first_frames=first_frames, prefer=heldout.indices if heldout else [])
+        except ValueError as err:  # ConditioningError too: a VACE control or reference that cannot serve
             raise TrainingError(str(err)) from None
     render_base = agree(accelerator, run.main and validator.base_missing(run.run_dir / "validation"))
     if validator is not None:
@@ -64,11 +65,11 @@ def validate(run, validator, step: int) -> None:
 
 class Validator:
     def __init__(self, recipe: Recipe, device: torch.device, dtype: torch.dtype, trained: list[str] = ("transformer",),
-                 first_frames: list | None = None):
+                 first_frames: list | None = None, prefer: list[int] = ()):
         """`trained`: the experts the run trains (their live weights render); a Wan2.2 A14B
         expert that is not trained renders from the base weights, loaded here once.
-        `first_frames`: I2V images for the prompts when `validation.images` gives none."""
-        from diffusers import WanImageToVideoPipeline, WanPipeline
+        `first_frames`: I2V images for the prompts when `validation.images` gives none. `prefer`:
+        clips whose VACE inputs serve first (the held-out ones), when the recipe gives none."""
         from PIL import Image
 
         v = recipe.validation
@@ -77,7 +78,7 @@ class Validator:
         source = resolve_source(self.variant, recipe.model.path, None, recipe.model.revision,
                                 components=("vae", "text_encoder", "tokenizer", "scheduler", "image_encoder", "image_processor"))
         self.with_image = self.variant.image_conditioned(recipe.data.task)
-        cls = WanImageToVideoPipeline if self.with_image else WanPipeline
+        cls = pipeline_class(self.variant, self.with_image)
         # transformer=None: the live, training transformer is plugged in at render time.
         self.pipe = cls.from_pretrained(source.folder, transformer=None, transformer_2=None, torch_dtype=dtype)
         self.frozen = {name: load_transformer(recipe_source(recipe), dtype, name).to(device).eval().requires_grad_(False)
@@ -104,6 +105,9 @@ class Validator:
             if len(self.images) < len(v.prompts):
                 raise ValueError(f"I2V validation needs {len(v.prompts)} first frame(s): give validation.images")
         self.base_rows: list | None = None
+        # VACE: each prompt's references / control / mask, shown above the renders on its sheet.
+        self.media = validation_media(recipe, self.height, self.width, list(prefer)) if self.variant.vace else []
+        self.media_rows = [sheet_rows(m, self.height, self.width) for m in self.media]
 
     def base_missing(self, out_dir: Path) -> bool:
         return any(not (Path(out_dir) / "base" / f"{i:02d}.png").is_file() for i in range(len(self.embeds)))
@@ -149,7 +153,7 @@ class Validator:
         paths, folder = [], Path(out_dir) / f"step-{step:06d}"
         for i, frames in enumerate(videos):
             paths.append(write_video(folder / f"{i:02d}.mp4", frames, fps=self.recipe.data.fps))
-            rows = [("base", self.base_rows[i])] if self.base_rows else []
+            rows = (self.media_rows[i] if self.media_rows else []) + ([("base", self.base_rows[i])] if self.base_rows else [])
             write_sheet(folder / f"{i:02d}.png", rows + [(f"step {step}", frame_row(frames))])
         write_overview(out_dir, self.recipe.validation.prompts, Path(out_dir).parent / "metrics.jsonl")
         return paths
@@ -174,6 +178,8 @@ class Validator:
                     kwargs["image"] = self.images[i]
                 if self.last_images:
                     kwargs["last_image"] = self.last_images[i]
+                if self.variant.vace:
+                    kwargs.update(conditioning_scale=self.recipe.vace.conditioning_scale, **pipeline_inputs(self.media[i]))
                 videos.append(to_uint8(self.pipe(**kwargs).frames[0]))
         finally:
             for name in models:

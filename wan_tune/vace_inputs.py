@@ -1,0 +1,184 @@
+"""VACE's per-clip inputs: reference images, a control video and its mask (#25). Prep finds and
+checks them here; validation and `wan-tune sample` check theirs with the same rules.
+
+They come as sidecar files beside a clip (`clip.ref.png`, `clip.ref-2.png`, `clip.control.mp4`,
+`clip.mask.mp4`) or as manifest columns (`reference` / `references`, `control`, `mask`). A sidecar is
+never footage of its own. Checks here turn a bad input into a report reason before anything is
+encoded: a control or mask whose frame count or shape differs from the clip's, a mask that is not
+black and white, a reference that would be a sliver of the frame.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from wan_tune.footage import IMAGE_EXTS, VIDEO_EXTS, MediaInfo, SkipClip, Window, probe, read_frames
+
+_SIDECAR = re.compile(r"^(?P<stem>.+)\.(?:(?P<ref>ref)(?:-(?P<n>\d+))?|(?P<kind>control|mask))(?P<ext>\.[^.]+)$")
+REFERENCE_COLUMNS = ("references", "reference", "ref")
+MIN_REFERENCE_FILL = 0.35  # share of the frame a reference fills once fitted on the pipeline's white canvas
+MAX_GREY_SHARE = 0.02  # mask pixels neither near black nor near white (codec noise sits within 48 levels)
+ASPECT_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class VaceInputs:
+    """One clip's VACE conditioning files (absolute paths)."""
+
+    references: tuple[str, ...] = ()
+    control: str | None = None
+    mask: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.references or self.control or self.mask)
+
+    def files(self) -> list[str]:
+        return [*self.references, *(p for p in (self.control, self.mask) if p)]
+
+    def to_json(self) -> str:
+        """For the shard index's `vace` column (validation renders a clip's own inputs from it)."""
+        import json
+
+        return json.dumps({"references": list(self.references), "control": self.control, "mask": self.mask}) if self else ""
+
+    @classmethod
+    def from_json(cls, text) -> "VaceInputs":
+        import json
+
+        if not isinstance(text, str) or not text:
+            return cls()
+        d = json.loads(text)
+        return cls(tuple(d.get("references") or ()), d.get("control"), d.get("mask"))
+
+
+def sidecar_of(path: Path) -> tuple[str, str, int] | None:
+    """(clip stem, 'ref' / 'control' / 'mask', reference number) when `path` is a VACE sidecar."""
+    m = _SIDECAR.match(path.name)
+    if not m:
+        return None
+    ext = m.group("ext").lower()
+    if m.group("ref") and ext in IMAGE_EXTS:
+        return m.group("stem"), "ref", int(m.group("n") or 1)
+    if m.group("kind") and ext in VIDEO_EXTS:
+        return m.group("stem"), m.group("kind"), 0
+    return None
+
+
+def split_sidecars(paths: list[Path]) -> tuple[list[Path], dict[Path, VaceInputs], list[tuple[Path, str]]]:
+    """(footage files, VACE inputs by clip path, orphans with why). A sidecar belongs to the clip
+    of the same folder and stem (`a.ref.png` -> `a.mp4`); one without such a clip is reported."""
+    sidecars, footage = {}, []
+    for p in paths:
+        found = sidecar_of(p)
+        if found is None:
+            footage.append(p)
+        else:
+            sidecars[p] = found
+    by_stem = {(p.parent, p.stem): p for p in footage if p.suffix.lower() in VIDEO_EXTS | IMAGE_EXTS}
+    parts: dict[Path, dict] = {}
+    orphans = []
+    for p, (stem, kind, n) in sorted(sidecars.items()):
+        clip = by_stem.get((p.parent, stem))
+        if clip is None:
+            orphans.append((p, f"VACE {kind} sidecar without a clip named {stem}.* beside it"))
+            continue
+        d = parts.setdefault(clip, {"refs": [], "control": None, "mask": None})
+        if kind == "ref":
+            d["refs"].append((n, str(p)))
+        else:
+            d[kind] = str(p)
+    inputs = {c: VaceInputs(tuple(r for _, r in sorted(d["refs"])), d["control"], d["mask"]) for c, d in parts.items()}
+    return footage, inputs, orphans
+
+
+def from_record(rec: dict, base: Path) -> VaceInputs:
+    """A manifest row's VACE columns: references separated by `;` (or a list), control, mask."""
+    def path(value) -> str | None:
+        if not isinstance(value, str) or not value.strip():
+            return None
+        p = Path(value.strip()).expanduser()
+        return str(p if p.is_absolute() else base / p)
+
+    refs = next((rec[c] for c in REFERENCE_COLUMNS if c in rec and rec[c] is not None), None)
+    if isinstance(refs, str):
+        refs = refs.split(";")
+    refs = tuple(p for p in (path(r) for r in (list(refs) if refs is not None and not isinstance(refs, float) else [])) if p)
+    return VaceInputs(refs, path(rec.get("control")), path(rec.get("mask")))
+
+
+# --- checks at planning time -------------------------------------------------------------------
+
+
+def _aspect(h: int, w: int) -> float:
+    return w / h
+
+
+def check_inputs(inputs: VaceInputs, clip: MediaInfo) -> None:
+    """Raise SkipClip (the report's reason) when an input cannot serve the clip."""
+    for kind, file in (("control", inputs.control), ("mask", inputs.mask)):
+        if file is None:
+            continue
+        name = Path(file).name
+        try:
+            info = probe(file, False)
+        except SkipClip as err:
+            raise SkipClip(f"{kind} video {name}: {err}") from None
+        if info.frames < clip.frames:
+            raise SkipClip(f"{kind} video {name} has {info.frames} frames, the clip {clip.frames}: it must have one "
+                           "frame per clip frame (render it from the clip at the clip's frame rate)")
+        if info.frames > clip.frames + 1:  # an encoder may add one trailing frame
+            raise SkipClip(f"{kind} video {name} has {info.frames} frames, the clip {clip.frames}: they must match")
+        if abs(_aspect(info.height, info.width) / _aspect(clip.height, clip.width) - 1) > ASPECT_TOLERANCE:
+            raise SkipClip(f"{kind} video {name} is {info.width}x{info.height}, the clip {clip.width}x{clip.height}: "
+                           "a control must have the clip's shape (its size may differ, its aspect may not)")
+    if inputs.mask and not inputs.control:
+        raise SkipClip(f"mask {Path(inputs.mask).name} without a control video: VACE masks which frames of the "
+                       "control to keep; give clip.control.mp4 too")
+    for file in inputs.references:
+        problem = reference_problem(file, clip.height, clip.width)
+        if problem:
+            raise SkipClip(problem)
+
+
+def reference_problem(file: str, height: int, width: int) -> str | None:
+    """Why a reference image cannot condition a `height` x `width` video (None when it can)."""
+    from PIL import Image
+
+    name = Path(file).name
+    try:
+        with Image.open(file) as im:
+            im.verify()
+        with Image.open(file) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        return f"reference image {name} does not exist"
+    except Exception as err:
+        return f"reference image {name} is not a readable image ({type(err).__name__})"
+    # WanVACEPipeline fits a reference inside the frame on a white canvas: the share it fills.
+    scale = min(height / h, width / w)
+    fill = (h * scale) * (w * scale) / (height * width)
+    if fill < MIN_REFERENCE_FILL:
+        return (f"reference image {name} is {w}x{h}, the video {width}x{height}: fitted on the frame it would fill "
+                f"{fill:.0%} of it; crop it nearer the video's aspect")
+    return None
+
+
+def control_frames(file: str, window: Window) -> np.ndarray:
+    """The control (or mask) frames at the clip window's own source frame indices: a control made
+    frame by frame from the clip lines up with it, variable frame rate or not."""
+    info = probe(file, False)
+    indices = [min(i, info.frames - 1) for i in window.indices]
+    return read_frames(file, replace(window, indices=tuple(indices)), False)
+
+
+def mask_problem(frames: np.ndarray, name: str) -> str | None:
+    """Why decoded mask frames are not a black-and-white mask (VACE binarises at half grey)."""
+    grey = ((frames > 48) & (frames < 207)).mean()
+    if grey > MAX_GREY_SHARE:
+        return (f"mask {name} is not black and white ({grey:.0%} of its pixels are grey): VACE keeps black and "
+                "generates white; threshold it")
+    return None
