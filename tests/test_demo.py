@@ -53,3 +53,13 @@ def test_demo_runs_the_whole_chain(tmp_path, monkeypatch, capsys):
     assert len(list(Path(r["clips"]).glob("*.mp4"))) == 2
     assert (run / "first_frame.png").is_file() and (run / "validation" / "step-000020" / "00.png").is_file()
     assert len(decord.VideoReader(str(run / "sample.mp4"))) == 9
+
+    # VACE: the demo makes each clip's control, mask and reference from its own footage, trains on
+    # them, and the sample's sheet shows them above the render.
+    assert main(["demo", "--clips", "2", "model.variant=tiny-vace", "train.steps=20", "checkpoint.every=20",
+                 "validation.every=20"]) == 0
+    clips = Path(r["clips"])
+    assert {p.name for p in clips.glob("clip_000.*")} >= {"clip_000.control.mp4", "clip_000.mask.mp4", "clip_000.ref.png"}
+    assert ShardReader(r["shards"]).row(0)["references"] == 1
+    sample_sheet = Image.open(run / "sample.png")  # control, mask, references, then the sample: four labelled rows
+    assert sample_sheet.height == 4 * (LABEL_HEIGHT + 64)

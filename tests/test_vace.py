@@ -181,8 +181,10 @@ def test_vace_chain_preps_trains_the_vace_blocks_exports_and_samples(folder, tmp
     sheet = Image.open(run / "validation" / "step-000004" / "00.png")  # control, mask, references, base, step 4
     assert sheet.height > 4 * 64
 
-    checks = export(result["checkpoint"], formats=["comfyui", "diffusers"], out=tmp_path / "export", say=lambda *_: None)
-    assert len(checks) == 2 and all(c.ok for c in checks), checks
+    checks = export(result["checkpoint"], formats=["comfyui", "diffusers"], out=tmp_path / "export", merge=True,
+                    say=lambda *_: None)
+    # The two adapters, and the merged whole model in both layouts (diffusers folder, original single file).
+    assert len(checks) == 4 and all(c.ok for c in checks), checks
     comfy = load_file(next((tmp_path / "export").glob("*-comfyui.safetensors")))
     assert "diffusion_model.vace_blocks.0.before_proj.lora_down.weight" in comfy  # ComfyUI's VACE key layout
     with pytest.raises(ConfigError, match="kohya, which cannot carry adapters outside the transformer blocks"):
