@@ -12,6 +12,8 @@ import csv
 import hashlib
 import io
 import json
+import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,6 +53,29 @@ class Sample:
     window: Window
     bucket: tuple[int, int, int]  # (frames, height, width)
     caption: str
+
+
+@dataclass
+class CtrlC:
+    """Ctrl-C while encoding is noted by the handler and acted on between clips. Raised from the
+    handler, KeyboardInterrupt could land anywhere, e.g. in decord's VideoReader.__del__, where
+    Python swallows it and prep ran on. A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.pressed, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, _signum, _frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __exit__(self, *_):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 @dataclass
@@ -246,36 +271,43 @@ def _encode(todo: list[Sample], encoders: Encoders, writer, i2v: bool, skips: li
     """Decode, resize and encode each sample, handing it to the shard writer; unreadable ones go to `skips`."""
     t = time.perf_counter()
     text_cache: dict[str, torch.Tensor] = {}
-    for sample in tqdm(todo, desc="encode", unit="clip", disable=not progress):
+    with CtrlC() as ctrl_c:
+        for sample in tqdm(todo, desc="encode", unit="clip", disable=not progress):
+            if ctrl_c.pressed:  # between clips: what is encoded so far is written whole
+                raise KeyboardInterrupt
+            t = _encode_one(sample, encoders, writer, i2v, skips, timer, text_cache, t)
+
+
+def _encode_one(sample: Sample, encoders: Encoders, writer, i2v: bool, skips: list, timer: Timer, text_cache: dict,
+                t: float) -> float:
+    """One sample decoded, encoded and handed to the writer (or to `skips` with its reason); returns the timer's clock."""
+    try:
+        frames = read_frames(sample.item.path, sample.window, sample.item.is_image)
+    except SkipClip as err:
+        skips.append(skip_line(sample.item, err))
+        return timer.add("decode+resize", t)
+    video = resize_crop(frames, sample.bucket[1:])
+    t = timer.add("decode+resize", t)
+    if sample.caption not in text_cache:
+        text_cache[sample.caption] = encoders.text([sample.caption])[0]
+    t = timer.add("text encode", t)
+    tensors = {"latents": encoders.latents(video), "text": text_cache[sample.caption]}
+    if i2v:
+        first, last = _still(video, 0), (_still(video, -1) if encoders.source.variant.last_frame else None)
+        tensors.update(encoders.image_condition(first, sample.bucket[0], last))
+    if encoders.vace is not None:
         try:
-            frames = read_frames(sample.item.path, sample.window, sample.item.is_image)
+            tensors.update(_vace_tensors(encoders, sample))
         except SkipClip as err:
             skips.append(skip_line(sample.item, err))
-            t = timer.add("decode+resize", t)
-            continue
-        video = resize_crop(frames, sample.bucket[1:])
-        t = timer.add("decode+resize", t)
-        if sample.caption not in text_cache:
-            text_cache[sample.caption] = encoders.text([sample.caption])[0]
-        t = timer.add("text encode", t)
-        tensors = {"latents": encoders.latents(video), "text": text_cache[sample.caption]}
-        if i2v:
-            first, last = _still(video, 0), (_still(video, -1) if encoders.source.variant.last_frame else None)
-            tensors.update(encoders.image_condition(first, sample.bucket[0], last))
-        if encoders.vace is not None:
-            try:
-                tensors.update(_vace_tensors(encoders, sample))
-            except SkipClip as err:
-                skips.append(skip_line(sample.item, err))
-                t = timer.add("vae encode", t)
-                continue
-        t = timer.add("vae encode", t)
-        w = sample.window
-        writer.add({"id": sample.id, "source": sample.item.name, "caption": sample.caption, "frames": sample.bucket[0],
-                    "height": sample.bucket[1], "width": sample.bucket[2], "start_frame": w.start_frame,
-                    "start_s": w.start_s, "end_s": w.end_s,
-                    "vace": sample.item.vace.to_json() if encoders.vace is not None else ""}, tensors)
-        t = timer.add("write", t)
+            return timer.add("vae encode", t)
+    t = timer.add("vae encode", t)
+    w = sample.window
+    writer.add({"id": sample.id, "source": sample.item.name, "caption": sample.caption, "frames": sample.bucket[0],
+                "height": sample.bucket[1], "width": sample.bucket[2], "start_frame": w.start_frame,
+                "start_s": w.start_s, "end_s": w.end_s,
+                "vace": sample.item.vace.to_json() if encoders.vace is not None else ""}, tensors)
+    return timer.add("write", t)
 
 
 def _vace_tensors(encoders: Encoders, sample: Sample) -> dict[str, torch.Tensor]:

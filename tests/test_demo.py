@@ -27,6 +27,7 @@ def test_demo_runs_the_whole_chain(tmp_path, monkeypatch, capsys):
     assert r["selftest_ok"] and {Path(a).name.rsplit("-", 1)[1] for a in r["adapters"]} == {
         "comfyui.safetensors", "diffusers.safetensors", "kohya.safetensors"}
     assert len(decord.VideoReader(r["video"])) == 9 and Path(r["contact_sheet"]).stat().st_size > 0
+    assert "## Use it in ComfyUI" in Path(r["model_card"]).read_text() and Path(r["workflow"]).is_file()
     # The held-out clip's loss, scored before training and at each checkpoint, goes down.
     assert sorted(r["heldout"]) == [0, 20, 40] and r["heldout"][40] < r["heldout"][0]
     assert Path(r["best"]).name in ("step-000020", "step-000040")

@@ -139,9 +139,16 @@ def _export(args: argparse.Namespace) -> int:
     from .export.run import export, format_checks
     from .models.loading import ModelLoadError
 
+    from .export.push import PushError, preflight
+
     formats = list(FORMATS) if args.format == "all" else [args.format] if args.format else None  # None: the recipe's
     try:
+        if args.push_to_hub:
+            preflight(args.push_to_hub)  # offline or no token: said before any work
         checks = export(args.checkpoint, formats, args.out, merge=args.merge)
+    except PushError as err:
+        print(f"wan-tune export: {err}", file=sys.stderr)
+        return 1
     except (ExportError, ConfigError, ModelLoadError, OSError) as err:  # files are written whole or not at all
         print(f"wan-tune export: {err}", file=sys.stderr)
         return 1
@@ -150,7 +157,26 @@ def _export(args: argparse.Namespace) -> int:
     if not all(c.ok for c in checks):
         print("wan-tune export: self-test FAILED: the files that failed are renamed *.failed; do not ship them", file=sys.stderr)
         return 1
+    if args.push_to_hub:
+        return _push_folder(Path(checks[0].file).parent, args.push_to_hub, args.private, None, "export")
     return 0
+
+
+def _push_folder(path, repo_id: str, private: bool, revision: str | None, command: str) -> int:
+    from .config import ConfigError
+    from .export.adapters import ExportError
+    from .export.push import PushError, push
+
+    try:
+        push(path, repo_id, private=private, revision=revision)
+    except (PushError, ExportError, ConfigError, OSError) as err:
+        print(f"wan-tune {command}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    return _push_folder(args.path, args.repo_id, args.private, args.revision, "push")
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -301,7 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter format (default: the recipe's export.format)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/export)")
     p.add_argument("--merge", action="store_true", help="also bake the LoRA into the base weights (full transformer)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="then upload the export to this Hub model repository")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "push",
+        help="upload an export (adapters, ComfyUI workflow, model card, samples, recipe) to the Hugging Face Hub",
+        description="Upload an export folder, or a checkpoint (exported first, in the recipe's formats), to a Hub model "
+        "repository, created if needed, in one commit. The token comes from `hf auth login` or HF_TOKEN; offline or "
+        "without one, it stops before any work.",
+    )
+    p.add_argument("path", help="an export folder, or checkpoints/<run>/step-NNNNNN or checkpoints/<run>/best")
+    p.add_argument("repo_id", help="owner/name of the Hub model repository")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, help="branch to commit to (created if needed; default: main)")
+    p.set_defaults(func=_push)
 
     p = sub.add_parser(
         "sample",

@@ -152,6 +152,7 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     result = {
         "clips": recipe.data.source, "captions": recipe.data.captions, "shards": recipe.data.shards,
         "checkpoint": trained["checkpoint"], "adapters": [c.file for c in checks], "video": str(video), "contact_sheet": str(sheet),
+        "model_card": str(exported / "README.md"), "workflow": str(next(exported.glob("*-comfyui-workflow.json"), "")),
         "samples": prep["samples"], "first_loss": first, "last_loss": last, "selftest_ok": all(c.ok for c in checks), "times": times,
         "heldout": trained["heldout"], "best": trained["best"],
         "overview": str(run_dir / "validation" / "index.html") if recipe.validation.every else None,
@@ -162,7 +163,8 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
 
 def format_result(r: dict) -> str:
     rows = [("footage", r["clips"]), ("captions (review)", r["captions"]), ("shards", f"{r['shards']} ({r['samples']} samples)"),
-            ("checkpoint", r["checkpoint"]), *[("adapter", a) for a in r["adapters"]], ("video", r["video"]),
+            ("checkpoint", r["checkpoint"]), *[("adapter", a) for a in r["adapters"]],
+            ("model card", r["model_card"]), ("ComfyUI workflow", r["workflow"]), ("video", r["video"]),
             ("contact sheet", r["contact_sheet"])] + ([("validation rounds", r["overview"])] if r.get("overview") else [])
     lines = ["", "demo summary", ""] + [f"  {k:<20}{v}" for k, v in rows]
     lines += ["", f"  loss: first 10 steps {r['first_loss']:.4f} -> last 10 steps {r['last_loss']:.4f} "

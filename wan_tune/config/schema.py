@@ -403,6 +403,10 @@ class TrackingConfig:
     entity: Optional[str] = opt(None, "W&B team or user; empty = your default.")
     offline: bool = opt(False, "W&B offline: log to disk only, upload later with `wandb sync`.")
     log_every: int = opt(10, "Log metrics every N steps.", check=positive)
+    log_artifacts: str = opt(
+        "best", "W&B model artifacts: best = the checkpoint with the lowest held-out loss (the last one without held-out "
+        "clips), all = every checkpoint, none; the exported files are logged at export unless none.",
+        choices=("best", "all", "none"))
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .adapters import (
     kohya_state_dict,
     listing,
 )
+from .card import write_share_files
 from .selftest import Check, check_adapter_file, check_original_keys, empty_transformer
 
 REQUIRED = ("recipe.yaml", "state.json")
@@ -143,11 +144,15 @@ def export(
     stem = f"{recipe.run.name}-step{state['step']:06d}"
     if recipe.adapter.method == "full":  # A14B: both experts in one folder, as the pipeline lays them out
         return [c for expert, weights in experts.items() for c in export_full(recipe, weights, out / stem, say, expert)]
-    checks = []
+    checks, files = [], {}
     for expert, weights in experts.items():
         # A14B: one file per expert (ComfyUI loads one LoRA per model node), its name says which.
         named = f"{stem}-{expert_label(variant, expert)}" if variant.two_experts else stem
         checks += export_adapter(recipe, state, weights, formats, out, named, merge, say, expert)
+        files.update({(expert_label(variant, expert), fmt): f"{named}-{fmt}.safetensors" for fmt in formats
+                      if (out / f"{named}-{fmt}.safetensors").is_file()})  # a file that failed its self-test is not
+    if all(c.ok for c in checks):
+        write_share_files(recipe, state, checkpoint, out, stem, files, say)
     return checks
 
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..atomic import writable_problem
 from ..config import Recipe, to_yaml
 from ..models.variants import get_variant, trained_experts
+from .artifacts import log_checkpoint
 from .checkpoint import best_checkpoint, save_checkpoint
 from .context_parallel import layout, token_problem
 from .errors import TrainingError
@@ -83,6 +84,8 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                 # Not while stopping (a preempted job has little time): the resumed run scores that step first.
                 if data.heldout is not None and not stopping and (step % recipe.eval.every == 0 if recipe.eval.every else saving):
                     log.score(step)
+                if saving and last_saved is not None:
+                    _log_artifact(run, log, last_saved, step, final=step == recipe.train.steps or stopping)
                 if recipe.validation.every and step % recipe.validation.every == 0:
                     validate(run, validator, step)
                 if stopping:
@@ -93,6 +96,14 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             bar.close()
             log.close()
         return _summary(run, log, step, last_saved, stop.received)
+
+
+def _log_artifact(run, log: RunLog, saved: Path, step: int, final: bool) -> None:
+    """`tracking.log_artifacts`: this checkpoint when it is the new best (or every one); without
+    held-out clips, `best` logs the run's last checkpoint."""
+    best = best_checkpoint(run.run_dir)
+    is_best = best is not None and best.name == saved.name if log.heldout is not None else final
+    log_checkpoint(run, saved, step, log.scores().get(step), is_best)
 
 
 def _summary(run, log: RunLog, step: int, last_saved: Path | None, stopped_by: str | None) -> dict:

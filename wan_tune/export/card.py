@@ -1,0 +1,247 @@
+"""The model card export writes beside the adapter (`README.md`, the Hugging Face Hub's format:
+YAML front matter the hub reads, then the page), with the samples it shows in `samples/`.
+
+What it says is read from the run, never typed: the checkpoint's recipe and step, the run's
+losses (metrics.jsonl, best.json), the shards' index (clips, buckets, hours, its hash) and the
+validation renders (videos for the hub's widget, the base-vs-LoRA contact sheet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from ..config import Recipe, to_yaml
+from ..models.variants import Variant, expert_label, get_variant, pipeline_class
+
+SAMPLES = "samples"
+LICENSE = "apache-2.0"  # Wan 2.1 and 2.2 are released under Apache 2.0
+
+
+def run_facts(recipe: Recipe, checkpoint: Path, step: int) -> dict:
+    """Losses at the checkpoint's step and the run's best held-out one, from the run folder."""
+    run = checkpoint.parent
+    facts: dict = {"step": step}
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("step") == step:
+                facts.update({k: record[k] for k in ("loss", "heldout_loss") if k in record})
+    best = run / "best.json"
+    if best.is_file():
+        facts["best"] = json.loads(best.read_text())
+    return facts
+
+
+def data_facts(recipe: Recipe) -> dict:
+    """Clips, samples, buckets, hours of footage and the index's hash, from the shards (if still here)."""
+    from ..data.shards import INDEX_FILE, ShardFormatError, ShardReader
+
+    try:
+        index = ShardReader(recipe.data.shards).index
+    except (ShardFormatError, OSError):
+        return {}
+    buckets = Counter(f"{r.frames}x{r.height}x{r.width}" for r in index.itertuples())
+    digest = hashlib.sha256((Path(recipe.data.shards) / INDEX_FILE).read_bytes()).hexdigest()[:16]
+    seconds = float((index["end_s"] - index["start_s"]).clip(lower=0).sum())
+    return {"clips": int(index["source"].nunique()), "samples": len(index), "buckets": dict(sorted(buckets.items())),
+            "hours": seconds / 3600, "index_sha256": digest}
+
+
+def copy_samples(checkpoint: Path, step: int, out: Path) -> list[Path]:
+    """The validation renders of the latest round at or before `step` (videos and sheets), into
+    `out/samples/`; [] when the run rendered none."""
+    rounds = sorted((p for p in (checkpoint.parent / "validation").glob("step-*") if int(p.name[5:]) <= step),
+                    key=lambda p: int(p.name[5:]))
+    if not rounds:
+        return []
+    target = out / SAMPLES
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in sorted(rounds[-1].glob("*")):
+        if src.suffix in (".mp4", ".png"):
+            copied.append(Path(shutil.copy2(src, target / src.name)))
+    return copied
+
+
+def model_card(recipe: Recipe, facts: dict, data: dict, files: dict[tuple[str, str], str], samples: list[Path], base: str,
+               workflow: str | None = None) -> str:
+    """README.md text. `files`: {(expert label, format): adapter file name} (one expert: `transformer`);
+    `base`: what loads the base model; `workflow`: the ComfyUI workflow's file name."""
+    variant = get_variant(recipe.model.variant)
+    v = recipe.validation
+    prompt = v.prompts[0] if v.prompts else f"{recipe.caption.trigger_word} style".strip()
+    videos = [p for p in samples if p.suffix == ".mp4"]
+    front = {
+        "base_model": variant.hub_id or base,
+        "library_name": "diffusers",
+        "license": LICENSE,
+        "pipeline_tag": "image-to-video" if variant.image_conditioned(recipe.data.task) else "text-to-video",
+        "tags": ["wan", "wan-tune", "lora" if recipe.adapter.method == "lora" else "full-fine-tune",
+                 "image-to-video" if variant.image_conditioned(recipe.data.task) else "text-to-video", variant.name],
+        "instance_prompt": recipe.caption.trigger_word or None,
+        "widget": [{"text": v.prompts[i] if i < len(v.prompts) else prompt, "output": {"url": f"{SAMPLES}/{p.name}"}}
+                   for i, p in enumerate(videos)],
+    }
+    parts = [f"---\n{yaml.safe_dump(front, sort_keys=False, allow_unicode=True)}---\n",
+             f"# {recipe.run.name}\n",
+             f"A {'LoRA' if recipe.adapter.method == 'lora' else 'full fine-tune'} of {variant.name} "
+             f"({variant.kind}) trained with wan-tune. Trigger word: `{recipe.caption.trigger_word or '(none)'}`.\n",
+             _training_section(recipe, facts, data, samples),
+             _diffusers_section(recipe, variant, files, base, prompt),
+             _comfyui_section(variant, files, workflow),
+             _sample_section(recipe, variant, files, base, prompt),
+             f"## Recipe\n\n```yaml\n{to_yaml(recipe)}```\n"]
+    return "\n".join(parts)
+
+
+def _training_section(recipe: Recipe, facts: dict, data: dict, samples: list[Path]) -> str:
+    a, c = recipe.adapter, recipe.caption
+    lines = ["## Training\n"]
+    if data:
+        buckets = ", ".join(f"{k} ({n})" for k, n in data["buckets"].items())
+        lines.append(f"- Data: {data['clips']} clips, {data['samples']} training windows, {data['hours']:.2f} hours "
+                     f"({data['hours'] * 3600:.0f} s) of footage; buckets (frames x height x width): {buckets}; shard index sha256 `{data['index_sha256']}`")
+    else:
+        lines.append(f"- Data: the shards ({recipe.data.shards}) were not on the machine that exported")
+    captions = f"template `{c.template}`" if c.mode == "template" else f"{c.mode} captions"
+    lines.append(f"- Captions: {captions}; trigger word `{c.trigger_word or '(none)'}`")
+    if a.method == "lora":
+        lines.append(f"- LoRA: rank {a.rank}, alpha {a.alpha if a.alpha is not None else a.rank:g}, targets {', '.join(a.targets)}")
+    lines.append(f"- Steps: {facts['step']} at learning rate {recipe.train.lr:g} ({recipe.train.lr_schedule}), batch "
+                 f"{recipe.train.batch_size} x accumulation {recipe.train.grad_accum}")
+    if "loss" in facts:
+        lines.append(f"- Training loss at step {facts['step']}: {facts['loss']:.4f}")
+    if "heldout_loss" in facts:
+        lines.append(f"- Held-out loss at step {facts['step']}: {facts['heldout_loss']:.4f}")
+    if "best" in facts:
+        b = facts["best"]
+        lines.append(f"- Best held-out loss: {b['heldout_loss']:.4f} at step {b['step']} ({b['checkpoint']})")
+    sheets = [p for p in samples if p.suffix == ".png"]
+    if sheets:
+        lines.append("\nBase model (top) against this adapter, same seed:\n")
+        lines += [f"![{p.stem}]({SAMPLES}/{p.name})" for p in sheets]
+    return "\n".join(lines) + "\n"
+
+
+def _inputs_code(variant: Variant) -> tuple[str, str]:
+    """(lines loading the conditioning, keyword arguments passing it) for the variant's pipeline."""
+    if variant.vace:
+        return ('from diffusers.utils import load_image, load_video\n'
+                'control, mask = load_video("control.mp4"), load_video("mask.mp4")\n'
+                'reference = load_image("reference.png")\n'), "video=control, mask=mask, reference_images=[reference], "
+    if variant.last_frame:
+        return ('from diffusers.utils import load_image\n'
+                'first, last = load_image("first_frame.png"), load_image("last_frame.png")\n'), "image=first, last_image=last, "
+    if variant.is_i2v:
+        return 'from diffusers.utils import load_image\nfirst = load_image("first_frame.png")\n', "image=first, "
+    return "", ""
+
+
+def _diffusers_section(recipe: Recipe, variant: Variant, files: dict[str, str], base: str, prompt: str) -> str:
+    v = recipe.validation
+    height, width = v.height or recipe.data.resolutions[0][0], v.width or recipe.data.resolutions[0][1]
+    load, kwargs = _inputs_code(variant)
+    # The diffusers file, else the comfyui one (diffusers reads both); A14B: the low-noise file into transformer_2.
+    chosen = {label: files.get((label, "diffusers")) or files.get((label, "comfyui")) for label, _ in files}
+    lora = "".join(f'pipe.load_lora_weights(".", weight_name="{name}"'
+                   + (f', adapter_name="{label}"' if variant.two_experts else "")
+                   + (", load_into_transformer_2=True" if label == "low_noise" else "") + ")\n"
+                   for label, name in chosen.items() if name)
+    code = (f"import torch\nfrom diffusers import {pipeline_class(variant).__name__}\nfrom diffusers.utils import export_to_video\n\n"
+            f'BASE = "{base}"\n'
+            'DEVICE = "cuda" if torch.cuda.is_available() else "cpu"\n'
+            "DTYPE = torch.bfloat16 if DEVICE == \"cuda\" else torch.float32\n"
+            f"pipe = {pipeline_class(variant).__name__}.from_pretrained(BASE, torch_dtype=DTYPE).to(DEVICE)\n"
+            f"{lora}{load}"
+            f"video = pipe(prompt={prompt!r}, {kwargs}height={height}, width={width}, num_frames={v.frames},\n"
+            f"             num_inference_steps={v.steps}, guidance_scale={v.guidance_scale:g}).frames[0]\n"
+            f'export_to_video(video, "sample.mp4", fps={variant.fps})\n')
+    return f"## Use it with diffusers\n\nRun from this folder (or pass the hub repository id in place of `\".\"`):\n\n```python\n{code}```\n"
+
+
+def _comfyui_section(variant: Variant, files: dict[tuple[str, str], str], workflow: str | None) -> str:
+    from .comfyui_workflow import INPUTS, TEXT_ENCODER, model_files
+
+    models, vae = model_files(variant)
+    adapters = [n for (_, fmt), n in files.items() if fmt == "comfyui"]
+    lines = ["## Use it in ComfyUI\n",
+             f"1. Copy {', '.join(f'`{a}`' for a in adapters) or 'the comfyui adapter'} into `ComfyUI/models/loras/`.",
+             f"2. The base: {', '.join(f'`{m}`' for m in models)} in `models/diffusion_models/`, `{TEXT_ENCODER}` in "
+             f"`models/text_encoders/`, `{vae}` in `models/vae/`"
+             + (" (Comfy-Org's repackaged Wan files)." if not variant.tiny else " (a tiny test model: no ComfyUI release).")]
+    if workflow:
+        needs = [INPUTS[k] for k in workflow_inputs(variant)]
+        lines.append(f"3. Open `{workflow}` (an API-format workflow: load it in ComfyUI, or POST it to `/prompt`)"
+                     + (f"; put {', '.join(f'`{n}`' for n in needs)} in `ComfyUI/input/`" if needs else "") + ".")
+    return "\n".join(lines) + "\n"
+
+
+def workflow_inputs(variant: Variant) -> list[str]:
+    """What a render of the variant reads besides the prompt (keys of comfyui_workflow.INPUTS)."""
+    if variant.vace:
+        return ["reference", "control", "mask"]
+    return ["first", "last"] if variant.last_frame else ["first"] if variant.is_i2v else []
+
+
+def _sample_section(recipe: Recipe, variant: Variant, files: dict[tuple[str, str], str], base: str, prompt: str) -> str:
+    adapters = [n for (_, fmt), n in files.items() if fmt == "comfyui"] or list(files.values())[:2]
+    extra = {"VACE": " --reference-image reference.png --control-video control.mp4 --mask-video mask.mp4",
+             "FLF2V": " --image first_frame.png --last-image last_frame.png", "I2V": " --image first_frame.png"}.get(variant.kind, "")
+    loras = " ".join(f"--lora {a}" for a in adapters)
+    return (f"## Use it with wan-tune\n\n```bash\nwan-tune sample --base {base} {loras} --prompt {json.dumps(prompt)}"
+            f"{extra} --frames {recipe.validation.frames}\n```\n")
+
+
+def render_settings(recipe: Recipe, variant: Variant):
+    """What the ComfyUI workflow renders: the recipe's first validation prompt, at its size, frames,
+    steps, guidance and the run's shift."""
+    from .comfyui_workflow import Render
+
+    v = recipe.validation
+    return Render(prompt=v.prompts[0] if v.prompts else f"{recipe.caption.trigger_word} style".strip(), negative="",
+                  width=v.width or recipe.data.resolutions[0][1], height=v.height or recipe.data.resolutions[0][0],
+                  frames=v.frames, steps=v.steps, cfg=v.guidance_scale, fps=variant.fps, seed=v.seed,
+                  shift=recipe.timesteps.shift or variant.flow_shift)
+
+
+def base_reference(recipe: Recipe, variant: Variant) -> str:
+    """How the card names the base: the recipe's folder or hub id, the variant's hub id, or (tiny) its local folder."""
+    if recipe.model.path:
+        return recipe.model.path
+    if variant.hub_id:
+        return variant.hub_id
+    from ..models.loading import resolve_source
+
+    return str(resolve_source(variant).folder)
+
+
+def write_share_files(recipe: Recipe, state: dict, checkpoint: Path, out: Path, stem: str,
+                      files: dict[tuple[str, str], str], say=print) -> list[Path]:
+    """The ComfyUI workflow (when a comfyui adapter was written), the samples and the model card, beside the adapters."""
+    from ..atomic import write_json, write_text
+    from .comfyui_workflow import workflow
+
+    variant = get_variant(recipe.model.variant)
+    written, workflow_name = [], None
+    comfy = {e: files[(expert_label(variant, e), "comfyui")] for e in variant.experts
+             if (expert_label(variant, e), "comfyui") in files}
+    if comfy:
+        workflow_name = f"{stem}-comfyui-workflow.json"
+        written.append(write_json(out / workflow_name, workflow(variant, comfy, render_settings(recipe, variant))))
+    samples = copy_samples(checkpoint, state["step"], out)
+    facts = run_facts(recipe, checkpoint, state["step"])
+    card = model_card(recipe, facts, data_facts(recipe), files, samples, base_reference(recipe, variant), workflow_name)
+    written.append(write_text(out / "README.md", card))
+    written.append(write_text(out / "recipe.yaml", to_yaml(recipe)))  # the run's recipe, to train it again
+    say(f"wrote {out / 'README.md'} (model card)" + (f" and {out / workflow_name} (ComfyUI workflow)" if workflow_name else ""))
+    from ..training.artifacts import log_export
+
+    log_export(recipe, checkpoint, out, state["step"], facts.get("heldout_loss"), say)
+    return written + samples

@@ -1,0 +1,71 @@
+"""W&B model artifacts (`tracking.log_artifacts`): each checkpoint's adapter (`all`), the best one by
+held-out loss (`best`; the last one when the run has no held-out clips), or none; and, at
+export, the exported files. Each artifact carries the step and held-out loss as metadata, so the
+W&B model registry can rank them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..config import Recipe
+
+
+def wanted(recipe: Recipe) -> bool:
+    return recipe.tracking.backend == "wandb" and recipe.tracking.log_artifacts != "none"
+
+
+def artifact_name(recipe: Recipe, kind: str) -> str:
+    """W&B artifact names take letters, digits, dashes, underscores and dots."""
+    return re.sub(r"[^\w.-]", "-", f"{recipe.run.name}-{kind}")
+
+
+def _artifact(recipe: Recipe, kind: str, files: list[Path], metadata: dict):
+    import wandb
+
+    artifact = wandb.Artifact(artifact_name(recipe, kind), type="model", metadata={
+        "variant": recipe.model.variant, "method": recipe.adapter.method, **metadata})
+    for file in files:
+        if file.is_dir():
+            artifact.add_dir(str(file), name=file.name)
+        else:
+            artifact.add_file(str(file))
+    return artifact
+
+
+def log_checkpoint(run, path: Path, step: int, heldout_loss: float | None, best: bool) -> bool:
+    """Log the checkpoint at `path` as the `adapter` artifact if the recipe's setting asks for it;
+    returns whether it was logged. Rank 0 only (the tracker lives there)."""
+    recipe = run.recipe
+    mode = recipe.tracking.log_artifacts
+    if not (wanted(recipe) and run.main) or (mode == "best" and not best):
+        return False
+    files = sorted(path.glob("trainable*.safetensors")) + [path / "recipe.yaml", path / "state.json"]
+    aliases = [f"step-{step}", "latest"] + (["best"] if best and heldout_loss is not None else [])
+    artifact = _artifact(recipe, "adapter", files, {"step": step, "heldout_loss": heldout_loss, "checkpoint": path.name})
+    run.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact, aliases=aliases)
+    run.say(f"logged {path.name} to W&B as model artifact {artifact.name} ({', '.join(aliases)})")
+    return True
+
+
+def log_export(recipe: Recipe, checkpoint: Path, out: Path, step: int, heldout_loss: float | None, say=print) -> bool:
+    """The exported files as the `export` artifact, in a W&B run of job type `export` beside the
+    training run (in its folder, offline when the recipe says so). Skipped, with a note, where W&B
+    cannot start (no API key)."""
+    from .tracking import tracking_problem
+
+    if not wanted(recipe):
+        return False
+    problem = tracking_problem(recipe.tracking)
+    if problem:
+        say(f"not logged to W&B: {problem}")
+        return False
+    import wandb
+
+    files = sorted(p for p in out.iterdir() if p.suffix in (".safetensors", ".json", ".md", ".yaml") or p.is_dir())
+    with wandb.init(project=recipe.tracking.project, entity=recipe.tracking.entity, name=f"{recipe.run.name}-export",
+                    job_type="export", dir=str(checkpoint.parent), mode="offline" if recipe.tracking.offline else None) as run:
+        artifact = _artifact(recipe, "export", files, {"step": step, "heldout_loss": heldout_loss, "checkpoint": checkpoint.name})
+        run.log_artifact(artifact, aliases=[f"step-{step}", "latest"])
+    say(f"logged the export to W&B as model artifact {artifact.name}")
+    return True
