@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from comfyui_nodes import COMBO_VALUES, NODES, OUTPUT_NODES, WIDGETS
+from comfyui_nodes import check_graph
 
 from wan_tune.export.comfyui_workflow import MODEL_FILES, Render, switch_step, workflow
 from wan_tune.models.variants import VARIANTS, expert_label
@@ -19,45 +19,6 @@ from wan_tune.models.variants import VARIANTS, expert_label
 ROOT = Path(__file__).resolve().parents[1]
 RENDER = Render(prompt="mybrand a product turns", negative="", width=832, height=480, frames=33, steps=20, cfg=5.0,
                 shift=3.0, fps=16)
-
-
-def check_graph(graph: dict) -> list[str]:
-    """Every way the graph could fail to load or run in stock ComfyUI, as messages (none: it links up)."""
-    problems = []
-    for node_id, node in graph.items():
-        cls = node["class_type"]
-        if cls not in NODES:
-            problems.append(f"{node_id}: {cls} is not a stock ComfyUI node")
-            continue
-        required, optional, _ = NODES[cls]
-        inputs = node["inputs"]
-        problems += [f"{node_id} {cls}: required input {k} missing" for k in required if k not in inputs]
-        problems += [f"{node_id} {cls}: {k} is not an input of {cls}" for k in inputs if k not in {**required, **optional}]
-        for key, value in inputs.items():
-            kind = {**required, **optional}.get(key)
-            if isinstance(value, list):  # a link [node id, output index]
-                source = graph.get(value[0])
-                outputs = NODES.get(source["class_type"], ({}, {}, ()))[2] if source else ()
-                if source is None or not 0 <= value[1] < len(outputs):
-                    problems.append(f"{node_id} {cls}.{key}: links to a missing node or output {value}")
-                elif outputs[value[1]] != kind:
-                    problems.append(f"{node_id} {cls}.{key}: takes {kind}, linked to a {outputs[value[1]]}")
-            elif kind not in WIDGETS:
-                problems.append(f"{node_id} {cls}.{key}: {kind} must be linked, got the value {value!r}")
-            elif (cls, key) in COMBO_VALUES and value not in COMBO_VALUES[(cls, key)]:
-                problems.append(f"{node_id} {cls}.{key}: {value!r} is not one of its options")
-    # Every node feeds the saved video (nothing dangling), and there is exactly one output node.
-    outputs = [n for n, node in graph.items() if node["class_type"] in OUTPUT_NODES]
-    if len(outputs) != 1:
-        problems.append(f"{len(outputs)} output nodes")
-    reached, todo = set(), list(outputs)
-    while todo:
-        n = todo.pop()
-        if n not in reached:
-            reached.add(n)
-            todo += [v[0] for v in graph[n]["inputs"].values() if isinstance(v, list)]
-    problems += [f"{n} {graph[n]['class_type']} feeds nothing" for n in graph if n not in reached]
-    return problems
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_FILES))

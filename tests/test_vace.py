@@ -236,3 +236,40 @@ def test_vace_loads_from_an_original_single_file_and_refuses_one_for_t2v(folder,
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(ModelLoadError, match="'vace_blocks': 2.*'vace_blocks': 0"):
         load_transformer(resolve_source("tiny", path=str(tiny_folders["tiny"]), transformer_file=str(single)))
+
+
+def test_wan22_vace_fun_a14b_trains_both_experts_and_exports_one_file_and_a_workflow_each(tmp_path):
+    """tiny-vace-a14b: VACE context on two experts routed by sigma; one ComfyUI file per expert and a
+    workflow that puts each on its own model node."""
+    import json
+
+    from comfyui_nodes import check_graph
+    from launching import PLAIN
+
+    from data_prep.prep import run_prep
+    from wan_tune.config import load_recipe
+    from wan_tune.export.run import export
+    from wan_tune.models.tiny import save_tiny_pipeline
+    from wan_tune.synthetic import make_clips
+    from wan_tune.training.loop import train
+
+    folder = save_tiny_pipeline(tmp_path / "tiny-vace-a14b", "tiny-vace-a14b", seed=0)
+    clips = make_clips(tmp_path / "clips", 2, frames=20, height=96, width=128, fps=16, vace=True)[0].parent
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        *PLAIN, "model.variant=tiny-vace-a14b", f"model.path={folder}", f"data.source={clips}",
+        f"data.shards={tmp_path / 'shards'}", "data.shard_dtype=fp32", f"run.output_dir={tmp_path / 'runs'}",
+        "data.resolutions=[[64,96]]", "train.steps=6", "checkpoint.every=6", "data.num_workers=0", "export.format=comfyui",
+        "adapter.targets=[attention,vace_blocks]"])
+    run_prep(recipe, progress=False, say=lambda *_: None)
+    result = train(recipe, progress=False, say=lambda *_: None)
+    experts = [json.loads(line).get("expert") for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert {"high_noise", "low_noise"} <= set(experts)  # each step routed to the expert of its sigma
+    checks = export(result["checkpoint"], out=tmp_path / "export", say=lambda *_: None)
+    assert len(checks) == 2 and all(c.ok for c in checks)
+    names = sorted(Path(c.file).name for c in checks)
+    assert [n.rsplit("-", 2)[-2] for n in names] == ["high_noise", "low_noise"]
+    (workflow_file,) = (tmp_path / "export").glob("*-comfyui-workflow.json")
+    graph = json.loads(workflow_file.read_text())
+    assert check_graph(graph) == []
+    loras = {n["inputs"]["lora_name"] for n in graph.values() if n["class_type"] == "LoraLoaderModelOnly"}
+    assert loras == set(names) and any(n["class_type"] == "WanVaceToVideo" for n in graph.values())

@@ -8,7 +8,8 @@ from diffusers import WanTransformer3DModel
 
 from wan_tune.models import VARIANTS, get_variant
 from wan_tune.models.lora_targets import expand_targets
-from wan_tune.models.variants import architecture_mismatches, transformer_class
+from wan_tune.models.variant_checks import architecture_mismatches
+from wan_tune.models.variants import transformer_class
 
 REAL = [v for v in VARIANTS.values() if not v.tiny]
 
@@ -20,7 +21,9 @@ def test_real_variant_parameter_count_matches_design(variant):
     count = sum(p.numel() for p in model.parameters())
     assert abs(count / variant.expected_params - 1) < 0.01, f"{variant.name}: {count / 1e9:.3f} B"
     # The FLF2V repository spells it "-diffusers", the others "-Diffusers".
-    assert variant.hub_id.startswith(("Wan-AI/Wan2.1-", "Wan-AI/Wan2.2-")) and variant.hub_id.lower().endswith("-diffusers")
+    # Wan2.2-VACE-Fun-A14B is alibaba-pai's model; its diffusers-format copy is a community conversion.
+    owners = ("Wan-AI/Wan2.1-", "Wan-AI/Wan2.2-", "linoyts/Wan2.2-VACE-Fun")
+    assert variant.hub_id.startswith(owners) and variant.hub_id.lower().endswith("-diffusers")
 
 
 def test_i2v_variants_take_mask_and_condition_channels():

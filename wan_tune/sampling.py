@@ -11,7 +11,8 @@ import torch
 
 from .atomic import atomic_write, writable_problem, write_json
 from .models.loading import ModelLoadError, read_pipeline_config, resolve_source
-from .models.variants import VARIANTS, Variant, architecture_mismatches, pipeline_mismatches
+from .models.variant_checks import architecture_mismatches, pipeline_mismatches
+from .models.variants import VARIANTS, Variant
 from .training.overview import frame_row, write_sheet
 from .vace_media import ConditioningError, control_frames, mask_frames, pipeline_inputs, reference_images, sheet_rows
 from .video_io import to_uint8, write_video

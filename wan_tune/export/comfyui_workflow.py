@@ -30,6 +30,8 @@ MODEL_FILES: dict[str, tuple[tuple[str, ...], str]] = {
                         "wan_2.1_vae.safetensors"),
     "wan2.2-i2v-a14b": (("wan2.2_i2v_high_noise_14B_fp16.safetensors", "wan2.2_i2v_low_noise_14B_fp16.safetensors"),
                         "wan_2.1_vae.safetensors"),
+    "wan2.2-vace-fun-a14b": (("wan2.2_fun_vace_high_noise_14B_bf16.safetensors",
+                              "wan2.2_fun_vace_low_noise_14B_bf16.safetensors"), "wan_2.1_vae.safetensors"),
 }
 TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 CLIP_VISION = "clip_vision_h.safetensors"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .variants import Variant, architecture_mismatches, get_variant, pipeline_mismatches, transformer_class
+from .variant_checks import architecture_mismatches, pipeline_mismatches
+from .variants import Variant, get_variant, transformer_class
 
 # Files every component needs besides weights (configs, tokenizer, processor).
 _META_PATTERNS = ["model_index.json", "*.json", "*.txt", "*.model", "*.spm"]

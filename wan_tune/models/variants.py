@@ -295,6 +295,20 @@ VARIANTS: dict[str, Variant] = {
             notes="reference images, control video and mask (VACE blocks beside the T2V 14B)",
         ),
         Variant(
+            name="wan2.2-vace-fun-a14b",
+            task="t2v",
+            # alibaba-pai's Wan2.2-VACE-Fun-A14B as diffusers' conversion script ("Wan2.2-VACE-Fun-14B")
+            # writes it: each expert a VACE 14B; the diffusers-format copy is a community conversion.
+            hub_id="linoyts/Wan2.2-VACE-Fun-14B-diffusers",
+            transformer=_vace(_wan21(40, 40, 13824), list(range(0, 40, 5))),
+            flow_shift=3.0,  # as the Wan2.2 T2V A14B pipeline's scheduler
+            resolution=(720, 1280),
+            experts=("transformer", "transformer_2"),
+            boundary_ratio=0.875,
+            expected_params=17.3e9,
+            notes="two VACE 14B experts (high / low noise), reference images, control video and mask",
+        ),
+        Variant(
             name="wan2.2-ti2v-5b",
             task="t2v",
             hub_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
@@ -405,6 +419,19 @@ VARIANTS: dict[str, Variant] = {
             notes="random init, VACE-shaped: a VACE block beside each of the two blocks",
         ),
         Variant(
+            name="tiny-vace-a14b",
+            task="t2v",
+            hub_id=None,
+            transformer=_vace(_tiny(i2v=False), [0, 1]),
+            flow_shift=3.0,
+            resolution=(64, 96),
+            frames=9,
+            experts=("transformer", "transformer_2"),
+            boundary_ratio=0.875,
+            tiny=True,
+            notes="random init, Wan2.2-VACE-Fun-A14B-shaped: two VACE experts split at the boundary",
+        ),
+        Variant(
             name="tiny-a14b-i2v",
             task="i2v",
             hub_id=None,
@@ -432,48 +459,3 @@ def get_variant(name: str) -> Variant:
         raise UnknownVariantError(
             f"unknown model variant {name!r}; known: {', '.join(VARIANTS)}"
         ) from None
-
-
-# Config keys that decide whether weights fit a variant; used to catch a recipe naming
-# one variant while `model.path` holds another.
-ARCHITECTURE_KEYS = (
-    "num_attention_heads",
-    "attention_head_dim",
-    "num_layers",
-    "ffn_dim",
-    "in_channels",
-    "out_channels",
-    "text_dim",
-    "image_dim",
-    "added_kv_proj_dim",
-    "pos_embed_seq_len",  # FLF2V's; the I2V 14B 720P is otherwise the same
-    "vace_layers",  # VACE's; its main blocks are the T2V model's
-    "vace_in_channels",
-)
-
-
-def architecture_mismatches(variant: Variant, config: dict[str, Any]) -> list[str]:
-    """Human-readable differences between a loaded transformer config and the variant's."""
-    out = []
-    for key in ARCHITECTURE_KEYS:
-        want, got = variant.transformer.get(key), config.get(key)
-        if want != got:
-            out.append(f"{key}: variant {variant.name!r} has {want}, the weights have {got}")
-    return out
-
-
-def pipeline_mismatches(variant: Variant, index: dict[str, Any]) -> list[str]:
-    """Differences between a pipeline folder's model_index.json and the variant's pipeline: a
-    Wan2.2 A14B expert has exactly a Wan2.1 14B's config, only the pipeline tells them apart.
-    An empty index (a bare transformer folder) says nothing."""
-    if not index:
-        return []
-    out = []
-    has_second = (index.get("transformer_2") or [None])[0] is not None
-    if has_second != variant.two_experts:
-        out.append(f"the folder has {'two experts (transformer, transformer_2)' if has_second else 'one transformer'}, "
-                   f"variant {variant.name!r} has {'two' if variant.two_experts else 'one'}")
-    if bool(index.get("expand_timesteps")) != variant.expand_timesteps:
-        out.append(f"expand_timesteps: variant {variant.name!r} has {variant.expand_timesteps}, "
-                   f"the pipeline has {bool(index.get('expand_timesteps'))}")
-    return out
