@@ -19,7 +19,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,10 +26,11 @@ from wan_tune.atomic import writable_problem, write_json, write_text
 from wan_tune.config import Recipe, to_yaml
 from wan_tune.data import shards
 from wan_tune.dist import process_state
-from wan_tune.footage import SkipClip, Window, probe, read_frames, unsupported_reason
+from wan_tune.footage import SkipClip, Window, pictures, probe, read_frames, unsupported_reason
 from wan_tune.models import get_variant
 from wan_tune.models.loading import recipe_source
-from wan_tune.vace_inputs import check_inputs, control_frames, mask_problem
+from wan_tune.vace_inputs import check_inputs, mask_problem, window_frames
+from wan_tune.vace_media import ConditioningError, reference_images
 
 from .buckets import aspect_buckets, fit_problem, nearest_bucket, resize_crop
 from .captions import make_captions, read_captions
@@ -313,25 +313,19 @@ def _encode_one(sample: Sample, encoders: Encoders, writer, i2v: bool, skips: li
 def _vace_tensors(encoders: Encoders, sample: Sample) -> dict[str, torch.Tensor]:
     """The clip's VACE context from its control / mask (cut to its window, resized and cropped as
     the clip is) and reference images (whole: the pipeline fits them on its canvas)."""
-    from PIL import Image
-
     inputs, (frames, h, w) = sample.item.vace, sample.bucket
 
     def cut(file):
-        if file is None:
-            return None
-        pixels = resize_crop(control_frames(file, sample.window), (h, w))
-        return [_still(pixels, i) for i in range(pixels.shape[1])]
+        return pictures(resize_crop(window_frames(file, sample.window), (h, w))) if file else None
 
     control, mask = cut(inputs.control), cut(inputs.mask)
-    if mask is not None:
-        problem = mask_problem(np.stack([np.asarray(m) for m in mask]), Path(inputs.mask).name)
-        if problem:
-            raise SkipClip(problem)
-    references = []
-    for file in inputs.references:
-        with Image.open(file) as im:
-            references.append(im.convert("RGB"))
+    problem = mask_problem(mask, Path(inputs.mask).name) if mask is not None else None
+    if problem:
+        raise SkipClip(problem)
+    try:  # checked when planned; a file changed since is a reason, not a crash
+        references = reference_images(list(inputs.references), h, w)
+    except ConditioningError as err:
+        raise SkipClip(str(err)) from None
     return encoders.vace_condition(frames, h, w, control, mask, references)
 
 
@@ -345,9 +339,7 @@ def _announce_unused_vace(items: list[SourceItem], variant, say) -> None:
 
 def _still(video: torch.Tensor, index: int):
     """Frame `index` of a [3, T, H, W] clip in [-1, 1] as the PIL image the I2V pipeline takes."""
-    from PIL import Image
-
-    return Image.fromarray(((video[:, index].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+    return pictures(video[:, [index]])[0]
 
 
 def _check_existing(root: Path, verify: bool, say) -> None:

@@ -234,3 +234,12 @@ def resize_crop(frames: np.ndarray, bucket: tuple[int, int], chunk: int = 16) ->
         x = x[:, :, top : top + bh, left : left + bw]
         out[:, i : i + chunk] = (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3)
     return out
+
+
+def pictures(video) -> list:
+    """Float video [3, T, H, W] in [-1, 1] (what `resize_crop` gives) -> its frames as the PIL images
+    the diffusers pipelines take."""
+    from PIL import Image
+
+    pixels = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    return [Image.fromarray(f) for f in pixels]

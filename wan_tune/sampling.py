@@ -132,15 +132,14 @@ def _vace_media(args: SampleArgs, height: int, width: int, fps: float) -> dict:
 def _lora_weights(path: str):
     """The file, or, for an original-key LoRA of VACE blocks (which diffusers 0.42's converter
     refuses), its weights in diffusers' keys."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from .export.adapters import peft_from_original
 
-    with open(path, "rb") as f:  # the safetensors header: 8 bytes of length, then the JSON naming every key
-        head = f.read(int.from_bytes(f.read(8), "little"))
-    if b"diffusion_model.vace_blocks." not in head:
-        return path
-    return peft_from_original(load_file(path))
+    with safe_open(path, "pt") as f:
+        vace_keys = any(k.startswith("diffusion_model.vace_blocks.") for k in f.keys())
+    return peft_from_original(load_file(path)) if vace_keys else path
 
 
 def contact_sheet(frames: np.ndarray, count: int = 8) -> "Image.Image":
@@ -214,8 +213,9 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     for key, path in (("image", args.image), ("last_image", args.last_image)):
         if path:
             kwargs[key] = Image.open(path).convert("RGB")
-    media = _vace_media(args, height, width, variant.fps) if variant is not None and variant.vace else {}
+    media = {}
     if variant is not None and variant.vace:
+        media = _vace_media(args, height, width, variant.fps)
         kwargs.update(conditioning_scale=args.conditioning_scale, **pipeline_inputs(media))
     say(f"sampling {args.frames} frames at {width}x{height}, {args.steps} steps on {device}")
     frames = to_uint8(pipe(**kwargs).frames[0])

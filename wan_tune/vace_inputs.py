@@ -167,7 +167,7 @@ def reference_problem(file: str, height: int, width: int) -> str | None:
     return None
 
 
-def control_frames(file: str, window: Window) -> np.ndarray:
+def window_frames(file: str, window: Window) -> np.ndarray:
     """The control (or mask) frames at the clip window's own source frame indices: a control made
     frame by frame from the clip lines up with it, variable frame rate or not."""
     info = probe(file, False)
@@ -175,9 +175,10 @@ def control_frames(file: str, window: Window) -> np.ndarray:
     return read_frames(file, replace(window, indices=tuple(indices)), False)
 
 
-def mask_problem(frames: np.ndarray, name: str) -> str | None:
-    """Why decoded mask frames are not a black-and-white mask (VACE binarises at half grey)."""
-    grey = ((frames > 48) & (frames < 207)).mean()
+def mask_problem(frames, name: str) -> str | None:
+    """Why mask frames (PIL images or arrays) are not a black-and-white mask (VACE binarises at half grey)."""
+    pixels = np.stack([np.asarray(f) for f in frames])
+    grey = ((pixels > 48) & (pixels < 207)).mean()
     if grey > MAX_GREY_SHARE:
         return (f"mask {name} is not black and white ({grey:.0%} of its pixels are grey): VACE keeps black and "
                 "generates white; threshold it")

@@ -16,7 +16,7 @@ def control_frames(path: str, frames: int, height: int, width: int, start_s: flo
                    what: str = "control video") -> list:
     """`frames` frames of a control (or mask) video from `start_s`, at `fps` (None: the video's own
     rate, frame after frame), resized and centre-cropped to `height` x `width` as prep does."""
-    from .footage import SkipClip, Window, probe, read_frames, resize_crop
+    from .footage import SkipClip, Window, pictures, probe, read_frames, resize_crop
 
     name = Path(path).name
     try:
@@ -30,20 +30,18 @@ def control_frames(path: str, frames: int, height: int, width: int, start_s: flo
         pixels = read_frames(path, Window(0, indices, start_s, start_s), False)
     except SkipClip as err:
         raise ConditioningError(f"{what} {name}: {err}") from None
-    return _pictures(resize_crop(pixels, (height, width)))
+    return pictures(resize_crop(pixels, (height, width)))
 
 
 def mask_frames(path: str, frames: int, height: int, width: int, start_s: float = 0.0, fps: float | None = None) -> list:
     """A mask video's frames (`control_frames`), refused unless black and white."""
-    import numpy as np
-
     from .vace_inputs import mask_problem
 
-    pictures = control_frames(path, frames, height, width, start_s, fps, what="mask video")
-    problem = mask_problem(np.stack([np.asarray(p) for p in pictures]), Path(path).name)
+    masks = control_frames(path, frames, height, width, start_s, fps, what="mask video")
+    problem = mask_problem(masks, Path(path).name)
     if problem:
         raise ConditioningError(problem)
-    return pictures
+    return masks
 
 
 def reference_images(paths: list[str], height: int, width: int) -> list:
@@ -59,14 +57,6 @@ def reference_images(paths: list[str], height: int, width: int) -> list:
         with Image.open(path) as im:
             out.append(im.convert("RGB"))
     return out
-
-
-def _pictures(video) -> list:
-    """[3, T, H, W] in [-1, 1] -> PIL frames (the pipeline's input type)."""
-    from PIL import Image
-
-    pixels = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-    return [Image.fromarray(f) for f in pixels]
 
 
 def pipeline_inputs(media: dict) -> dict:

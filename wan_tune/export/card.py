@@ -75,8 +75,7 @@ def model_card(recipe: Recipe, facts: dict, data: dict, files: dict[tuple[str, s
     """README.md text. `files`: {(expert label, format): adapter file name} (one expert: `transformer`);
     `base`: what loads the base model; `workflow`: the ComfyUI workflow's file name."""
     variant = get_variant(recipe.model.variant)
-    v = recipe.validation
-    prompt = v.prompts[0] if v.prompts else f"{recipe.caption.trigger_word} style".strip()
+    v, render = recipe.validation, render_settings(recipe, variant)
     videos = [p for p in samples if p.suffix == ".mp4"]
     front = {
         "base_model": variant.hub_id or base,
@@ -86,7 +85,7 @@ def model_card(recipe: Recipe, facts: dict, data: dict, files: dict[tuple[str, s
         "tags": ["wan", "wan-tune", "lora" if recipe.adapter.method == "lora" else "full-fine-tune",
                  "image-to-video" if variant.image_conditioned(recipe.data.task) else "text-to-video", variant.name],
         "instance_prompt": recipe.caption.trigger_word or None,
-        "widget": [{"text": v.prompts[i] if i < len(v.prompts) else prompt, "output": {"url": f"{SAMPLES}/{p.name}"}}
+        "widget": [{"text": v.prompts[i] if i < len(v.prompts) else render.prompt, "output": {"url": f"{SAMPLES}/{p.name}"}}
                    for i, p in enumerate(videos)],
     }
     parts = [f"---\n{yaml.safe_dump(front, sort_keys=False, allow_unicode=True)}---\n",
@@ -94,9 +93,9 @@ def model_card(recipe: Recipe, facts: dict, data: dict, files: dict[tuple[str, s
              f"A {'LoRA' if recipe.adapter.method == 'lora' else 'full fine-tune'} of {variant.name} "
              f"({variant.kind}) trained with wan-tune. Trigger word: `{recipe.caption.trigger_word or '(none)'}`.\n",
              _training_section(recipe, facts, data, samples),
-             _diffusers_section(recipe, variant, files, base, prompt),
+             _diffusers_section(variant, files, base, render),
              _comfyui_section(variant, files, workflow),
-             _sample_section(recipe, variant, files, base, prompt),
+             _sample_section(variant, files, base, render),
              f"## Recipe\n\n```yaml\n{to_yaml(recipe)}```\n"]
     return "\n".join(parts)
 
@@ -144,9 +143,7 @@ def _inputs_code(variant: Variant) -> tuple[str, str]:
     return "", ""
 
 
-def _diffusers_section(recipe: Recipe, variant: Variant, files: dict[str, str], base: str, prompt: str) -> str:
-    v = recipe.validation
-    height, width = v.height or recipe.data.resolutions[0][0], v.width or recipe.data.resolutions[0][1]
+def _diffusers_section(variant: Variant, files: dict[tuple[str, str], str], base: str, r) -> str:
     load, kwargs = _inputs_code(variant)
     # The diffusers file, else the comfyui one (diffusers reads both); A14B: the low-noise file into transformer_2.
     chosen = {label: files.get((label, "diffusers")) or files.get((label, "comfyui")) for label, _ in files}
@@ -160,9 +157,9 @@ def _diffusers_section(recipe: Recipe, variant: Variant, files: dict[str, str], 
             "DTYPE = torch.bfloat16 if DEVICE == \"cuda\" else torch.float32\n"
             f"pipe = {pipeline_class(variant).__name__}.from_pretrained(BASE, torch_dtype=DTYPE).to(DEVICE)\n"
             f"{lora}{load}"
-            f"video = pipe(prompt={prompt!r}, {kwargs}height={height}, width={width}, num_frames={v.frames},\n"
-            f"             num_inference_steps={v.steps}, guidance_scale={v.guidance_scale:g}).frames[0]\n"
-            f'export_to_video(video, "sample.mp4", fps={variant.fps})\n')
+            f"video = pipe(prompt={r.prompt!r}, {kwargs}height={r.height}, width={r.width}, num_frames={r.frames},\n"
+            f"             num_inference_steps={r.steps}, guidance_scale={r.cfg:g}).frames[0]\n"
+            f'export_to_video(video, "sample.mp4", fps={r.fps})\n')
     return f"## Use it with diffusers\n\nRun from this folder (or pass the hub repository id in place of `\".\"`):\n\n```python\n{code}```\n"
 
 
@@ -190,13 +187,13 @@ def workflow_inputs(variant: Variant) -> list[str]:
     return ["first", "last"] if variant.last_frame else ["first"] if variant.is_i2v else []
 
 
-def _sample_section(recipe: Recipe, variant: Variant, files: dict[tuple[str, str], str], base: str, prompt: str) -> str:
+def _sample_section(variant: Variant, files: dict[tuple[str, str], str], base: str, r) -> str:
     adapters = [n for (_, fmt), n in files.items() if fmt == "comfyui"] or list(files.values())[:2]
     extra = {"VACE": " --reference-image reference.png --control-video control.mp4 --mask-video mask.mp4",
              "FLF2V": " --image first_frame.png --last-image last_frame.png", "I2V": " --image first_frame.png"}.get(variant.kind, "")
     loras = " ".join(f"--lora {a}" for a in adapters)
-    return (f"## Use it with wan-tune\n\n```bash\nwan-tune sample --base {base} {loras} --prompt {json.dumps(prompt)}"
-            f"{extra} --frames {recipe.validation.frames}\n```\n")
+    return (f"## Use it with wan-tune\n\n```bash\nwan-tune sample --base {base} {loras} --prompt {json.dumps(r.prompt)}"
+            f"{extra} --frames {r.frames}\n```\n")
 
 
 def render_settings(recipe: Recipe, variant: Variant):

@@ -187,7 +187,7 @@ def _check_single_file(source: ModelSource, expert: str) -> None:
     got = {"num_layers": layers, "inner_dim": patch_shape[0] if patch_shape else None,
            "in_channels": patch_shape[1] if patch_shape else None, "vace_blocks": vace_blocks}
     expected = {"num_layers": want["num_layers"], "inner_dim": source.variant.inner_dim, "in_channels": want["in_channels"],
-                "vace_blocks": len(want.get("vace_layers", ()))}
+                "vace_blocks": source.variant.vace_blocks}
     if got != expected:
         raise ModelLoadError(
             f"{key}: {file} does not hold model.variant={source.variant.name!r}: "

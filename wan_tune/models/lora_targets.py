@@ -36,7 +36,7 @@ def expand_targets(targets: list[str], variant: Variant) -> list[str]:
         if variant.is_i2v and t in ("attention", "cross_attention"):
             names = names + _I2V_EXTRA
         if t == VACE_PRESET:
-            names = tuple(f"vace_blocks.{i}.{n}" for i in range(len(variant.transformer.get("vace_layers", ())))
+            names = tuple(f"vace_blocks.{i}.{n}" for i in range(variant.vace_blocks)
                           for n in _VACE_LINEARS if i == 0 or n != "proj_in")  # only the first projects in
         elif variant.vace and t in PRESETS:
             names = tuple(f"blocks.{i}.{n}" for i in range(variant.transformer["num_layers"]) for n in names)
@@ -69,7 +69,7 @@ def module_widths(variant: Variant) -> dict[str, tuple[int, int] | None]:
     block.update({"ffn.net.0.proj": (inner, ffn), "ffn.net.2": (ffn, inner)})
     for i in range(c["num_layers"]):
         out.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
-    for i in range(len(c.get("vace_layers", ()))):
+    for i in range(variant.vace_blocks):
         out.update({f"vace_blocks.{i}.{name}": shape for name, shape in block.items()})
         out.update({f"vace_blocks.{i}.proj_in": (inner, inner)} if i == 0 else {})
         out[f"vace_blocks.{i}.proj_out"] = (inner, inner)

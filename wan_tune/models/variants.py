@@ -70,6 +70,11 @@ class Variant:
         return "vace_layers" in self.transformer
 
     @property
+    def vace_blocks(self) -> int:
+        """How many VACE blocks the transformer has (0 for the others)."""
+        return len(self.transformer.get("vace_layers", ()))
+
+    @property
     def clip_image_tokens(self) -> bool:
         """Wan2.1 I2V feeds CLIP image tokens to cross-attention; Wan2.2 I2V does not."""
         return self.transformer.get("image_dim") is not None

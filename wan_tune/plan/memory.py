@@ -170,7 +170,7 @@ class MemoryPlan:
         # VACE blocks are Wan blocks beside the main ones: counted as more layers of the same kind.
         # Block offload and activation offload move the main blocks' (`main_layers`) only.
         self.main_layers = self.variant.transformer["num_layers"]
-        self.layers = self.main_layers + len(self.variant.transformer.get("vace_layers", ()))
+        self.layers = self.main_layers + self.variant.vace_blocks
         self.full = recipe.adapter.method == "full"
         self.experts = len(trained_experts(self.variant, recipe.model.experts))
         self._counts: dict[tuple, StepCount] = {}
