@@ -94,7 +94,7 @@ def child(args) -> None:
     before = rss_bytes()
     peak = PeakRss()
     t0 = time.perf_counter()
-    model = load_for_training(recipe, use_cpu=True)
+    model = load_for_training(recipe)
     load_s = time.perf_counter() - t0
     fp8 = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
     other = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype != torch.float8_e4m3fn and not p.requires_grad)

@@ -77,8 +77,10 @@ def synthetic_shards(variant_name: str, root: Path, samples: int, latent_fhw: tu
 
 
 def workdir() -> Path:
-    path = Path(tempfile.gettempdir()) / "wan-tune-bench"
-    path.mkdir(exist_ok=True)
+    """Where benchmarks keep model folders, shards and runs: $WAN_TUNE_BENCH_DIR (bench/gpu_suite.sh
+    points it at a folder it deletes at the end), else <tmp>/wan-tune-bench, kept between runs."""
+    path = Path(os.environ.get("WAN_TUNE_BENCH_DIR") or Path(tempfile.gettempdir()) / "wan-tune-bench")
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

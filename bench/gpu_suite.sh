@@ -8,27 +8,46 @@
 #   bench/gpu_suite.sh 14b        # 14B LoRA (random weights) at 480p and 720p with the planner's advice for 24 GiB
 #
 # Each settings row is a fresh process running wan-tune's own train() (bench/settings.py): step
-# time against the first row, measured peak beside `wan-tune plan`'s prediction. SMOKE=1 runs the
-# same parts on the tiny model on a CPU (what tests/test_bench_suite.py checks); DOCS=FILE writes
-# elsewhere. Times are rough guides on an H100/H200-class GPU: 1.3b ~4 min, backends ~1 min, 14b
-# ~5 min (building the random 14B folder once takes part of it), so run the parts as separate calls
-# when a call is limited to 10 minutes.
+# time against the first row, measured peak (allocated and reserved) and host RAM beside `wan-tune
+# plan`'s prediction. SMOKE=1 runs the same parts on the tiny model on a CPU (what
+# tests/test_bench_suite.py checks); DOCS=FILE writes elsewhere (with the device tool:
+# DOCS=$OUT/benchmarks.md). From a clean checkout on a CUDA machine with a CUDA torch (PYTHON=...
+# to pick the interpreter; default .venv/bin/python, else python3): it imports wan_tune from this
+# checkout, keeps model folders, shards and runs in a temporary folder it deletes at the end
+# (BENCH_DIR=DIR keeps them in DIR instead), and skips the compile row without a C compiler.
+# Estimated on an H100/H200: 1.3b ~5 min, backends ~1 min, 14b ~7 min (writing the random 14B
+# folder, 28.6 GB, is part of it): run the parts as separate calls under a 10-minute limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python
+[ -x "$PY" ] || PY=$(command -v python3 || command -v python)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the parents import wan_tune too, not only the rows
 DOCS=${DOCS:-docs/benchmarks.md}
 part=${1:-all}
+case "$part" in all|1.3b|backends|14b) ;; *) echo "gpu_suite.sh: unknown part '$part' (all, 1.3b, backends, 14b)" >&2; exit 2;; esac
+
+if [ -n "${BENCH_DIR:-}" ]; then
+  export WAN_TUNE_BENCH_DIR="$BENCH_DIR"
+else
+  export WAN_TUNE_BENCH_DIR="$(mktemp -d "${TMPDIR:-/tmp}/wan-tune-bench.XXXXXX")"
+  trap 'rm -rf "$WAN_TUNE_BENCH_DIR"' EXIT
+fi
 
 if [ "${SMOKE:-0}" = 1 ]; then
   small=tiny; big=tiny; l480=3x8x12; b480=3x10x16; b720=3x12x20; steps=2
   rows_small="ckpt,none,block offload,all"  # the plumbing of each kind of row; compile: minutes on a CPU
 else
+  "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || {
+    echo "gpu_suite.sh: $PY has no CUDA torch (install the CUDA build, or SMOKE=1 for the CPU smoke run)" >&2; exit 2; }
   small=wan2.1-t2v-1.3b; big=wan2.1-t2v-14b; l480=21x60x104; b480=21x60x104; b720=21x90x160; steps=3
-  rows_small="ckpt,none,fp8,compile,block offload,act. offload,FFN chunks,attn. ckpt,all"
+  # No `none` row: 1.3B at 32,760 tokens without checkpointing keeps ~100 GB of activations.
+  rows_small="ckpt,fp8,compile,block offload,act. offload,FFN chunks,attn. ckpt,all"
+  if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
+    echo "gpu_suite.sh: no C compiler here (torch.compile's Triton needs one): the compile row is skipped" >&2
+    rows_small=${rows_small/compile,/}
+  fi
 fi
 
-case "$part" in all|1.3b|backends|14b) ;; *) echo "gpu_suite.sh: unknown part '$part' (all, 1.3b, backends, 14b)" >&2; exit 2;; esac
 
 if [ "$part" = all ] || [ "$part" = 1.3b ]; then
   "$PY" bench/settings.py --variant "$small" --latent "$l480" --steps "$steps" --rows "$rows_small" --docs "$DOCS"

@@ -54,7 +54,7 @@ def child(args) -> None:
 
     before = rss_bytes()
     peak = PeakRss()
-    model = load_for_training(recipe, use_cpu=True)
+    model = load_for_training(recipe)
     params = list(trainable_parameters(model).values())
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
     trainable = sum(p.numel() for p in params) * 4 * 4

@@ -7,13 +7,17 @@ step time against the first row's, its measured peak and `wan-tune plan`'s predi
 
 Every row is wan-tune's own `train()` (the recipe of bench/trainer_overhead.py on random weights of
 the real architecture and synthetic shards, bench/common.py) with the row's overrides on top of
-gradient checkpointing, bf16 weights and autocast on a GPU (fp32 on a CPU). Step time: the median of
-the steps after the first (metrics.jsonl's step_time). Peak: `torch.cuda.max_memory_allocated` over
-the run (the trainer's peak_mem_gb) on a GPU; on a CPU the process's peak RSS above what it held
-before train() (bench/common.py's PeakRss), which also counts the modules train() imports and its
-loader (~0.13 GiB): on a CPU only the smoke run's plumbing is checked, not the plan. The plan: `MemoryPlan(recipe).breakdown(
+gradient checkpointing, bf16 weights and autocast on a GPU (fp32 on a CPU), with data.frames and
+data.resolutions of the `--latent` trained, so the plan counts the shape measured. Step time: the
+median of the steps after the first (metrics.jsonl's step_time). Peak: the largest step's
+`torch.cuda.max_memory_allocated` (the trainer's peak_mem_gb, reset each step) on a GPU, with
+`max_memory_reserved` beside it; on a CPU the process's peak RSS above what it held before train()
+(bench/common.py's PeakRss), which also counts the modules train() imports and its loader (~0.13
+GiB): on a CPU only the smoke run's plumbing is checked, not the plan. Host RAM (RSS above the
+start) is reported on both, beside the plan's host row. The plan: `MemoryPlan(recipe).breakdown(
 Setup.of(recipe))`, the same figure `wan-tune plan` prints for those settings (a CPU plan has no
-offload: '-'). Row `plan` takes the planner's advice for `--budget` GiB.
+offload: '-'). Row `plan` takes the planner's advice for `--budget` GiB (its headroom kept free)
+and runs capped at that budget on a GPU. Each row's run folder is deleted once measured.
 
 `--docs FILE` puts the table into FILE between `<!-- settings: VARIANT LATENT -->` and
 `<!-- /settings -->` (added at the end the first time), so a rerun replaces its own table only.
@@ -56,6 +60,16 @@ def base_overrides(gpu: bool) -> list[str]:
     return extra + (["model.dtype=bf16", "train.mixed_precision=bf16"] if gpu else [])
 
 
+def shape_overrides(variant_name: str, latent: str) -> list[str]:
+    """data.frames and data.resolutions of the clips whose latent is `latent` (F'xH'xW'): the plan
+    counts the recipe's shape, so the recipe must say the shape the shards hold (audit A4)."""
+    from wan_tune.models.variants import get_variant
+
+    spatial = get_variant(variant_name).vae_spatial
+    f, h, w = (int(x) for x in latent.split("x"))
+    return [f"data.frames=[{(f - 1) * 4 + 1}]", f"data.resolutions=[[{h * spatial},{w * spatial}]]"]
+
+
 def row_recipe(args, overrides: list[str]):
     from common import model_folder, synthetic_shards, workdir
     from trainer_overhead import recipe_for
@@ -64,7 +78,8 @@ def row_recipe(args, overrides: list[str]):
     fhw = tuple(int(x) for x in args.latent.split("x"))
     folder, shards_dir = model_folder(args.variant, root), synthetic_shards(args.variant, root, 2, fhw)
     ns = argparse.Namespace(variant=args.variant, steps=args.steps, batch=1, rank=args.rank)
-    return recipe_for(ns, folder, shards_dir, root / "runs-settings", (*base_overrides(gpu_here()), *overrides))
+    return recipe_for(ns, folder, shards_dir, root / "runs-settings",
+                      (*base_overrides(gpu_here()), *shape_overrides(args.variant, args.latent), *overrides))
 
 
 def gpu_here() -> bool:
@@ -74,25 +89,33 @@ def gpu_here() -> bool:
 
 
 def advice(args) -> list[str]:
-    """The overrides `wan-tune plan --gpu-memory BUDGET` gives for this run, or [] if nothing fits."""
+    """The overrides `wan-tune plan --gpu-memory BUDGET` gives for this run (its default headroom
+    kept free), or [] if nothing fits."""
     from wan_tune.plan.advice import cheapest
     from wan_tune.plan.memory import MemoryPlan
+    from wan_tune.plan.report import default_headroom
 
-    setup = cheapest(MemoryPlan(row_recipe(args, [])), args.budget)
+    setup = cheapest(MemoryPlan(row_recipe(args, [])), args.budget - default_headroom(args.budget, "gpu"))
     return setup.overrides().split() if setup is not None else []
 
 
-def predicted(recipe) -> float | None:
+def predicted(recipe) -> tuple[float | None, float | None]:
+    """(device peak, host RAM) of the plan for the recipe's settings."""
     from wan_tune.plan.memory import MemoryPlan, Setup
 
     try:
-        return MemoryPlan(recipe, "gpu" if gpu_here() else "cpu").breakdown(Setup.of(recipe)).total
+        b = MemoryPlan(recipe, "gpu" if gpu_here() else "cpu").breakdown(Setup.of(recipe))
     except ValueError:  # a CPU plan has no offload
-        return None
+        return None, None
+    return b.total, b.host
 
 
 def child(args) -> dict:
-    """Train the row's recipe; its step times, peak and plan as one JSON line."""
+    """Train the row's recipe; its step times, peaks and plan as one JSON line. On a GPU a `plan`
+    row runs capped at --budget GiB (set_per_process_memory_fraction), so "fits" meets the
+    allocator's fragmentation as it would on a card of that size."""
+    import shutil
+
     import torch
     from common import PeakRss, rss_bytes
 
@@ -100,15 +123,19 @@ def child(args) -> dict:
 
     overrides = json.loads(args.child)
     recipe = row_recipe(args, overrides)
+    if args.cap and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap * GIB / torch.cuda.get_device_properties(0).total_memory))
     before, rss = rss_bytes(), PeakRss()
     train(recipe, resume="never", progress=False, say=lambda *_: None)
-    peak = rss.stop() - before
-    lines = [json.loads(line) for line in (Path(recipe.run.output_dir) / "bench" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in lines if "step_time" in r]
-    if torch.cuda.is_available():
-        peak = max(r.get("peak_mem_gb", 0) for r in steps) * GIB
-    return {"seconds": [r["step_time"] for r in steps][1:], "peak": peak, "plan": predicted(recipe),
-            "tokens": recipe_tokens(recipe)}
+    host = rss.stop() - before
+    run = Path(recipe.run.output_dir) / "bench"
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "step_time" in r]
+    shutil.rmtree(run)  # each row's run is measured, then gone: the next row starts in an empty folder
+    plan, plan_host = predicted(recipe)
+    gpu = torch.cuda.is_available()
+    return {"seconds": [r["step_time"] for r in steps][1:], "peak": max(r["peak_mem_gb"] for r in steps) * GIB if gpu else host,
+            "reserved": max(r["peak_reserved_gb"] for r in steps) * GIB if gpu else None, "host": host,
+            "plan": plan, "plan_host": plan_host, "tokens": recipe_tokens(recipe)}
 
 
 def recipe_tokens(recipe) -> int:
@@ -121,7 +148,7 @@ def recipe_tokens(recipe) -> int:
 def run_row(args, name: str) -> dict:
     overrides = advice(args) if ROWS[name] is None else ROWS[name]
     cmd = [sys.executable, __file__, "--child", json.dumps(overrides), "--variant", args.variant, "--latent", args.latent,
-           "--steps", str(args.steps), "--rank", str(args.rank)]
+           "--steps", str(args.steps), "--rank", str(args.rank), "--cap", str(args.budget if name == "plan" else 0)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout,
                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -142,17 +169,23 @@ def table(args, rows: list[dict]) -> str:
     lines = [f"{args.variant} LoRA r{args.rank}, latent {args.latent} ({tokens} tokens), {args.steps} steps a row "
              f"(the first not timed), {where}, torch {torch.__version__}. Command: `python bench/settings.py "
              f"--variant {args.variant} --latent {args.latent} --steps {args.steps} --rows '{args.rows}'`", "",
-             "| settings | s/step | x first row | peak measured | plan | measured / plan |", "|---|---|---|---|---|---|"]
+             "Peak: the steps' `max_memory_allocated` on a GPU (what the plan counts), the process's RSS above its "
+             "start on a CPU; reserved: `max_memory_reserved` (the allocator's hold, fragmentation included); host: "
+             "the process's RSS above its start (pinned buffers, offloaded weights); a `plan` row runs capped at "
+             f"--budget {args.budget:g} GiB.", "",
+             "| settings | s/step | x first row | peak measured | plan | measured / plan | reserved | host RAM | plan host |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"{r['name']} (`{' '.join(r['overrides'])}`)" if r["name"] == "plan" else r["name"]
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | | |")
+            lines.append(f"| {name} | failed: {r['error']} | | | | | | | |")
             continue
         s = statistics.median(r["seconds"]) if r["seconds"] else None
         plan = size(r["plan"]) if r["plan"] else "-"
         ratio = f"{r['peak'] / r['plan']:.2f}" if r["plan"] else "-"
-        lines.append(f"| {name} | {s:.3f} | {s / ref:.2f} | {size(r['peak'])} | {plan} | {ratio} |" if s else
-                     f"| {name} | - | - | {size(r['peak'])} | {plan} | {ratio} |")
+        timed = f"{s:.3f} | {s / ref:.2f}" if s else "- | -"
+        more = " | ".join(size(r[k]) if r.get(k) else "-" for k in ("reserved", "host", "plan_host"))
+        lines.append(f"| {name} | {timed} | {size(r['peak'])} | {plan} | {ratio} | {more} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +220,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a row may take")
     ap.add_argument("--docs", type=Path, help="put the table into this markdown file (see above)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)  # GiB a child may use on a GPU (0: all)
     args = ap.parse_args()
     if args.child is not None:
         print(json.dumps(child(args)))

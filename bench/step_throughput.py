@@ -75,7 +75,7 @@ def main() -> None:
     extra += ("train.fp8_base=true",) if args.fp8 else ()
     recipe = recipe_for(argparse.Namespace(variant=args.variant, steps=2, batch=1, rank=args.rank), folder, shards_dir,
                         root / "runs-step", extra)
-    model = load_for_training(recipe, use_cpu=not gpu).to(device)
+    model = load_for_training(recipe).to(device)
     if args.compile:
         model.compile_repeated_blocks(fullgraph=False, dynamic=False)
     dtype = model.dtype

@@ -37,12 +37,13 @@ def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
 class Encoders:
     """umT5 + Wan VAE (+ CLIP for I2V), for one source model."""
 
-    def __init__(self, source: ModelSource, i2v: bool, dtype: torch.dtype = torch.float32, device: str = "cpu", max_tokens: int = 512):
+    def __init__(self, source: ModelSource, i2v: bool, dtype: torch.dtype = torch.float32, device: str = "cpu", max_tokens: int = 512,
+                 vae_dtype: torch.dtype = torch.float32):
         from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
 
         self.source, self.i2v, self.device, self.max_tokens = source, i2v, torch.device(device), max_tokens
         tokenizer, text_encoder = load_text_encoder(source, dtype)
-        vae = load_vae(source, dtype).eval().requires_grad_(False)
+        vae = load_vae(source, vae_dtype).eval().requires_grad_(False)  # model.vae_dtype: fp32 unless told
         parts = dict(
             tokenizer=tokenizer,
             text_encoder=text_encoder,

@@ -29,6 +29,7 @@ from wan_tune.dist import process_state
 from wan_tune.footage import SkipClip, Window, pictures, probe, read_frames, unsupported_reason
 from wan_tune.models import get_variant
 from wan_tune.models.loading import recipe_source
+from wan_tune.models.precision import DTYPES
 from wan_tune.vace_inputs import check_inputs, mask_problem, window_frames
 from wan_tune.vace_media import ConditioningError, reference_images
 
@@ -260,11 +261,13 @@ def _load_encoders(recipe: Recipe, variant, i2v: bool, device, say) -> Encoders:
     """umT5 and the VAE (and CLIP for Wan2.1 I2V) on this rank's device; fp32 on a CPU."""
     clip = i2v and variant.clip_image_tokens
     source = recipe_source(recipe, ("vae", "text_encoder", "tokenizer") + (("image_encoder", "image_processor") if clip else ()))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.model.dtype]
-    if device.type == "cpu" and dtype != torch.float32:
-        say(f"encoding in fp32 on CPU (model.dtype={recipe.model.dtype} is for GPUs; this CPU has no fast bf16)")
-        dtype = torch.float32
-    return Encoders(source, i2v, dtype, str(device), recipe.data.max_text_tokens)
+    dtype, vae_dtype = DTYPES[recipe.model.dtype], DTYPES[recipe.model.vae_dtype]
+    if device.type == "cpu" and (dtype, vae_dtype) != (torch.float32, torch.float32):
+        # Prep's latents and embeddings are stored, not trained through: fp32 here is only faster.
+        say(f"encoding in fp32 on CPU (model.dtype={recipe.model.dtype}, model.vae_dtype={recipe.model.vae_dtype} "
+            "are for GPUs; this CPU has no fast bf16)")
+        dtype = vae_dtype = torch.float32
+    return Encoders(source, i2v, dtype, str(device), recipe.data.max_text_tokens, vae_dtype)
 
 
 def _encode(todo: list[Sample], encoders: Encoders, writer, i2v: bool, skips: list, timer: Timer, progress: bool) -> None:

@@ -88,7 +88,7 @@ def _steps(recipe, n: int):
     from wan_tune.models.variants import get_variant
 
     batch = to_device(collate([ShardDataset(recipe.data.shards)[0]]), "cpu", torch.float32, recipe.data.max_text_tokens)
-    model = load_for_training(recipe, use_cpu=True)
+    model = load_for_training(recipe)
     variant = get_variant(recipe.model.variant)
     yield  # loaded
     from wan_tune.models.activation_offload import ActivationOffload, BlockCheckpoint

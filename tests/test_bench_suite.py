@@ -17,10 +17,14 @@ ROWS = ("ckpt", "none", "block offload", "all")  # SMOKE's rows ("all": fp8, act
 
 
 def _suite(docs: Path, *parts: str) -> str:
-    env = dict(os.environ, SMOKE="1", DOCS=str(docs), PYTHON=sys.executable, OMP_NUM_THREADS="2")
+    tmp = docs.parent / "tmp"  # the suite's work folder goes here, and must be gone at the end
+    tmp.mkdir(exist_ok=True)
+    env = dict(os.environ, SMOKE="1", DOCS=str(docs), PYTHON=sys.executable, OMP_NUM_THREADS="2", TMPDIR=str(tmp))
+    env.pop("WAN_TUNE_BENCH_DIR", None)
     out = subprocess.run(["bash", "bench/gpu_suite.sh", *parts], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1500)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert not list(tmp.iterdir()), "the suite left its work folder behind"
     return out.stdout
 
 
@@ -39,10 +43,12 @@ def test_the_gpu_suite_runs_every_row_and_writes_its_tables(tmp_path):
         assert float(row.group(1)) > 0 and float(row.group(3)) > 0
         if name != "block offload":  # a CPU plan has no offload
             assert row.group(4).endswith("iB"), name
+        assert re.search(rf"^\| {re.escape(name)} \|.*\| [0-9.]+ [GM]iB \| [^|]+ \|$", settings, re.M), name  # host RAM
     assert re.search(r"^\| ckpt \| [0-9.]+ \| 1\.00 \|", settings, re.M)  # the first row is the reference
     assert "| native |" in text.split("<!-- settings: backends tiny 3x8x12 -->")[1]
-    for latent in ("3x10x16", "3x12x20"):  # the 14b part: the planner's advice for 24 GiB, trained
+    for latent, tokens in (("3x10x16", 120), ("3x12x20", 180)):  # the 14b part: the planner's advice for 24 GiB
         part = text.split(f"<!-- settings: tiny {latent} -->")[1].split("<!-- /settings -->")[0]
+        assert f"({tokens} tokens)" in part  # the plan counts the latent trained (audit A4), not the demo's
         assert re.search(r"^\| plan \(`train\.gradient_checkpointing=\w+ .*`\) \| [0-9.]+ \|", part, re.M), part
     # A rerun replaces its own table.
     _suite(docs, "backends")
@@ -54,3 +60,20 @@ def test_the_gpu_suite_runs_every_row_and_writes_its_tables(tmp_path):
 def test_an_unknown_part_is_refused():
     out = subprocess.run(["bash", "bench/gpu_suite.sh", "everything"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "unknown part 'everything' (all, 1.3b, backends, 14b)" in out.stderr
+
+
+def test_each_row_plans_the_shape_it_trains():
+    """Audit A4: the plan of a bench row counts the `--latent` its shards hold (480x832x81: 32,760
+    tokens), not the demo recipe's 9 frames at 64x96."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from settings import shape_overrides
+
+    from wan_tune.config import load_recipe
+    from wan_tune.models.variants import get_variant
+    from wan_tune.plan import run_shape
+
+    for variant, latent, tokens in (("wan2.1-t2v-1.3b", "21x60x104", 32_760), ("wan2.1-t2v-14b", "21x90x160", 75_600),
+                                    ("tiny", "3x10x16", 120)):
+        recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [f"model.variant={variant}", *shape_overrides(variant, latent)])
+        shape = run_shape(recipe, get_variant(variant))
+        assert shape.tokens == tokens and shape.latent[1:] == tuple(int(x) for x in latent.split("x"))

@@ -123,7 +123,7 @@ def test_two_processes_on_one_clip_train_like_one_process_and_resume(method, tin
 @pytest.mark.parametrize("v, kind", [("tiny-i2v", "ulysses"), ("tiny", "ring")])
 def test_image_to_video_and_ring_attention_train_on_two_processes_like_one(v, kind, tiny_folders, tiny_shards, tmp_path):
     """I2V: the condition latents split with the noisy ones, the CLIP image tokens stay whole. Ring
-    attention: keys and values pass round the group (torch's CPU flash kernel, models/ring_attention.py).
+    attention: keys and values pass round the group (torch's CPU flash kernel, models/cp_attention.py).
     Gradient checkpointing on, through a stop at step 2 and a resume."""
     from launching import launch
 

@@ -54,21 +54,25 @@ def test_latent_and_tokens_follow_each_vae():
 
 @pytest.mark.parametrize("settings", [
     dict(checkpointing=False), dict(checkpointing=True, fp8=True, autocast=torch.bfloat16),
+    dict(checkpointing=True, autocast=torch.bfloat16, cuda=True), dict(checkpointing=False, autocast=torch.bfloat16, cuda=True),
 ])
 def test_meta_count_equals_a_real_cpu_step(settings):
     """Emulated fused attention and autocast on the meta device give the bytes of a real CPU step
-    (torch's own attention, checkpointing and CPU autocast), to the byte: fp32 as on a CPU, and
-    bf16 autocast over fp8 storage with checkpointing as on a GPU."""
-    autocast = settings.get("autocast")
+    (torch's own attention, checkpointing and CPU autocast), to the byte: fp32 as on a CPU, bf16
+    autocast over fp8 storage with checkpointing, and CUDA's autocast (its fp32 RMS norms,
+    emulated on the CPU by models/precision.py) as on a GPU."""
+    autocast, cuda = settings.get("autocast"), settings.get("cuda", False)
     recipe = load_recipe(TINY, [f"train.gradient_checkpointing={str(settings['checkpointing']).lower()}",
                                 f"train.fp8_base={str(settings.get('fp8', False)).lower()}", "train.batch_size=1"])
     variant = get_variant("tiny")
     shapes = {"latents": (1, 16, 3, 16, 24), "text": (1, 512, variant.transformer["text_dim"])}
     dtype = torch.float32 if autocast is None else torch.bfloat16
-    meta = count_step(recipe, variant, shapes, dtype, autocast)
-    real = count_step(recipe, variant, shapes, dtype, autocast, device="cpu")
+    meta = count_step(recipe, variant, shapes, dtype, autocast, cuda=cuda)
+    real = count_step(recipe, variant, shapes, dtype, autocast, device="cpu", cuda=cuda)
     assert meta == real
     assert meta.saved > 0 and meta.peak > meta.saved
+    if cuda:  # fp32 q and k: more than CPU autocast holds (audit B2)
+        assert meta.peak > count_step(recipe, variant, shapes, dtype, autocast).peak
 
 
 def test_per_block_extension_equals_the_whole_model():
@@ -173,7 +177,24 @@ def test_an_impossible_budget_names_the_floor(plan_14b, capsys):
     assert main(["plan", str(RECIPE_14B), "--gpu-memory", "1"]) == 1
     out = capsys.readouterr().out
     low = plan_14b.breakdown(Setup(True, True, 0, activations=True, ffn_chunks=4, attention=True)).total / GIB
-    assert f"nothing fits in 1 GiB: the floor is {low:.1f} GiB" in out and "train.offload_keep=0" in out
+    assert f"nothing fits in 1 GiB (0.0 GiB usable: 1.1 GiB kept for the CUDA context" in out
+    assert f"the floor is {low:.1f} GiB" in out and "train.offload_keep=0" in out
+
+
+def test_fits_keeps_headroom_for_the_cuda_context_and_fragmentation(plan_14b, capsys):
+    """Audit B6: a budget the floor fits with less than the default headroom to spare does not
+    fit (1 GiB + 5% of the card are kept free), unless --headroom says otherwise."""
+    low = plan_14b.breakdown(floor(plan_14b)).total / GIB
+    budget = low + 1.0  # 1 GiB over the floor: less than the default 1 GiB + 5%
+    args = ["plan", str(RECIPE_14B), "--gpu-memory", f"{budget:.3f}"]
+    assert main(args) == 1
+    kept = 1.0 + 0.05 * float(f"{budget:.3f}")
+    assert f"GiB usable: {kept:.1f} GiB kept for the CUDA context, kernel workspaces and fragmentation" in capsys.readouterr().out
+    assert main([*args, "--headroom", "0.5"]) == 0
+    assert "fits in" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--headroom", "-1"])
+    assert done.value.code == 2
 
 
 def test_context_parallelism_divides_one_clip_s_activations(plan_14b):
@@ -230,7 +251,7 @@ def test_help_explains_every_option(capsys):
         main(["plan", "--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--gpu-memory", "--gpus", "--zero", "--cp", "--cpu", "cheapest settings"):
+    for option in ("--gpu-memory", "--gpus", "--zero", "--cp", "--cpu", "--headroom", "cheapest settings"):
         assert option in out
 
 

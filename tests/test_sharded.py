@@ -112,6 +112,22 @@ def test_sharded_run_checkpoints_whole_weights_and_resumes(config, method, tiny_
         assert len(checks) == 2 and all(c.ok for c in checks), checks
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["zero3_cpu.yaml", "fsdp2_cpu.yaml"])
+def test_wan_tunes_block_checkpoint_over_sharded_weights_trains_like_one_process(config, tiny_folders, tiny_shards,
+                                                                                 tmp_path, reference):
+    """Audit B7: activation offload and attention checkpoints run each block inside wan-tune's own
+    autograd Function (its forward without grad, the block recomputed in its backward), where
+    ZeRO-3's and FSDP2's gather / release hooks run too. The plan advises them together: four steps
+    equal the one-process run without either, as they do without sharding."""
+    extra = ["train.gradient_checkpointing=true", "train.activation_offload=true", "train.attention_checkpointing=true"]
+    proc = launch(config, tiny_folders, tiny_shards, tmp_path, *METHODS["lora"], *extra)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run, ref = tmp_path / "demo-tiny", reference("lora")
+    assert_same_weights(run / "step-000004", ref / "step-000004")
+    assert [losses(run)[s] for s in (1, 2, 3, 4)] == pytest.approx([losses(ref)[s] for s in (1, 2, 3, 4)], rel=1e-5)
+
+
 def test_a_weight_still_in_shards_stops_the_save_and_keeps_the_last_checkpoint(tiny_folders, tiny_shards, tmp_path):
     """The guard against the silent 0-element checkpoint: a parameter partitioned the way ZeRO-3
     leaves it (empty `data`, whole shape in `ds_shape`) that reaches the save ungathered."""

@@ -20,7 +20,7 @@ def _bf16_model(fp32_inputs: bool):
     from wan_tune.models.variants import get_variant
 
     variant = get_variant("tiny")
-    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [f"train.lora_fp32_inputs={str(fp32_inputs).lower()}",
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [f"train.lora_fp32_inputs={str(fp32_inputs).lower()}", "model.dtype=bf16", "train.mixed_precision=bf16",
                                                               "train.gradient_checkpointing=true"])
     torch.manual_seed(0)
     model = WanTransformer3DModel(**dict(variant.transformer, num_layers=3)).to(torch.bfloat16)
@@ -62,7 +62,9 @@ def test_the_plan_counts_the_smaller_working_set():
         sets[fp32_inputs] = rows["backward working set"]
     print(f"14B LoRA 480p, bf16 base, checkpointing: working set {sets[True] / GIB:.2f} GiB with fp32 LoRA inputs, "
           f"{sets[False] / GIB:.2f} without")
-    assert sets[False] < 0.8 * sets[True]
+    # 11.45 against 14.30 GiB: CUDA autocast's fp32 RMS norms keep fp32 q/k in both (the plan emulates
+    # them for a GPU), so the LoRA inputs' copies are a smaller share than CPU autocast showed (0.76).
+    assert sets[False] < 0.85 * sets[True] and sets[True] - sets[False] > 2.5 * GIB
 
 
 def _fp32_model(chunks: int, layers: int = 6, full: bool = False):
@@ -253,3 +255,9 @@ def test_attention_checkpoints_over_an_fp8_base_with_block_offload():
     assert len(projections) == 3  # forward, block recompute, the layer's own recompute
     assert torch.equal(loss, reference[0]) and all(torch.equal(grads[n], reference[1][n]) for n in grads)
     assert blocks.loads == {"forward": 5, "recompute": 5}
+    # The last block stays on the device between its forward and its recompute, which starts the
+    # backward (audit B10: under wan-tune's checkpoint, where the forward runs without grad, it was
+    # dropped and copied back unprefetched); block 0 stays after the step, for the next forward.
+    assert blocks.transfers == 5 + 4
+    step(model)
+    assert blocks.transfers == 2 * (5 + 4)

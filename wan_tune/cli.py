@@ -52,7 +52,8 @@ def _plan(args: argparse.Namespace) -> int:
     if recipe is None:
         return 2
     try:
-        return run_plan(recipe, args.gpu_memory, args.gpus, args.zero, "cpu" if args.cpu else "gpu", cp=args.cp)
+        return run_plan(recipe, args.gpu_memory, args.gpus, args.zero, "cpu" if args.cpu else "gpu", cp=args.cp,
+                        headroom_gib=args.headroom)
     except ValueError as err:  # a context-parallel degree the run cannot use
         print(f"wan-tune plan: {err}", file=sys.stderr)
         return 2
@@ -219,6 +220,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -274,8 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context parallelism: split each clip's tokens over groups of N of the GPUs, dividing its "
                    "activations by about N (default: the recipe's train.context_parallel; with --gpus > 1 the advice "
                    "also tries the degrees that divide the GPUs, the heads and the tokens)")
+    p.add_argument("--headroom", type=_non_negative_float, default=None, metavar="GiB",
+                   help="GiB of --gpu-memory kept free for the CUDA context, kernel workspaces and the allocator's "
+                   "fragmentation before anything fits (default: 1 GiB + 5%% of --gpu-memory; 0 with --cpu)")
     p.add_argument("--cpu", action="store_true",
-                   help="plan a CPU run instead (fp32 weights and compute, no autocast; one process): host RAM")
+                   help="plan a CPU run instead (the recipe's dtypes under CPU autocast; one process): host RAM")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser(

@@ -193,9 +193,11 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     if args.image and not is_i2v:  # TI2V-5B with a first frame: its folder names WanPipeline
         from diffusers import WanImageToVideoPipeline
 
-        pipe = WanImageToVideoPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+        pipe = WanImageToVideoPipeline.from_pretrained(folder, torch_dtype=dtype)
     else:
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+    pipe.vae.to(torch.float32)  # as diffusers' Wan examples load it: the VAE decodes in fp32
+    place(pipe, device, say)
     for (path, h), expert in zip(headers, experts):
         low = h.get("wan_tune.expert") == "low_noise"  # A14B: the low-noise file goes into transformer_2
         try:
@@ -226,3 +228,21 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
         sheet = atomic_write(Path(out).with_suffix(".png"), lambda tmp: contact_sheet(frames).save(tmp, format="PNG"))
     write_json(Path(out).with_suffix(".json"), {**vars(args), "height": height, "width": width})  # how it was made
     return out, sheet
+
+
+def place(pipe, device: str, say=print) -> None:
+    """The pipeline on `device`; on a GPU too small for all of it at once (an A14B's two experts,
+    ~64 GiB in bf16; a 14B and umT5 on a 24 GB card), each model moves to the GPU only while it runs
+    (diffusers' model CPU offload)."""
+    if device != "cuda":
+        pipe.to(device)
+        return
+    need = sum(p.numel() * p.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+               for p in c.parameters())
+    free, _ = torch.cuda.mem_get_info()
+    if need > 0.8 * free:
+        say(f"the pipeline's {need / 2**30:.1f} GiB of weights do not fit beside the render in {free / 2**30:.1f} GiB "
+            "free: each model goes to the GPU only while it runs (enable_model_cpu_offload)")
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)

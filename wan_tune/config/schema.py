@@ -157,7 +157,14 @@ class ModelConfig:
     revision: Optional[str] = opt(None, "Hub branch, tag or commit when `path` is a hub id.")
     dtype: str = opt(
         "bf16",
-        "Dtype of the frozen weights (base transformer, VAE, encoders); use fp32 on CPU (no bf16 matmul units).",
+        "Dtype of the frozen weights (base transformer, text and image encoders). A CPU runs it too, slowly (no "
+        "bf16 matmul units): the demo recipe sets fp32.",
+        choices=("fp32", "bf16", "fp16"),
+    )
+    vae_dtype: str = opt(
+        "fp32",
+        "Dtype of the Wan VAE: prep encodes the training latents with it, validation and `wan-tune sample` decode "
+        "with it. fp32 as diffusers' Wan pipelines load it (the VAE is small; bf16 latents differ from fp32 ones).",
         choices=("fp32", "bf16", "fp16"),
     )
 

@@ -66,7 +66,9 @@ def to_device(batch: dict, device, dtype: torch.dtype, max_text_tokens: int) -> 
     """Move a collated batch to the device as `dtype`, text zero-padded to `max_text_tokens`
     exactly as `WanPipeline.encode_prompt` pads it (Wan's cross-attention takes no mask, so
     the pad length matters and must match inference)."""
-    out = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+    # non_blocking: from pinned memory (a GPU run's loader) the copy does not hold the host up.
+    out = {k: v.to(device, dtype, non_blocking=True) if v.is_floating_point() else v.to(device, non_blocking=True)
+           for k, v in batch.items()}
     text = out["text"]
     if text.shape[1] != max_text_tokens:
         out["text"] = pad_text(list(text), max_text_tokens)

@@ -115,7 +115,11 @@ class OffloadedBlock(torch.autograd.Function):
         ctx.rng = _rng_state(x.device)
         ctx.autocast = [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t))
                         for t in {x.device.type, "cpu"} if torch.amp.is_autocast_available(t)]  # not on meta
-        return call.run(call.block, x, *args)
+        _CHECKPOINTED_FORWARD.append(call.slot)
+        try:
+            return call.run(call.block, x, *args)
+        finally:
+            _CHECKPOINTED_FORWARD.pop()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -135,6 +139,15 @@ class OffloadedBlock(torch.autograd.Function):
         for i in ctx.tensor_args:
             grads[i] = args[i].grad if args[i].requires_grad else None
         return (None, None, x.grad if ctx.x_grad else None, *grads)
+
+
+_CHECKPOINTED_FORWARD: list[int] = []  # slots of the blocks whose first forward is running inside OffloadedBlock
+
+
+def in_checkpointed_forward() -> bool:
+    """True while a block's first forward runs inside wan-tune's checkpoint (grad is off there, yet a
+    backward will recompute the block: training/offload.py keeps the last block for it)."""
+    return bool(_CHECKPOINTED_FORWARD)
 
 
 def _run(block: torch.nn.Module, *args):

@@ -15,13 +15,13 @@ import torch
 from ..config import Recipe
 from .loading import load_transformer, recipe_source
 from .lora_targets import expand_targets
+from .precision import DTYPES, base_dtype, cast_lora_inputs, set_lora_input_casting
 from .vace import control_inputs
 from .variants import Variant, get_variant
 from .activation_offload import block_checkpoint
 from .working_set import shrink_working_set
 
 NUM_TRAIN_TIMESTEPS = 1000  # the Wan schedulers' num_train_timesteps: timestep = sigma * 1000
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Kept in their stored dtype under fp8 storage: small, precision-critical, or the adapters.
 FP8_SKIP = ("patch_embedding", "condition_embedder", "norm", "lora_A", "lora_B", "proj_out", "scale_shift_table")
 
@@ -39,17 +39,16 @@ def lora_config(recipe: Recipe, variant: Variant):
     )
 
 
-def load_for_training(recipe: Recipe, use_cpu: bool = False, expert: str = "transformer", empty: bool = False):
+def load_for_training(recipe: Recipe, expert: str = "transformer", empty: bool = False):
     """The transformer (`expert`: Wan2.2 A14B's `transformer_2` is the low-noise one), frozen
     except what the recipe trains, ready for accelerate.prepare. `empty`: the base weights are
     allocated, not read (FSDP2: `sharded_load.fill_shards` reads each rank's rows after sharding)."""
     variant = get_variant(recipe.model.variant)
     source = recipe_source(recipe)
-    full = recipe.adapter.method == "full"
     # A full fine-tune keeps fp32 master weights (autocast does the low precision); a LoRA keeps
-    # the frozen base in model.dtype. CPUs have no fast bf16, so CPU runs stay fp32.
-    dtype = torch.float32 if full or use_cpu else DTYPES[recipe.model.dtype]
-    if recipe.train.fp8_base and not full:
+    # the frozen base in model.dtype, on a CPU too: slower there, but the same regime as a GPU's.
+    dtype = base_dtype(recipe)
+    if recipe.train.fp8_base and recipe.adapter.method != "full":
         from .streamed import load_transformer_fp8
 
         model = load_transformer_fp8(source, dtype, expert, FP8_SKIP)  # never whole in full precision
@@ -73,13 +72,14 @@ def adapt(model, recipe: Recipe, variant: Variant, dtype: torch.dtype):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
-        if not recipe.train.lora_fp32_inputs:
+        if recipe.train.mixed_precision == "no":
+            # Without autocast the cast is what lets a bf16 input meet the fp32 LoRA weights.
+            cast_lora_inputs(model)
+        elif not recipe.train.lora_fp32_inputs:
             # peft casts each LoRA input to its fp32 weights' dtype. Under autocast the matmul casts
             # it straight back to bf16, so the copy changes no result (without LoRA dropout), but it
             # lives in the forward and in each block's recompute: 4 bytes a value at 32k+ tokens.
-            for module in model.modules():
-                if hasattr(module, "cast_input_dtype_enabled"):
-                    module.cast_input_dtype_enabled = False
+            set_lora_input_casting(model, False)
         if recipe.train.fp8_base:
             from diffusers.hooks import apply_layerwise_casting
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Recipe, to_yaml
-from ..models.spec import DTYPES
+from ..models.precision import AUTOCAST, base_dtype
 from ..models.variants import Variant, get_variant, trained_experts
 from .flops import step_flops
 from .meta_step import StepCount, count_step, with_train
@@ -39,7 +39,6 @@ ALL_TO_ALL_COPIES = 9
 RING_FP32_GRADIENTS = 5
 # CLIP ViT-H/14 at 224 px: (224/14)^2 patches + the class token; Wan2.1 I2V's image tokens.
 CLIP_IMAGE_TOKENS = 257
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 _COUNTS: dict[tuple, StepCount] = {}
 
 
@@ -158,8 +157,8 @@ class Breakdown:
 
 
 class MemoryPlan:
-    """Memory of a recipe's training step on `device` ('gpu': the recipe's dtypes and autocast;
-    'cpu': fp32 weights and compute, no autocast, as the trainer runs on a CPU)."""
+    """Memory of a recipe's training step on `device`, in the recipe's dtypes and autocast ('gpu':
+    CUDA's autocast, offload and several processes; 'cpu': one process, CPU autocast)."""
 
     def __init__(self, recipe: Recipe, device: str = "gpu"):
         if device not in ("gpu", "cpu"):
@@ -191,12 +190,12 @@ class MemoryPlan:
 
     @property
     def load_dtype(self) -> torch.dtype:
-        """The frozen weights' dtype, as load_for_training picks it."""
-        return torch.float32 if self.full or self.device == "cpu" else DTYPES[self.recipe.model.dtype]
+        """The frozen weights' dtype, as load_for_training picks it (on a CPU too)."""
+        return base_dtype(self.recipe)
 
     @property
     def autocast(self) -> torch.dtype | None:
-        return None if self.device == "cpu" else AUTOCAST[self.recipe.train.mixed_precision]
+        return AUTOCAST[self.recipe.train.mixed_precision]
 
     def count(self, checkpointing: bool, fp8: bool, deepspeed: bool = False, ffn_chunks: int = 0,
               attention: bool = False, cp: int = 1) -> StepCount:
@@ -214,7 +213,7 @@ class MemoryPlan:
             # Kept for the process (never on disk): plans of the same recipe share their counts.
             key = (to_yaml(recipe), self.variant.name, *map(repr, args))
             if key not in _COUNTS:
-                _COUNTS[key] = count_step(recipe, self.variant, *args)
+                _COUNTS[key] = count_step(recipe, self.variant, *args, cuda=self.device == "gpu")
             self._counts[mine] = _COUNTS[key].extend(self.layers)
         return self._counts[mine]
 

@@ -24,10 +24,12 @@ Two things the real device does that meta tensors do not are emulated (`DeviceKe
   kernels save the same set; the memory-efficient one pads the log-sum-exp).
 - autocast, which does not apply to meta tensors: the inputs of the ops autocast runs in low
   precision (linears, convolutions, matmuls, attention) are cast, and casts of trainable leaves are
-  cached for the step, as torch's autocast cache does.
+  cached for the step, as torch's autocast cache does. Planning for a GPU, the inputs of the ops on
+  CUDA autocast's fp32 list (RMS and layer norms, softmax) are cast to fp32 as CUDA's autocast does
+  (a CPU's does not): Wan's q and k are fp32 on a GPU.
 
 Both were checked against real CPU steps of the tiny model (fp32, fp8 base, and bf16 under CPU
-autocast, checkpointing on and off): saved and peak bytes identical. Gradient checkpointing runs
+autocast, with CUDA's fp32 list emulated or not, checkpointing on and off): saved and peak bytes identical. Gradient checkpointing runs
 diffusers' own function (non-reentrant torch checkpoint) with the emulation entered again inside
 the recompute: the recompute runs in the backward, where function modes are not active.
 """
@@ -52,17 +54,25 @@ LOW_PRECISION_OPS = frozenset(
     {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
      torch.Tensor.__matmul__}
 )
+# The functions on CUDA autocast's fp32 list (CPU autocast has none of them) that a transformer's
+# forward reaches: on a GPU Wan's q/k RMS norms return fp32 q and k (twice the bytes of the bf16
+# ones), which rope and the attention's cast to bf16 then read (models/precision.py).
+CUDA_FP32_FUNCTIONS = frozenset(
+    {F.rms_norm, torch.rms_norm, F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.softmax,
+     torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
+)
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves fp64 (and fp8) alone
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 class DeviceKernels(TorchFunctionMode):
     """What the real device does that meta tensors do not: fused attention, and autocast to
-    `autocast` (None: no autocast, as on CPU)."""
+    `autocast` (None: no autocast); `cuda`: CUDA autocast's fp32 list too (a GPU's; a CPU's
+    autocast has none)."""
 
-    def __init__(self, autocast: torch.dtype | None):
+    def __init__(self, autocast: torch.dtype | None, cuda: bool = False):
         super().__init__()
-        self.autocast = autocast
+        self.autocast, self.cuda = autocast, cuda
         self._cache: dict[tuple[int, bool], torch.Tensor] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -71,6 +81,8 @@ class DeviceKernels(TorchFunctionMode):
             return self._attention(**{**dict(zip(_SDPA_ARGS, args)), **kwargs})
         if self.autocast is not None and func in LOW_PRECISION_OPS:
             args, kwargs = tree_map(self._cast, (args, kwargs))
+        elif self.autocast is not None and self.cuda and func in CUDA_FP32_FUNCTIONS:
+            args, kwargs = tree_map(_to_fp32, (args, kwargs))
         return func(*args, **kwargs)
 
     def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -100,6 +112,10 @@ class DeviceKernels(TorchFunctionMode):
         """Enter the mode unless it is already on the stack."""
         with contextlib.nullcontext() if self in _get_current_function_mode_stack() else self:
             yield
+
+
+def _to_fp32(t):
+    return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 class LiveBytes(TorchDispatchMode):
@@ -216,7 +232,8 @@ def build_model(recipe, variant, layers: int, load_dtype: torch.dtype, device: s
 
 
 def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, autocast: torch.dtype | None,
-               engine_dtype: torch.dtype | None = None, layers: int = 2, device: str = "meta") -> StepCount:
+               engine_dtype: torch.dtype | None = None, layers: int = 2, device: str = "meta",
+               cuda: bool = False) -> StepCount:
     """Run one training step of the recipe's model with `layers` blocks and count it.
 
     `batch_shapes`: name -> shape of the collated batch (as `to_device` hands it to the trainer: fp32).
@@ -224,7 +241,9 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
     stays); None without DeepSpeed. What a block adds is read between the ends of the forwards of
     blocks 0 and 1 (block 0 differs from the others: its input needs no gradient), so 2 blocks
     suffice. `device="cpu"` runs the same step for real, with torch's own attention, checkpointing
-    and autocast: the reference the meta emulation is tested against."""
+    and autocast: the reference the meta emulation is tested against. `cuda`: autocast as CUDA's
+    (its fp32 list too; on a CPU, models/precision.py's emulation of it)."""
+    from ..models.precision import cuda_autocast_emulated
     from ..models.working_set import shrink_working_set
 
     model = build_model(recipe, variant, layers, load_dtype, device)
@@ -233,13 +252,13 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
             if p.dtype in _CASTABLE:
                 p.data = p.data.to(engine_dtype)
     if device == "meta":
-        kernels, autocasting = DeviceKernels(autocast), contextlib.nullcontext()
+        kernels, autocasting = DeviceKernels(autocast, cuda), contextlib.nullcontext()
         if recipe.train.gradient_checkpointing:
             model.enable_gradient_checkpointing(_block_checkpoint(model, recipe, kernels))
         # The nested checkpoints (FFN slices, attention layers) recompute under the emulated kernels too.
         shrink_working_set(model, recipe.train, _checkpoint_with(kernels))
     else:
-        kernels = contextlib.nullcontext()
+        kernels = cuda_autocast_emulated() if cuda else contextlib.nullcontext()
         autocasting = torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     live = LiveBytes()

@@ -9,6 +9,16 @@ from .memory import GIB, MemoryPlan, Setup
 MIB = 2**20
 
 FITS, NOTHING_FITS = 0, 1
+# What a GPU holds beyond the step's tensors, kept out of --gpu-memory before anything "fits": the
+# CUDA context (~0.5 GiB), cuBLAS / cuDNN / NCCL workspaces, and the caching allocator's
+# fragmentation, which grows with the card's use (its reserved bytes run a few percent above the
+# allocated peak). `--headroom` says otherwise.
+HEADROOM_GIB, HEADROOM_SHARE = 1.0, 0.05
+
+
+def default_headroom(budget_gib: float, device: str) -> float:
+    """GiB kept free of a `budget_gib` card: 1 GiB + 5% on a GPU; none of a CPU's RAM."""
+    return HEADROOM_GIB + HEADROOM_SHARE * budget_gib if device == "gpu" else 0.0
 
 
 def headline(plan: MemoryPlan, zero: int, gpus: int, cp: int = 1) -> str:
@@ -17,9 +27,9 @@ def headline(plan: MemoryPlan, zero: int, gpus: int, cp: int = 1) -> str:
     method = "full fine-tune" if plan.full else f"LoRA r{a.rank} on {', '.join(a.targets)}"
     experts = f", {plan.experts} experts trained" if plan.experts > 1 else ""
     c, f, h, w = s.latent
-    precision = "fp32 weights and compute" if device == "cpu" else (
-        f"{r.model.dtype} weights, {r.train.mixed_precision} autocast" if not plan.full
-        else f"fp32 weights, {r.train.mixed_precision} autocast")
+    autocast = f"{r.train.mixed_precision} autocast" if r.train.mixed_precision != "no" else "no autocast"
+    precision = f"{'fp32' if plan.full else r.model.dtype} weights, {autocast}" + (
+        " (CUDA's: RMS norms in fp32)" if device == "gpu" and r.train.mixed_precision != "no" else "")
     where = "one CPU process" if device == "cpu" else f"{gpus} GPU{'s' if gpus > 1 else ''}"
     where += f", ZeRO-{zero}" if zero else ""
     kind = "ring" if plan.ring else "Ulysses"
@@ -80,18 +90,23 @@ def columns_for(plan: MemoryPlan, zero: int, gpus: int, budget_gib: float | None
     return cols
 
 
-def verdict(plan: MemoryPlan, budget_gib: float | None, zero: int, gpus: int, cp: int = 1) -> tuple[str, int]:
+def verdict(plan: MemoryPlan, budget_gib: float | None, zero: int, gpus: int, cp: int = 1,
+            headroom_gib: float = 0.0) -> tuple[str, int]:
+    """Whether the step fits `budget_gib` less `headroom_gib`, and with which settings."""
     if budget_gib is None:
         return "give --gpu-memory GiB for the cheapest settings that fit", FITS
-    fit = cheapest(plan, budget_gib, zero, gpus, cp)
+    usable = max(0.0, budget_gib - headroom_gib)
+    kept = (f" ({usable:.1f} GiB usable: {headroom_gib:.1f} GiB kept for the CUDA context, kernel workspaces and "
+            f"fragmentation; --headroom)") if headroom_gib else ""
+    fit = cheapest(plan, usable, zero, gpus, cp)
     if fit is not None:
         run = "wan-tune train" if plan.device == "cpu" else f"{fit.launch()} -m wan_tune.train"
-        text = (f"fits in {budget_gib:g} GiB (peak {_size(plan.breakdown(fit).total)}) with:\n"
+        text = (f"fits in {budget_gib:g} GiB{kept} (peak {_size(plan.breakdown(fit).total)}) with:\n"
                 f"  {fit.overrides()}\nrun: {run} RECIPE {fit.overrides()}")
         return text, FITS
     low = floor(plan, zero, gpus, cp)
     more = " or spread the run over more GPUs with --gpus and ZeRO" if plan.device == "gpu" else ""
-    text = (f"nothing fits in {budget_gib:g} GiB: the floor is {_size(plan.breakdown(low).total)}, with "
+    text = (f"nothing fits in {budget_gib:g} GiB{kept}: the floor is {_size(plan.breakdown(low).total)}, with "
             f"{low.overrides()}{f' under ZeRO-{low.zero}' if low.zero else ''}.\n"
             f"Lower data.frames or data.resolutions (activations grow with tokens){more}.")
     return text, NOTHING_FITS
@@ -115,23 +130,25 @@ def cp_problem(plan: MemoryPlan, gpus: int, cp: int) -> str | None:
 
 
 def run_plan(recipe, budget_gib: float | None = None, gpus: int = 1, zero: int = 0, device: str = "gpu",
-             say=print, cp: int | None = None) -> int:
+             say=print, cp: int | None = None, headroom_gib: float | None = None) -> int:
     """Print the plan of `recipe`; 0 when it fits (or no budget was given), 1 when nothing fits.
-    `cp`: the context-parallel degree (default: the recipe's train.context_parallel). A degree the
-    run cannot use raises ValueError."""
+    `cp`: the context-parallel degree (default: the recipe's train.context_parallel). `headroom_gib`:
+    kept free of the budget (default: `default_headroom`). A degree the run cannot use raises ValueError."""
     plan = MemoryPlan(recipe, device)
     cp = cp or recipe.train.context_parallel
     problem = cp_problem(plan, gpus, cp)
     if problem:
         raise ValueError(problem)
+    if budget_gib is not None and headroom_gib is None:
+        headroom_gib = default_headroom(budget_gib, device)
+    usable = max(0.0, budget_gib - headroom_gib) if budget_gib is not None else None
     say(headline(plan, zero, gpus, cp))
     say("")
-    say(table(plan, columns_for(plan, zero, gpus, budget_gib, cp)))
+    say(table(plan, columns_for(plan, zero, gpus, usable, cp)))
     say("")
     say(flops_line(plan, cp))
-    text, status = verdict(plan, budget_gib, zero, gpus, cp)
+    text, status = verdict(plan, budget_gib, zero, gpus, cp, headroom_gib or 0.0)
     say(text)
     if device == "gpu":
-        say("(GPU figures are counted, not yet measured on a GPU; leave headroom for the CUDA context and "
-            "the allocator's fragmentation)")
+        say("(GPU figures are counted, not yet measured on a GPU)")
     return status

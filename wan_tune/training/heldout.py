@@ -23,6 +23,7 @@ import torch
 from ..data.dataset import collate, to_device
 from ..models.vace import vace_batch
 from . import flow_matching as fm
+from .sharding import reshard
 
 
 def _unit_hash(text: str) -> float:
@@ -102,6 +103,7 @@ class HeldOut:
         finally:
             for name, m in models.items():
                 m.train(was_training[name])
+                reshard(m)
         # Rank r's slot s holds sample r + s * world: gather, then put every sample back in order.
         gathered = accelerator.gather(out.unsqueeze(0)) if accelerator.num_processes > 1 else out.unsqueeze(0)
         gathered = gathered[::cp]  # one row per group: its ranks scored the same clips

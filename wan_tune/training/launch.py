@@ -9,28 +9,36 @@ from __future__ import annotations
 
 import os
 import signal
+from datetime import timedelta
 
 import torch
 
 from ..config import Recipe
 from ..dist import use_cpu
+from ..models.precision import emulate_if_asked
 from .errors import TrainingError
-from .sharding import fsdp_on_cpu
+from .sharding import fsdp2_precision, fsdp_on_cpu
 from .tracking import tracking_problem
 
 
 def make_accelerator(recipe: Recipe, run_dir):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration
 
     cpu = use_cpu()
+    if cpu:
+        emulate_if_asked()  # a test mode: CPU autocast runs CUDA's fp32 ops in fp32 (models/precision.py)
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and multi else []  # gloo: multi-process on CPU
+    handlers = [process_group_kwargs(cpu)] if multi else []
     tracker = None if recipe.tracking.backend == "none" else recipe.tracking.backend
+    if not multi:  # one process may train several recipes (tests, a notebook): each with its own precision
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=cpu and not deepspeed,  # cpu=True would drop DeepSpeed; DeepSpeed finds the CPU by itself
-        mixed_precision="no" if cpu else recipe.train.mixed_precision,
+        mixed_precision=recipe.train.mixed_precision,  # a CPU too: torch's CPU autocast
         gradient_accumulation_steps=recipe.train.grad_accum,
         log_with=tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
@@ -38,6 +46,7 @@ def make_accelerator(recipe: Recipe, run_dir):
     )
     if cpu and multi:
         fsdp_on_cpu(accelerator)
+    fsdp2_precision(accelerator, recipe.train.mixed_precision)
     if accelerator.state.deepspeed_plugin is not None:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = recipe.train.batch_size  # we feed batches ourselves
@@ -46,6 +55,21 @@ def make_accelerator(recipe: Recipe, run_dir):
         if cpu:  # torch AdamW instead of DeepSpeed's CPU Adam: no ~50 s JIT build per op
             ds["zero_force_ds_cpu_optimizer"] = False
     return accelerator
+
+
+# How long a rank waits in a collective before the process group gives up. Ranks that do not render
+# (DDP: rank 0 renders validation alone) wait in their next collective through the whole render: the
+# base renders and every round, several prompts of 30-50 steps with guidance, minutes each on a 14B
+# with block offload. torch's default for NCCL (10 minutes) would have the watchdog kill the job.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+
+def process_group_kwargs(cpu: bool):
+    """The process group's settings: gloo on CPUs (multi-process tests), NCCL on GPUs; both with
+    `COLLECTIVE_TIMEOUT`."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=COLLECTIVE_TIMEOUT)
 
 
 def agree(accelerator, flag: bool) -> bool:

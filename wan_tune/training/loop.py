@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..atomic import writable_problem
 from ..config import Recipe, to_yaml
+from ..models.precision import describe as describe_precision
 from ..models.variants import get_variant, trained_experts
 from .artifacts import log_checkpoint
 from .checkpoint import best_checkpoint, save_checkpoint
@@ -26,10 +27,10 @@ from .run import build_run
 from .run_data import open_data
 from .run_folder import claimed
 from .runlog import RunLog
-from .sharding import weights_digest
+from .sharding import sharding, weights_digest
 from .step import train_step
 from .tracking import init_tracking
-from .validation import start_validation, validate
+from .validation import make_validator, start_validation, validate
 
 __all__ = ["TrainingError", "train"]
 
@@ -54,14 +55,18 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             raise TrainingError(problem)
         checkpoint = starting_point(accelerator, recipe, run_dir, resume, say)
         data.announce(say)
+        # Before the model: the validation prompts are encoded while the GPU holds nothing else.
+        validator = make_validator(recipe, accelerator, experts, data.heldout, bool(sharding(accelerator)) or lay.cp > 1)
         run = build_run(recipe, accelerator, run_dir, variant, experts, say, lay)
         step, consumed = restore(run, checkpoint)
-        batches, empty_prompt = data.batches(consumed), data.empty_prompt(accelerator.device)
+        batches = data.batches(consumed, pin=accelerator.device.type == "cuda")
+        empty_prompt = data.empty_prompt(accelerator.device)
         if recipe.tracking.backend != "none":
             init_tracking(accelerator, recipe, run_dir)
-        validator = start_validation(run, data.heldout, step)
+        start_validation(run, validator, step)
         say(f"training {recipe.adapter.method}: {run.trainable:,} trainable parameters, {data.training_samples} samples, "
-            f"{accelerator.num_processes} process(es){lay.describe()}, steps {step} -> {recipe.train.steps}")
+            f"{accelerator.num_processes} process(es){lay.describe()}, {describe_precision(recipe)}, "
+            f"steps {step} -> {recipe.train.steps}")
 
         # --- steps ---------------------------------------------------------------------------
         recipe_yaml, last_saved = to_yaml(recipe), None

@@ -29,6 +29,8 @@ from contextlib import nullcontext
 
 import torch
 
+from ..models.activation_offload import in_checkpointed_forward
+
 
 def in_backward() -> bool:
     """True inside autograd's backward (a checkpointed block's recompute runs there)."""
@@ -58,12 +60,15 @@ class WeightGroup:
         self.resident = False
         self._event = None
         self.nbytes = sum(h.numel() * h.element_size() for h in self.host)
+        self.transfers = 0
+        """Copies to the device made (an onload of a group already there makes none)."""
 
     @torch.compiler.disable
     def onload(self, stream=None) -> None:
         """Copy to the device; on `stream` (a side CUDA stream) without waiting for it."""
         if self.resident:
             return
+        self.transfers += 1
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for p, h in zip(self.params, self.host):
                 p.data = h.to(self.device, non_blocking=True)
@@ -111,6 +116,11 @@ class BlockOffload:
             self.handles.append(block.register_forward_hook(self._after(i)))
 
     @property
+    def transfers(self) -> int:
+        """Block copies to the device made so far."""
+        return sum(g.transfers for g in self.groups if g is not None)
+
+    @property
     def offloaded_parameters(self) -> set[int]:
         return {id(p) for g in self.groups if g is not None for p in g.params}
 
@@ -140,7 +150,7 @@ class BlockOffload:
         def hook(_module, _args, _output):
             if self.groups[i] is None or in_backward():
                 return  # the backward offloads in the pre-forward hook of the block below
-            if i == len(self.groups) - 1 and torch.is_grad_enabled():
+            if i == len(self.groups) - 1 and (torch.is_grad_enabled() or in_checkpointed_forward()):
                 return  # the backward starts by recomputing the last block: keep it
             self.groups[i].offload()
 

@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 
 from ..config import Recipe
-from ..dist import use_cpu
 from ..models.loading import recipe_source
+from ..models.precision import drop_autocast_wrapper
 from ..models.sharded_load import fill_shards
 from ..models.spec import load_for_training, trainable_parameters
 from ..models.variants import Variant
@@ -73,7 +73,7 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
     streamed = sharded == "fsdp2" and not recipe.train.fp8_base
     for name in experts:
         torch.manual_seed(recipe.run.seed)  # LoRA init: the same for an expert trained alone or beside the other
-        model = load_for_training(recipe, use_cpu=use_cpu(), expert=name, empty=streamed)
+        model = load_for_training(recipe, expert=name, empty=streamed)
         if lay.cp > 1:  # diffusers' hooks split the tokens at the first block, gather after proj_out
             enable_context_parallel(model, lay, accelerator.device)
         # Before prepare, which moves to the GPU whatever is still on the model.
@@ -87,6 +87,7 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
         optimizer = make_optimizer(params, recipe.train, say)
         scheduler = make_scheduler(optimizer, recipe.train)
         model, optimizer = accelerator.prepare(model, optimizer)
+        drop_autocast_wrapper(accelerator.unwrap_model(model))
         if streamed:
             read = fill_shards(accelerator.unwrap_model(model), recipe_source(recipe), name)
             say(f"fsdp2: each rank read only its shards' rows of the weights ({read / 2**20:,.0f} MiB on rank 0): "

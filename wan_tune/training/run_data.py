@@ -39,12 +39,13 @@ class RunData:
             say(f"held out {len(self.kept_out)} of {len(self.dataset)} samples ({clips} clip(s)) for the held-out loss "
                 "(data.holdout)")
 
-    def batches(self, consumed: int):
-        """This rank's batches from `consumed` on, endless (epochs follow one another)."""
+    def batches(self, consumed: int, pin: bool = False):
+        """This rank's batches from `consumed` on, endless (epochs follow one another); `pin` (a GPU
+        run): in pinned memory, so their copy to the GPU does not hold the host up."""
         self.sampler.seek(consumed)
         workers = self.recipe.data.num_workers
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
-                            worker_init_fn=ignore_sigint, persistent_workers=workers > 0)
+                            worker_init_fn=ignore_sigint, persistent_workers=workers > 0, pin_memory=pin)
         return iter(loader)
 
     def empty_prompt(self, device) -> torch.Tensor:

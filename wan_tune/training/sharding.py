@@ -44,11 +44,42 @@ def fsdp_on_cpu(accelerator) -> None:
     plugin = FullyShardedDataParallelPlugin()  # reads the launch config, as accelerate would
     if plugin.fsdp_version != 2:
         raise RuntimeError("FSDP on CPU is supported with fsdp_version: 2 only (launch/accelerate/fsdp2_cpu.yaml)")
+    if accelerator.mixed_precision != "no":  # accelerate's own policy for the run's precision, as on a GPU
+        plugin.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
     # accelerate copies PartialState's shared state into every later AcceleratorState(): keep
     # the two in step, as AcceleratorState.__init__ itself does.
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def fsdp2_precision(accelerator, mixed_precision: str) -> None:
+    """FSDP2's mixed precision as the trainer needs it: weights gathered in the autocast dtype,
+    gradients reduced in fp32 (as DDP reduces them), and the forward's inputs left as they are.
+    accelerate's policy (`param_dtype=reduce_dtype=output_dtype=bf16`, torch's default
+    `cast_forward_inputs=True`) casts every fully-sharded module's floating inputs to bf16: the
+    transformer's timestep (sigma * 1000, rounded to multiples of 4 above 512 before the sinusoidal
+    embedding, where inference feeds fp32) and each block's RoPE cos/sin tables. Autocast does the
+    compute dtypes, as under DDP."""
+    if accelerator.distributed_type.name != "FSDP" or mixed_precision == "no":
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from ..models.precision import AUTOCAST
+
+    accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=AUTOCAST[mixed_precision], reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def reshard(model) -> None:
+    """FSDP2 leaves the root module's weights gathered after a forward without a backward (it expects
+    the backward next): after a render or a held-out score, shard them again, or the next checkpoint
+    or digest meets whole weights where it expects shards. No-op for a model without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @contextlib.contextmanager

@@ -38,6 +38,9 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
     # Positions count data-parallel ranks: the ranks of a context-parallel group draw alike.
     rank, world, accum, t = run.layout.data_rank, run.layout.data_world, recipe.train.grad_accum, recipe.timesteps
     t0 = time.perf_counter()
+    cuda = accelerator.device.type == "cuda"
+    if cuda:  # this step's peak, not the process's (loading, validation renders)
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     step_loss, samples, tokens, grad_norm = 0.0, 0, 0, None
     trainee = route(run.trainees, variant, run.boundary, recipe.run.seed, step, lambda g: run.draw(1, g, t.sigma_min, t.sigma_max))
     model, optimizer = trainee.model, trainee.optimizer
@@ -54,13 +57,18 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         n = x0.shape[0]
         drop = torch.rand(n, generator=gen) < recipe.train.caption_dropout
         if drop.any():  # caption dropout: the empty prompt, padded as the pipeline pads it
-            batch["text"][drop.to(accelerator.device)] = empty_prompt
+            # torch.where, not a boolean-mask assignment: that one waits for the GPU (audit B13).
+            batch["text"] = torch.where(drop.view(-1, 1, 1).to(accelerator.device), empty_prompt, batch["text"])
         sigmas = run.draw(n, gen, *run.bounds[trainee.name])
         noise = torch.randn(x0.shape, generator=gen)
-        with accelerator.accumulate(model), accelerator.autocast():
-            pred, target = fm.predict(model, variant, batch, sigmas.to(accelerator.device), noise.to(accelerator.device),
-                                      run.compute_dtype)
-            loss = fm.flow_matching_loss(pred, target, fm.loss_weights(sigmas, t.loss_weighting).to(pred.device))
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                pred, target = fm.predict(model, variant, batch, sigmas.to(accelerator.device),
+                                          noise.to(accelerator.device), run.compute_dtype)
+                loss = fm.flow_matching_loss(pred, target, fm.loss_weights(sigmas, t.loss_weighting).to(pred.device))
+            # The backward outside autocast, as torch's AMP guide has it: the checkpoints' recomputes
+            # restore the forward's autocast themselves, and no cast cached by the forward's autocast
+            # (a LoRA weight's bf16 copy) outlives it into a recompute (audit B8).
             # Each rank of a context-parallel group holds its tokens' share of the gradient and DDP
             # (FSDP2, ZeRO) averages over all ranks: scaled by the degree, that is the mean over groups.
             accelerator.backward(loss * run.layout.loss_scale if run.layout.cp > 1 else loss)
@@ -89,6 +97,7 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         record.update(expert=trainee.label, **{f"loss/{trainee.label}": mean_loss})
     if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none here
         record["grad_norm"] = float(grad_norm)
-    if torch.cuda.is_available():
-        record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if cuda:  # allocated: what the plan counts; reserved: what the caching allocator holds (fragmentation on top)
+        record["peak_mem_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+        record["peak_reserved_gb"] = torch.cuda.max_memory_reserved(accelerator.device) / 2**30
     return record

@@ -10,47 +10,60 @@ run, before training (a LoRA: with its adapters switched off, at any step), into
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from ..config import Recipe
 from ..models.loading import load_transformer, recipe_source, resolve_source
+from ..models.precision import AUTOCAST, DTYPES, as_inference
 from ..models.variants import get_variant, pipeline_class
 from ..vace_media import pipeline_inputs, sheet_rows, validation_media
 from ..video_io import to_uint8, write_video
 from .errors import TrainingError
 from .launch import agree
 from .overview import frame_row, read_row, write_overview, write_row, write_sheet
-from .sharding import unpartitioned_loading
+from .sharding import reshard, unpartitioned_loading
 
 
-def start_validation(run, heldout, start_step: int):
-    """The run's Validator (None when validation is off, and on ranks that render nothing), with the
-    base model's renders for the contact sheets made, or read back, once per run. Sharded weights:
-    every rank runs the same pipeline (its forwards gather the shards together), rank 0 writes."""
-    recipe, accelerator = run.recipe, run.accelerator
-    if not recipe.validation.every:
+def make_validator(recipe: Recipe, accelerator, experts: list[str], heldout, together: bool):
+    """The run's Validator (None when validation is off, and on ranks that render nothing), made
+    before the training model is loaded: the prompts are encoded then, so the text encoder (umT5,
+    ~11 GB in bf16) is on the GPU alone and gone again before the transformer arrives (audit B3).
+    `together`: every rank renders (sharded weights gather in each forward, context-parallel groups
+    split each clip); else rank 0 alone."""
+    if not recipe.validation.every or not (accelerator.is_main_process or together):
         return None
-    validator = None
-    if run.main or run.together:
-        try:
-            first_frames = None
-            if run.variant.image_conditioned(recipe.data.task) and not recipe.validation.images:
-                first_frames = clip_first_frames(recipe, recipe.data.shards, heldout.indices if heldout else [],
-                                                 len(recipe.validation.prompts), last=run.variant.last_frame)
-            with unpartitioned_loading(accelerator):
-                validator = Validator(recipe, accelerator.device, run.compute_dtype, trained=[tr.name for tr in run.trainees],
-                                      first_frames=first_frames, prefer=heldout.indices if heldout else [])
-        except ValueError as err:  # ConditioningError too: a VACE control or reference that cannot serve
-            raise TrainingError(str(err)) from None
-    render_base = agree(accelerator, run.main and validator.base_missing(run.run_dir / "validation"))
+    variant = get_variant(recipe.model.variant)
+    try:
+        first_frames = None
+        if variant.image_conditioned(recipe.data.task) and not recipe.validation.images:
+            first_frames = clip_first_frames(recipe, recipe.data.shards, heldout.indices if heldout else [],
+                                             len(recipe.validation.prompts), last=variant.last_frame)
+        with unpartitioned_loading(accelerator):
+            # The encoders in model.dtype, a full fine-tune's too (its fp32 is the trained weights'; an
+            # fp32 umT5 would take ~22 GB for nothing).
+            validator = Validator(recipe, accelerator.device, DTYPES[recipe.model.dtype], trained=experts,
+                                  first_frames=first_frames, prefer=heldout.indices if heldout else [])
+    except ValueError as err:  # ConditioningError too: a VACE control or reference that cannot serve
+        raise TrainingError(str(err)) from None
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()  # the text encoder's blocks go back before the transformer loads
+    return validator
+
+
+def start_validation(run, validator, start_step: int) -> None:
+    """The base model's renders for the contact sheets, made or read back once per run. Sharded
+    weights: every rank runs the same pipeline (its forwards gather the shards together), rank 0 writes."""
+    if not run.recipe.validation.every:
+        return
+    render_base = agree(run.accelerator, run.main and validator.base_missing(run.run_dir / "validation"))
     if validator is not None:
         note = validator.prepare_base(run.live(), run.run_dir / "validation", render_base,
-                                      lora=recipe.adapter.method == "lora", untrained=start_step == 0, write=run.main)
+                                      lora=run.recipe.adapter.method == "lora", untrained=start_step == 0, write=run.main)
         if note:
             run.say(note)
-    return validator
 
 
 def validate(run, validator, step: int) -> None:
@@ -81,6 +94,7 @@ class Validator:
         cls = pipeline_class(self.variant, self.with_image)
         # transformer=None: the live, training transformer is plugged in at render time.
         self.pipe = cls.from_pretrained(source.folder, transformer=None, transformer_2=None, torch_dtype=dtype)
+        self.pipe.vae.to(DTYPES[recipe.model.vae_dtype])  # fp32 unless the recipe says otherwise (audit B12)
         self.frozen = {name: load_transformer(recipe_source(recipe), dtype, name).to(device).eval().requires_grad_(False)
                        for name in self.variant.experts if name not in trained}
         self.pipe.set_progress_bar_config(disable=True)
@@ -126,15 +140,8 @@ class Validator:
         if not (lora or untrained):
             return ("validation sheets show the current weights only: the base renders (validation/base/) are missing "
                     "and a resumed full fine-tune no longer holds the base weights")
-        if lora:
-            for m in live.values():
-                m.disable_adapters()
-        try:
+        with adapters_off(live.values()) if lora else contextlib.nullcontext():
             videos = self._render_all(live)
-        finally:
-            if lora:
-                for m in live.values():
-                    m.enable_adapters()
         if write:
             self.base_rows = []
             for i, frames in enumerate(videos):
@@ -159,34 +166,59 @@ class Validator:
         return paths
 
     def _render_all(self, live: dict) -> list:
-        """uint8 frames [T, H, W, 3] of every prompt, same seed each time."""
-        v = self.recipe.validation
+        """uint8 frames [T, H, W, 3] of every prompt, same seed each time, the weights read as inference
+        reads them (models/precision.py: as_inference)."""
         models = {**self.frozen, **live}
         was_training = {name: m.training for name, m in live.items()}
         for name, m in models.items():
             m.eval()
             setattr(self.pipe, name, m)
-        videos = []
         try:
-            for i, (pos, neg) in enumerate(self.embeds):
-                kwargs = dict(prompt_embeds=pos, negative_prompt_embeds=neg, height=self.height, width=self.width,
-                              num_frames=v.frames, num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
-                              generator=torch.Generator().manual_seed(v.seed), output_type="np")
-                if self.variant.two_experts:  # the pipeline's default: the same scale for both experts
-                    kwargs["guidance_scale_2"] = v.guidance_scale_2
-                if self.with_image:
-                    kwargs["image"] = self.images[i]
-                if self.last_images:
-                    kwargs["last_image"] = self.last_images[i]
-                if self.variant.vace:
-                    kwargs.update(conditioning_scale=self.recipe.vace.conditioning_scale, **pipeline_inputs(self.media[i]))
-                videos.append(to_uint8(self.pipe(**kwargs).frames[0]))
+            with as_inference(live.values(), self.recipe.adapter.method == "lora", self.device.type,
+                              AUTOCAST[self.recipe.train.mixed_precision]):
+                return [to_uint8(self.pipe(**self._call_args(i, pos, neg)).frames[0])
+                        for i, (pos, neg) in enumerate(self.embeds)]
         finally:
             for name in models:
                 setattr(self.pipe, name, None)
             for name, m in live.items():
                 m.train(was_training[name])
-        return videos
+                reshard(m)
+
+    def _call_args(self, i: int, pos, neg) -> dict:
+        """The pipeline's arguments for prompt `i`."""
+        v = self.recipe.validation
+        kwargs = dict(prompt_embeds=pos, negative_prompt_embeds=neg, height=self.height, width=self.width,
+                      num_frames=v.frames, num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
+                      generator=torch.Generator().manual_seed(v.seed), output_type="np")
+        if self.variant.two_experts:  # the pipeline's default: the same scale for both experts
+            kwargs["guidance_scale_2"] = v.guidance_scale_2
+        if self.with_image:
+            kwargs["image"] = self.images[i]
+        if self.last_images:
+            kwargs["last_image"] = self.last_images[i]
+        if self.variant.vace:
+            kwargs.update(conditioning_scale=self.recipe.vace.conditioning_scale, **pipeline_inputs(self.media[i]))
+        return kwargs
+
+
+@contextlib.contextmanager
+def adapters_off(models):
+    """The LoRA layers of `models` compute the base alone. Not peft's `disable_adapters()`: it also
+    turns the adapter weights' requires_grad off, and FSDP2 settles its mixed precision at the first
+    forward from requires_grad: when that forward is the base render, it takes the LoRA for frozen
+    weights and its gradients then reach the fp32 weights in bf16 (refused at the first backward)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            layer._disable_adapters = was
 
 
 def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int, last: bool = False) -> list:
