@@ -145,6 +145,7 @@ CASES = {
     "ti2v-5b": ("tiny-ti2v", ("data.task=i2v",)),
     "a14b-both-experts": ("tiny-a14b", ()),
     "a14b-one-expert": ("tiny-a14b", ("model.experts=[low_noise]",)),
+    "a14b-one-expert-fp8": ("tiny-a14b", ("model.experts=[low_noise]", "train.fp8_base=true")),
     "vace": ("tiny-vace", ()),
     "activation-offload": ("tiny", (*CKPT, "train.activation_offload=true")),
     "ffn-chunks": ("tiny", (*CKPT, "train.ffn_chunks=2")),
@@ -230,3 +231,15 @@ def test_each_launch_trains_and_renders_every_step_in_the_gpu_regime(name, tiny_
         assert r["timestep"] == "torch.float32" and r["rope"] == ["torch.float32", "torch.float32"], r
         if name.startswith("fsdp2"):  # gradients reduce in fp32, as DDP's do
             assert r["reduce_dtype"] == "torch.float32" and r["param_dtype"] == "torch.bfloat16", r
+
+
+def test_ranks_outwait_a_long_render():
+    """Audit B4: under DDP only rank 0 renders, the others wait in their next collective; NCCL's
+    default 10 minutes would kill a run whose render takes longer. Both backends get 2 hours."""
+    from datetime import timedelta
+
+    from wan_tune.training.launch import process_group_kwargs
+
+    gpu, cpu = process_group_kwargs(cpu=False), process_group_kwargs(cpu=True)
+    assert (gpu.backend, cpu.backend) == ("nccl", "gloo")
+    assert gpu.timeout == cpu.timeout and gpu.timeout >= timedelta(hours=2)

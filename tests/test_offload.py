@@ -50,13 +50,17 @@ def step(model, variant: str = "tiny"):
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-base", "fp8-base"])
-@pytest.mark.parametrize("keep", [0, 2])
-def test_block_offload_gives_the_same_loss_and_gradients(fp8, keep):
+@pytest.mark.parametrize("keep, arena", [(0, False), (2, False), (0, True)], ids=["keep0", "keep2", "keep0-arena"])
+def test_block_offload_gives_the_same_loss_and_gradients(fp8, keep, arena):
+    """`arena`: the host copies in one HostArena's slabs, as a GPU's are (views, pinned there)."""
     from wan_tune.training.offload import BlockOffload
 
     reference = step(six_block_model(fp8))
     model = six_block_model(fp8)
-    offload = BlockOffload(model, keep=keep, device=torch.device("cpu"))
+    offload = BlockOffload(model, keep=keep, device=torch.device("cpu"), arena=arena)
+    if arena:  # every host copy lies in the arena's slabs
+        slabs = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in offload.arena.slabs]
+        assert all(any(a <= h.data_ptr() < b for a, b in slabs) for g in offload.groups if g for h in g.host)
     streamed = 6 - keep
     # Between steps the streamed blocks hold placeholders only: the weights are elsewhere.
     for i, block in enumerate(model.blocks):
@@ -156,3 +160,20 @@ def test_compiled_blocks_train_like_eager_ones(tiny_folders, tiny_shards, tmp_pa
     _, compiled_memory_losses = run("compiled-memory", "train.compile=true", *memory)
     assert compiled_memory_losses == pytest.approx(eager_memory_losses, rel=1e-4)
     assert eager_memory_losses == pytest.approx(eager_losses, rel=1e-4)
+
+
+def test_the_idle_expert_keeps_nothing_on_the_device():
+    """Wan2.2 A14B, both experts trained with block offload: after a step BlockOffload keeps block 0
+    for the next forward; when the other expert's step comes instead, that block leaves too (B14)."""
+    from wan_tune.training.offload import BlockOffload, ExpertSwap
+
+    swap = ExpertSwap(torch.device("cpu"))
+    experts, offloads = [six_block_model(), six_block_model(seed=1)], []
+    for model in experts:
+        offloads.append(BlockOffload(model, keep=0, device=torch.device("cpu")))
+        swap.add(model, offloads[-1])
+    step(experts[0])
+    assert offloads[0].groups[0].resident and swap.groups[0].resident
+    step(experts[1])
+    assert not any(g.resident for g in offloads[0].groups) and not swap.groups[0].resident
+    assert offloads[1].groups[0].resident and swap.swaps == 2

@@ -213,10 +213,11 @@ def test_attention_checkpoints_need_block_checkpointing():
                                                           "train.gradient_checkpointing=false"])
 
 
-def test_the_plan_counts_attention_checkpoints_and_720p_fits_24_gib():
+def test_the_plan_counts_attention_checkpoints_and_720p_fits_32_gib():
     from wan_tune.config import load_recipe
     from wan_tune.plan.advice import cheapest
     from wan_tune.plan.memory import GIB, MemoryPlan, Setup
+    from wan_tune.plan.report import default_headroom
 
     recipe = load_recipe(ROOT / "recipes" / "wan2.1-t2v-14b-lora.yaml",
                          ["data.resolutions=[[720,1280]]", "train.attention_checkpointing=true"])
@@ -229,8 +230,12 @@ def test_the_plan_counts_attention_checkpoints_and_720p_fits_24_gib():
     print(f"14B LoRA 720p, fp8 + activation offload + FFN chunks: working set {sets[False] / GIB:.2f} GiB, "
           f"{sets[True] / GIB:.2f} with attention checkpoints")
     assert sets[True] < 0.8 * sets[False]
-    fits = cheapest(plan, 24)
-    assert fits is not None and fits.attention and plan.breakdown(fits).total <= 24 * GIB
+    # With CUDA's fp32 q/k counted, the floor (23.2 GiB) is over a 24 GiB card's usable 21.8 GiB:
+    # a 32 GiB card, its headroom kept.
+    usable = 32 - default_headroom(32, "gpu")
+    fits = cheapest(plan, usable)
+    assert fits is not None and fits.attention and plan.breakdown(fits).total <= usable * GIB
+    assert cheapest(plan, 24 - default_headroom(24, "gpu")) is None
 
 
 def test_attention_checkpoints_over_an_fp8_base_with_block_offload():

@@ -39,16 +39,35 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .host_arena import HostArena
+
 
 @dataclass
 class HostStash:
-    """Host copies of block inputs, by slot (the block's index), reused from step to step."""
+    """Host copies of block inputs, by slot (the block's index), reused from step to step. Each slot
+    keeps a region of a `HostArena` (pinned on a GPU, without power-of-two rounding) as large as
+    the largest input it held: a smaller bucket's input reuses it."""
 
+    slots: int = 1
+    """Blocks that stash their input: the arena is sized for that many inputs of the first size seen."""
     buffers: dict[int, torch.Tensor] = field(default_factory=dict)
+    regions: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Slot -> its bytes in the arena (uint8)."""
+    arena: HostArena | None = None
     pending: dict[int, tuple[torch.Tensor, object]] = field(default_factory=dict)
     """Slot -> (device tensor, CUDA event) of a copy back already started (the prefetch)."""
     copies: dict[str, int] = field(default_factory=lambda: {"out": 0, "back": 0})
     streams: dict[torch.device, object] = field(default_factory=dict)
+
+    def _buffer(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        n = x.numel() * x.element_size()
+        if self.arena is None:
+            self.arena = HostArena(pin=x.device.type == "cuda", expected=[n] * self.slots)
+        region = self.regions.get(slot)
+        if region is None or region.numel() < n:  # a larger bucket than this slot held: a larger region
+            slab, offset = self.arena.take_bytes(n)
+            region = self.regions[slot] = slab[offset:offset + n]
+        return region[:n].view(x.dtype).view(x.shape)
 
     def _stream(self, device: torch.device):
         if device.type != "cuda":
@@ -61,8 +80,7 @@ class HostStash:
         """Copy `x` out to the slot's host buffer (asynchronously on a GPU)."""
         host = self.buffers.get(slot)
         if host is None or host.shape != x.shape or host.dtype != x.dtype:
-            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
-            self.buffers[slot] = host
+            host = self.buffers[slot] = self._buffer(slot, x)
         stream = self._stream(x.device)
         if stream is None:
             host.copy_(x)
@@ -210,7 +228,7 @@ class ActivationOffload(BlockCheckpoint):
     """`train.activation_offload`: the block checkpoint whose inputs wait in host memory."""
 
     def __init__(self, model: torch.nn.Module, run=_run):
-        super().__init__(model, HostStash(), run)
+        super().__init__(model, HostStash(slots=len(model.blocks)), run)
 
     @property
     def copies(self) -> dict[str, int]:
@@ -218,7 +236,13 @@ class ActivationOffload(BlockCheckpoint):
 
     @property
     def host_bytes(self) -> int:
+        """Bytes of the inputs stashed (the payload)."""
         return sum(b.numel() * b.element_size() for b in self.stash.buffers.values())
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes of host memory the stash holds (its arena's slabs)."""
+        return self.stash.arena.reserved_bytes if self.stash.arena is not None else 0
 
 
 def block_checkpoint(model: torch.nn.Module, train, run=_run):

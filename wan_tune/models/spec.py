@@ -61,6 +61,21 @@ def load_for_training(recipe: Recipe, expert: str = "transformer", empty: bool =
     return adapt(model, recipe, variant, dtype)
 
 
+def load_frozen(recipe: Recipe, expert: str):
+    """A Wan2.2 expert the run does not train, for validation renders: in model.dtype, stored in fp8
+    with train.fp8_base as the trained one is (~14 GB instead of ~27 GB for an A14B expert)."""
+    source, dtype = recipe_source(recipe), DTYPES[recipe.model.dtype]
+    if not recipe.train.fp8_base:
+        return load_transformer(source, dtype, expert).eval().requires_grad_(False)
+    from diffusers.hooks import apply_layerwise_casting
+
+    from .streamed import load_transformer_fp8
+
+    model = load_transformer_fp8(source, dtype, expert, FP8_SKIP)
+    apply_layerwise_casting(model, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype, skip_modules_pattern=FP8_SKIP)
+    return model.eval().requires_grad_(False)
+
+
 def adapt(model, recipe: Recipe, variant: Variant, dtype: torch.dtype):
     """Freeze what the recipe does not train, add the LoRA (fp32 whatever the base dtype), store
     the frozen base in fp8 if asked, and turn on gradient checkpointing."""

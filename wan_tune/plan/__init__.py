@@ -38,12 +38,14 @@ For the recipe's largest bucket (biggest `data.resolutions` entry x largest `dat
 - the AdamW step's temporaries (torch's foreach step on a GPU makes one fp32 tensor of the trainable
   size; the CPU loop one per parameter), which never coexist with the activations.
 
-Not counted: the CUDA context and the caching allocator's fragmentation (leave headroom),
-cuBLAS / attention-kernel workspaces, `train.compile` (compiled blocks usually keep less), and
-communication buffers other than ZeRO's reduce buckets. The CPU side (`device="cpu"`: fp32, no
-autocast) is checked against measured peak RSS of real steps (tiny and 1.3B, checkpointing on and
-off, with activation offload: within 5%, the test allows 15%); the GPU side follows the same counts with the recipe's dtypes
-and autocast, and stays unverified until it is measured on a GPU.
+Not counted, but kept free of the budget before anything "fits" (report.py's headroom, 1 GiB + 5%
+of the card): the CUDA context, the caching allocator's fragmentation and cuBLAS / attention-kernel
+workspaces. Not counted at all: `train.compile` (compiled blocks usually keep less) and
+communication buffers other than ZeRO's reduce buckets. The CPU side (`device="cpu"`: the recipe's
+dtypes under CPU autocast) is checked against measured peak RSS of real steps (tiny and 1.3B in
+fp32, checkpointing on and off, with activation offload: within 5%, the test allows 15%); the GPU
+side follows the same counts with CUDA's autocast (its fp32 list emulated: equal to a real CPU step
+under models/precision.py's emulation), and stays unverified until it is measured on a GPU.
 """
 
 from .flops import step_flops

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Recipe, to_yaml
+from ..models.host_arena import packed_bytes
 from ..models.precision import AUTOCAST, base_dtype
 from ..models.variants import Variant, get_variant, trained_experts
 from .flops import step_flops
@@ -328,11 +329,21 @@ class MemoryPlan:
         return 4.0 * count.trainable * self.experts / (s.gpus if s.zero else 1)
 
     def _host(self, s: Setup, count: StepCount) -> float:
-        host = 0.0
-        if s.offload_keep is not None:
-            host += (self.main_layers - s.offload_keep) * sum(self._per_block(s).values())
-        if self.device == "gpu" and self.experts > 1:  # the idle expert's frozen weights wait on the host
-            host += sum(count.frozen.values()) * (self.experts - 1)
-        if self.device == "gpu" and s.activations and s.checkpointing:  # a pinned buffer per block input
-            host += self.main_layers * count.block_saved
-        return host
+        """Host RAM the run pins, per trained expert (each has its own copies), in the slabs of the
+        trainer's `HostArena`s (models/host_arena.py: packed as they pack, tails and last slabs
+        included): the streamed blocks' weights; with two experts, each one's other frozen weights
+        (the active one's host copy stays: offloading drops the device copy only); a buffer per block
+        input under activation offload."""
+        per_expert = 0.0
+        block = list(count.block_frozen_sizes)
+        streamed = self.main_layers - s.offload_keep if s.offload_keep is not None else 0
+        if streamed:
+            per_expert += packed_bytes(block * streamed)
+        if self.device == "gpu" and self.experts > 1:
+            # The meta model's outer weights hold its VACE blocks below layer 2; the others count as blocks.
+            counted_vace = sum(1 for i in self.variant.transformer.get("vace_layers") or () if i < 2)
+            resident = self.main_layers - streamed + self.variant.vace_blocks - counted_vace
+            per_expert += packed_bytes(list(count.outer_frozen_sizes) + block * resident)
+        if self.device == "gpu" and s.activations and s.checkpointing:
+            per_expert += packed_bytes([count.block_saved] * self.main_layers)
+        return per_expert * (self.experts if self.device == "gpu" else 1)

@@ -197,6 +197,11 @@ class StepCount:
     block_saved: int
     """What a block's forward adds to the saved bytes, and to the bytes alive (`block_kept`)."""
     block_kept: int
+    block_frozen_sizes: tuple[int, ...] = ()
+    """Bytes of each frozen parameter of a block: what block offload copies to host memory one by one."""
+    outer_frozen_sizes: tuple[int, ...] = ()
+    """Bytes of each frozen parameter outside the blocks (embedders, head; VACE blocks): with the
+    blocks', what an idle Wan2.2 expert parks in host memory."""
 
     def extend(self, layers: int) -> "StepCount":
         """The count of the same model with `layers` blocks. The peak comes in the backward, when
@@ -275,7 +280,12 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
     return StepCount(layers + len(getattr(model.config, "vace_layers", None) or ()), _frozen_bytes(model), sum(p.numel() for p in trainable),
                      max((p.numel() for p in trainable), default=0), saved, live.peak, _frozen_bytes(block),
                      sum(p.numel() for p in block.parameters() if p.requires_grad),
-                     ends[1][0] - ends[0][0], ends[1][1] - ends[0][1])
+                     ends[1][0] - ends[0][0], ends[1][1] - ends[0][1], _frozen_sizes(block.parameters()),
+                     _frozen_sizes(p for n, p in model.named_parameters() if not n.startswith("blocks.")))
+
+
+def _frozen_sizes(params) -> tuple[int, ...]:
+    return tuple(p.numel() * p.element_size() for p in params if not p.requires_grad)
 
 
 def _frozen_bytes(module) -> dict[str, int]:

@@ -5,7 +5,9 @@ LoRA trains on a 24 GB card) and Wan2.2 A14B runs that train both experts (the i
 frozen weights leave the GPU while the other one trains).
 
 Only frozen weights move, and only one way: their host copy never changes, so offloading a group
-just drops its device copy (no device-to-host traffic). LoRA weights, gradients and optimizer
+just drops its device copy (no device-to-host traffic). On a GPU the host copies are views into a
+pinned `HostArena` (models/host_arena.py): torch's pinned allocator would round each weight up to a
+power of two (a 14B fp8 block: 512 MiB pinned for 335 MiB). LoRA weights, gradients and optimizer
 state never leave the device.
 
 Why not diffusers' group offloading (`diffusers.hooks.apply_group_offloading`, 0.42): it moves
@@ -30,6 +32,7 @@ from contextlib import nullcontext
 import torch
 
 from ..models.activation_offload import in_checkpointed_forward
+from ..models.host_arena import HostArena
 
 
 def in_backward() -> bool:
@@ -46,16 +49,21 @@ class WeightGroup:
     between `onload` and `offload`. While offloaded each parameter holds an empty placeholder of
     its dtype on the device, so a forward that was not given its weights fails at once."""
 
-    def __init__(self, params: list[torch.nn.Parameter], device: torch.device):
+    def __init__(self, params: list[torch.nn.Parameter], device: torch.device, arena: HostArena | None = None):
+        """`arena`: where the host copies go (a GPU's default: one of their own, pinned; a CPU's: none,
+        the parameters' own storage)."""
         self.params = params
         self.device = torch.device(device)
-        pin = self.device.type == "cuda"
+        if arena is None and self.device.type == "cuda":
+            arena = HostArena(pin=True, expected=[p.numel() * p.element_size() for p in params])
         # Each host copy replaces the parameter's storage before the next is made: loading never
-        # holds two copies of more than one tensor.
+        # holds two copies of more than one tensor (and the arena's slab being filled).
         self.host = []
         for p in params:
             data = p.data.to("cpu")
-            self.host.append(data.pin_memory() if pin else data)
+            if arena is not None:
+                data = arena.take(data.shape, data.dtype).copy_(data)
+            self.host.append(data)
             p.data = torch.empty(0, dtype=data.dtype, device=self.device)
         self.resident = False
         self._event = None
@@ -103,11 +111,16 @@ class BlockOffload:
     dropped once it is done. `loads` counts the loads done in forwards and in backward recomputes.
     After a training step block 0, if streamed, stays loaded: the next forward starts with it."""
 
-    def __init__(self, model: torch.nn.Module, keep: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, keep: int, device: torch.device, arena: bool | None = None):
+        """`arena`: the streamed blocks' host copies in one `HostArena` (default: on a GPU, pinned)."""
         blocks = list(model.blocks)
         if not 0 <= keep < len(blocks):
             raise ValueError(f"train.offload_keep={keep}: the model has {len(blocks)} blocks; keep 0 to {len(blocks) - 1}")
-        self.groups = [None] * keep + [WeightGroup(frozen_parameters(b), device) for b in blocks[keep:]]
+        pin = torch.device(device).type == "cuda"
+        streamed = [frozen_parameters(b) for b in blocks[keep:]]
+        self.arena = HostArena(pin, [p.numel() * p.element_size() for ps in streamed for p in ps]) if (
+            pin if arena is None else arena) else None
+        self.groups = [None] * keep + [WeightGroup(ps, device, self.arena) for ps in streamed]
         self.stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
         self.loads = {"forward": 0, "recompute": 0}
         self.handles = []
@@ -165,6 +178,7 @@ class ExpertSwap:
     def __init__(self, device: torch.device):
         self.device = device
         self.groups: list[WeightGroup] = []
+        self.streams: list[BlockOffload | None] = []
         self.handles = []
         self.swaps = 0
 
@@ -172,6 +186,7 @@ class ExpertSwap:
         """Park `model`'s frozen weights in host memory until its first forward."""
         streamed = blocks.offloaded_parameters if blocks is not None else set()
         self.groups.append(WeightGroup([p for p in frozen_parameters(model) if id(p) not in streamed], self.device))
+        self.streams.append(blocks)
         self.handles.append(model.register_forward_pre_hook(self._before(len(self.groups) - 1)))
 
     def _before(self, k: int):
@@ -182,6 +197,11 @@ class ExpertSwap:
             for other, group in enumerate(self.groups):
                 if other != k:
                     group.offload()
+                    # BlockOffload leaves a streamed block 0 loaded after a step, for the next forward:
+                    # the idle expert's next forward is not next (audit B14).
+                    for streamed in self.streams[other].groups if self.streams[other] is not None else ():
+                        if streamed is not None:
+                            streamed.offload()
             self.groups[k].onload()
             self.swaps += 1
 

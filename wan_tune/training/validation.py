@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ..config import Recipe
-from ..models.loading import load_transformer, recipe_source, resolve_source
+from ..models.loading import resolve_source
 from ..models.precision import AUTOCAST, DTYPES, as_inference
+from ..models.spec import load_frozen
 from ..models.variants import get_variant, pipeline_class
 from ..vace_media import pipeline_inputs, sheet_rows, validation_media
 from ..video_io import to_uint8, write_video
@@ -95,8 +96,9 @@ class Validator:
         # transformer=None: the live, training transformer is plugged in at render time.
         self.pipe = cls.from_pretrained(source.folder, transformer=None, transformer_2=None, torch_dtype=dtype)
         self.pipe.vae.to(DTYPES[recipe.model.vae_dtype])  # fp32 unless the recipe says otherwise (audit B12)
-        self.frozen = {name: load_transformer(recipe_source(recipe), dtype, name).to(device).eval().requires_grad_(False)
-                       for name in self.variant.experts if name not in trained}
+        # An A14B expert the run does not train waits in host memory, in fp8 with train.fp8_base, and
+        # is on the GPU only while a round renders (audit B3: it sat there whole in bf16, ~27 GB).
+        self.frozen = {name: load_frozen(recipe, name) for name in self.variant.experts if name not in trained}
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(device)
         self.height = v.height or recipe.data.resolutions[0][0]
@@ -170,6 +172,8 @@ class Validator:
         reads them (models/precision.py: as_inference)."""
         models = {**self.frozen, **live}
         was_training = {name: m.training for name, m in live.items()}
+        for m in self.frozen.values():
+            m.to(self.device)
         for name, m in models.items():
             m.eval()
             setattr(self.pipe, name, m)
@@ -179,6 +183,8 @@ class Validator:
                 return [to_uint8(self.pipe(**self._call_args(i, pos, neg)).frames[0])
                         for i, (pos, neg) in enumerate(self.embeds)]
         finally:
+            for m in self.frozen.values():
+                m.to("cpu")
             for name in models:
                 setattr(self.pipe, name, None)
             for name, m in live.items():
