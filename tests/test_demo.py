@@ -64,3 +64,15 @@ def test_demo_runs_the_whole_chain(tmp_path, monkeypatch, capsys):
     assert ShardReader(r["shards"]).row(0)["references"] == 1
     sample_sheet = Image.open(run / "sample.png")  # control, mask, references, then the sample: four labelled rows
     assert sample_sheet.height == 4 * (LABEL_HEIGHT + 64)
+
+
+def test_demo_runs_in_the_gpu_regime(tmp_path, monkeypatch, capsys):
+    """#32: the issue's own command, `wan-tune demo model.dtype=bf16 train.mixed_precision=bf16
+    validation.every=2 train.steps=4`, runs to its end on a CPU with sheets at steps 2 and 4."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--clips", "2", "model.dtype=bf16", "train.mixed_precision=bf16", "validation.every=2",
+                 "train.steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "base bf16, autocast bf16" in out and "export self-test: all ok" in out
+    run = tmp_path / "checkpoints" / "demo-tiny"
+    assert {p.parent.name for p in run.glob("validation/step-*/00.png")} == {"step-000002", "step-000004"}

@@ -115,15 +115,16 @@ def test_cuda_autocast_emulation_hands_attention_fp32_q_and_k_as_a_gpu_does():
 
 
 @pytest.fixture(scope="module")
-def regime_data(tiny_folders, tiny_shards, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """{variant: (model folder, shards)}: the tiny T2V / I2V ones, and FLF2V, TI2V (with images),
-    A14B and VACE prepped here (2 clips each)."""
+def regime_data(tiny_folders, tiny_shards, tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+    """{variant: (model folder, shards, footage)}: the tiny T2V / I2V ones, and FLF2V, TI2V (with
+    images), A14B and VACE prepped here (2 clips each). Validation of image-conditioned variants
+    reads the first frames from the footage."""
     from data_prep.prep import run_prep
     from wan_tune.models.tiny import save_tiny_pipeline
     from wan_tune.synthetic import make_clips
 
     root = tmp_path_factory.mktemp("regime")
-    data = {v: (tiny_folders[v], tiny_shards[v]) for v in ("tiny", "tiny-i2v")}
+    data = {v: (tiny_folders[v], tiny_shards[v], tiny_shards[v].parent / "clips") for v in ("tiny", "tiny-i2v")}
     for v in ("tiny-flf2v", "tiny-ti2v", "tiny-a14b", "tiny-vace"):
         folder = save_tiny_pipeline(root / v, v, seed=0)
         clips = make_clips(root / f"clips-{v}", 2, frames=20, height=96, width=128, fps=24 if v == "tiny-ti2v" else 16,
@@ -132,7 +133,7 @@ def regime_data(tiny_folders, tiny_shards, tmp_path_factory) -> dict[str, tuple[
             f"model.variant={v}", f"model.path={folder}", f"data.source={clips}", f"data.shards={root / f'shards-{v}'}",
             "data.shard_dtype=fp32", "data.max_clips_per_video=1", *(["data.task=i2v"] if v == "tiny-ti2v" else [])])
         run_prep(recipe, progress=False, say=lambda *_: None)
-        data[v] = (folder, root / f"shards-{v}")
+        data[v] = (folder, root / f"shards-{v}", clips)
     return data
 
 
@@ -163,9 +164,10 @@ def test_each_setting_trains_renders_every_step_and_exports_in_the_gpu_regime(ca
     from wan_tune.training.loop import train
 
     variant, extra = CASES[case]
-    folder, shards = regime_data[variant]
+    folder, shards, clips = regime_data[variant]
     recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
-        f"model.variant={variant}", f"model.path={folder}", f"data.shards={shards}", f"run.output_dir={tmp_path}",
+        f"model.variant={variant}", f"model.path={folder}", f"data.shards={shards}", f"data.source={clips}",
+        f"run.output_dir={tmp_path}",
         *REGIME, *EVERY_STEP, *extra], warn=lambda _: None)
     said = []
     with cuda_autocast_emulated():
@@ -175,6 +177,7 @@ def test_each_setting_trains_renders_every_step_and_exports_in_the_gpu_regime(ca
     base = "fp32 (master weights)" if "adapter.method=full" in extra else "bf16"
     autocast = "no autocast" if "train.mixed_precision=no" in extra else "autocast bf16"
     assert f"base {base}, {autocast}" in start and ("fp8 storage" in start) == ("train.fp8_base=true" in extra)
+    assert "CUDA's fp32 autocast ops emulated" in start
     run = Path(summary["run_dir"])
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
@@ -243,3 +246,26 @@ def test_ranks_outwait_a_long_render():
     gpu, cpu = process_group_kwargs(cpu=False), process_group_kwargs(cpu=True)
     assert (gpu.backend, cpu.backend) == ("nccl", "gloo")
     assert gpu.timeout == cpu.timeout and gpu.timeout >= timedelta(hours=2)
+
+
+@pytest.mark.parametrize("setting", ["train.activation_offload=true", "train.attention_checkpointing=true"])
+def test_every_block_s_lora_gets_its_gradient_from_wan_tune_s_checkpoint_under_bf16_autocast(setting):
+    """Audit B8 on a CPU: with bf16 autocast (CUDA's fp32 ops emulated) in the forward and the
+    backward outside it, as the trainer runs them, wan-tune's block checkpoint (its forward without
+    grad, so autocast's cast cache must not serve the recompute) gives every block's LoRA the
+    gradients torch's checkpoint gives, none of them zero."""
+    inputs = bf16_inputs()
+
+    def grads(*extra):
+        model = bf16_lora("train.gradient_checkpointing=true", *extra).train()
+        with cuda_autocast_emulated():
+            with torch.autocast("cpu", torch.bfloat16):
+                out = model(**inputs)[0]
+            out.float().square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    reference, got = grads(), grads(setting)
+    assert got.keys() == reference.keys() and {n.split(".")[1] for n in got} == {"0", "1"}  # both blocks
+    for name, g in got.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(g, reference[name], rtol=0, atol=0)

@@ -153,7 +153,7 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
         "clips": recipe.data.source, "captions": recipe.data.captions, "shards": recipe.data.shards,
         "checkpoint": trained["checkpoint"], "adapters": [c.file for c in checks], "video": str(video), "contact_sheet": str(sheet),
         "model_card": str(exported / "README.md"), "workflow": str(next(exported.glob("*-comfyui-workflow.json"), "")),
-        "samples": prep["samples"], "first_loss": first, "last_loss": last, "selftest_ok": all(c.ok for c in checks), "times": times,
+        "samples": prep["samples"], "first_loss": first, "last_loss": last, "loss_window": len(trained["first_losses"]), "selftest_ok": all(c.ok for c in checks), "times": times,
         "heldout": trained["heldout"], "best": trained["best"],
         "overview": str(run_dir / "validation" / "index.html") if recipe.validation.every else None,
     }
@@ -167,7 +167,7 @@ def format_result(r: dict) -> str:
             ("model card", r["model_card"]), ("ComfyUI workflow", r["workflow"]), ("video", r["video"]),
             ("contact sheet", r["contact_sheet"])] + ([("validation rounds", r["overview"])] if r.get("overview") else [])
     lines = ["", "demo summary", ""] + [f"  {k:<20}{v}" for k, v in rows]
-    lines += ["", f"  loss: first 10 steps {r['first_loss']:.4f} -> last 10 steps {r['last_loss']:.4f} "
+    lines += ["", f"  loss: first {r['loss_window']} steps {r['first_loss']:.4f} -> last {r['loss_window']} steps {r['last_loss']:.4f} "
                   f"({(1 - r['last_loss'] / r['first_loss']):.0%} lower)",
               *([held_out_line(r["heldout"], r["best"])] if r.get("heldout") else []),
               f"  export self-test: {'all ok' if r['selftest_ok'] else 'FAILED'}", "",

@@ -49,7 +49,7 @@ def describe(recipe) -> str:
              f"autocast {recipe.train.mixed_precision}" if recipe.train.mixed_precision != "no" else "no autocast"]
     if recipe.train.fp8_base and recipe.adapter.method != "full":
         words.append("fp8 storage")
-    if os.environ.get(EMULATE_ENV) == "1":
+    if _EMULATING:
         words.append("CUDA's fp32 autocast ops emulated")
     return ", ".join(words)
 

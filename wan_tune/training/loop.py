@@ -113,8 +113,9 @@ def _log_artifact(run, log: RunLog, saved: Path, step: int, final: bool) -> None
 
 def _summary(run, log: RunLog, step: int, last_saved: Path | None, stopped_by: str | None) -> dict:
     accelerator = run.accelerator
+    window = min(10, max(1, len(log.losses) // 2))  # first and last 10 steps; halves of a shorter run
     return {"run_dir": str(run.run_dir), "step": step, "checkpoint": str(last_saved) if last_saved else None,
-            "trainable": run.trainable, "first_losses": log.losses[:10], "last_losses": log.losses[-10:],
+            "trainable": run.trainable, "first_losses": log.losses[:window], "last_losses": log.losses[-window:],
             "stopped_by": stopped_by, "main": run.main, "rank": accelerator.process_index,
             "world": accelerator.num_processes, "heldout": log.scores(),
             "best": str(best_checkpoint(run.run_dir) or "") or None,

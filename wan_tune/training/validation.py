@@ -111,6 +111,9 @@ class Validator:
                 for p in v.prompts
             ]
         self.pipe.text_encoder = None  # embeddings are cached; free the encoder
+        # The VAE (and CLIP) wait in host memory too, on the GPU only while a round renders: the
+        # training step's plan has no room for them (a 14B at 480p fills 16 GiB to 0.1 GiB).
+        self.pipe.to("cpu")
         self.images = [Image.open(p).convert("RGB") for p in v.images] if self.with_image else []
         self.last_images = [Image.open(p).convert("RGB") for p in v.last_images]  # FLF2V
         if self.with_image and not self.images:
@@ -172,6 +175,7 @@ class Validator:
         reads them (models/precision.py: as_inference)."""
         models = {**self.frozen, **live}
         was_training = {name: m.training for name, m in live.items()}
+        self.pipe.to(self.device)  # before the transformers are plugged in: it moves every component
         for m in self.frozen.values():
             m.to(self.device)
         for name, m in models.items():
@@ -187,6 +191,7 @@ class Validator:
                 m.to("cpu")
             for name in models:
                 setattr(self.pipe, name, None)
+            self.pipe.to("cpu")
             for name, m in live.items():
                 m.train(was_training[name])
                 reshard(m)
