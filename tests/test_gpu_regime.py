@@ -147,6 +147,8 @@ CASES = {
     "a14b-both-experts": ("tiny-a14b", ()),
     "a14b-one-expert": ("tiny-a14b", ("model.experts=[low_noise]",)),
     "a14b-one-expert-fp8": ("tiny-a14b", ("model.experts=[low_noise]", "train.fp8_base=true")),
+    "a14b-one-expert-offload": ("tiny-a14b", ("model.experts=[low_noise]", *CKPT, "train.offload=blocks",
+                                              "train.offload_keep=0")),
     "vace": ("tiny-vace", ()),
     "activation-offload": ("tiny", (*CKPT, "train.activation_offload=true")),
     "ffn-chunks": ("tiny", (*CKPT, "train.ffn_chunks=2")),

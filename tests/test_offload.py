@@ -177,3 +177,22 @@ def test_the_idle_expert_keeps_nothing_on_the_device():
     step(experts[1])
     assert not any(g.resident for g in offloads[0].groups) and not swap.groups[0].resident
     assert offloads[1].groups[0].resident and swap.swaps == 2
+
+
+def test_the_next_step_s_expert_swaps_in_when_the_step_is_done():
+    """B14: once a step is done the next step's expert is known (the routing draw depends on the step
+    alone): `prefetch` swaps it in then, so its forward finds it there and swaps nothing."""
+    from wan_tune.training.offload import ExpertSwap
+
+    swap = ExpertSwap(torch.device("cpu"))
+    experts = [six_block_model(), six_block_model(seed=1)]
+    for model in experts:
+        swap.add(model)
+    step(experts[0])
+    swap.prefetch(experts[1])
+    assert swap.groups[1].resident and not swap.groups[0].resident and swap.swaps == 2
+    reference = step(six_block_model(seed=1))
+    loss, grads = step(experts[1])
+    assert swap.swaps == 2 and torch.equal(loss, reference[0])
+    swap.prefetch(experts[1])  # already in: nothing moves
+    assert swap.swaps == 2

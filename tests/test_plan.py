@@ -326,3 +326,23 @@ def test_per_block_extension_equals_the_whole_1_3b():
         recipe = replace(plan.recipe, train=replace(plan.recipe.train, gradient_checkpointing=ckpt))
         whole = count_step(recipe, plan.variant, plan.shape.batch_shapes(), plan.load_dtype, plan.autocast, layers=30, cuda=True)
         assert plan.count(ckpt, False) == whole, ckpt
+
+
+def test_a_render_holds_the_untrained_expert_and_the_plan_counts_it():
+    """Audit B3: a one-expert A14B run renders validation with the other expert on the GPU (from
+    host memory, for the round): the peak is the larger of the step's activations and that expert;
+    block offload streams it (its non-block weights and 3 blocks); without validation nothing."""
+    a14b = ROOT / "recipes" / "wan2.2-t2v-a14b-lora.yaml"
+    one = MemoryPlan(load_recipe(a14b, ["model.experts=[low_noise]"]))
+    s = Setup(True, True)
+    b = one.breakdown(s)
+    render = rows(b, "validation")["untrained expert (renders)"]
+    count = one.count(True, True)
+    assert render == sum(count.frozen.values())  # the other expert, stored as this one is (fp8)
+    resident = sum(n for sec, _, n in b.rows if sec not in ("activations", "optimizer", "validation"))
+    assert b.total == resident + max(sum(rows(b, "activations").values()), rows(b, "optimizer")["AdamW step temporaries"], render)
+    streamed = one.breakdown(replace(s, offload_keep=0))
+    assert rows(streamed, "validation")["untrained expert (renders)"] == pytest.approx(
+        render - (40 - 3) * sum(count.block_frozen.values()))
+    assert not rows(MemoryPlan(load_recipe(a14b, ["model.experts=[low_noise]", "validation.every=0"])).breakdown(s), "validation")
+    assert not rows(MemoryPlan(load_recipe(a14b)).breakdown(s), "validation")  # both trained: both are live

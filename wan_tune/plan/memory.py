@@ -242,9 +242,13 @@ class MemoryPlan:
         rows.append(("activations", "backward working set", count.peak - count.saved))
         optimizer = self._optimizer_temporaries(s, count)
         rows.append(("optimizer", "AdamW step temporaries", optimizer))
-        # Activations are gone when the optimizer steps: the peak holds the larger of the two.
-        total = sum(b for sec, _, b in rows if sec not in ("activations", "optimizer")) + max(count.peak - moved, optimizer)
-        return Breakdown(rows, total, self._host(s, count))
+        render = self.render_extra(s)
+        if render:
+            rows.append(("validation", "untrained expert (renders)", render))
+        # Activations are gone when the optimizer steps, and both when a validation round renders:
+        # the peak holds the largest of the three.
+        resident = sum(b for sec, _, b in rows if sec not in ("activations", "optimizer", "validation"))
+        return Breakdown(rows, resident + max(count.peak - moved, optimizer, render), self._host(s, count))
 
     def _context_parallel(self, s: Setup) -> list[tuple[str, str, float]]:
         """What a rank of a context-parallel group holds beyond its share of the tokens (counted on
@@ -327,6 +331,20 @@ class MemoryPlan:
         if self.device == "cpu":
             return 4.0 * count.largest_trainable
         return 4.0 * count.trainable * self.experts / (s.gpus if s.zero else 1)
+
+    def render_extra(self, s: Setup) -> float:
+        """GPU bytes a validation round adds while it renders, beyond the training step's resident
+        weights and state (the step's activations are gone then): a Wan2.2 expert the run does not
+        train (whole, or its non-block weights and the streamed blocks with block offload), which
+        waits in host memory between rounds (audit B3). The VAE, CLIP and the renders' own
+        activations are not counted."""
+        if not (self.recipe.validation.every and self.variant.two_experts and self.experts == 1):
+            return 0.0
+        count = self._count(s)
+        whole = float(sum(count.frozen.values()))
+        if s.offload_keep is None:
+            return whole
+        return whole - (self.main_layers - s.offload_keep - STREAMED_BLOCKS) * sum(count.block_frozen.values())
 
     def _host(self, s: Setup, count: StepCount) -> float:
         """Host RAM the run pins, per trained expert (each has its own copies), in the slabs of the

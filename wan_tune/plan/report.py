@@ -60,7 +60,8 @@ def table(plan: MemoryPlan, columns: list[tuple[str, Setup]]) -> str:
     lines.append(f"  {'peak':<42}" + "".join(f"{b.total / unit:>{width}.2f}" for b in parts))
     if any(b.host for b in parts):
         lines.append(f"  {'host RAM (offloaded weights, inputs)':<42}" + "".join(_cell(b.host, width, unit) for b in parts))
-    lines.append("  (the peak holds the larger of activations and the AdamW step's temporaries: never both)")
+    lines.append("  (the peak holds the largest of activations, the AdamW step's temporaries and what a validation "
+                 "render adds: never two at once)")
     return "\n".join(lines)
 
 

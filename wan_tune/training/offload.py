@@ -179,6 +179,7 @@ class ExpertSwap:
         self.device = device
         self.groups: list[WeightGroup] = []
         self.streams: list[BlockOffload | None] = []
+        self.index: dict[int, int] = {}  # id(model) -> its group
         self.handles = []
         self.swaps = 0
 
@@ -187,22 +188,34 @@ class ExpertSwap:
         streamed = blocks.offloaded_parameters if blocks is not None else set()
         self.groups.append(WeightGroup([p for p in frozen_parameters(model) if id(p) not in streamed], self.device))
         self.streams.append(blocks)
+        self.index[id(model)] = len(self.groups) - 1
         self.handles.append(model.register_forward_pre_hook(self._before(len(self.groups) - 1)))
+
+    def prefetch(self, model: torch.nn.Module) -> None:
+        """Swap `model` in now (the next step's expert, known once a step is done; audit B14). The copies
+        go on the compute stream, queued behind the step just run and without holding the host up, so
+        they overlap what the host does between steps (metrics, the next batch); on a side stream
+        they would need room for both experts at once, since the allocator does not hand a block one
+        stream freed to another stream."""
+        self._swap_in(self.index[id(model)])
+
+    def _swap_in(self, k: int) -> None:
+        if self.groups[k].resident:
+            return
+        for other, group in enumerate(self.groups):
+            if other != k:
+                group.offload()
+                # BlockOffload leaves a streamed block 0 loaded after a step, for the next forward:
+                # the idle expert's next forward is not next.
+                for streamed in self.streams[other].groups if self.streams[other] is not None else ():
+                    if streamed is not None:
+                        streamed.offload()
+        self.groups[k].onload()
+        self.swaps += 1
 
     def _before(self, k: int):
         @torch.compiler.disable
         def hook(_module, _args):
-            if self.groups[k].resident:
-                return
-            for other, group in enumerate(self.groups):
-                if other != k:
-                    group.offload()
-                    # BlockOffload leaves a streamed block 0 loaded after a step, for the next forward:
-                    # the idle expert's next forward is not next (audit B14).
-                    for streamed in self.streams[other].groups if self.streams[other] is not None else ():
-                        if streamed is not None:
-                            streamed.offload()
-            self.groups[k].onload()
-            self.swaps += 1
+            self._swap_in(k)
 
         return hook

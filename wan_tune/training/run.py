@@ -42,6 +42,8 @@ class Run:
     say: Callable
     layout: Layout = ONE_PROCESS_PER_CLIP
     """Data-parallel x context-parallel (train.context_parallel)."""
+    swap: ExpertSwap | None = None
+    """Wan2.2 A14B training both experts: the idle one's frozen weights wait in host memory."""
 
     @property
     def together(self) -> bool:
@@ -110,4 +112,4 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
             f"boundary {boundary}")
     draw = sigma_sampler(recipe, t.shift if t.shift is not None else variant.flow_shift)
     return Run(recipe, accelerator, run_dir, variant, trainees, boundary, bounds, draw, compute_dtype, sharded,
-               n_trainable, say, lay)
+               n_trainable, say, lay, swap)

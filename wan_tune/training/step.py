@@ -31,6 +31,13 @@ def micro_generator(seed: int, step: int, micro: int, accum: int, rank: int, wor
     return torch.Generator().manual_seed((seed * 1_000_003 + position) % 2**63)  # torch takes 64-bit seeds
 
 
+def expert_of(run, step: int):
+    """The trainee that trains step `step` (Wan2.2 A14B: the expert inference runs at a sigma drawn for the step)."""
+    t = run.recipe.timesteps
+    return route(run.trainees, run.variant, run.boundary, run.recipe.run.seed, step,
+                 lambda g: run.draw(1, g, t.sigma_min, t.sigma_max))
+
+
 def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
     """Train step `step` (0-based) on `recipe.train.grad_accum` micro-batches from `batches`;
     returns its record for metrics.jsonl (step = step + 1, the mean loss over ranks, lr, speed)."""
@@ -42,7 +49,7 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
     if cuda:  # this step's peak, not the process's (loading, validation renders)
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     step_loss, samples, tokens, grad_norm = 0.0, 0, 0, None
-    trainee = route(run.trainees, variant, run.boundary, recipe.run.seed, step, lambda g: run.draw(1, g, t.sigma_min, t.sigma_max))
+    trainee = expert_of(run, step)
     model, optimizer = trainee.model, trainee.optimizer
     for micro in range(accum):
         batch = to_device(next(batches), accelerator.device, torch.float32, recipe.data.max_text_tokens)
@@ -79,6 +86,8 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         step_loss += loss.detach().float() / accum
         samples += n
         tokens += n * tokens_per_sample(variant, x0.shape)
+    if run.swap is not None:  # the next step's expert (the routing draw depends on the step alone) swaps in now
+        run.swap.prefetch(accelerator.unwrap_model(expert_of(run, step + 1).model))
     for tr in run.trainees:  # lr schedules follow the run's steps, whichever expert trained
         with warnings.catch_warnings():  # torch warns when an idle expert's schedule moves on
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")

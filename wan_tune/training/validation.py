@@ -24,6 +24,7 @@ from ..vace_media import pipeline_inputs, sheet_rows, validation_media
 from ..video_io import to_uint8, write_video
 from .errors import TrainingError
 from .launch import agree
+from .offload import BlockOffload
 from .overview import frame_row, read_row, write_overview, write_row, write_sheet
 from .sharding import reshard, unpartitioned_loading
 
@@ -97,8 +98,11 @@ class Validator:
         self.pipe = cls.from_pretrained(source.folder, transformer=None, transformer_2=None, torch_dtype=dtype)
         self.pipe.vae.to(DTYPES[recipe.model.vae_dtype])  # fp32 unless the recipe says otherwise (audit B12)
         # An A14B expert the run does not train waits in host memory, in fp8 with train.fp8_base, and
-        # is on the GPU only while a round renders (audit B3: it sat there whole in bf16, ~27 GB).
+        # is on the GPU only while a round renders (audit B3: it sat there whole in bf16, ~27 GB); with
+        # train.offload=blocks its blocks stream there as the trained expert's do.
         self.frozen = {name: load_frozen(recipe, name) for name in self.variant.experts if name not in trained}
+        self.streamed = [BlockOffload(m, recipe.train.offload_keep, device) for m in self.frozen.values()
+                         if recipe.train.offload == "blocks"]
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(device)
         self.height = v.height or recipe.data.resolutions[0][0]
