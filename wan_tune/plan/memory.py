@@ -286,7 +286,7 @@ class MemoryPlan:
         if self.device == "cpu" and self.experts > 1:  # host and device are one memory: both experts stay
             on_device = {d: n * self.experts for d, n in on_device.items()}
         if s.offload_keep is not None:
-            resting = max(0, self.main_layers - s.offload_keep - STREAMED_BLOCKS)  # blocks waiting in host memory
+            resting = self._resting_blocks(s)
             block = self._per_block(s)
             on_device = {d: n - resting * block.get(d, 0) for d, n in on_device.items()}
         rows = [("base weights", d, n / (s.gpus if s.zero == 3 else 1)) for d, n in sorted(on_device.items())]
@@ -341,10 +341,11 @@ class MemoryPlan:
         if not (self.recipe.validation.every and self.variant.two_experts and self.experts == 1):
             return 0.0
         count = self._count(s)
-        whole = float(sum(count.frozen.values()))
-        if s.offload_keep is None:
-            return whole
-        return whole - (self.main_layers - s.offload_keep - STREAMED_BLOCKS) * sum(count.block_frozen.values())
+        return float(sum(count.frozen.values())) - self._resting_blocks(s) * sum(count.block_frozen.values())
+
+    def _resting_blocks(self, s: Setup) -> int:
+        """Blocks whose weights wait in host memory under train.offload=blocks (0 without offload)."""
+        return 0 if s.offload_keep is None else max(0, self.main_layers - s.offload_keep - STREAMED_BLOCKS)
 
     def _host(self, s: Setup, count: StepCount) -> float:
         """Host RAM the run pins, per trained expert (each has its own copies), in the slabs of the

@@ -23,7 +23,7 @@ from .context_parallel import layout, token_problem
 from .errors import TrainingError
 from .launch import agree, check_launch, make_accelerator
 from .resume import restore, starting_point
-from .run import build_run
+from .run import build_run, renders_together
 from .run_data import open_data
 from .run_folder import claimed
 from .runlog import RunLog
@@ -56,7 +56,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         checkpoint = starting_point(accelerator, recipe, run_dir, resume, say)
         data.announce(say)
         # Before the model: the validation prompts are encoded while the GPU holds nothing else.
-        validator = make_validator(recipe, accelerator, experts, data.heldout, bool(sharding(accelerator)) or lay.cp > 1)
+        validator = make_validator(recipe, accelerator, experts, data.heldout, renders_together(sharding(accelerator), lay))
         run = build_run(recipe, accelerator, run_dir, variant, experts, say, lay)
         step, consumed = restore(run, checkpoint)
         batches = data.batches(consumed, pin=accelerator.device.type == "cuda")

@@ -47,9 +47,7 @@ class Run:
 
     @property
     def together(self) -> bool:
-        """Whether every rank must run the model's forwards together (sharded weights gather,
-        context-parallel groups split each clip): validation renders on every rank then."""
-        return bool(self.sharded) or self.layout.cp > 1
+        return renders_together(self.sharded, self.layout)
 
     @property
     def main(self) -> bool:
@@ -58,6 +56,12 @@ class Run:
     def live(self) -> dict:
         """{expert: the unwrapped module} of the trainees, as validation and scoring take them."""
         return {tr.name: self.accelerator.unwrap_model(tr.model) for tr in self.trainees}
+
+
+def renders_together(sharded: str | None, lay: Layout) -> bool:
+    """Whether every rank must run the model's forwards together (sharded weights gather,
+    context-parallel groups split each clip): validation renders on every rank then."""
+    return bool(sharded) or lay.cp > 1
 
 
 def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, experts: list[str], say,
