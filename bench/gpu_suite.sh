@@ -32,6 +32,9 @@ else
   export WAN_TUNE_BENCH_DIR="$(mktemp -d "${TMPDIR:-/tmp}/wan-tune-bench.XXXXXX")"
   trap 'rm -rf "$WAN_TUNE_BENCH_DIR"' EXIT
 fi
+# torch makes its compile cache in TMPDIR on importing torch._dynamo (diffusers does): in the work
+# folder, so the suite leaves nothing behind, and the compile row starts cold each time
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$WAN_TUNE_BENCH_DIR/torchinductor}"
 
 if [ "${SMOKE:-0}" = 1 ]; then
   small=tiny; big=tiny; l480=3x8x12; b480=3x10x16; b720=3x12x20; steps=2

@@ -151,7 +151,7 @@ def run_row(args, name: str) -> dict:
            "--steps", str(args.steps), "--rank", str(args.rank), "--cap", str(args.budget if name == "plan" else 0)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout,
-                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
     except subprocess.TimeoutExpired:
         return {"name": name, "overrides": overrides, "error": f"over {args.timeout} s"}
     if out.returncode:

@@ -44,11 +44,12 @@ def test_a1_a_bf16_lora_renders_outside_autocast_on_cuda():
 
 
 def test_a2_cuda_autocast_hands_attention_fp32_q_k_and_the_cpu_emulation_agrees():
-    """A2/B2's premise: under CUDA autocast Wan's q/k RMS norms return fp32; torch's flash backward
-    refuses fp32 q/k beside a bf16 v; one_dtype makes them one dtype. The CPU emulation
+    """A2/B2's premise: under CUDA autocast Wan's q/k RMS norms return fp32 where this torch has
+    rms_norm on CUDA's fp32 list (after 2.11: torch 2.11 on an H200 returned bf16); torch's flash
+    backward refuses fp32 q/k beside a bf16 v; one_dtype makes them one dtype. The CPU emulation
     (models/precision.py) gives the same dtypes as CUDA for the same module."""
     from wan_tune.models.cp_attention import one_dtype
-    from wan_tune.models.precision import cuda_autocast_emulated
+    from wan_tune.models.precision import cuda_autocast_emulated, on_cuda_fp32_list
 
     norm = torch.nn.RMSNorm(128, dtype=torch.bfloat16)
     x = torch.randn(1, 64, 8, 128, dtype=torch.bfloat16)
@@ -56,8 +57,8 @@ def test_a2_cuda_autocast_hands_attention_fp32_q_k_and_the_cpu_emulation_agrees(
         q = norm.cuda()(x.cuda())
     with cuda_autocast_emulated(), torch.autocast("cpu", torch.bfloat16):
         emulated = norm.cpu()(x)
-    assert q.dtype == emulated.dtype == torch.float32
-    q = q.transpose(1, 2).contiguous().requires_grad_()
+    assert q.dtype == emulated.dtype == (torch.float32 if on_cuda_fp32_list("rms_norm.default") else torch.bfloat16)
+    q = q.detach().float().transpose(1, 2).contiguous().requires_grad_()  # fp32 q/k, as a newer torch hands them
     v = torch.randn_like(q, dtype=torch.bfloat16).requires_grad_()
     out = torch.randn_like(v)
     lse = torch.zeros(1, 8, 64, device="cuda")
@@ -91,7 +92,7 @@ def _train(tmp_path: Path, config: str, *extra: str, module: str = "wan_tune.tra
            "--num_processes", "1", "-m", module, str(ROOT / "recipes" / "demo-tiny.yaml"), f"model.path={folder}",
            f"data.shards={shards}", f"run.output_dir={tmp_path / 'runs'}", "data.num_workers=0", "data.holdout=0",
            "train.batch_size=1", "train.steps=2", "validation.every=1", "validation.steps=2", *REGIME, *extra]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH")])))
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 

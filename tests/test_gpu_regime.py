@@ -111,6 +111,20 @@ def test_cuda_autocast_emulation_hands_attention_fp32_q_and_k_as_a_gpu_does():
         assert torch.nn.RMSNorm(128, dtype=torch.bfloat16)(v).dtype == torch.bfloat16
 
 
+def test_the_emulation_follows_the_installed_torchs_cuda_list(monkeypatch):
+    """CUDA's fp32 list grows between releases: torch 2.11 on an H200 returned bf16 from Wan's q/k
+    norms under bf16 autocast (tests/test_gpu.py, 2026-12-04), 2.13 returns fp32. The emulation
+    registers only the ops this torch's CUDA autocast has a kernel for."""
+    from wan_tune.models import precision
+
+    assert precision.on_cuda_fp32_list("layer_norm.default") and not precision.on_cuda_fp32_list("relu.default")
+    monkeypatch.setattr(precision, "on_cuda_fp32_list", lambda name: name != "rms_norm.default")  # torch 2.11's
+    x = torch.randn(1, 2, 8, 128, dtype=torch.bfloat16)
+    with cuda_autocast_emulated(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.nn.RMSNorm(128, dtype=torch.bfloat16)(x).dtype == torch.bfloat16
+        assert torch.nn.LayerNorm(128, dtype=torch.bfloat16)(x).dtype == torch.float32
+
+
 # --- every setting through train -> validation -> export, in-process ------------------------------
 
 

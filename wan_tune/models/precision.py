@@ -38,6 +38,19 @@ CUDA_FP32_OPS = (
 _EMULATING: list = []  # the torch.library registration while the emulation is on
 
 
+def on_cuda_fp32_list(name: str) -> bool:
+    """Whether this torch's CUDA autocast has a kernel for `name` ("rms_norm.default"), one of
+    `CUDA_FP32_OPS`: the list grows between releases. rms_norm joined it after torch 2.11 (on an
+    H200 with torch 2.11, Wan's q/k norms returned bf16 under bf16 autocast; 2.13 returns fp32), so
+    the emulation and the plan follow the torch that is installed, as a GPU with it would."""
+    base, overload = name.split(".")
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"aten::{base}" + ("" if overload == "default" else f".{overload}"), "AutocastCUDA")
+    except (AttributeError, RuntimeError):  # a private API: without it, assume the newest list
+        return True
+
+
 def base_dtype(recipe) -> torch.dtype:
     """The frozen weights' dtype: model.dtype, fp32 for a full fine-tune's master weights."""
     return torch.float32 if recipe.adapter.method == "full" else DTYPES[recipe.model.dtype]
@@ -137,7 +150,7 @@ def _register_fp32_kernels():
 
         return kernel
 
-    for name in CUDA_FP32_OPS:
+    for name in filter(on_cuda_fp32_list, CUDA_FP32_OPS):
         base, overload = name.split(".")
         lib.impl(name if overload != "default" else base, kernel_for(getattr(getattr(torch.ops.aten, base), overload)),
                  "AutocastCPU")

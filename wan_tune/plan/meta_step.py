@@ -48,6 +48,8 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from wan_tune.models.precision import on_cuda_fp32_list
+
 # The ops autocast runs in its low-precision dtype (torch's CUDA and CPU lists agree on these; the
 # rest of Wan's forward sets its dtypes explicitly with .float() / .type_as()).
 LOW_PRECISION_OPS = frozenset(
@@ -55,11 +57,13 @@ LOW_PRECISION_OPS = frozenset(
      torch.Tensor.__matmul__}
 )
 # The functions on CUDA autocast's fp32 list (CPU autocast has none of them) that a transformer's
-# forward reaches: on a GPU Wan's q/k RMS norms return fp32 q and k (twice the bytes of the bf16
-# ones), which rope and the attention's cast to bf16 then read (models/precision.py).
+# forward reaches: on a GPU with a torch after 2.11, Wan's q/k RMS norms return fp32 q and k (twice
+# the bytes of the bf16 ones), which rope and the attention's cast to bf16 then read
+# (models/precision.py, on_cuda_fp32_list: the installed torch's list is the one counted).
 CUDA_FP32_FUNCTIONS = frozenset(
-    {F.rms_norm, torch.rms_norm, F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.softmax,
-     torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
+    {F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.softmax, torch.softmax, torch.Tensor.softmax,
+     F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
+    | ({F.rms_norm, torch.rms_norm} if on_cuda_fp32_list("rms_norm.default") else set())
 )
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves fp64 (and fp8) alone
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
