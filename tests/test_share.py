@@ -154,12 +154,16 @@ def test_wandb_logs_the_best_checkpoint_and_the_export_as_model_artifacts(tiny_f
     assert meta[-1]["step"] == best["step"]
     assert {c.path for c in logged[-1].manifest.contents} >= {"trainable.safetensors", "recipe.yaml"}
 
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "client-notes.txt").write_text("another client's notes")  # in the folder, not the export's
     export(result["checkpoint"], formats=["comfyui"], out=tmp_path / "export", say=lambda *_: None)
     export_runs = [f for f in run.glob("wandb/offline-run-*/run-*.wandb") if f != run_file]
     (exported,) = [r.artifact for f in export_runs for r in records(f) if r.WhichOneof("record_type") == "artifact"]
     assert exported.name == "demo-tiny-export" and json.loads(exported.metadata)["step"] == 4
-    assert {c.path for c in exported.manifest.contents} >= {"README.md", "demo-tiny-step000004-comfyui.safetensors",
-                                                           "demo-tiny-step000004-comfyui-workflow.json"}
+    contents = {c.path for c in exported.manifest.contents}
+    assert contents >= {"README.md", "demo-tiny-step000004-comfyui.safetensors", "demo-tiny-step000004-comfyui-workflow.json",
+                        "wan-tune-export.json"}
+    assert "client-notes.txt" not in contents
 
 
 def test_push_stops_before_any_work_offline_or_without_a_token(exported, monkeypatch, capsys):
@@ -200,25 +204,34 @@ class _Hub:
 
 
 def test_push_uploads_the_export_in_one_commit_and_a_failure_changes_nothing(exported, monkeypatch):
-    from wan_tune.export.push import UPLOAD_PATTERNS, PushError, push
+    """Push takes exactly the files the export wrote (its manifest), never other files in the
+    folder; a failed upload leaves the folder as it was and says so."""
+    from fnmatch import fnmatch
+
+    from wan_tune.export.delivery import MANIFEST, read_manifest
+    from wan_tune.export.push import PushError, push
 
     _, _, out = exported
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_test")
+    strays = [out / "client-notes.txt", out / "someone-elses.safetensors", out / "samples" / "draft.mp4"]
+    for stray in strays:
+        stray.write_bytes(b"not the export's")
     hub = _Hub()
-    push(out, "my-studio/my-brand", private=True, revision="v1", say=lambda *_: None, api=hub)
-    assert [c[0] for c in hub.calls] == ["create_repo", "create_branch", "upload_folder"]
-    upload = hub.calls[-1][2]
-    assert upload["folder_path"] == str(out) and upload["revision"] == "v1" and upload["allow_patterns"] == UPLOAD_PATTERNS
-    assert hub.calls[0][2]["private"] is True
-    # What the patterns take from the folder: adapters, workflow, card, recipe, samples; never a .failed file.
-    from fnmatch import fnmatch
-
-    taken = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
-                   and any(fnmatch(p.relative_to(out).as_posix(), pat) for pat in UPLOAD_PATTERNS))
-    assert "README.md" in taken and "recipe.yaml" in taken and any(t.endswith("-comfyui-workflow.json") for t in taken)
-    assert any(t.startswith("samples/") for t in taken) and sum(t.endswith(".safetensors") for t in taken) == 3
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(PushError, match="nothing was committed .* is unchanged"):
-        push(out, "my-studio/my-brand", say=lambda *_: None, api=_Hub(fail=True))
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    try:
+        push(out, "my-studio/my-brand", private=True, revision="v1", say=lambda *_: None, api=hub)
+        assert [c[0] for c in hub.calls] == ["create_repo", "create_branch", "upload_folder"]
+        upload = hub.calls[-1][2]
+        assert upload["folder_path"] == str(out) and upload["revision"] == "v1" and hub.calls[0][2]["private"] is True
+        taken = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
+                       and any(fnmatch(p.relative_to(out).as_posix(), pat) for pat in upload["allow_patterns"]))
+        assert taken == sorted([MANIFEST, *read_manifest(out)["files"]])
+        assert "README.md" in taken and "recipe.yaml" in taken and any(t.endswith("-comfyui-workflow.json") for t in taken)
+        assert any(t.startswith("samples/") for t in taken) and sum(t.endswith(".safetensors") for t in taken) == 3
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        with pytest.raises(PushError, match="nothing was committed; the export in .* is kept as it is"):
+            push(out, "my-studio/my-brand", say=lambda *_: None, api=_Hub(fail=True))
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    finally:
+        for stray in strays:
+            stray.unlink()

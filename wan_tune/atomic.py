@@ -10,19 +10,35 @@ import json
 import os
 import re
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def new_file_mode(folder: bool = False) -> int:
+    """The mode `open()` (`mkdir()`) gives a new file (folder) under the process's umask: 0644
+    (0755) under 022. mkstemp and mkdtemp make theirs 0600 / 0700 whatever the umask: renamed into
+    place as they are, a shared drive's teammates and a ComfyUI running as another user could not
+    read them."""
+    with _UMASK_LOCK:  # the umask can only be read by setting it
+        umask = os.umask(0o077)
+        os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Call `write(tmp_path)`, fsync the result, rename it onto `path`."""
+    """Call `write(tmp_path)`, fsync the result, give it the umask's mode, rename it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())  # after: a writer may have replaced the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -156,7 +156,8 @@ def _export(args: argparse.Namespace) -> int:
     print("self-test (each file loaded back with diffusers / wan-tune loaders, every module compared):")
     print(format_checks(checks))
     if not all(c.ok for c in checks):
-        print("wan-tune export: self-test FAILED: the files that failed are renamed *.failed; do not ship them", file=sys.stderr)
+        print("wan-tune export: self-test FAILED: nothing was delivered; the files that failed are kept as *.failed, "
+              "to inspect, never to ship", file=sys.stderr)
         return 1
     if args.push_to_hub:
         return _push_folder(Path(checks[0].file).parent, args.push_to_hub, args.private, None, "export")

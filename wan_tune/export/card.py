@@ -25,17 +25,22 @@ LICENSE = "apache-2.0"  # Wan 2.1 and 2.2 are released under Apache 2.0
 
 def run_facts(recipe: Recipe, checkpoint: Path, step: int) -> dict:
     """Losses at the checkpoint's step and the run's best held-out one, from the run folder."""
+    from ..training.checkpoint import BEST_FILE
+    from ..training.metrics import METRICS_FILE, read_metrics
+
     run = checkpoint.parent
     facts: dict = {"step": step}
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("step") == step:
-                facts.update({k: record[k] for k in ("loss", "heldout_loss") if k in record})
-    best = run / "best.json"
-    if best.is_file():
-        facts["best"] = json.loads(best.read_text())
+    records, _damaged = read_metrics(run / METRICS_FILE)  # a torn or edited line is passed over, as training does
+    for record in records:
+        if record["step"] == step:
+            facts.update({k: record[k] for k in ("loss", "heldout_loss") if isinstance(record.get(k), (int, float))})
+    try:
+        best = json.loads((run / BEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or damaged: the card leaves the line out
+        best = None
+    if (isinstance(best, dict) and isinstance(best.get("heldout_loss"), (int, float)) and isinstance(best.get("step"), int)
+            and isinstance(best.get("checkpoint"), str)):
+        facts["best"] = best
     return facts
 
 
@@ -237,8 +242,4 @@ def write_share_files(recipe: Recipe, state: dict, checkpoint: Path, out: Path, 
     card = model_card(recipe, facts, data_facts(recipe), files, samples, base_reference(recipe, variant), workflow_name)
     written.append(write_text(out / "README.md", card))
     written.append(write_text(out / "recipe.yaml", to_yaml(recipe)))  # the run's recipe, to train it again
-    say(f"wrote {out / 'README.md'} (model card)" + (f" and {out / workflow_name} (ComfyUI workflow)" if workflow_name else ""))
-    from ..training.artifacts import log_export
-
-    log_export(recipe, checkpoint, out, state["step"], facts.get("heldout_loss"), say)
     return written + samples

@@ -1,5 +1,6 @@
 """`wan-tune push CHECKPOINT_OR_EXPORT REPO_ID` and `export --push-to-hub`: the export folder
-(adapters, ComfyUI workflow, model card, samples, recipe) to a Hugging Face Hub model repository.
+(adapters, ComfyUI workflow, model card, samples, recipe) to a Hugging Face Hub model repository:
+exactly the files its manifest lists, as they are (a card edited since goes up edited).
 
 Checked before any work: not offline, a token (from `hf auth login`, HF_TOKEN or the token file),
 a well-formed repository id. One `upload_folder` call is one commit: the hub has all of it or
@@ -12,8 +13,7 @@ import os
 import re
 from pathlib import Path
 
-# What goes up: never the `.failed` files an export set aside.
-UPLOAD_PATTERNS = ["*.safetensors", "*-comfyui-workflow.json", "README.md", "recipe.yaml", "samples/*"]
+from .delivery import MANIFEST
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
@@ -37,25 +37,53 @@ def preflight(repo_id: str) -> str:
     return token
 
 
-def export_folder(path: str | os.PathLike) -> Path:
-    """The export folder to upload: `path` itself, or a checkpoint's `export/` (written first if missing)."""
+def export_folder(path: str | os.PathLike, say=print) -> Path:
+    """The export folder to upload: `path` itself when it is one, else the export of the checkpoint
+    `path` as it exists (its recipe's export folder), written first only when there is none."""
+    from .delivery import read_manifest
+
     path = Path(path)
-    if (path / "README.md").is_file() and any(path.glob("*.safetensors")):
+    if read_manifest(path) is not None:
         return path
     if (path / "state.json").is_file() or path.name == "best":
-        from .run import export
+        from .run import export, export_folder as folder_of, read_checkpoint, resolve_checkpoint
 
-        checks = export(path, say=lambda *_: None)  # the recipe's formats, into its export folder
+        checkpoint = resolve_checkpoint(path)
+        folder = folder_of(checkpoint, read_checkpoint(checkpoint)[0])
+        if read_manifest(folder) is not None:
+            say(f"uploading the export that exists in {folder}, as it is")
+            return folder
+        say(f"{checkpoint} has no export yet: exporting it first")
+        checks = export(checkpoint, say=lambda *_: None)  # the recipe's formats, into its export folder
         if not checks or not all(c.ok for c in checks):
             raise PushError(f"the export of {path} failed its self-test: nothing was uploaded")
-        return Path(checks[0].file).parent
-    raise PushError(f"{path} is neither a wan-tune export folder (adapters + README.md) nor a checkpoint folder")
+        return folder
+    if (path / "README.md").is_file() and any(path.glob("*.safetensors")):
+        raise PushError(f"{path} has no {MANIFEST} (an export by an older wan-tune, or files put together by hand): "
+                        "push uploads only what an export wrote; export the checkpoint again into a new folder")
+    raise PushError(f"{path} is neither a wan-tune export folder ({MANIFEST}) nor a checkpoint folder")
+
+
+def upload_names(folder: Path) -> list[str]:
+    """The files the export wrote, as `upload_folder` patterns that match each one alone; a file the
+    manifest lists that is gone is refused (the upload would not be the export)."""
+    import glob
+
+    from .delivery import read_manifest
+
+    listed = [MANIFEST, *sorted(read_manifest(folder)["files"])]
+    missing = [n for n in listed if not (folder / n).is_file()]
+    if missing:
+        raise PushError(f"{folder / missing[0]} is listed in {MANIFEST} but missing: export the checkpoint again "
+                        "(nothing was uploaded)")
+    return [glob.escape(n) for n in listed]
 
 
 def push(path: str | os.PathLike, repo_id: str, private: bool = False, revision: str | None = None, say=print, api=None) -> str:
     """Upload the export of `path` to `repo_id` (created if needed) in one commit; returns its URL."""
     token = preflight(repo_id)
-    folder = export_folder(path)
+    folder = export_folder(path, say)
+    names = upload_names(folder)
     if api is None:
         from huggingface_hub import HfApi
 
@@ -65,12 +93,12 @@ def push(path: str | os.PathLike, repo_id: str, private: bool = False, revision:
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         say(f"uploading {folder} to {repo_id}" + (f" ({revision})" if revision else ""))
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=UPLOAD_PATTERNS,
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=names,
                                    revision=revision, commit_message=f"wan-tune: {folder.name}")
     except Exception as err:  # network, permissions, quota: one line, the local export as it was
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PushError(f"upload to {repo_id} failed ({type(err).__name__}: {first[:200]}); nothing was committed and "
-                        f"{folder} is unchanged: push again") from None
+        raise PushError(f"upload to {repo_id} failed ({type(err).__name__}: {first[:200]}); nothing was committed; "
+                        f"the export in {folder} is kept as it is: push again") from None
     url = getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
     say(f"pushed: {url}")
     return url

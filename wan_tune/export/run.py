@@ -1,7 +1,9 @@
 """`wan-tune export CHECKPOINT`: adapters (or the full transformer), each self-tested.
 
 The recipe comes from the checkpoint's recipe.yaml, so no flags are needed. Files go to
-`<checkpoint>/export/` unless `--out` says otherwise.
+`<checkpoint>/export/` unless `--out` says otherwise, delivered as one piece (export/delivery.py):
+staged and self-tested first, nothing under a final name before every check passed, nothing
+overwritten that this export did not write.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from .adapters import (
     kohya_state_dict,
     listing,
 )
-from .card import write_share_files
+from .card import run_facts, write_share_files
+from .delivery import MANIFEST, Delivery, DeliveryError
 from .selftest import Check, check_adapter_file, check_original_keys, empty_transformer
 
 REQUIRED = ("recipe.yaml", "state.json")
@@ -136,11 +139,65 @@ def export(
     recipe, state, experts = read_checkpoint(checkpoint)
     if formats is None:
         formats = list(FORMATS) if recipe.export.format == "all" else [recipe.export.format]
-    variant = get_variant(recipe.model.variant)
-    out = Path(out or recipe.export.out or checkpoint / "export")
+    out = export_folder(checkpoint, recipe, out)
     problem = writable_problem(out)
     if problem:
         raise ExportError(f"{problem}; give --out a writable folder (nothing was written)")
+    delivery = Delivery(out, export_identity(checkpoint, recipe, state))
+    try:
+        delivery.in_the_way(expected_names(recipe, state, formats, merge))
+    except DeliveryError as err:
+        raise ExportError(str(err)) from None
+    with delivery as stage:
+        checks = _write_export(recipe, state, checkpoint, experts, formats, stage, merge, say)
+        passed = all(c.ok for c in checks)
+        try:
+            delivered = delivery.deliver() if passed else delivery.keep_failed()
+        except DeliveryError as err:
+            raise ExportError(str(err)) from None
+        for c in checks:
+            c.file = c.file.replace(str(stage), str(out))
+    if passed:
+        say(f"wrote {len(delivered)} files into {out} ({MANIFEST} lists them)")
+    elif delivered:
+        say(f"kept what failed its self-test, to inspect: {', '.join(p.name for p in delivered[:4])}")
+    if passed:
+        from ..training.artifacts import log_export
+
+        log_export(recipe, checkpoint, out, state["step"], run_facts(recipe, checkpoint, state["step"]).get("heldout_loss"), say)
+    return checks
+
+
+def export_folder(checkpoint: Path, recipe: Recipe, out: str | Path | None = None) -> Path:
+    """Where an export of `checkpoint` goes: --out, the recipe's export.out, else `<checkpoint>/export`."""
+    return Path(out or recipe.export.out or checkpoint / "export")
+
+
+def export_identity(checkpoint: Path, recipe: Recipe, state: dict) -> dict:
+    """Which export this is, for the folder's manifest: the run, the step and its weights' checksums
+    (two runs that share a name and a step are still told apart)."""
+    from ..atomic import file_digest
+    from ..training.checkpoint import expert_file
+
+    names = [expert_file("trainable.safetensors", e) for e in state.get("experts", ["transformer"])]
+    crcs = [(state.get("files") or {}).get(n, {}).get("crc32") or file_digest(checkpoint / n)["crc32"] for n in names]
+    return {"run": recipe.run.name, "step": int(state["step"]), "weights_crc32": ",".join(crcs)}
+
+
+def expected_names(recipe: Recipe, state: dict, formats: list[str], merge: bool) -> list[str]:
+    """The top-level names an export writes (checked before any work; the delivery checks every file again)."""
+    variant = get_variant(recipe.model.variant)
+    stem = f"{recipe.run.name}-step{state['step']:06d}"
+    if recipe.adapter.method == "full":
+        return [stem]
+    named = [f"{stem}-{expert_label(variant, e)}" if variant.two_experts else stem for e in variant.experts]
+    return [f"{n}-{fmt}.safetensors" for n in named for fmt in formats] + [f"{stem}-comfyui-workflow.json", "README.md",
+            "recipe.yaml"] + ([f"{n}-merged" for n in named] if merge else [])
+
+
+def _write_export(recipe: Recipe, state: dict, checkpoint: Path, experts: dict, formats: list[str], out: Path,
+                  merge: bool, say) -> list[Check]:
+    variant = get_variant(recipe.model.variant)
     stem = f"{recipe.run.name}-step{state['step']:06d}"
     if recipe.adapter.method == "full":  # A14B: both experts in one folder, as the pipeline lays them out
         return [c for expert, weights in experts.items() for c in export_full(recipe, weights, out / stem, say, expert)]
@@ -190,7 +247,6 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
         if not check.ok:  # never left under a name ComfyUI or a script would pick up
             check.file = str(_set_aside_failed(path))
         checks.append(check)
-        say(f"wrote {check.file}")
     if merge:
         checks += export_merged(recipe, adapter, out / f"{stem}-merged", say, expert)
     return checks
@@ -203,7 +259,6 @@ def _write_transformer(model, folder: Path, recipe: Recipe, say, expert: str = "
     single = save_tensors(folder / f"{expert}_original.safetensors", state_dict_to_original(model.state_dict()),
                           {"format": "pt", "wan_tune.variant": recipe.model.variant, "wan_tune.version": __version__,
                            **expert_header(recipe, expert)})
-    say(f"wrote {folder / expert} (diffusers) and {single} (original keys, ComfyUI)")
     return [folder / expert, single]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import new_file_mode
 from .variants import TINY_IMAGE_DIM, TINY_TEXT_DIM, Variant, get_variant, pipeline_class, transformer_class
 
 # Words the demo and the tests use in captions; anything else becomes <unk>.
@@ -130,6 +131,7 @@ def save_tiny_pipeline(path: str | os.PathLike, variant: Variant | str = "tiny",
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        os.chmod(tmp, new_file_mode(folder=True))
         build_tiny_pipeline(variant, seed).save_pretrained(tmp)
         try:
             os.replace(tmp, path)

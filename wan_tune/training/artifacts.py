@@ -20,16 +20,14 @@ def artifact_name(recipe: Recipe, kind: str) -> str:
     return re.sub(r"[^\w.-]", "-", f"{recipe.run.name}-{kind}")
 
 
-def _artifact(recipe: Recipe, kind: str, files: list[Path], metadata: dict):
+def _artifact(recipe: Recipe, kind: str, files: list[Path], metadata: dict, root: Path | None = None):
+    """The artifact of `files`, each named by its path under `root` (its own name without one)."""
     import wandb
 
     artifact = wandb.Artifact(artifact_name(recipe, kind), type="model", metadata={
         "variant": recipe.model.variant, "method": recipe.adapter.method, **metadata})
     for file in files:
-        if file.is_dir():
-            artifact.add_dir(str(file), name=file.name)
-        else:
-            artifact.add_file(str(file))
+        artifact.add_file(str(file), name=str(file.relative_to(root)) if root else file.name)
     return artifact
 
 
@@ -62,10 +60,13 @@ def log_export(recipe: Recipe, checkpoint: Path, out: Path, step: int, heldout_l
         return False
     import wandb
 
-    files = sorted(p for p in out.iterdir() if p.suffix in (".safetensors", ".json", ".md", ".yaml") or p.is_dir())
+    from ..export.delivery import manifest_files
+
+    files = manifest_files(out)  # what the export wrote, never the rest of the folder
     with wandb.init(project=recipe.tracking.project, entity=recipe.tracking.entity, name=f"{recipe.run.name}-export",
                     job_type="export", dir=str(checkpoint.parent), mode="offline" if recipe.tracking.offline else None) as run:
-        artifact = _artifact(recipe, "export", files, {"step": step, "heldout_loss": heldout_loss, "checkpoint": checkpoint.name})
+        artifact = _artifact(recipe, "export", files, {"step": step, "heldout_loss": heldout_loss, "checkpoint": checkpoint.name},
+                             root=out)
         run.log_artifact(artifact, aliases=[f"step-{step}", "latest"])
     say(f"logged the export to W&B as model artifact {artifact.name}")
     return True
