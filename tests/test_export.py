@@ -132,7 +132,7 @@ def test_full_finetune_exports_both_layouts(tiny_folders, tiny_shards, tmp_path,
 
 def test_broken_checkpoints_and_foreign_loras_get_clear_errors(trained, tmp_path, capsys):
     _, ckpt = trained["tiny"]
-    bad = tmp_path / "step-000001"
+    bad = tmp_path / "bad" / ckpt.name  # its own step in its folder name (another is refused first)
     shutil.copytree(ckpt, bad)
     (bad / "state.json").unlink()
     assert main(["export", str(bad)]) == 1
@@ -143,17 +143,25 @@ def test_broken_checkpoints_and_foreign_loras_get_clear_errors(trained, tmp_path
     with pytest.raises(ExportError, match="trainable.safetensors does not match its size and CRC-32 in state.json"):
         read_checkpoint(bad)
     state = json.loads((bad / "state.json").read_text())
-    del state["files"]  # a checkpoint of a wan-tune that recorded no digests: the file itself is checked
+    for key in ("files", "checksum", "format_version"):  # a checkpoint of a wan-tune that recorded no digests:
+        state.pop(key)                                    # the file itself is checked
     (bad / "state.json").write_text(json.dumps(state))
     with pytest.raises(ExportError, match="trainable.safetensors is not a readable safetensors file"):
         read_checkpoint(bad)
 
     # An I2V adapter whose recipe claims the T2V variant: shapes and modules do not fit.
     _, i2v_ckpt = trained["tiny-i2v"]
-    foreign = tmp_path / "step-000002"
+    foreign = tmp_path / "foreign" / i2v_ckpt.name
     shutil.copytree(i2v_ckpt, foreign)
     text = (foreign / "recipe.yaml").read_text().replace("variant: tiny-i2v", "variant: tiny")
     (foreign / "recipe.yaml").write_text(text)
+    said = []  # state.json says what was trained: the edit is named, the I2V adapter exports as I2V
+    assert all(c.ok for c in export(foreign, ["comfyui"], tmp_path / "i2v", say=said.append))
+    assert any("model.variant: 'tiny' there, 'tiny-i2v' trained" in s for s in said), said
+    state = json.loads((foreign / "state.json").read_text())
+    for key in ("training", "checksum", "format_version"):  # as a wan-tune before the record wrote it
+        state.pop(key)
+    (foreign / "state.json").write_text(json.dumps(state))
     with pytest.raises(ExportError, match="does not fit tiny: module blocks.0.attn2.add_k_proj"):
         export(foreign, ["comfyui"], tmp_path / "x", say=lambda *_: None)
     assert main(["export", str(tmp_path / "nowhere")]) == 1

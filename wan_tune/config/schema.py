@@ -363,6 +363,10 @@ class CheckpointConfig:
     every: int = opt(250, "Save every N optimizer steps (and always at the end).", check=positive)
     keep_last: int = opt(3, "Checkpoints kept; older ones are deleted. 0 = keep all.", check=non_negative)
     resume: str = opt("auto", "auto: continue from this run's newest complete checkpoint; never; or a step folder path.")
+    on_new_data: str = opt(
+        "stop", "Resuming when data.shards no longer holds the index the checkpoint trained on (another prep wrote "
+        "there): stop, saying what changed; or continue, training on the shards as they are now.",
+        choices=("stop", "continue"))
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Recipe, to_yaml
+from ..training.facts import data_facts
 from ..models.variants import Variant, expert_label, get_variant, pipeline_class
 
 SAMPLES = "samples"
@@ -42,21 +43,6 @@ def run_facts(recipe: Recipe, checkpoint: Path, step: int) -> dict:
             and isinstance(best.get("checkpoint"), str)):
         facts["best"] = best
     return facts
-
-
-def data_facts(recipe: Recipe) -> dict:
-    """Clips, samples, buckets, hours of footage and the index's hash, from the shards (if still here)."""
-    from ..data.shards import INDEX_FILE, ShardFormatError, ShardReader
-
-    try:
-        index = ShardReader(recipe.data.shards).index
-    except (ShardFormatError, OSError):
-        return {}
-    buckets = Counter(f"{r.frames}x{r.height}x{r.width}" for r in index.itertuples())
-    digest = hashlib.sha256((Path(recipe.data.shards) / INDEX_FILE).read_bytes()).hexdigest()[:16]
-    seconds = float((index["end_s"] - index["start_s"]).clip(lower=0).sum())
-    return {"clips": int(index["source"].nunique()), "samples": len(index), "buckets": dict(sorted(buckets.items())),
-            "hours": seconds / 3600, "index_sha256": digest}
 
 
 def copy_samples(checkpoint: Path, step: int, out: Path) -> list[Path]:
@@ -239,7 +225,10 @@ def write_share_files(recipe: Recipe, state: dict, checkpoint: Path, out: Path, 
         written.append(write_json(out / workflow_name, workflow(variant, comfy, render_settings(recipe, variant))))
     samples = copy_samples(checkpoint, state["step"], out)
     facts = run_facts(recipe, checkpoint, state["step"])
-    card = model_card(recipe, facts, data_facts(recipe), files, samples, base_reference(recipe, variant), workflow_name)
+    # The data the checkpoint trained on, as recorded then (shards prepped since would say otherwise);
+    # a checkpoint from before the record: the shards as they are.
+    data = state.get("data") if "data" in state else data_facts(recipe.data.shards)
+    card = model_card(recipe, facts, data, files, samples, base_reference(recipe, variant), workflow_name)
     written.append(write_text(out / "README.md", card))
     written.append(write_text(out / "recipe.yaml", to_yaml(recipe)))  # the run's recipe, to train it again
     return written + samples

@@ -49,7 +49,7 @@ def export_folder(path: str | os.PathLike, say=print) -> Path:
         from .run import export, export_folder as folder_of, read_checkpoint, resolve_checkpoint
 
         checkpoint = resolve_checkpoint(path)
-        folder = folder_of(checkpoint, read_checkpoint(checkpoint)[0])
+        folder = folder_of(checkpoint, read_checkpoint(checkpoint, say)[0])
         if read_manifest(folder) is not None:
             say(f"uploading the export that exists in {folder}, as it is")
             return folder

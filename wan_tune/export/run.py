@@ -17,6 +17,7 @@ from .. import __version__
 from ..atomic import save_tensors, writable_problem
 from ..config import Recipe, load_recipe, recipe_hash
 from ..models.keymap import state_dict_to_original
+from ..training.facts import recipe_drift
 from ..models.variants import Variant, expert_label, get_variant, transformer_class
 from .adapters import (
     FORMATS,
@@ -55,9 +56,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return best
 
 
-def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict[str, dict[str, torch.Tensor]]]:
+def read_checkpoint(path: str | Path, say=print) -> tuple[Recipe, dict, dict[str, dict[str, torch.Tensor]]]:
     """(recipe, state, {expert: trainable weights}) of a step folder, or a clear ExportError.
-    One expert (`transformer`) except for Wan2.2 A14B runs."""
+    One expert (`transformer`) except for Wan2.2 A14B runs. The recipe is the folder's recipe.yaml
+    with what state.json recorded of the training in place of any of it edited since (named)."""
     from safetensors.torch import load_file
 
     from ..training.checkpoint import digest_mismatch, expert_file, read_state
@@ -83,6 +85,11 @@ def read_checkpoint(path: str | Path) -> tuple[Recipe, dict, dict[str, dict[str,
         except Exception as err:
             raise ExportError(f"{path / file} is not a readable safetensors file ({err})") from None
     recipe = load_recipe(path / "recipe.yaml")
+    drift = recipe_drift(recipe, state)
+    if drift:
+        say(f"note: {path / 'recipe.yaml'} was edited since the run ({'; '.join(f'{k}: {v!r} there, {t!r} trained' for k, v, t in drift)}): "
+            "the export uses what was trained (state.json)")
+        recipe = load_recipe(path / "recipe.yaml", [f"{k}={json.dumps(t)}" for k, _, t in drift])
     return recipe, state, weights
 
 
@@ -136,7 +143,7 @@ def export(
     """Write the checkpoint in `formats` (None: the recipe's export.format; ignored for a full
     fine-tune, which writes the whole model), self-test each file; returns the checks."""
     checkpoint = resolve_checkpoint(checkpoint)  # <run>/best: the folder best.json names, exports go there
-    recipe, state, experts = read_checkpoint(checkpoint)
+    recipe, state, experts = read_checkpoint(checkpoint, say)
     if formats is None:
         formats = list(FORMATS) if recipe.export.format == "all" else [recipe.export.format]
     out = export_folder(checkpoint, recipe, out)

@@ -11,7 +11,10 @@ step-000250/
   state.json              step, batches consumed, lr-scheduler state per expert, world size and
                           context-parallel degree (their quotient deals the data), sharding,
                           and the size + CRC-32 of every other file but recipe.yaml (checked before
-                          the checkpoint is resumed from or exported)
+                          the checkpoint is resumed from or exported); how it was trained (variant,
+                          method, rank, alpha, targets, experts) and on what data (the index's hash,
+                          the prep settings, clips, hours: training/facts.py); a format version and a
+                          checksum of all of it, so an edited state.json is refused, never trusted
   recipe.yaml             the resolved recipe: export and resume need no flags
   deepspeed/              DeepSpeed runs only: the engine's own (partitioned) checkpoint
 ```
@@ -24,6 +27,7 @@ read (it uses torch.load).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -37,6 +41,7 @@ from .errors import CheckpointError
 from .sharding import fsdp2_load, fsdp2_optimizer_state, full_shape, gather_trainable, sharding
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STATE_FORMAT = 2  # 2: a checksum, the training and data facts (training/facts.py)
 EXPERTS = ("transformer", "transformer_2")  # the pipeline components a checkpoint may hold weights of
 
 
@@ -91,8 +96,15 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     return Path(run_dir) / name if name and (Path(run_dir) / name / "state.json").is_file() else None
 
 
+def state_checksum(state: dict) -> str:
+    """SHA-256 (16 hex digits) of state.json's content without its checksum, keys sorted: what
+    makes an edited state.json (a file list emptied, a step changed) tell on itself."""
+    body = json.loads(json.dumps({k: v for k, v in state.items() if k != "checksum"}))  # as read back (int keys -> str)
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
 def read_state(path: Path) -> tuple[dict | None, str | None]:
-    """(state.json of a step folder, None) or (None, why it cannot be read)."""
+    """(state.json of a step folder, None) or (None, why it cannot be read or be trusted)."""
     try:
         state = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -101,6 +113,9 @@ def read_state(path: Path) -> tuple[dict | None, str | None]:
         return None, f"state.json is not readable JSON ({str(err).splitlines()[0][:120]})"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         return None, "state.json holds no step"
+    why = _untrusted(Path(path), state)
+    if why:
+        return None, why
     experts = state.get("experts", ["transformer"])
     if not (isinstance(experts, list) and experts and set(experts) <= set(EXPERTS)):
         return None, f"state.json names unknown experts {experts!r}"
@@ -112,6 +127,22 @@ def read_state(path: Path) -> tuple[dict | None, str | None]:
     if any(not (Path(path) / n).resolve().is_relative_to(inside) for n in files):
         return None, "state.json lists files outside its folder"
     return state, None
+
+
+def _untrusted(path: Path, state: dict) -> str | None:
+    """Why state.json's content cannot be taken as written: a newer format, a checksum that does not
+    match (it was edited), a step its folder's name contradicts, an emptied file list."""
+    version = state.get("format_version", 1)  # 1: before the checksum (no key)
+    if not isinstance(version, int) or version > STATE_FORMAT:
+        return f"state.json is format {version!r}, written by a newer wan-tune: update wan-tune to use it"
+    if version >= 2 and state.get("checksum") != state_checksum(state):
+        return "state.json was changed after it was saved (its checksum does not match its content)"
+    named = step_number(path)
+    if named >= 0 and named != state["step"]:
+        return f"state.json says step {state['step']} but its folder is {path.name}"
+    if state.get("files") == {}:  # every wan-tune that records files records at least the weights
+        return "state.json lists no files (its checksums were removed)"
+    return None
 
 
 def required_files(state: dict) -> list[str]:
@@ -213,10 +244,11 @@ def expert_file(stem: str, expert: str) -> str:
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, trainees: list, consumed: int, recipe_yaml: str, keep_last: int,
-                    keep: Path | None = None, cp: int = 1) -> Path:
+                    keep: Path | None = None, cp: int = 1, facts: dict | None = None) -> Path:
     """Write step-N for every trainee (collective: every rank calls it). Returns the final path.
     `keep_last` rotates old checkpoints out, except `keep` (the best one by the held-out loss).
-    `consumed` counts one rank's batches; `cp` (train.context_parallel) says how many ranks read each.
+    `consumed` counts one rank's batches; `cp` (train.context_parallel) says how many ranks read each;
+    `facts` (training/facts.py): how it was trained and on what data, recorded under state.json's checksum.
 
     Weights are gathered to full shape one module at a time (only rank 0 keeps the copies), and
     every tensor is checked against its parameter's whole shape before anything is written: a
@@ -241,7 +273,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainees: list, consu
     if accelerator.is_main_process:
         with _save_failure(run_dir, final, tmp):
             _write_main(tmp, final, step, trainees, trainable, optim_state, consumed, recipe_yaml, deepspeed, kind,
-                        accelerator.num_processes, cp)
+                        accelerator.num_processes, cp, facts or {})
         prune_checkpoints(run_dir, keep_last, keep)
     accelerator.wait_for_everyone()
     return final
@@ -262,7 +294,7 @@ def _save_failure(run_dir: Path, final: Path, tmp: Path):
 
 
 def _write_main(tmp: Path, final: Path, step: int, trainees: list, trainable: dict, optim_state: dict, consumed: int,
-                recipe_yaml: str, deepspeed: bool, kind: str, world: int, cp: int) -> None:
+                recipe_yaml: str, deepspeed: bool, kind: str, world: int, cp: int, facts: dict) -> None:
     """The main process's files of step-N, into `tmp`, then renamed to `final`."""
     for tr in trainees:
         save_tensors(tmp / expert_file("trainable.safetensors", tr.name), trainable[tr.name], {"step": str(step)})
@@ -273,12 +305,13 @@ def _write_main(tmp: Path, final: Path, step: int, trainees: list, trainable: di
     write_text(tmp / "recipe.yaml", recipe_yaml)
     # Every machine-written file, DeepSpeed's own too; not recipe.yaml, which people read and may edit.
     files = sorted(f for f in tmp.rglob("*") if f.is_file() and f.name != "recipe.yaml")
-    write_json(tmp / "state.json", {
-        "step": step, "batches_consumed": consumed, "experts": [tr.name for tr in trainees],
+    state = {
+        "format_version": STATE_FORMAT, "step": step, "batches_consumed": consumed, "experts": [tr.name for tr in trainees],
         "schedulers": {tr.name: tr.scheduler.state_dict() for tr in trainees},
         "world_size": world, "context_parallel": cp, "deepspeed": deepspeed, "sharding": kind,
-        "files": {f.relative_to(tmp).as_posix(): file_digest(f) for f in files},
-    })
+        "files": {f.relative_to(tmp).as_posix(): file_digest(f) for f in files}, **facts,
+    }
+    write_json(tmp / "state.json", {**state, "checksum": state_checksum(state)})
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -21,6 +21,7 @@ from .artifacts import log_checkpoint
 from .checkpoint import best_checkpoint, save_checkpoint
 from .context_parallel import layout, token_problem
 from .errors import TrainingError
+from .facts import recorded_facts
 from .launch import agree, check_launch, make_accelerator
 from .resume import restore, starting_point
 from .run import build_run, renders_together
@@ -69,7 +70,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             f"steps {step} -> {recipe.train.steps}")
 
         # --- steps ---------------------------------------------------------------------------
-        recipe_yaml, last_saved = to_yaml(recipe), None
+        recipe_yaml, facts, last_saved = to_yaml(recipe), recorded_facts(recipe), None
         bar = tqdm(total=recipe.train.steps, initial=step, desc="train", unit="step", disable=not (progress and run.main))
         log = RunLog(run, data.heldout, step)
         log.score_start(step)
@@ -85,7 +86,8 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                 saving = step % recipe.checkpoint.every == 0 or step == recipe.train.steps or stopping
                 if saving:
                     last_saved = save_checkpoint(accelerator, run_dir, step, run.trainees, consumed, recipe_yaml,
-                                                 recipe.checkpoint.keep_last, keep=best_checkpoint(run_dir), cp=lay.cp)
+                                                 recipe.checkpoint.keep_last, keep=best_checkpoint(run_dir), cp=lay.cp,
+                                                 facts=facts)
                 # Not while stopping (a preempted job has little time): the resumed run scores that step first.
                 if data.heldout is not None and not stopping and (step % recipe.eval.every == 0 if recipe.eval.every else saving):
                     log.score(step)

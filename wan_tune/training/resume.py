@@ -41,6 +41,32 @@ def starting_point(accelerator, recipe: Recipe, run_dir: Path, resume: str | Non
 
 
 def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None, say=print) -> Path | None:
+    """The checkpoint to resume from, trained on the shards as they are (checkpoint.on_new_data)."""
+    path = _whole_checkpoint(recipe, run_dir, resume, say)
+    if path is not None:
+        _check_data(recipe, path, say)
+    return path
+
+
+def _check_data(recipe: Recipe, checkpoint: Path, say) -> None:
+    """Stop (or, with checkpoint.on_new_data=continue, say so and go on) when the shards' index is
+    not the one the checkpoint trained on: another prep into the same folder swaps the data."""
+    from .checkpoint import read_state
+    from .facts import data_change, data_facts
+
+    saved = (read_state(checkpoint)[0] or {}).get("data") or {}
+    change = data_change(saved, data_facts(recipe.data.shards)) if saved else None
+    if change is None:
+        return
+    if recipe.checkpoint.on_new_data == "continue":
+        say(f"warning: {checkpoint.name} trained on other shards ({change}); training on the new ones from here on "
+            "(checkpoint.on_new_data=continue)")
+        return
+    raise TrainingError(f"{recipe.data.shards} changed since {checkpoint.name} was saved ({change}): resuming would train "
+                        "on other data. Prep into another data.shards folder, or set checkpoint.on_new_data=continue")
+
+
+def _whole_checkpoint(recipe: Recipe, run_dir: Path, resume: str | None, say=print) -> Path | None:
     """The checkpoint to resume from. auto: the newest one that is whole; each damaged newer one
     is named and passed over (a run never resumes from, or silently ignores, a broken save)."""
     choice = resume or recipe.checkpoint.resume
