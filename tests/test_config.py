@@ -145,3 +145,24 @@ def test_resolved_yaml_reloads_to_the_same_recipe(recipe_file, tmp_path):
     saved.write_text(to_yaml(r))
     assert load_recipe(saved) == r
     assert "${" not in saved.read_text()
+
+
+def test_check_refuses_what_training_would_stop_on_and_notes_what_does_nothing(recipe_file, tmp_path, capsys):
+    """#33: `check` accepted a run name too long for the export's file names and validation inputs
+    that are not there (training stopped at its first render); settings that change nothing for the
+    recipe get one warning line each."""
+    path = recipe_file("model: {variant: tiny-i2v}\n")
+    image = tmp_path / "first.png"
+    assert main(["check", str(path), f"validation.images=[{image}]"]) == 2
+    assert f"validation.images[0]: no such file: {image}" in capsys.readouterr().err
+    image.write_bytes(b"png")
+    assert main(["check", str(path), f"validation.images=[{image}]"]) == 0
+    assert main(["check", str(path), "run.name=" + "x" * 181]) == 2
+    assert "run.name: is 181 bytes; at most 180" in capsys.readouterr().err
+    assert main(["check", str(path), "run.name=" + "x" * 180, "vace.drop_control=0.5", "tracking.backend=none",
+                 "tracking.log_artifacts=all"]) == 0
+    err = capsys.readouterr().err
+    assert "vace.* settings do nothing for tiny-i2v (not a VACE model)" in err
+    assert "tracking.log_artifacts=all does nothing with tracking.backend=none" in err
+    assert main(["check", str(path), "tracking.backend=none"]) == 0  # the default log_artifacts: no note
+    assert "log_artifacts" not in capsys.readouterr().err

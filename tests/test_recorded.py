@@ -140,3 +140,16 @@ def test_a_resume_on_shards_another_prep_changed_stops(trained, tiny_folders, ti
                  say=said.append)
     assert Path(done["checkpoint"]).name == "step-000004"
     assert any("trained on other shards" in s for s in said)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(trained, tiny_folders, tmp_path):
+    from wan_tune.training.loop import train
+
+    recipe, checkpoint = trained
+    runs = tmp_path / "runs"
+    shutil.copytree(checkpoint.parent, runs / "demo-tiny")
+    said = []
+    done = train(_recipe(tiny_folders, recipe.data.shards, runs), progress=False, say=said.append)
+    assert done["checkpoint"] == str(runs / "demo-tiny" / checkpoint.name) and done["step"] == 2
+    assert any(s.startswith(f"nothing to train: {runs / 'demo-tiny' / checkpoint.name} is at step 2 and train.steps is 2")
+               for s in said), said

@@ -112,6 +112,10 @@ def test_model_card_says_what_the_run_did(exported):
     embedded = re.search(r"## Recipe\n\n```yaml\n(.*?)```", text, re.S).group(1)
     assert yaml.safe_load(embedded)["train"]["steps"] == 4
     assert "-comfyui-workflow.json" in text and "wan-tune sample --base" in text
+    # Published files name no path of this machine: the base, shards, footage, run folder are relative.
+    root = str(out.parents[1])  # pytest's base folder, above every folder the run used
+    assert root not in text and root not in (out / "recipe.yaml").read_text()
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["data"]["shards"].startswith("../")
 
 
 def test_model_card_diffusers_snippet_runs(exported, monkeypatch):
@@ -181,6 +185,9 @@ def test_push_stops_before_any_work_offline_or_without_a_token(exported, monkeyp
     assert "no Hugging Face token: run `hf auth login`" in capsys.readouterr().err
     assert main(["push", str(out), "not a repo id"]) == 1
     assert "is not a Hub repository id" in capsys.readouterr().err
+    for bad, why in (("my-studio/brand.git", "may not end in '-', '.' or '.git'"), ("my-studio/x--y", "'--' and '..'")):
+        assert main(["push", str(out), bad]) == 1
+        assert why in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written or moved
 
 

@@ -34,8 +34,14 @@ Overrides are dotted keys after the recipe: wan-tune check recipes/x.yaml train.
 def _check(args: argparse.Namespace) -> int:
     from .config import to_yaml
 
+    from .config.checks import missing_inputs
+
     recipe = _load(args)
     if recipe is None:
+        return 2
+    missing = missing_inputs(recipe)  # what training would stop on at its first render
+    if missing:
+        print(f"{args.recipe}:\n" + "\n".join(f"  {key}: {why}" for key, why in missing), file=sys.stderr)
         return 2
     print(f"# {args.recipe}: OK (resolved recipe follows)")
     print(to_yaml(recipe), end="")

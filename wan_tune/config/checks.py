@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import difflib
 import string
+from pathlib import Path
 
 from ..models.lora_targets import PRESET_NAMES, PRESETS, VACE_PRESET, expand_targets, matching, module_widths
-from ..models.variants import VARIANTS, Variant
+from ..models.variants import VARIANTS, Variant, get_variant
 from .schema import AdapterConfig, Recipe
 
 LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets")
@@ -227,3 +228,28 @@ def _context_parallel_errors(r: Recipe, variant: Variant | None) -> list[tuple[s
                        f"across the group: use a degree that divides {heads} ({fits}), or "
                        "train.context_parallel_kind=ring"))
     return errors
+
+
+def missing_inputs(r: Recipe) -> list[tuple[str, str]]:
+    """The validation inputs a recipe names that are not files here (what the first render would
+    fail on, hours in): for `check` and for the trainer's start. Not a load rule: a checkpoint's
+    recipe.yaml must still load (export) where those files are gone."""
+    v = r.validation
+    return [(f"validation.{key}[{i}]", f"no such file: {p}")
+            for key, paths in (("images", v.images), ("last_images", v.last_images), ("controls", v.controls))
+            for i, p in enumerate(paths) if p and not Path(p).expanduser().is_file()]
+
+
+def unused_settings(r: Recipe, cli_keys: set[str]) -> list[str]:
+    """Settings that change nothing for this recipe (one warning line each)."""
+    from .schema import TrackingConfig, VaceConfig
+
+    notes = []
+    variant = get_variant(r.model.variant) if r.model.variant in VARIANTS else None
+    if variant is not None and not variant.vace and r.vace != VaceConfig():
+        notes.append(f"vace.* settings do nothing for {variant.name} (not a VACE model)")
+    typed = "tracking.log_artifacts" in cli_keys or r.tracking.log_artifacts != TrackingConfig().log_artifacts
+    if r.tracking.backend != "wandb" and r.tracking.log_artifacts != "none" and typed:
+        notes.append(f"tracking.log_artifacts={r.tracking.log_artifacts} does nothing with tracking.backend="
+                     f"{r.tracking.backend} (artifacts are W&B's)")
+    return notes

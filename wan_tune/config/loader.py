@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .checks import LORA_ONLY_KEYS, cross_field_errors
+from .checks import LORA_ONLY_KEYS, cross_field_errors, unused_settings
 from .schema import SECTIONS, AdapterConfig, Recipe
 
 
@@ -185,6 +185,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = (), w
     if kept:
         recipe._env_interpolations = kept  # not a field: to_yaml writes these as written, never their values
     _ignore_file_lora_keys(recipe, file_keys, cli_keys, source, warn)
+    for note in unused_settings(recipe, cli_keys):
+        warn(f"{source}: {note}")
     # Cross-field rules run even when single keys failed (those fell back to defaults), but a
     # key already reported is not reported twice.
     bad_keys = {k for k, _ in errors}

@@ -49,10 +49,16 @@ def text_tokens(v: Any) -> str | None:
     return f"must be 1 to {TEXT_ENCODER_TOKENS} (the umT5 text encoder's limit, and the length Wan pads prompts to), got {v}"
 
 
+MAX_NAME_BYTES = 180
+
+
 def plain_name(v: Any) -> str | None:
     """A run name is one folder name: it never leads out of run.output_dir (export names files after it too)."""
     if not v.strip() or v in (".", "..") or any(c in v for c in '/\\') or any(ord(c) < 32 for c in v):
         return f"must be a plain folder name (no '/', no '..', not empty), got {v!r}; put folders in run.output_dir"
+    if len(v.encode()) > MAX_NAME_BYTES:  # a file name holds 255 bytes; export adds up to 60 (A14B, diffusers, .failed)
+        return (f"is {len(v.encode())} bytes; at most {MAX_NAME_BYTES}: export names its files "
+                f"<name>-step000000-high_noise-diffusers.safetensors")
     return None
 
 

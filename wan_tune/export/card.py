@@ -8,10 +8,9 @@ validation renders (videos for the hub's widget, the base-vs-LoRA contact sheet)
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -62,9 +61,10 @@ def copy_samples(checkpoint: Path, step: int, out: Path) -> list[Path]:
 
 
 def model_card(recipe: Recipe, facts: dict, data: dict, files: dict[tuple[str, str], str], samples: list[Path], base: str,
-               workflow: str | None = None) -> str:
+               workflow: str | None = None, recipe_yaml: str | None = None) -> str:
     """README.md text. `files`: {(expert label, format): adapter file name} (one expert: `transformer`);
-    `base`: what loads the base model; `workflow`: the ComfyUI workflow's file name."""
+    `base`: what loads the base model; `workflow`: the ComfyUI workflow's file name; `recipe_yaml`:
+    the recipe as the card shows it (shareable_yaml)."""
     variant = get_variant(recipe.model.variant)
     v, render = recipe.validation, render_settings(recipe, variant)
     videos = [p for p in samples if p.suffix == ".mp4"]
@@ -87,7 +87,7 @@ def model_card(recipe: Recipe, facts: dict, data: dict, files: dict[tuple[str, s
              _diffusers_section(variant, files, base, render),
              _comfyui_section(variant, files, workflow),
              _sample_section(variant, files, base, render),
-             f"## Recipe\n\n```yaml\n{to_yaml(recipe)}```\n"]
+             f"## Recipe\n\n```yaml\n{recipe_yaml or to_yaml(recipe)}```\n"]
     return "\n".join(parts)
 
 
@@ -199,19 +199,40 @@ def render_settings(recipe: Recipe, variant: Variant):
                   shift=recipe.timesteps.shift or variant.flow_shift)
 
 
-def base_reference(recipe: Recipe, variant: Variant) -> str:
-    """How the card names the base: the recipe's folder or hub id, the variant's hub id, or (tiny) its local folder."""
-    if recipe.model.path:
-        return recipe.model.path
+def base_reference(recipe: Recipe, variant: Variant, final: Path) -> str:
+    """How the card names the base: a hub id (the recipe's, else the variant's, also when the run read
+    a local copy), else (the tiny test models) its folder relative to the export folder `final`:
+    a published card names no path of the machine it was made on."""
+    path = recipe.model.path
+    if path and not Path(path).expanduser().exists():
+        return path  # a hub id
     if variant.hub_id:
         return variant.hub_id
-    from ..models.loading import resolve_source
+    if not path:
+        from ..models.loading import resolve_source
 
-    return str(resolve_source(variant).folder)
+        path = str(resolve_source(variant).folder)
+    return os.path.relpath(Path(path).expanduser().absolute(), final.absolute())
+
+
+def shareable_yaml(recipe: Recipe, final: Path) -> str:
+    """The recipe as YAML with every absolute path made relative to the export folder `final`."""
+
+    def relative(value):
+        if isinstance(value, dict):
+            return {k: relative(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [relative(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value):
+            return os.path.relpath(value, final.absolute())
+        return value
+
+    body = yaml.safe_dump(relative(yaml.safe_load(to_yaml(recipe))), sort_keys=False, allow_unicode=True)
+    return "# Paths are relative to the folder of this file (the export).\n" + body
 
 
 def write_share_files(recipe: Recipe, state: dict, checkpoint: Path, out: Path, stem: str,
-                      files: dict[tuple[str, str], str], say=print) -> list[Path]:
+                      files: dict[tuple[str, str], str], final: Path | None = None) -> list[Path]:
     """The ComfyUI workflow (when a comfyui adapter was written), the samples and the model card, beside the adapters."""
     from ..atomic import write_json, write_text
     from .comfyui_workflow import workflow
@@ -228,7 +249,9 @@ def write_share_files(recipe: Recipe, state: dict, checkpoint: Path, out: Path, 
     # The data the checkpoint trained on, as recorded then (shards prepped since would say otherwise);
     # a checkpoint from before the record: the shards as they are.
     data = state.get("data") if "data" in state else data_facts(recipe.data.shards)
-    card = model_card(recipe, facts, data, files, samples, base_reference(recipe, variant), workflow_name)
+    final = final or out  # where the files are delivered (out: their staging folder)
+    card = model_card(recipe, facts, data, files, samples, base_reference(recipe, variant, final), workflow_name,
+                      shareable_yaml(recipe, final))
     written.append(write_text(out / "README.md", card))
-    written.append(write_text(out / "recipe.yaml", to_yaml(recipe)))  # the run's recipe, to train it again
+    written.append(write_text(out / "recipe.yaml", shareable_yaml(recipe, final)))  # the run's recipe, to train it again
     return written + samples

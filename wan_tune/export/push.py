@@ -21,12 +21,27 @@ class PushError(RuntimeError):
     """The push cannot start or did not finish; the message says why and what to do."""
 
 
+def repo_id_problem(repo_id: str) -> str | None:
+    """What the Hub would refuse in `repo_id` (its own rules: letters, digits, `-_.`, no `--` or
+    `..`, no leading or trailing `-`/`.`, not ending in `.git`, 96 characters a part), or None."""
+    if not _REPO_ID.match(repo_id or ""):
+        return "owner/name of letters, digits, '-', '_', '.'"
+    for part in repo_id.split("/"):
+        if "--" in part or ".." in part:
+            return f"'--' and '..' are not allowed ({part})"
+        if part[-1] in "-." or part.endswith(".git"):
+            return f"a name may not end in '-', '.' or '.git' ({part})"
+    return None
+
+
 def preflight(repo_id: str) -> str:
     """The token to push with, or a one-line PushError saying what is missing."""
     from huggingface_hub import constants, get_token
 
-    if not _REPO_ID.match(repo_id or ""):
-        raise PushError(f"{repo_id!r} is not a Hub repository id: give it as owner/name, e.g. my-studio/my-brand-wan-lora")
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise PushError(f"{repo_id!r} is not a Hub repository id ({problem}): give it as owner/name, e.g. "
+                        "my-studio/my-brand-wan-lora (nothing was uploaded)")
     if constants.HF_HUB_OFFLINE:
         raise PushError("the Hugging Face Hub is switched off here (HF_HUB_OFFLINE=1): unset it on a machine with network "
                         "access and push again (nothing was uploaded)")

@@ -156,7 +156,7 @@ def export(
     except DeliveryError as err:
         raise ExportError(str(err)) from None
     with delivery as stage:
-        checks = _write_export(recipe, state, checkpoint, experts, formats, stage, merge, say)
+        checks = _write_export(recipe, state, checkpoint, experts, formats, stage, merge, say, final=out)
         passed = all(c.ok for c in checks)
         try:
             delivered = delivery.deliver() if passed else delivery.keep_failed()
@@ -203,7 +203,8 @@ def expected_names(recipe: Recipe, state: dict, formats: list[str], merge: bool)
 
 
 def _write_export(recipe: Recipe, state: dict, checkpoint: Path, experts: dict, formats: list[str], out: Path,
-                  merge: bool, say) -> list[Check]:
+                  merge: bool, say, final: Path) -> list[Check]:
+    """Every file of the export into `out` (the staging folder of `final`); the checks."""
     variant = get_variant(recipe.model.variant)
     stem = f"{recipe.run.name}-step{state['step']:06d}"
     if recipe.adapter.method == "full":  # A14B: both experts in one folder, as the pipeline lays them out
@@ -216,7 +217,7 @@ def _write_export(recipe: Recipe, state: dict, checkpoint: Path, experts: dict, 
         files.update({(expert_label(variant, expert), fmt): f"{named}-{fmt}.safetensors" for fmt in formats
                       if (out / f"{named}-{fmt}.safetensors").is_file()})  # a file that failed its self-test is not
     if all(c.ok for c in checks):
-        write_share_files(recipe, state, checkpoint, out, stem, files, say)
+        write_share_files(recipe, state, checkpoint, out, stem, files, final)
     return checks
 
 

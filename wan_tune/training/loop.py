@@ -70,7 +70,10 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             f"steps {step} -> {recipe.train.steps}")
 
         # --- steps ---------------------------------------------------------------------------
-        recipe_yaml, facts, last_saved = to_yaml(recipe), recorded_facts(recipe), None
+        recipe_yaml, facts, last_saved = to_yaml(recipe), recorded_facts(recipe), checkpoint
+        if step >= recipe.train.steps:
+            say(f"nothing to train: {checkpoint} is at step {step} and train.steps is {recipe.train.steps}; "
+                "raise train.steps to train on from it")
         bar = tqdm(total=recipe.train.steps, initial=step, desc="train", unit="step", disable=not (progress and run.main))
         log = RunLog(run, data.heldout, step)
         log.score_start(step)

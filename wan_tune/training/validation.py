@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import Recipe
+from ..config.checks import missing_inputs
 from ..models.loading import resolve_source
 from ..models.precision import AUTOCAST, DTYPES, as_inference
 from ..models.spec import load_frozen
@@ -37,6 +38,10 @@ def make_validator(recipe: Recipe, accelerator, experts: list[str], heldout, tog
     split each clip); else rank 0 alone."""
     if not recipe.validation.every or not (accelerator.is_main_process or together):
         return None
+    missing = missing_inputs(recipe)
+    if missing:
+        raise TrainingError(f"{missing[0][0]}: {missing[0][1]}" + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
+                            + ": give files that exist, or set validation.every=0")
     variant = get_variant(recipe.model.variant)
     try:
         first_frames = None
