@@ -56,26 +56,44 @@ class Sample:
     caption: str
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop asked for by a signal (`signum`): the CLI exits 128 + signum (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 @dataclass
 class CtrlC:
-    """Ctrl-C while encoding is noted by the handler and acted on between clips. Raised from the
-    handler, KeyboardInterrupt could land anywhere, e.g. in decord's VideoReader.__del__, where
-    Python swallows it and prep ran on. A second Ctrl-C stops at once."""
+    """Ctrl-C or SIGTERM (a scheduler's, `kill`) while encoding is noted by the handler and acted
+    on between clips: what is encoded so far is written whole. Raised from the handler, the stop
+    could land anywhere, e.g. in decord's VideoReader.__del__, where Python swallows it and prep
+    ran on. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.pressed, self.previous = False, None
+        self.signum, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def _handle(self, _signum, _frame):
+    @property
+    def pressed(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, _frame):
         if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = True
+            raise Stopped(signum)
+        self.signum = signum
+
+    def stop(self):
+        raise Stopped(self.signum)
 
     def __exit__(self, *_):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
         return False
 
 
@@ -158,6 +176,12 @@ def plan(items: list[SourceItem], captions: dict[str, str], recipe: Recipe, iden
         except SkipClip as err:
             skips.append(skip_line(item, err))
     return samples, skips
+
+
+def _note_skip(skips: list, line: tuple[str, str]) -> None:
+    """One report line per input and reason: a clip deleted while prep ran fails each of its windows alike."""
+    if line not in skips:
+        skips.append(line)
 
 
 def skip_line(item: SourceItem, err: SkipClip) -> tuple[str, str]:
@@ -277,7 +301,7 @@ def _encode(todo: list[Sample], encoders: Encoders, writer, i2v: bool, skips: li
     with CtrlC() as ctrl_c:
         for sample in tqdm(todo, desc="encode", unit="clip", disable=not progress):
             if ctrl_c.pressed:  # between clips: what is encoded so far is written whole
-                raise KeyboardInterrupt
+                ctrl_c.stop()
             t = _encode_one(sample, encoders, writer, i2v, skips, timer, text_cache, t)
 
 
@@ -287,7 +311,7 @@ def _encode_one(sample: Sample, encoders: Encoders, writer, i2v: bool, skips: li
     try:
         frames = read_frames(sample.item.path, sample.window, sample.item.is_image)
     except SkipClip as err:
-        skips.append(skip_line(sample.item, err))
+        _note_skip(skips, skip_line(sample.item, err))
         return timer.add("decode+resize", t)
     video = resize_crop(frames, sample.bucket[1:])
     t = timer.add("decode+resize", t)
@@ -302,7 +326,7 @@ def _encode_one(sample: Sample, encoders: Encoders, writer, i2v: bool, skips: li
         try:
             tensors.update(_vace_tensors(encoders, sample))
         except SkipClip as err:
-            skips.append(skip_line(sample.item, err))
+            _note_skip(skips, skip_line(sample.item, err))
             return timer.add("vae encode", t)
     t = timer.add("vae encode", t)
     w = sample.window

@@ -379,24 +379,37 @@ def test_ctrl_c_saves_like_sigterm_and_exits_130(world):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     saved = max(run.glob("step-*"))
     assert int(saved.name.split("-")[1]) > 4 and f"received SIGINT: saved {saved}" in out
+    # The checkpoint saved on the stop gets its held-out score when the run resumes, so it can become best.
+    stop = int(saved.name.split("-")[1])
+    assert main(["train", str(world / "recipe.yaml"), f"train.steps={stop + 1}", "checkpoint.every=1000",
+                 "data.holdout=0.25"]) == 0
+    scores = {r["step"]: r["heldout_loss"] for r in _records(run) if "heldout_loss" in r}
+    assert {stop, stop + 1} <= set(scores)
+    best = json.loads((run / "best.json").read_text())
+    assert best["step"] == min((stop, stop + 1), key=lambda s: (scores[s], s)) and (run / best["checkpoint"]).is_dir()
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_prep_keeps_what_was_encoded(world, tiny_folders):
+@pytest.mark.parametrize("signum,code,said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_in_prep_keeps_what_was_encoded(world, tiny_folders, signum, code, said):
+    """Ctrl-C, or SIGTERM (a scheduler's, `kill`, #33): the samples so far written whole, one line, 128 + signal."""
     from wan_tune.synthetic import make_clips
 
-    make_clips(world / "many", 30, frames=20, height=64, width=96)
-    args = ["prep", str(world / "recipe.yaml"), f"data.source={world / 'many'}", f"data.shards={world / 'new'}",
-            f"data.captions={world / 'new' / 'captions.csv'}", "data.samples_per_shard=1"]
+    if not (world / "many").is_dir():
+        make_clips(world / "many", 30, frames=20, height=64, width=96)
+    new = world / f"new-{signum}"
+    args = ["prep", str(world / "recipe.yaml"), f"data.source={world / 'many'}", f"data.shards={new}",
+            f"data.captions={new / 'captions.csv'}", "data.samples_per_shard=1"]
     proc = subprocess.Popen([sys.executable, "-m", "wan_tune.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=world)
-    assert _wait_for(lambda: len(list((world / "new" / "index").glob("rank0-*.parquet"))) >= 2)
-    proc.send_signal(signal.SIGINT)
+    assert _wait_for(lambda: len(list((new / "index").glob("rank0-*.parquet"))) >= 2)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("wan-tune prep: interrupted"), err[-2000:]
-    parts = {p.stem for p in (world / "new" / "index").glob("rank0-*.parquet")}
-    data = {p.stem for p in (world / "new" / "data").glob("rank0-*.safetensors")}
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"wan-tune prep: {said}"), err[-2000:]
+    parts = {p.stem for p in (new / "index").glob("rank0-*.parquet")}
+    data = {p.stem for p in (new / "data").glob("rank0-*.safetensors")}
     assert parts and parts == data and len(parts) < 60  # every finished sample kept whole, none half there
     assert main(args) == 0  # the rerun goes on from there
 

@@ -330,3 +330,17 @@ def test_clips_added_after_captioning_use_their_sidecars(tiny_folders, footage, 
     second = run_prep(recipe_for(tiny_folders, src, out), progress=False, say=lambda *_: None)
     assert second["samples"] == first["samples"] + 2 and second["skips"] == []
     assert "wtune style, a late addition" in set(index_of(out)["caption"])
+
+
+def test_a_clip_deleted_during_prep_is_one_report_line(tmp_path):
+    """#33: each of its windows failed alike, one report line each."""
+    from data_prep.prep import Sample, Timer, _encode_one
+    from data_prep.sources import SourceItem
+    from wan_tune.footage import Window
+
+    gone = SourceItem(str(tmp_path / "clip.mp4"), "clip.mp4")
+    skips = []
+    for start in (0, 9, 18):
+        window = Window(start, tuple(range(start, start + 9)), start / 16, (start + 9) / 16)
+        _encode_one(Sample(f"id{start}", gone, window, (9, 64, 96), "a caption"), None, None, False, skips, Timer(), {}, 0.0)
+    assert len(skips) == 1 and skips[0][0] == "clip.mp4", skips

@@ -273,3 +273,21 @@ def test_wan22_vace_fun_a14b_trains_both_experts_and_exports_one_file_and_a_work
     assert check_graph(graph) == []
     loras = {n["inputs"]["lora_name"] for n in graph.values() if n["class_type"] == "LoraLoaderModelOnly"}
     assert loras == set(names) and any(n["class_type"] == "WanVaceToVideo" for n in graph.values())
+
+
+def test_sidecars_match_in_any_case_and_a_shared_name_is_reported():
+    """#33: `clip_000.REF.png` / `clip_001.Control.mp4` trained as footage; a still `clip_002.png`
+    beside `clip_002.mp4` took the clip's sidecars unreported."""
+    from wan_tune.vace_inputs import split_sidecars
+
+    d = Path("/footage")
+    names = ["clip_000.mp4", "clip_000.REF.png", "clip_001.MP4", "clip_001.Control.mp4", "Clip_001.mask.mp4",
+             "clip_002.mp4", "clip_002.png", "clip_002.ref.png"]
+    footage, inputs, orphans = split_sidecars([d / n for n in names])
+    assert sorted(p.name for p in footage) == ["clip_000.mp4", "clip_001.MP4", "clip_002.mp4", "clip_002.png"]
+    assert inputs[d / "clip_000.mp4"].references == (str(d / "clip_000.REF.png"),)
+    assert (inputs[d / "clip_001.MP4"].control, inputs[d / "clip_001.MP4"].mask) == (
+        str(d / "clip_001.Control.mp4"), str(d / "Clip_001.mask.mp4"))
+    assert d / "clip_002.mp4" not in inputs and d / "clip_002.png" not in inputs
+    (orphan, why), = orphans
+    assert orphan.name == "clip_002.ref.png" and "clip_002.mp4 and clip_002.png share the name clip_002" in why

@@ -7,6 +7,7 @@ before any of them load.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -431,9 +432,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print(f"wan-tune {args.command}: interrupted; files already written are whole (rerun to go on)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or a stop a command asked for by signal (prep's SIGTERM)
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"wan-tune {args.command}: {'interrupted' if signum == signal.SIGINT else f'stopped by {signal.Signals(signum).name}'}; "
+              "files already written are whole (rerun to go on)", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

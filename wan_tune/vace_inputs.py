@@ -18,7 +18,8 @@ import numpy as np
 
 from wan_tune.footage import IMAGE_EXTS, VIDEO_EXTS, MediaInfo, SkipClip, Window, probe, read_frames
 
-_SIDECAR = re.compile(r"^(?P<stem>.+)\.(?:(?P<ref>ref)(?:-(?P<n>\d+))?|(?P<kind>control|mask))(?P<ext>\.[^.]+)$")
+# Any case: `clip.REF.png` and `clip.Control.mp4` are sidecars too (never footage trained as a clip).
+_SIDECAR = re.compile(r"^(?P<stem>.+)\.(?:(?P<ref>ref)(?:-(?P<n>\d+))?|(?P<kind>control|mask))(?P<ext>\.[^.]+)$", re.I)
 REFERENCE_COLUMNS = ("references", "reference", "ref")
 MIN_REFERENCE_FILL = 0.35  # share of the frame a reference fills once fitted on the pipeline's white canvas
 MAX_GREY_SHARE = 0.02  # mask pixels neither near black nor near white (codec noise sits within 48 levels)
@@ -64,7 +65,7 @@ def sidecar_of(path: Path) -> tuple[str, str, int] | None:
     if m.group("ref") and ext in IMAGE_EXTS:
         return m.group("stem"), "ref", int(m.group("n") or 1)
     if m.group("kind") and ext in VIDEO_EXTS:
-        return m.group("stem"), m.group("kind"), 0
+        return m.group("stem"), m.group("kind").lower(), 0
     return None
 
 
@@ -78,14 +79,20 @@ def split_sidecars(paths: list[Path]) -> tuple[list[Path], dict[Path, VaceInputs
             footage.append(p)
         else:
             sidecars[p] = found
-    by_stem = {(p.parent, p.stem): p for p in footage if p.suffix.lower() in VIDEO_EXTS | IMAGE_EXTS}
+    by_stem: dict[tuple, list[Path]] = {}  # a stem in any case: the sidecar's case need not be the clip's
+    for p in footage:
+        if p.suffix.lower() in VIDEO_EXTS | IMAGE_EXTS:
+            by_stem.setdefault((p.parent, p.stem.lower()), []).append(p)
     parts: dict[Path, dict] = {}
     orphans = []
     for p, (stem, kind, n) in sorted(sidecars.items()):
-        clip = by_stem.get((p.parent, stem))
-        if clip is None:
-            orphans.append((p, f"VACE {kind} sidecar without a clip named {stem}.* beside it"))
+        clips = by_stem.get((p.parent, stem.lower()), [])
+        if len(clips) != 1:
+            orphans.append((p, f"VACE {kind} sidecar without a clip named {stem}.* beside it" if not clips else
+                            f"VACE {kind} sidecar of which clip? {' and '.join(c.name for c in clips)} share the name "
+                            f"{stem}: rename one so each sidecar names its clip"))
             continue
+        clip = clips[0]
         d = parts.setdefault(clip, {"refs": [], "control": None, "mask": None})
         if kind == "ref":
             d["refs"].append((n, str(p)))
