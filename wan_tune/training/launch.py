@@ -105,16 +105,29 @@ class StopSignal:
     checkpoints already written are whole. `restore` puts the previous handlers back."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    LAUNCHER_GONE = "the launcher's death"
 
     def __init__(self, say=print):
-        self.received: str | None = None
+        self._received: str | None = None
         self.say = say
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        # A process `accelerate launch` / torchrun started: its launcher killed (SIGKILL, a lost
+        # session) leaves it orphaned, training on with nobody to stop it. Its parent changes then.
+        launched = any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION"))
+        self.launcher = os.getppid() if launched else None
+
+    @property
+    def received(self) -> str | None:
+        """The signal asking for a stop, or LAUNCHER_GONE once this process's launcher is gone."""
+        if self._received is None and self.launcher is not None and os.getppid() != self.launcher:
+            self._received = self.LAUNCHER_GONE
+            self.say(f"the launcher (process {self.launcher}) is gone: stopping after this step with a checkpoint")
+        return self._received
 
     def _handle(self, signum, _frame):
-        if signum == signal.SIGINT and self.received == "SIGINT":
+        if signum == signal.SIGINT and self._received == "SIGINT":
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self._received = signal.Signals(signum).name
         if signum == signal.SIGINT:
             self.say("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)")
 
