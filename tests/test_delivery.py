@@ -105,6 +105,18 @@ def test_nothing_takes_a_final_name_before_the_self_test_passes(runs, tmp_path, 
         _export(runs["brand-a"], out)
     assert seen and all(name.startswith(".wan-tune-partial-") for name in seen)
     assert list(out.iterdir()) == []
+    # A SIGKILL leaves its staging folder: the next export here removes it (its process is gone).
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])  # a pid that has ended
+    dead.wait()
+    killed = out / f".wan-tune-partial-{socket.gethostname()}-{dead.pid}"
+    (killed / "samples").mkdir(parents=True)
+    (killed / "x-comfyui.safetensors").write_bytes(b"untested")
+    monkeypatch.undo()
+    assert all(c.ok for c in _export(runs["brand-a"], out))
+    assert not killed.exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_push_uploads_the_export_that_exists_as_it_is(runs, tmp_path, monkeypatch):

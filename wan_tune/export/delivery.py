@@ -56,6 +56,16 @@ def manifest_files(folder: str | os.PathLike) -> list[Path]:
     return [folder / MANIFEST, *(folder / name for name in sorted(manifest["files"]) if (folder / name).is_file())]
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
@@ -72,10 +82,20 @@ class Delivery:
         self.old = read_manifest(self.out) if self.out.is_dir() else None
 
     def __enter__(self) -> Path:
+        self._remove_dead_stages()
         if self.stage.exists():
             shutil.rmtree(self.stage)  # this process's own leftover
         self.stage.mkdir(parents=True)
         return self.stage
+
+    def _remove_dead_stages(self) -> None:
+        """Staging folders of exports killed on this machine (SIGKILL, power): never delivered, only clutter.
+        Another machine's (a shared drive) may be an export running there: left alone."""
+        prefix = f".wan-tune-partial-{socket.gethostname()}-"
+        for stage in self.out.glob(prefix + "*") if self.out.is_dir() else []:
+            pid = stage.name[len(prefix):]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(stage, ignore_errors=True)
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)  # delivered files were moved out; the rest was never shipped
