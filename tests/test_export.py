@@ -128,6 +128,11 @@ def test_full_finetune_exports_both_layouts(tiny_folders, tiny_shards, tmp_path,
     trained_sd = summary["model"].state_dict()
     reloaded = WanTransformer3DModel.from_pretrained(folder / "transformer").state_dict()
     assert all(torch.equal(reloaded[k], v) for k, v in trained_sd.items())
+    # Again into the same folder: its own files are replaced; one put in its model folder is in the way.
+    assert main(["export", summary["checkpoint"], "--out", str(tmp_path / "out")]) == 0
+    (folder / "transformer" / "notes.txt").write_text("ours")
+    assert main(["export", summary["checkpoint"], "--out", str(tmp_path / "out")]) == 1
+    assert (folder / "transformer" / "notes.txt").read_text() == "ours"
 
 
 def test_broken_checkpoints_and_foreign_loras_get_clear_errors(trained, tmp_path, capsys):

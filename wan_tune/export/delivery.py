@@ -116,7 +116,10 @@ class Delivery:
             who = ", ".join(f"{k} {self.old.get(k)}" for k in self.identity)
             raise DeliveryError(f"{self.out} holds another export ({who}; {MANIFEST}): give each export its own --out "
                                 "folder (nothing was written)")
-        clash = [n for n in names if (self.out / n).exists() and not ((self.out / n).is_file() and self._ours(n))]
+        # A folder this export writes (a full model's) may hold only files of this checkpoint's earlier export.
+        expanded = [f"{n}/{f}" if (self.out / n).is_dir() else n for n in names
+                    for f in (_files_under(self.out / n) if (self.out / n).is_dir() else [""])]
+        clash = [n for n in expanded if (self.out / n).exists() and not ((self.out / n).is_file() and self._ours(n))]
         if clash:
             raise DeliveryError(f"{self.out / clash[0]} is in the way: export writes that name and never replaces a file "
                                 f"it did not write{' (or one edited since)' if self.old else ''}. Move it, or give --out "
