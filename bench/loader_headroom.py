@@ -26,9 +26,8 @@ from common import model_folder, synthetic_shards, workdir  # noqa: E402
 
 
 def loader_rate(shards_dir: Path, workers: int, batches: int, batch_size: int = 1) -> float:
-    from torch.utils.data import DataLoader
-
     import torch
+    from torch.utils.data import DataLoader
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
     from wan_tune.data.sampler import BucketBatchSampler

@@ -33,14 +33,14 @@ CONFIGS = {
 
 def child(args) -> None:
     import torch
-
     from common import PeakRss, model_folder, rss_bytes, synthetic_shards, workdir
     from trainer_overhead import recipe_for
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
-    from wan_tune.models.spec import load_for_training, trainable_parameters
+    from wan_tune.models.spec import trainable_parameters
     from wan_tune.models.variants import get_variant
     from wan_tune.training import flow_matching as fm
+    from wan_tune.training.model_setup import load_for_training
 
     variant = get_variant(args.variant)
     root = workdir()

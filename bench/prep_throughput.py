@@ -51,8 +51,8 @@ def main() -> None:
     from data_prep.buckets import resize_crop
     from data_prep.encode import normalize_latents
     from data_prep.video import plan_windows
-    from wan_tune.footage import probe, read_frames
-    from wan_tune.synthetic import moving_shape, write_video
+    from wan_tune.media.footage import probe, read_frames
+    from wan_tune.media.synthetic import moving_shape, write_video
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-prep-"))
     src_frames = int(args.seconds * 24)

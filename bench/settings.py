@@ -195,7 +195,7 @@ def size(b: float) -> str:
 
 def put_in_docs(path: Path, key: str, text: str) -> None:
     """Replace (or append) the table of `key` in the docs file, atomically."""
-    from wan_tune.atomic import write_text
+    from wan_tune.data.atomic import write_text
 
     start, end = f"<!-- settings: {key} -->", "<!-- /settings -->"
     old = path.read_text() if path.is_file() else ""

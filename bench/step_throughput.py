@@ -60,9 +60,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
-    from wan_tune.models.spec import load_for_training, tokens_per_sample, trainable_parameters
+    from wan_tune.models.spec import tokens_per_sample, trainable_parameters
     from wan_tune.models.variants import get_variant
     from wan_tune.training import flow_matching as fm
+    from wan_tune.training.model_setup import load_for_training
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from wan_tune.footage import resize_crop  # noqa: F401  (prep's name for it; validation and sampling share it)
+from wan_tune.media.footage import resize_crop  # noqa: F401  (prep's name for it; validation and sampling share it)
 
 STEP = 16
 MAX_ASPECT = 4.0  # buckets span 1:4 .. 4:1

@@ -11,9 +11,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from wan_tune.footage import IMAGE_EXTS, VIDEO_EXTS
-
-from wan_tune.vace_inputs import VaceInputs, from_record, split_sidecars
+from wan_tune.media.footage import IMAGE_EXTS, VIDEO_EXTS
+from wan_tune.media.vace_inputs import VaceInputs, from_record, split_sidecars
 
 CAPTION_EXT = ".txt"  # sidecar captions: the only other files a footage folder is expected to hold
 MAX_CAPTION_BYTES = 64 << 10  # a caption is at most 512 umT5 tokens, a few KB; anything far larger is the wrong file

@@ -1,13 +1,13 @@
 """Cutting footage into frame windows at the target fps: which source frames make each training clip.
 
-Reading the frames is `wan_tune.footage` (shared with validation); this module decides which ones.
+Reading the frames is `wan_tune.media.footage` (shared with validation); this module decides which ones.
 """
 
 from __future__ import annotations
 
 import math
 
-from wan_tune.footage import MediaInfo, SkipClip, Window
+from wan_tune.media.footage import MediaInfo, SkipClip, Window
 
 END_SLACK_S = 0.1  # how far past the video a manifest's end may round
 

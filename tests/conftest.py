@@ -66,7 +66,7 @@ def recipe_file(tmp_path):
 def tiny_shards(tiny_folders, tmp_path_factory) -> dict[str, Path]:
     """Prepped shards (fp32) of 4 generated clips for each tiny variant: 9-frame windows, 64x96."""
     from data_prep.prep import run_prep
-    from wan_tune.synthetic import make_clips
+    from wan_tune.media.synthetic import make_clips
     from wan_tune.config import load_recipe
 
     root = tmp_path_factory.mktemp("shards")

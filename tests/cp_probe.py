@@ -30,7 +30,7 @@ def model(method: str, variant: str):
 def main() -> None:
     from test_offload import step
 
-    from wan_tune.training.context_parallel import Layout, enable
+    from wan_tune.parallel.context_parallel import Layout, enable
 
     method, variant, kind = sys.argv[1], sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo")

@@ -84,15 +84,15 @@ def _steps(recipe, n: int):
     from common import run_steps
 
     from wan_tune.data.dataset import ShardDataset, collate, to_device
-    from wan_tune.models.spec import load_for_training
+    from wan_tune.training.model_setup import load_for_training
     from wan_tune.models.variants import get_variant
 
     batch = to_device(collate([ShardDataset(recipe.data.shards)[0]]), "cpu", torch.float32, recipe.data.max_text_tokens)
     model = load_for_training(recipe)
     variant = get_variant(recipe.model.variant)
     yield  # loaded
-    from wan_tune.models.activation_offload import ActivationOffload, BlockCheckpoint
-    from wan_tune.models.working_set import checkpoint_attention, chunk_feed_forward
+    from wan_tune.memory.activation_offload import ActivationOffload, BlockCheckpoint
+    from wan_tune.memory.working_set import checkpoint_attention, chunk_feed_forward
 
     model.enable_gradient_checkpointing()
     run_steps(model, variant, batch, n, model.dtype)

@@ -27,7 +27,7 @@ def _lora_dropout(model, p: float) -> None:
 @pytest.mark.parametrize("fp8", [False, True], ids=["fp32-base", "fp8-base"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "lora-dropout"])
 def test_offloaded_inputs_give_the_same_loss_and_gradients(fp8, dropout):
-    from wan_tune.models.activation_offload import ActivationOffload
+    from wan_tune.memory.activation_offload import ActivationOffload
 
     reference_model = six_block_model(fp8)
     _lora_dropout(reference_model, dropout)
@@ -54,7 +54,7 @@ def test_offloaded_inputs_give_the_same_loss_and_gradients(fp8, dropout):
 def test_a_full_fine_tune_gets_the_gradients_of_the_embedders_too():
     """Full fine-tune: the text and time embeddings the blocks take need gradients (the embedders
     train); they come back through the offloaded blocks as through torch's checkpoint."""
-    from wan_tune.models.activation_offload import ActivationOffload
+    from wan_tune.memory.activation_offload import ActivationOffload
 
     def full_model():
         model = six_block_model()
@@ -76,8 +76,8 @@ def test_a_full_fine_tune_gets_the_gradients_of_the_embedders_too():
 
 
 def test_with_block_offload_too():
-    from wan_tune.models.activation_offload import ActivationOffload
-    from wan_tune.training.offload import BlockOffload
+    from wan_tune.memory.activation_offload import ActivationOffload
+    from wan_tune.memory.block_offload import BlockOffload
 
     reference = step(six_block_model(True))
     model = six_block_model(True)

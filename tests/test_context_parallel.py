@@ -123,7 +123,7 @@ def test_two_processes_on_one_clip_train_like_one_process_and_resume(method, tin
 @pytest.mark.parametrize("v, kind", [("tiny-i2v", "ulysses"), ("tiny", "ring")])
 def test_image_to_video_and_ring_attention_train_on_two_processes_like_one(v, kind, tiny_folders, tiny_shards, tmp_path):
     """I2V: the condition latents split with the noisy ones, the CLIP image tokens stay whole. Ring
-    attention: keys and values pass round the group (torch's CPU flash kernel, models/cp_attention.py).
+    attention: keys and values pass round the group (torch's CPU flash kernel, parallel/cp_attention.py).
     Gradient checkpointing on, through a stop at step 2 and a resume."""
     from launching import launch
 
@@ -189,7 +189,7 @@ def test_ring_attention_blocks_are_checkpointed_by_wan_tune_s_own_function():
     """diffusers' ring backward reads its saved tensors twice (its own read, then the kernel's
     backward op: on a GPU, `_native_flash`'s), which torch's checkpoint refuses."""
     from wan_tune.config import load_recipe
-    from wan_tune.models.activation_offload import BlockCheckpoint, block_checkpoint
+    from wan_tune.memory.activation_offload import BlockCheckpoint, block_checkpoint
 
     def chosen(*overrides):
         recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["train.gradient_checkpointing=true", *overrides])
@@ -204,7 +204,7 @@ def test_ring_attention_blocks_are_checkpointed_by_wan_tune_s_own_function():
 
 def test_token_counts_the_degree_does_not_divide_are_named():
     from wan_tune.models.variants import get_variant
-    from wan_tune.training.context_parallel import token_problem
+    from wan_tune.parallel.context_parallel import token_problem
 
     v = get_variant("wan2.1-t2v-14b")
     assert token_problem(v, [(81, 480, 832), (81, 720, 1280)], 2) is None  # 32,760 and 75,600 tokens

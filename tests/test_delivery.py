@@ -176,7 +176,7 @@ def test_a_damaged_run_log_does_not_stop_an_export(runs, tmp_path, damage):
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_files_take_the_mode_the_umask_gives(runs, tmp_path, umask):
     """Under umask 022 teammates read every exported file (mkstemp alone made each 0600)."""
-    from wan_tune.atomic import write_text
+    from wan_tune.data.atomic import write_text
 
     old = os.umask(umask)
     try:

@@ -33,7 +33,7 @@ def test_flf2v_inputs_are_what_the_pipeline_feeds_its_transformer(folder, tmp_pa
     from PIL import Image
 
     from data_prep.encode import Encoders
-    from wan_tune.synthetic import still_image
+    from wan_tune.media.synthetic import still_image
 
     variant = get_variant("tiny-flf2v")
     encoders = Encoders(resolve_source(variant, path=str(folder)), i2v=True)
@@ -74,7 +74,7 @@ def test_flf2v_chain_preps_trains_exports_and_samples(folder, tmp_path):
     from wan_tune.config import ConfigError, load_recipe
     from wan_tune.export.run import export
     from wan_tune.sampling import SampleArgs, SampleError, sample
-    from wan_tune.synthetic import make_clips
+    from wan_tune.media.synthetic import make_clips
     from wan_tune.training.errors import TrainingError
     from wan_tune.training.loop import train
 

@@ -21,9 +21,9 @@ import pytest
 from data_prep.prep import run_prep
 from data_prep.sources import discover
 from data_prep.summary import reason_kind
-from wan_tune.synthetic import moving_shape, write_video
+from wan_tune.media.synthetic import moving_shape, write_video
 from data_prep.video import plan_windows
-from wan_tune.footage import probe, read_frames
+from wan_tune.media.footage import probe, read_frames
 from footage_kinds import encode
 from test_prep import index_of, recipe_for
 
@@ -33,7 +33,7 @@ def encode_vp9_alpha(path: Path, seed: int) -> Path:
     libvpx) is loaded, PyAV's libvpx-vp9 encoder refuses to open in the same process (seen when
     this module ran after the demo's tests)."""
     code = (f"import sys; from pathlib import Path; sys.path[:0] = [{str(Path(__file__).parent)!r}]; "
-            "from footage_kinds import encode; from wan_tune.synthetic import moving_shape; "
+            "from footage_kinds import encode; from wan_tune.media.synthetic import moving_shape; "
             f"encode(Path({str(path)!r}), moving_shape(12, 96, 128, 'square', 'yellow', seed={seed}), "
             "codec='libvpx-vp9', pix_fmt='yuva420p')")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

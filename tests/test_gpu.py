@@ -48,7 +48,7 @@ def test_a2_cuda_autocast_hands_attention_fp32_q_k_and_the_cpu_emulation_agrees(
     rms_norm on CUDA's fp32 list (after 2.11: torch 2.11 on an H200 returned bf16); torch's flash
     backward refuses fp32 q/k beside a bf16 v; one_dtype makes them one dtype. The CPU emulation
     (models/precision.py) gives the same dtypes as CUDA for the same module."""
-    from wan_tune.models.cp_attention import one_dtype
+    from wan_tune.parallel.cp_attention import one_dtype
     from wan_tune.models.precision import cuda_autocast_emulated, on_cuda_fp32_list
 
     norm = torch.nn.RMSNorm(128, dtype=torch.bfloat16)
@@ -76,7 +76,7 @@ def _tiny_data(tmp_path: Path) -> tuple[Path, Path]:
     from data_prep.prep import run_prep
     from wan_tune.config import load_recipe
     from wan_tune.models.tiny import save_tiny_pipeline
-    from wan_tune.synthetic import make_clips
+    from wan_tune.media.synthetic import make_clips
 
     folder = save_tiny_pipeline(tmp_path / "tiny", "tiny", seed=0)
     clips = make_clips(tmp_path / "clips", 2, frames=20, height=96, width=128, fps=16)[0].parent
@@ -122,7 +122,7 @@ def test_b8_checkpointed_blocks_give_every_lora_its_gradient_under_cuda_autocast
     checkpoint (activation offload, attention checkpoints) equal torch's checkpoint's and are not zero."""
     from test_gpu_regime import bf16_inputs
 
-    from wan_tune.models.activation_offload import ActivationOffload, BlockCheckpoint
+    from wan_tune.memory.activation_offload import ActivationOffload, BlockCheckpoint
 
     inputs = {k: v.cuda() for k, v in bf16_inputs().items()}
 
@@ -148,8 +148,8 @@ def test_b1_pinned_host_memory_is_what_the_plan_counts():
     offload's buffers come from a HostArena of power-of-two slabs instead. What is pinned for 40
     real-length block inputs (tiny width) equals the arena's slabs, which the plan counts
     (packed_bytes), and stays within 7% of the payload (one pinned tensor each: 8 MiB for 6)."""
-    from wan_tune.models.activation_offload import HostStash
-    from wan_tune.models.host_arena import packed_bytes
+    from wan_tune.memory.activation_offload import HostStash
+    from wan_tune.memory.host_arena import packed_bytes
 
     stash = HostStash(slots=40)
     x = torch.empty(1, 32_760, 96, dtype=torch.bfloat16, device="cuda")  # 6.0 MiB

@@ -29,7 +29,7 @@ def bf16_lora(*extra: str):
     from diffusers import WanTransformer3DModel
 
     from wan_tune.models.loading import load_dtypes
-    from wan_tune.models.spec import adapt
+    from wan_tune.training.model_setup import adapt
     from wan_tune.models.variants import get_variant
 
     recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [*REGIME, *extra])
@@ -102,7 +102,7 @@ def test_cuda_autocast_emulation_hands_attention_fp32_q_and_k_as_a_gpu_does():
     assert q.dtype == torch.float32 and v.dtype == torch.bfloat16
     with pytest.raises(RuntimeError, match="expected scalar type"):
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, v, 0.0, False)
-    from wan_tune.models.cp_attention import one_dtype
+    from wan_tune.parallel.cp_attention import one_dtype
 
     with torch.autocast("cpu", torch.bfloat16):  # what every context-parallel call now hands its kernel
         assert {t.dtype for t in one_dtype(q, q, v)} == {torch.bfloat16}
@@ -135,7 +135,7 @@ def regime_data(tiny_folders, tiny_shards, tmp_path_factory) -> dict[str, tuple[
     reads the first frames from the footage."""
     from data_prep.prep import run_prep
     from wan_tune.models.tiny import save_tiny_pipeline
-    from wan_tune.synthetic import make_clips
+    from wan_tune.media.synthetic import make_clips
 
     root = tmp_path_factory.mktemp("regime")
     data = {v: (tiny_folders[v], tiny_shards[v], tiny_shards[v].parent / "clips") for v in ("tiny", "tiny-i2v")}

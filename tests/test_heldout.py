@@ -15,7 +15,8 @@ from test_train import demo
 from wan_tune.data.sampler import BucketBatchSampler
 from wan_tune.training.heldout import choose_holdout
 from wan_tune.training.loop import train
-from wan_tune.training.overview import FRAMES_PER_ROW, LABEL_HEIGHT
+from wan_tune.media.video_io import FRAMES_PER_ROW
+from wan_tune.training.overview import LABEL_HEIGHT
 
 
 def records(run_dir) -> list[dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from wan_tune.models.host_arena import ALIGN, HostArena, packed_bytes
+from wan_tune.memory.host_arena import ALIGN, HostArena, packed_bytes
 
 MIB, GIB = 2**20, 2**30
 
@@ -35,7 +35,7 @@ def test_a_14b_s_block_inputs_pin_a_little_over_their_bytes():
 
 def test_the_activation_stash_reuses_its_regions_across_buckets():
     """A smaller bucket's input goes into the region a larger one left; a larger one gets a new region."""
-    from wan_tune.models.activation_offload import HostStash
+    from wan_tune.memory.activation_offload import HostStash
 
     stash = HostStash(slots=2)
     big, small = torch.randn(1, 64, 8), torch.randn(1, 16, 8)

@@ -394,7 +394,7 @@ def test_ctrl_c_saves_like_sigterm_and_exits_130(world):
                          ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_in_prep_keeps_what_was_encoded(world, tiny_folders, signum, code, said):
     """Ctrl-C, or SIGTERM (a scheduler's, `kill`, #33): the samples so far written whole, one line, 128 + signal."""
-    from wan_tune.synthetic import make_clips
+    from wan_tune.media.synthetic import make_clips
 
     if not (world / "many").is_dir():
         make_clips(world / "many", 30, frames=20, height=64, width=96)

@@ -53,7 +53,7 @@ def test_functions_fit_on_a_page_and_files_in_a_sitting():
 
 def test_wan_tune_never_imports_the_prep_stage():
     """Prep imports wan_tune; training, models, data and export never import data_prep (footage is
-    read by wan_tune.footage, which both use). Only the commands dispatch to it."""
+    read by wan_tune.media.footage, which both use). Only the commands dispatch to it."""
     sources = _sources("wan_tune", "data_prep")
     known = {_module_name(rel) for rel in sources}
     offenders = sorted(f"{rel} imports {m}" for rel, tree in sources.items() if rel.startswith("wan_tune/")
@@ -79,3 +79,42 @@ def test_no_import_circles():
         if module not in done:
             visit(module, [module])
     assert not circles, circles
+
+
+# Which packages of wan_tune may import which (DESIGN.md section 1): the layers read bottom-up, data
+# and media under the model, the memory rungs over it, spreading over many GPUs over those, then
+# the loop, the planner and export. The entry points at the root (cli, train, demo, sampling) may
+# use any. `training.errors` is a leaf every stage raises from.
+MAY_IMPORT = {
+    "data": set(),
+    "media": {"data"},
+    "config": {"models"},  # the variant registry, for the cross-field checks
+    "models": {"config", "data", "media"},
+    "memory": {"config", "data", "models"},
+    "parallel": {"config", "data", "models", "memory"},
+    "training": {"config", "data", "media", "models", "memory", "parallel"},
+    "plan": {"config", "data", "models", "memory", "parallel", "training"},
+    "export": {"config", "data", "media", "models", "training"},
+}
+LEAVES = {"wan_tune.training.errors"}
+
+
+def test_packages_import_only_the_layers_under_them():
+    sources = _sources("wan_tune")
+    known = {_module_name(rel) for rel in sources}
+    assert {rel.split("/")[1] for rel in sources if rel.count("/") == 2} == set(MAY_IMPORT)  # every package has a rule
+    offenders = []
+    for rel, tree in sources.items():
+        if rel.count("/") != 2:  # the root's entry points
+            continue
+        package = rel.split("/")[1]
+        for m in _imports(rel, tree, known):
+            other = m.split(".")[1] if m.count(".") >= 1 else ""
+            if m not in LEAVES and other != package and other in MAY_IMPORT and other not in MAY_IMPORT[package]:
+                offenders.append(f"{rel} imports {m}")
+    assert not offenders, offenders
+
+
+def test_the_root_holds_entry_points_and_packages_only():
+    root = sorted(p.name for p in (ROOT / "wan_tune").glob("*.py"))
+    assert root == ["__init__.py", "cli.py", "demo.py", "sampling.py", "train.py"], root

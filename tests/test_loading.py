@@ -141,7 +141,8 @@ def test_fp8_streamed_load_equals_load_then_cast_in_every_layout(tiny_folders, t
     """train.fp8_base reads weights one at a time into fp8; the model (base weights, dtypes, LoRA
     init) and its output are bit-identical to loading in full precision and casting after."""
     from wan_tune.config import load_recipe
-    from wan_tune.models.spec import DTYPES, adapt, load_for_training
+    from wan_tune.models.precision import DTYPES
+    from wan_tune.training.model_setup import adapt, load_for_training
     from wan_tune.models.variants import get_variant
 
     folder = tiny_folders[variant]
@@ -174,8 +175,8 @@ def test_fp8_streamed_load_equals_load_then_cast_in_every_layout(tiny_folders, t
 
 
 def test_fp8_streamed_load_names_what_is_wrong(tiny_folders, tmp_path):
-    from wan_tune.models.spec import FP8_SKIP
-    from wan_tune.models.streamed import load_transformer_fp8
+    from wan_tune.memory.fp8_base import FP8_SKIP
+    from wan_tune.memory.fp8_base import load_transformer_fp8
 
     folder = tiny_folders["tiny"]
     sd = state_dict_to_original(build_tiny_pipeline("tiny", seed=0).transformer.state_dict())
@@ -192,12 +193,12 @@ def test_fp8_streamed_load_names_what_is_wrong(tiny_folders, tmp_path):
 
 
 def test_an_empty_model_filled_from_the_files_is_the_loaded_one(tiny_folders, tmp_path):
-    """FSDP2's load (models/sharded_load.py) on one process, where every weight is read whole: the
+    """FSDP2's load (parallel/sharded_load.py) on one process, where every weight is read whole: the
     LoRA'd model equals load_for_training's, bit for bit, from a folder and from an original single
     file; a file that lacks weights is named."""
     from wan_tune.config import load_recipe
-    from wan_tune.models.sharded_load import fill_shards
-    from wan_tune.models.spec import load_for_training
+    from wan_tune.parallel.sharded_load import fill_shards
+    from wan_tune.training.model_setup import load_for_training
 
     folder = tiny_folders["tiny-i2v"]
     single = tmp_path / "wan_original.safetensors"

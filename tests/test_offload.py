@@ -23,7 +23,7 @@ def six_block_model(fp8: bool = False, seed: int = 0, variant: str = "tiny"):
     from diffusers import WanTransformer3DModel
 
     from wan_tune.config import load_recipe
-    from wan_tune.models.spec import adapt
+    from wan_tune.training.model_setup import adapt
     from wan_tune.models.variants import get_variant
 
     variant = get_variant(variant)
@@ -53,7 +53,7 @@ def step(model, variant: str = "tiny"):
 @pytest.mark.parametrize("keep, arena", [(0, False), (2, False), (0, True)], ids=["keep0", "keep2", "keep0-arena"])
 def test_block_offload_gives_the_same_loss_and_gradients(fp8, keep, arena):
     """`arena`: the host copies in one HostArena's slabs, as a GPU's are (views, pinned there)."""
-    from wan_tune.training.offload import BlockOffload
+    from wan_tune.memory.block_offload import BlockOffload
 
     reference = step(six_block_model(fp8))
     model = six_block_model(fp8)
@@ -165,7 +165,7 @@ def test_compiled_blocks_train_like_eager_ones(tiny_folders, tiny_shards, tmp_pa
 def test_the_idle_expert_keeps_nothing_on_the_device():
     """Wan2.2 A14B, both experts trained with block offload: after a step BlockOffload keeps block 0
     for the next forward; when the other expert's step comes instead, that block leaves too (B14)."""
-    from wan_tune.training.offload import BlockOffload, ExpertSwap
+    from wan_tune.memory.block_offload import BlockOffload, ExpertSwap
 
     swap = ExpertSwap(torch.device("cpu"))
     experts, offloads = [six_block_model(), six_block_model(seed=1)], []
@@ -182,7 +182,7 @@ def test_the_idle_expert_keeps_nothing_on_the_device():
 def test_the_next_step_s_expert_swaps_in_when_the_step_is_done():
     """B14: once a step is done the next step's expert is known (the routing draw depends on the step
     alone): `prefetch` swaps it in then, so its forward finds it there and swaps nothing."""
-    from wan_tune.training.offload import ExpertSwap
+    from wan_tune.memory.block_offload import ExpertSwap
 
     swap = ExpertSwap(torch.device("cpu"))
     experts = [six_block_model(), six_block_model(seed=1)]

@@ -16,7 +16,7 @@ from wan_tune.models.variants import get_variant
 from wan_tune.plan import MemoryPlan, Setup, run_shape
 from wan_tune.plan.advice import cheapest, floor, ladder
 from wan_tune.plan.memory import GIB
-from wan_tune.models.host_arena import packed_bytes
+from wan_tune.memory.host_arena import packed_bytes
 from wan_tune.plan.meta_step import count_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_offload_keeps_few_blocks_on_the_gpu(plan_14b):
     block = (sum(rows(full, "base weights").values()) - sum(rows(none_kept, "base weights").values())) / (40 - 3)
     on_gpu = {name: sum(rows(b, "base weights").values()) for name, b in (("none", none_kept), ("some", some))}
     assert on_gpu["some"] == pytest.approx(on_gpu["none"] + 10 * block)
-    # Every streamed block has a pinned host copy, packed into power-of-two slabs (models/host_arena.py):
+    # Every streamed block has a pinned host copy, packed into power-of-two slabs (memory/host_arena.py):
     # a little over the payload, far under one rounded allocation per weight (audit B1).
     assert 40 * block <= none_kept.host <= 1.15 * 40 * block
     sizes = plan_14b.count(True, True).block_frozen_sizes

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from data_prep.encode import denormalize_latents
 from data_prep.prep import run_prep
-from wan_tune.synthetic import make_clips, moving_shape, still_image, write_video
+from wan_tune.media.synthetic import make_clips, moving_shape, still_image, write_video
 from wan_tune.config import load_recipe
 from wan_tune.data import shards
 
@@ -303,7 +303,7 @@ def test_i2v_conditioning_equals_the_diffusers_pipeline(tiny_folders, footage, t
     row, stored = reader.row(i), reader.tensors(i)
     from data_prep.buckets import resize_crop
     from data_prep.video import plan_windows
-    from wan_tune.footage import probe, read_frames
+    from wan_tune.media.footage import probe, read_frames
 
     # Rebuild the clip's first frame the way prep cut it, then let the pipeline condition on it.
     path = str(footage / row["source"])
@@ -336,7 +336,7 @@ def test_a_clip_deleted_during_prep_is_one_report_line(tmp_path):
     """#33: each of its windows failed alike, one report line each."""
     from data_prep.prep import Sample, Timer, _encode_one
     from data_prep.sources import SourceItem
-    from wan_tune.footage import Window
+    from wan_tune.media.footage import Window
 
     gone = SourceItem(str(tmp_path / "clip.mp4"), "clip.mp4")
     skips = []

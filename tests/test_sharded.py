@@ -70,7 +70,7 @@ def test_sharded_run_checkpoints_whole_weights_and_resumes(config, method, tiny_
     kind = config.split("_")[0]
     proc = launch(config, tiny_folders, tiny_shards, tmp_path, *METHODS[method])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # FSDP2 reads each rank's rows from the files after sharding (models/sharded_load.py): the
+    # FSDP2 reads each rank's rows from the files after sharding (parallel/sharded_load.py): the
     # losses and weights below are those of a normal load.
     assert ("each rank read only its shards' rows" in proc.stdout) == (kind == "fsdp2")
     # Partitioning is really on: each rank stores about half of every weight.
@@ -80,7 +80,8 @@ def test_sharded_run_checkpoints_whole_weights_and_resumes(config, method, tiny_
     assert set(digests) == {0, 1} and digests[0] == digests[1]
 
     # The checkpoint holds every trained weight at the model's full shape.
-    from wan_tune.models.spec import load_for_training, trainable_parameters
+    from wan_tune.training.model_setup import load_for_training
+    from wan_tune.models.spec import trainable_parameters
 
     want = {n: p.shape for n, p in trainable_parameters(load_for_training(recipe(tiny_folders, tiny_shards, tmp_path, *METHODS[method]))).items()}
     run = tmp_path / "demo-tiny"

@@ -11,7 +11,7 @@ import pytest
 
 from data_prep.captions import CaptionFileError, make_captions, read_captions
 from data_prep.sources import SourceError, discover
-from wan_tune.synthetic import make_clips, still_image, write_video, moving_shape
+from wan_tune.media.synthetic import make_clips, still_image, write_video, moving_shape
 from wan_tune.config.schema import CaptionConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from wan_tune.synthetic import moving_shape
+from wan_tune.media.synthetic import moving_shape
 from diffusers import AutoencoderKLWan
 
 from wan_tune.models.tiny_vae import CONFIG, cache_path, tiny_vae

@@ -222,7 +222,7 @@ def test_offline_wandb_run_holds_the_printed_losses(tiny_folders, tiny_shards, t
 @pytest.mark.parametrize("variant", ["tiny", "tiny-i2v"])
 def test_validation_videos_render_from_the_current_weights(tiny_folders, tiny_shards, tmp_path, variant):
     import decord
-    from wan_tune.synthetic import still_image
+    from wan_tune.media.synthetic import still_image
 
     extra = {"train.steps": "4", "validation.every": "2", "validation.prompts": "[wtune a red circle, a blue ring]",
              "validation.frames": "9", "validation.steps": "2", "validation.height": "48", "validation.width": "64"}

@@ -30,7 +30,7 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def inputs():
     """PIL frames of a control video, a binary mask and two references (one of another aspect)."""
-    from wan_tune.synthetic import grey_control, moving_shape, right_half_mask
+    from wan_tune.media.synthetic import grey_control, moving_shape, right_half_mask
 
     video = moving_shape(FRAMES, H, W, "circle", "red", seed=3)
     control = [Image.fromarray(f) for f in grey_control(video)]
@@ -133,7 +133,7 @@ def test_dropped_inputs_are_the_pipeline_runs_without_them(folder, inputs):
 
 def _bad_inputs(clips: Path) -> None:
     """Beside the good clips: a control too short, a grey mask, a sliver of a reference, an orphan."""
-    from wan_tune.synthetic import grey_control, moving_shape, right_half_mask, write_video
+    from wan_tune.media.synthetic import grey_control, moving_shape, right_half_mask, write_video
 
     write_video(clips / "clip_001.control.mp4", grey_control(moving_shape(6, 96, 128, seed=1)), 16)
     write_video(clips / "clip_002.mask.mp4", right_half_mask(20, 96, 128) // 2, 16)  # mid grey: not a mask
@@ -151,7 +151,7 @@ def test_vace_chain_preps_trains_the_vace_blocks_exports_and_samples(folder, tmp
     from wan_tune.config import ConfigError, load_recipe
     from wan_tune.export.run import export
     from wan_tune.sampling import SampleArgs, SampleError, sample
-    from wan_tune.synthetic import make_clips
+    from wan_tune.media.synthetic import make_clips
     from wan_tune.training.loop import train
 
     clips = make_clips(tmp_path / "clips", 5, frames=20, height=96, width=128, fps=16, vace=True)[0].parent
@@ -187,8 +187,22 @@ def test_vace_chain_preps_trains_the_vace_blocks_exports_and_samples(folder, tmp
     assert len(checks) == 4 and all(c.ok for c in checks), checks
     comfy = load_file(next((tmp_path / "export").glob("*-comfyui.safetensors")))
     assert "diffusion_model.vace_blocks.0.before_proj.lora_down.weight" in comfy  # ComfyUI's VACE key layout
-    with pytest.raises(ConfigError, match="kohya, which cannot carry adapters outside the transformer blocks"):
-        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [*base, "adapter.targets=[vace_blocks]", "export.format=all"])
+    with pytest.raises(ConfigError, match="kohya cannot carry adapters outside the transformer blocks"):
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [*base, "adapter.targets=[vace_blocks]", "export.format=kohya"])
+    # export.format=all (the demo's): the formats that hold the adapter, kohya named and left out (#34);
+    # the workflow, the card's snippet and sample line carry the run's vace.conditioning_scale.
+    copy = Path(result["checkpoint"]).parent / "step-000004"
+    (copy / "recipe.yaml").write_text((copy / "recipe.yaml").read_text().replace("format: comfyui", "format: all")
+                                      .replace("conditioning_scale: 1.0", "conditioning_scale: 0.7"))
+    said = []
+    assert all(c.ok for c in export(copy, out=tmp_path / "all", say=said.append))
+    assert any(s.startswith("left out the kohya format") for s in said), said
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "all").glob("*.safetensors")) == [
+        "comfyui.safetensors", "diffusers.safetensors"]
+    graph = json.loads(next((tmp_path / "all").glob("*-comfyui-workflow.json")).read_text())
+    assert [n["inputs"]["strength"] for n in graph.values() if n["class_type"] == "WanVaceToVideo"] == [0.7]
+    card = (tmp_path / "all" / "README.md").read_text()
+    assert "conditioning_scale=0.7" in card and "--conditioning-scale 0.7" in card
 
     args = dict(base=str(folder), prompt="wtune a red circle", frames=9, steps=2, height=64, width=96,
                 reference_image=[str(clips / "clip_000.ref.png")], control_video=str(clips / "clip_000.control.mp4"),
@@ -209,7 +223,7 @@ def test_vace_inputs_given_to_a_plain_model_are_named_and_a_vace_folder_is_not_t
     from data_prep.prep import run_prep
     from wan_tune.config import load_recipe
     from wan_tune.models.loading import ModelLoadError, load_transformer
-    from wan_tune.synthetic import make_clips
+    from wan_tune.media.synthetic import make_clips
 
     clips = make_clips(tmp_path / "clips", 1, frames=20, height=96, width=128, fps=16, vace=True)[0].parent
     said = []
@@ -250,7 +264,7 @@ def test_wan22_vace_fun_a14b_trains_both_experts_and_exports_one_file_and_a_work
     from wan_tune.config import load_recipe
     from wan_tune.export.run import export
     from wan_tune.models.tiny import save_tiny_pipeline
-    from wan_tune.synthetic import make_clips
+    from wan_tune.media.synthetic import make_clips
     from wan_tune.training.loop import train
 
     folder = save_tiny_pipeline(tmp_path / "tiny-vace-a14b", "tiny-vace-a14b", seed=0)
@@ -278,7 +292,7 @@ def test_wan22_vace_fun_a14b_trains_both_experts_and_exports_one_file_and_a_work
 def test_sidecars_match_in_any_case_and_a_shared_name_is_reported():
     """#33: `clip_000.REF.png` / `clip_001.Control.mp4` trained as footage; a still `clip_002.png`
     beside `clip_002.mp4` took the clip's sidecars unreported."""
-    from wan_tune.vace_inputs import split_sidecars
+    from wan_tune.media.vace_inputs import split_sidecars
 
     d = Path("/footage")
     names = ["clip_000.mp4", "clip_000.REF.png", "clip_001.MP4", "clip_001.Control.mp4", "Clip_001.mask.mp4",

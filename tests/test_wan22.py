@@ -131,7 +131,7 @@ def test_a14b_experts_load_from_one_original_file_each(folders, tmp_path):
 
 def test_ti2v_preps_48_channel_latents_and_trains(folders, tmp_path):
     from data_prep.prep import run_prep
-    from wan_tune.synthetic import make_clips
+    from wan_tune.media.synthetic import make_clips
     from safetensors.torch import load_file
 
     from wan_tune.config import ConfigError, load_recipe
@@ -179,7 +179,7 @@ def test_routing_follows_the_schedule_and_keeps_each_expert_on_its_side():
 @pytest.fixture(scope="module")
 def a14b_shards(folders, tmp_path_factory):
     from data_prep.prep import run_prep
-    from wan_tune.synthetic import make_clips
+    from wan_tune.media.synthetic import make_clips
 
     from wan_tune.config import load_recipe
 
@@ -306,7 +306,7 @@ def test_a14b_i2v_prep_conditioning_is_what_the_pipeline_feeds_and_trains(folder
     """Wan2.2 I2V: noisy latents ++ mask ++ first-frame latents, and no CLIP tokens at all."""
     from data_prep.encode import Encoders
     from data_prep.prep import run_prep
-    from wan_tune.synthetic import make_clips, still_image
+    from wan_tune.media.synthetic import make_clips, still_image
     from diffusers import WanImageToVideoPipeline
     from PIL import Image
 
@@ -357,7 +357,7 @@ def test_ti2v_image_conditioning_is_what_the_pipeline_feeds_and_trains(folders, 
     get timestep 0, and the loss leaves that frame out (it is given, not denoised)."""
     from data_prep.encode import Encoders
     from data_prep.prep import run_prep
-    from wan_tune.synthetic import make_clips, still_image
+    from wan_tune.media.synthetic import make_clips, still_image
     from diffusers import WanImageToVideoPipeline
     from PIL import Image
 

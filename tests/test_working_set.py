@@ -16,7 +16,7 @@ def _bf16_model(fp32_inputs: bool):
     from diffusers import WanTransformer3DModel
 
     from wan_tune.config import load_recipe
-    from wan_tune.models.spec import adapt
+    from wan_tune.training.model_setup import adapt
     from wan_tune.models.variants import get_variant
 
     variant = get_variant("tiny")
@@ -72,7 +72,7 @@ def _fp32_model(chunks: int, layers: int = 6, full: bool = False):
     from diffusers import WanTransformer3DModel
 
     from wan_tune.config import load_recipe
-    from wan_tune.models.spec import adapt
+    from wan_tune.training.model_setup import adapt
     from wan_tune.models.variants import get_variant
 
     variant = get_variant("tiny")
@@ -103,7 +103,7 @@ def test_ffn_chunks_give_the_same_outputs_and_gradients_within_reordered_sums(fu
 
 
 def test_ffn_chunks_with_activation_offload_and_the_module_names_kept():
-    from wan_tune.models.activation_offload import ActivationOffload
+    from wan_tune.memory.activation_offload import ActivationOffload
 
     plain = _fp32_model(2)
     reference = step(plain)
@@ -136,7 +136,7 @@ def _attention_model(attention: bool, full: bool = False, offload: bool = False)
     from diffusers import WanTransformer3DModel
 
     from wan_tune.config import load_recipe
-    from wan_tune.models.spec import adapt
+    from wan_tune.training.model_setup import adapt
     from wan_tune.models.variants import get_variant
 
     variant = get_variant("tiny")
@@ -243,9 +243,9 @@ def test_attention_checkpoints_over_an_fp8_base_with_block_offload():
     streamed block's weights must still be there (fp8 storage, block offload keeping 1 of 6)."""
     from test_offload import six_block_model
 
-    from wan_tune.models.activation_offload import BlockCheckpoint
-    from wan_tune.models.working_set import checkpoint_attention
-    from wan_tune.training.offload import BlockOffload
+    from wan_tune.memory.activation_offload import BlockCheckpoint
+    from wan_tune.memory.working_set import checkpoint_attention
+    from wan_tune.memory.block_offload import BlockOffload
 
     reference = step(six_block_model(True))
     model = six_block_model(True)

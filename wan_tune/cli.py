@@ -34,7 +34,6 @@ Overrides are dotted keys after the recipe: wan-tune check recipes/x.yaml train.
 
 def _check(args: argparse.Namespace) -> int:
     from .config import to_yaml
-
     from .config.checks import missing_inputs
 
     recipe = _load(args)
@@ -82,7 +81,7 @@ def _caption(args: argparse.Namespace) -> int:
     from data_prep.sources import SourceError, discover
     from data_prep.vlm import CaptionModelError
 
-    from .atomic import writable_problem
+    from .data.atomic import writable_problem
 
     recipe = _load(args)
     if recipe is None:
@@ -109,6 +108,7 @@ def _prep(args: argparse.Namespace) -> int:
     from data_prep.sources import SourceError
     from data_prep.summary import format_summary
     from data_prep.vlm import CaptionModelError
+
     from .data.shards import ShardFormatError
     from .models.loading import ModelLoadError
 
@@ -144,10 +144,9 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .export.adapters import FORMATS, ExportError
+    from .export.push import PushError, preflight
     from .export.run import export, format_checks
     from .models.loading import ModelLoadError
-
-    from .export.push import PushError, preflight
 
     formats = list(FORMATS) if args.format == "all" else [args.format] if args.format else None  # None: the recipe's
     try:
@@ -210,7 +209,12 @@ def _demo(args: argparse.Namespace) -> int:
     except (DemoError, ConfigError) as err:
         print(f"wan-tune demo: {err}", file=sys.stderr)
         return 1 if isinstance(err, DemoError) else 2
-    return 0 if result["selftest_ok"] and result["last_loss"] < result["first_loss"] else 1
+    from .demo import verdict
+
+    failed = verdict(result)
+    if failed:
+        print(f"wan-tune demo: {failed}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _make_tiny(args: argparse.Namespace) -> int:

@@ -89,12 +89,14 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     from data_prep.summary import format_summary
 
     from .export.run import export, format_checks
-    from .synthetic import make_clips
+    from .media.synthetic import make_clips
     from .models.loading import resolve_source
     from .sampling import SampleArgs, sample
     from .training.loop import train
 
     recipe = load_recipe(recipe_path or find_demo_recipe(), overrides or [])
+    # A run shorter than the recipe's own (train.steps=4 to try the chain) is not judged on learning.
+    recipe_steps = load_recipe(recipe_path or find_demo_recipe(), warn=lambda _m: None).train.steps
     times: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -155,6 +157,7 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
         "model_card": str(exported / "README.md"), "workflow": str(next(exported.glob("*-comfyui-workflow.json"), "")),
         "samples": prep["samples"], "first_loss": first, "last_loss": last, "loss_window": len(trained["first_losses"]), "selftest_ok": all(c.ok for c in checks), "times": times,
         "heldout": trained["heldout"], "best": trained["best"],
+        "judged": recipe.train.steps >= recipe_steps, "recipe_steps": recipe_steps,
         "overview": str(run_dir / "validation" / "index.html") if recipe.validation.every else None,
     }
     say(format_result(result))
@@ -170,10 +173,22 @@ def format_result(r: dict) -> str:
     lines += ["", f"  loss: first {r['loss_window']} steps {r['first_loss']:.4f} -> last {r['loss_window']} steps {r['last_loss']:.4f} "
                   f"({(1 - r['last_loss'] / r['first_loss']):.0%} lower)",
               *([held_out_line(r["heldout"], r["best"])] if r.get("heldout") else []),
+              *([] if r.get("judged", True) else [f"  (not judged on learning: {r['recipe_steps']} steps in the recipe, "
+                                                   "this run trained fewer)"]),
               f"  export self-test: {'all ok' if r['selftest_ok'] else 'FAILED'}", "",
               "  time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["times"].items()),
               f"  total: {sum(r['times'].values()):.1f} s"]
     return "\n".join(lines)
+
+
+def verdict(r: dict) -> str | None:
+    """Why the demo failed, in one line (None: it did not)."""
+    if not r["selftest_ok"]:
+        return "the export's self-test failed (the table above names the file)"
+    if r["judged"] and r["last_loss"] >= r["first_loss"]:
+        return (f"the training loss did not go down (first {r['loss_window']} steps {r['first_loss']:.4f}, last "
+                f"{r['last_loss']:.4f}): the chain ran, but did not learn")
+    return None
 
 
 def held_out_line(scores: dict[int, float], best: str | None) -> str:

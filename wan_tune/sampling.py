@@ -9,13 +9,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_write, writable_problem, write_json
+from .data.atomic import atomic_write, writable_problem, write_json
+from .media.vace_media import (
+    ConditioningError,
+    control_frames,
+    mask_frames,
+    pipeline_inputs,
+    reference_images,
+    sheet_rows,
+)
+from .media.video_io import frame_row, to_uint8, write_video
 from .models.loading import ModelLoadError, read_pipeline_config, resolve_source
 from .models.variant_checks import architecture_mismatches, pipeline_mismatches
 from .models.variants import VARIANTS, Variant
-from .training.overview import frame_row, write_sheet
-from .vace_media import ConditioningError, control_frames, mask_frames, pipeline_inputs, reference_images, sheet_rows
-from .video_io import to_uint8, write_video
+from .training.overview import write_sheet
 
 
 class SampleError(RuntimeError):
@@ -146,7 +153,6 @@ def contact_sheet(frames: np.ndarray, count: int = 8) -> "Image.Image":
     """`count` evenly spaced frames side by side (uint8 [T, H, W, 3] in)."""
     from PIL import Image
 
-    from .training.overview import frame_row
 
     return Image.fromarray(frame_row(frames, count))
 

@@ -73,9 +73,9 @@ def _lora_errors(r: Recipe, variant: Variant | None, invalid: set[str]) -> list[
     elif variant is not None and not {"adapter.targets", "adapter.rank"} & invalid:
         errors += target_errors(r.adapter.targets, r.adapter.rank, variant)
     outside = [t for t in r.adapter.targets if t.split(".")[0] in OUTSIDE_BLOCKS or t.startswith(VACE_PRESET)]
-    if outside and r.export.format in ("kohya", "all"):
-        errors.append(("export.format", f"{r.export.format} includes kohya, which cannot carry adapters outside the "
-                       f"transformer blocks ({', '.join(outside)}): set export.format=comfyui or diffusers"))
+    if outside and r.export.format == "kohya":  # `all` writes the formats that can hold it and names the rest
+        errors.append(("export.format", f"kohya cannot carry adapters outside the transformer blocks "
+                       f"({', '.join(outside)}): set export.format=comfyui, diffusers or all"))
     return errors
 
 

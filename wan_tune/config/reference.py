@@ -1,7 +1,7 @@
-"""The README's recipe reference, generated from the schema so the two cannot disagree.
+"""The recipe reference (docs/recipe-reference.md), generated from the schema so the two cannot disagree.
 
-`python -m wan_tune.config.reference` prints it, `... --update-readme` rewrites the README's
-block; a test checks the README holds exactly this.
+`python -m wan_tune.config.reference` prints it, `... --update-docs` rewrites the page's generated
+block; a test checks the page holds exactly this.
 """
 
 from __future__ import annotations
@@ -51,8 +51,11 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: str = "README.md") -> None:
-    """Replace the generated block in the README with the current reference."""
+REFERENCE_PAGE = "docs/recipe-reference.md"
+
+
+def update_docs(path: str = REFERENCE_PAGE) -> None:
+    """Replace the generated block of the reference page with the current reference."""
     from pathlib import Path
 
     text = Path(path).read_text()
@@ -63,7 +66,7 @@ def update_readme(path: str = "README.md") -> None:
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] == ["--update-readme"]:
-        update_readme()
+    if sys.argv[1:] in (["--update-docs"], ["--update-readme"]):  # the second: its name before the page moved
+        update_docs()
     else:
         print(reference_markdown())

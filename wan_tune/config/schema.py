@@ -1,6 +1,6 @@
 """Every recipe key: one dataclass per section, each field with its one-line doc.
 
-The docs here are the README's recipe reference (`wan_tune.config.reference`), so a key is
+The docs here are the recipe reference (docs/recipe-reference.md, `wan_tune.config.reference`), so a key is
 documented exactly once. Field-level rules (`choices`, `check`) live beside the field; rules
 that involve several keys live in `checks.py`.
 """

@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..atomic import atomic_write, save_tensors, write_json
+from .atomic import atomic_write, save_tensors, write_json
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from ..config import Recipe, to_yaml
-from ..training.facts import data_facts
 from ..models.variants import Variant, expert_label, get_variant, pipeline_class
+from ..training.facts import data_facts
 
 SAMPLES = "samples"
 LICENSE = "apache-2.0"  # Wan 2.1 and 2.2 are released under Apache 2.0
@@ -120,12 +120,14 @@ def _training_section(recipe: Recipe, facts: dict, data: dict, samples: list[Pat
     return "\n".join(lines) + "\n"
 
 
-def _inputs_code(variant: Variant) -> tuple[str, str]:
-    """(lines loading the conditioning, keyword arguments passing it) for the variant's pipeline."""
+def _inputs_code(variant: Variant, r) -> tuple[str, str]:
+    """(lines loading the conditioning, keyword arguments passing it) for the variant's pipeline;
+    VACE at the scale the run trained at."""
     if variant.vace:
         return ('from diffusers.utils import load_image, load_video\n'
                 'control, mask = load_video("control.mp4"), load_video("mask.mp4")\n'
-                'reference = load_image("reference.png")\n'), "video=control, mask=mask, reference_images=[reference], "
+                'reference = load_image("reference.png")\n'), (f"video=control, mask=mask, reference_images=[reference], "
+                                                               f"conditioning_scale={r.conditioning_scale:g}, ")
     if variant.last_frame:
         return ('from diffusers.utils import load_image\n'
                 'first, last = load_image("first_frame.png"), load_image("last_frame.png")\n'), "image=first, last_image=last, "
@@ -135,7 +137,7 @@ def _inputs_code(variant: Variant) -> tuple[str, str]:
 
 
 def _diffusers_section(variant: Variant, files: dict[tuple[str, str], str], base: str, r) -> str:
-    load, kwargs = _inputs_code(variant)
+    load, kwargs = _inputs_code(variant, r)
     # The diffusers file, else the comfyui one (diffusers reads both); A14B: the low-noise file into transformer_2.
     chosen = {label: files.get((label, "diffusers")) or files.get((label, "comfyui")) for label, _ in files}
     lora = "".join(f'pipe.load_lora_weights(".", weight_name="{name}"'
@@ -180,7 +182,8 @@ def workflow_inputs(variant: Variant) -> list[str]:
 
 def _sample_section(variant: Variant, files: dict[tuple[str, str], str], base: str, r) -> str:
     adapters = [n for (_, fmt), n in files.items() if fmt == "comfyui"] or list(files.values())[:2]
-    extra = {"VACE": " --reference-image reference.png --control-video control.mp4 --mask-video mask.mp4",
+    extra = {"VACE": " --reference-image reference.png --control-video control.mp4 --mask-video mask.mp4"
+                     f" --conditioning-scale {r.conditioning_scale:g}",
              "FLF2V": " --image first_frame.png --last-image last_frame.png", "I2V": " --image first_frame.png"}.get(variant.kind, "")
     loras = " ".join(f"--lora {a}" for a in adapters)
     return (f"## Use it with wan-tune\n\n```bash\nwan-tune sample --base {base} {loras} --prompt {json.dumps(r.prompt)}"
@@ -196,7 +199,7 @@ def render_settings(recipe: Recipe, variant: Variant):
     return Render(prompt=v.prompts[0] if v.prompts else f"{recipe.caption.trigger_word} style".strip(), negative="",
                   width=v.width or recipe.data.resolutions[0][1], height=v.height or recipe.data.resolutions[0][0],
                   frames=v.frames, steps=v.steps, cfg=v.guidance_scale, fps=variant.fps, seed=v.seed,
-                  shift=recipe.timesteps.shift or variant.flow_shift)
+                  shift=recipe.timesteps.shift or variant.flow_shift, conditioning_scale=recipe.vace.conditioning_scale)
 
 
 def base_reference(recipe: Recipe, variant: Variant, final: Path) -> str:
@@ -234,7 +237,7 @@ def shareable_yaml(recipe: Recipe, final: Path) -> str:
 def write_share_files(recipe: Recipe, state: dict, checkpoint: Path, out: Path, stem: str,
                       files: dict[tuple[str, str], str], final: Path | None = None) -> list[Path]:
     """The ComfyUI workflow (when a comfyui adapter was written), the samples and the model card, beside the adapters."""
-    from ..atomic import write_json, write_text
+    from ..data.atomic import write_json, write_text
     from .comfyui_workflow import workflow
 
     variant = get_variant(recipe.model.variant)

@@ -70,6 +70,7 @@ class Render:
     shift: float
     fps: float
     seed: int = 0
+    conditioning_scale: float = 1.0  # VACE: the run's vace.conditioning_scale (WanVaceToVideo's strength)
 
 
 def model_files(variant: Variant) -> tuple[tuple[str, ...], str]:
@@ -114,7 +115,8 @@ def _conditioning(g: Graph, variant: Variant, r: Render, positive, negative, vae
         mask_frames = g.add("GetVideoComponents", "Mask frames", video=out(g.add("LoadVideo", "Mask video", file=INPUTS["mask"])))
         mask = g.add("ImageToMask", "Mask (white: generate)", image=out(mask_frames), channel="red")
         reference = g.add("LoadImage", "Reference image", image=INPUTS["reference"])
-        node = g.add("WanVaceToVideo", "VACE", positive=positive, negative=negative, vae=vae, **size, strength=1.0,
+        node = g.add("WanVaceToVideo", "VACE", positive=positive, negative=negative, vae=vae, **size,
+                     strength=r.conditioning_scale,
                      control_video=out(control), control_masks=out(mask), reference_image=out(reference))
         return out(node, 0), out(node, 1), out(node, 2), out(node, 3)
     if variant.expand_timesteps:  # TI2V-5B: text to video here; give start_image to start on a frame

@@ -22,7 +22,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from ..atomic import file_digest, write_json
+from ..data.atomic import file_digest, write_json
 
 MANIFEST = "wan-tune-export.json"
 FORMAT_VERSION = 1

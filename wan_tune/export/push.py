@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from .delivery import MANIFEST
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
@@ -61,7 +62,8 @@ def export_folder(path: str | os.PathLike, say=print) -> Path:
     if read_manifest(path) is not None:
         return path
     if (path / "state.json").is_file() or path.name == "best":
-        from .run import export, export_folder as folder_of, read_checkpoint, resolve_checkpoint
+        from .run import export, read_checkpoint, resolve_checkpoint
+        from .run import export_folder as folder_of
 
         checkpoint = resolve_checkpoint(path)
         folder = folder_of(checkpoint, read_checkpoint(checkpoint, say)[0])

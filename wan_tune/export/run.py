@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..atomic import save_tensors, writable_problem
 from ..config import Recipe, load_recipe, recipe_hash
+from ..data.atomic import save_tensors, writable_problem
 from ..models.keymap import state_dict_to_original
-from ..training.facts import recipe_drift
 from ..models.variants import Variant, expert_label, get_variant, transformer_class
+from ..training.facts import recipe_drift
 from .adapters import (
     FORMATS,
     Adapter,
@@ -144,6 +144,8 @@ def export(
     fine-tune, which writes the whole model), self-test each file; returns the checks."""
     checkpoint = resolve_checkpoint(checkpoint)  # <run>/best: the folder best.json names, exports go there
     recipe, state, experts = read_checkpoint(checkpoint, say)
+    # export.format=all (the demo's): the formats that can hold this adapter, the others named and left out.
+    fitting = formats is None and recipe.export.format == "all"
     if formats is None:
         formats = list(FORMATS) if recipe.export.format == "all" else [recipe.export.format]
     out = export_folder(checkpoint, recipe, out)
@@ -156,7 +158,7 @@ def export(
     except DeliveryError as err:
         raise ExportError(str(err)) from None
     with delivery as stage:
-        checks = _write_export(recipe, state, checkpoint, experts, formats, stage, merge, say, final=out)
+        checks = _write_export(recipe, state, checkpoint, experts, formats, stage, merge, say, final=out, fitting=fitting)
         passed = all(c.ok for c in checks)
         try:
             delivered = delivery.deliver() if passed else delivery.keep_failed()
@@ -169,7 +171,7 @@ def export(
     elif delivered:
         say(f"kept what failed its self-test, to inspect: {', '.join(p.name for p in delivered[:4])}")
     if passed:
-        from ..training.artifacts import log_export
+        from .artifact import log_export
 
         log_export(recipe, checkpoint, out, state["step"], run_facts(recipe, checkpoint, state["step"]).get("heldout_loss"), say)
     return checks
@@ -183,7 +185,7 @@ def export_folder(checkpoint: Path, recipe: Recipe, out: str | Path | None = Non
 def export_identity(checkpoint: Path, recipe: Recipe, state: dict) -> dict:
     """Which export this is, for the folder's manifest: the run, the step and its weights' checksums
     (two runs that share a name and a step are still told apart)."""
-    from ..atomic import file_digest
+    from ..data.atomic import file_digest
     from ..training.checkpoint import expert_file
 
     names = [expert_file("trainable.safetensors", e) for e in state.get("experts", ["transformer"])]
@@ -203,7 +205,7 @@ def expected_names(recipe: Recipe, state: dict, formats: list[str], merge: bool)
 
 
 def _write_export(recipe: Recipe, state: dict, checkpoint: Path, experts: dict, formats: list[str], out: Path,
-                  merge: bool, say, final: Path) -> list[Check]:
+                  merge: bool, say, final: Path, fitting: bool = False) -> list[Check]:
     """Every file of the export into `out` (the staging folder of `final`); the checks."""
     variant = get_variant(recipe.model.variant)
     stem = f"{recipe.run.name}-step{state['step']:06d}"
@@ -213,7 +215,7 @@ def _write_export(recipe: Recipe, state: dict, checkpoint: Path, experts: dict, 
     for expert, weights in experts.items():
         # A14B: one file per expert (ComfyUI loads one LoRA per model node), its name says which.
         named = f"{stem}-{expert_label(variant, expert)}" if variant.two_experts else stem
-        checks += export_adapter(recipe, state, weights, formats, out, named, merge, say, expert)
+        checks += export_adapter(recipe, state, weights, formats, out, named, merge, say, expert, fitting)
         files.update({(expert_label(variant, expert), fmt): f"{named}-{fmt}.safetensors" for fmt in formats
                       if (out / f"{named}-{fmt}.safetensors").is_file()})  # a file that failed its self-test is not
     if all(c.ok for c in checks):
@@ -222,7 +224,9 @@ def _write_export(recipe: Recipe, state: dict, checkpoint: Path, experts: dict, 
 
 
 def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str], out: Path, stem: str, merge: bool,
-                   say, expert: str = "transformer") -> list[Check]:
+                   say, expert: str = "transformer", fitting: bool = False) -> list[Check]:
+    """Each of `formats` written and self-tested; `fitting`: a format that cannot hold the adapter
+    (kohya and VACE blocks) is left out with a line saying why, not refused."""
     from ..models.spec import lora_config
 
     variant = get_variant(recipe.model.variant)
@@ -232,16 +236,14 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
     # Every format is built (and any refused) before the first file is written.
     built = []
     for fmt in formats:
-        if fmt == "comfyui":
-            sd, meta = comfyui_state_dict(adapter), {}
-            bad = check_original_keys(sd, variant, "diffusion_model.")
-            if bad:
-                raise ExportError(f"original-format keys that name no module of the original model: {listing(bad)}")
-        elif fmt == "diffusers":
-            sd, meta = diffusers_state_dict(adapter), diffusers_metadata(adapter)
-        else:
-            sd, meta = kohya_state_dict(adapter, variant.is_i2v), {}
-        built.append((fmt, sd, meta))
+        try:
+            built.append((fmt, *_state_dict(fmt, adapter, variant)))
+        except ExportError as err:
+            if not fitting or len(formats) == 1:
+                raise
+            say(f"left out the {fmt} format: {str(err).splitlines()[0]}")
+    if not built:
+        raise ExportError(f"none of the formats {', '.join(formats)} can hold this adapter")
     checks = []
     for fmt, sd, meta in built:
         path = save_tensors(out / f"{stem}-{fmt}.safetensors", sd,
@@ -258,6 +260,19 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
     if merge:
         checks += export_merged(recipe, adapter, out / f"{stem}-merged", say, expert)
     return checks
+
+
+def _state_dict(fmt: str, adapter: Adapter, variant: Variant) -> tuple[dict, dict]:
+    """(tensors, header) of the adapter in `fmt`, or an ExportError when the format cannot hold it."""
+    if fmt == "comfyui":
+        sd = comfyui_state_dict(adapter)
+        bad = check_original_keys(sd, variant, "diffusion_model.")
+        if bad:
+            raise ExportError(f"original-format keys that name no module of the original model: {listing(bad)}")
+        return sd, {}
+    if fmt == "diffusers":
+        return diffusers_state_dict(adapter), diffusers_metadata(adapter)
+    return kohya_state_dict(adapter, variant.is_i2v), {}
 
 
 def _write_transformer(model, folder: Path, recipe: Recipe, say, expert: str = "transformer") -> list[Path]:

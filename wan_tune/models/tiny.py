@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import new_file_mode
+from ..data.atomic import new_file_mode
 from .variants import TINY_IMAGE_DIM, TINY_TEXT_DIM, Variant, get_variant, pipeline_class, transformer_class
 
 # Words the demo and the tests use in captions; anything else becomes <unk>.

@@ -3,7 +3,7 @@
 A random VAE decodes anything to noise, so the demo could show that every stage runs but not that
 the LoRA learned the look of its clips. This one is the same `AutoencoderKLWan` (8x spatial, 4x
 temporal, 16 latent channels, at small widths), trained for under a minute on crops of frames of the
-synthetic footage the demo and the tests generate (`wan_tune.synthetic`) and on random colour
+synthetic footage the demo and the tests generate (`wan_tune.media.synthetic`) and on random colour
 fields: its reconstructions show the gradient and the moving shape, blurred, and a latent that is
 not of the demo's style decodes to something else.
 
@@ -105,7 +105,8 @@ def _frames() -> torch.Tensor:
     VAE would decode any latent into the demo's style, and the base model's renders would look
     learned too."""
     import numpy as np
-    from ..synthetic import COLORS, SHAPES, moving_shape
+
+    from ..media.synthetic import COLORS, SHAPES, moving_shape
 
     # At the demo's bucket size (64x96): the shapes' size against the frame is what the VAE learns to keep.
     clips = [moving_shape(9, 64, 96, SHAPES[i % len(SHAPES)], list(COLORS)[i % len(COLORS)], seed=100 + i) for i in range(24)]
@@ -142,9 +143,9 @@ def _frame_by_frame(vae) -> list[torch.nn.Module]:
 
 def _train_and_save(path: Path) -> None:
     from diffusers import AutoencoderKLWan
-    from tqdm import tqdm
 
-    from ..atomic import save_tensors
+    from ..data.atomic import save_tensors
+    from ..data.progress import progress
     from ..data.shards import checksum
 
     with torch.random.fork_rng(devices=[]):  # the tiny pipeline's own random init must not depend on the cache
@@ -154,7 +155,7 @@ def _train_and_save(path: Path) -> None:
         frames = _frames()
         g = torch.Generator().manual_seed(SEED)
         opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=LR)
-        for _ in tqdm(range(STEPS), desc="training the tiny VAE (once per machine)", unit="step"):
+        for _ in progress(range(STEPS), desc="training the tiny VAE (once per machine)", unit="step"):
             idx = torch.randint(0, len(frames), (BATCH,), generator=g)
             top = int(torch.randint(0, (frames.shape[2] - CROP[0]) // 8 + 1, (1,), generator=g)) * 8
             left = int(torch.randint(0, (frames.shape[3] - CROP[1]) // 8 + 1, (1,), generator=g)) * 8

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Recipe, to_yaml
-from ..models.host_arena import packed_bytes
+from ..memory.host_arena import packed_bytes
 from ..models.precision import AUTOCAST, base_dtype
 from ..models.variants import Variant, get_variant, trained_experts
 from .flops import step_flops
@@ -21,11 +21,11 @@ from .meta_step import StepCount, count_step, with_train
 
 GIB = 2**30
 # Streamed blocks on the GPU at once under train.offload=blocks: the one running, the next one
-# prefetched on the side stream, and the one just finished (training/offload.py drops its copy, the
+# prefetched on the side stream, and the one just finished (memory/block_offload.py drops its copy, the
 # memory returns once the backward no longer holds views of it).
 STREAMED_BLOCKS = 3
 # Block inputs on the GPU at once under train.activation_offload: in the backward, the input of the
-# block recomputing and the one copied back ahead of it (models/activation_offload.py).
+# block recomputing and the one copied back ahead of it (memory/activation_offload.py).
 INPUTS_IN_FLIGHT = 2
 # DeepSpeed's defaults (runtime/zero/config.py), which launch/accelerate/zero*.yaml leave as they are:
 # gradients are reduced through a buffer of reduce_bucket_size elements, two of them with
@@ -349,7 +349,7 @@ class MemoryPlan:
 
     def _host(self, s: Setup, count: StepCount) -> float:
         """Host RAM the run pins, per trained expert (each has its own copies), in the slabs of the
-        trainer's `HostArena`s (models/host_arena.py: packed as they pack, tails and last slabs
+        trainer's `HostArena`s (memory/host_arena.py: packed as they pack, tails and last slabs
         included): the streamed blocks' weights; with two experts, each one's other frozen weights
         (the active one's host copy stays: offloading drops the device copy only); a buffer per block
         input under activation offload."""

@@ -226,7 +226,7 @@ def build_model(recipe, variant, layers: int, load_dtype: torch.dtype, device: s
     trainer adapts it."""
     from ..models.loading import load_dtypes
     from ..models.variants import transformer_class
-    from ..models.spec import adapt
+    from ..training.model_setup import adapt
 
     # On the device throughout, so the LoRA layers peft adds are made (and initialised) there too.
     with torch.random.fork_rng(devices=[]), torch.device(device):
@@ -252,8 +252,8 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
     suffice. `device="cpu"` runs the same step for real, with torch's own attention, checkpointing
     and autocast: the reference the meta emulation is tested against. `cuda`: autocast as CUDA's
     (its fp32 list too; on a CPU, models/precision.py's emulation of it)."""
+    from ..memory.working_set import shrink_working_set
     from ..models.precision import cuda_autocast_emulated
-    from ..models.working_set import shrink_working_set
 
     model = build_model(recipe, variant, layers, load_dtype, device)
     if engine_dtype is not None:
@@ -353,10 +353,10 @@ def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list[tuple
 
 
 def _block_checkpoint(model, recipe, kernels: DeviceKernels):
-    """The trainer's block checkpoint (models/activation_offload.py: block_checkpoint) with the
+    """The trainer's block checkpoint (memory/activation_offload.py: block_checkpoint) with the
     emulated kernels entered around each block, or diffusers' default. The plan counts activation
     offload from what stays on the device (plan/memory.py), so its blocks are counted as kept here."""
-    from ..models.activation_offload import BlockCheckpoint
+    from ..memory.activation_offload import BlockCheckpoint
 
     if recipe.train.attention_checkpointing:
 
@@ -371,7 +371,7 @@ def _block_checkpoint(model, recipe, kernels: DeviceKernels):
 def _checkpoint_with(kernels: DeviceKernels):
     """diffusers' default gradient-checkpointing function, with `kernels` entered around the block
     both in the forward and in the backward's recompute (`context_fn`: selective checkpointing, as
-    models/working_set.py passes it)."""
+    memory/working_set.py passes it)."""
 
     def checkpointed(block, *args, context_fn=None):
         def run(*inputs):

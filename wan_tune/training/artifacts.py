@@ -1,6 +1,6 @@
 """W&B model artifacts (`tracking.log_artifacts`): each checkpoint's adapter (`all`), the best one by
-held-out loss (`best`; the last one when the run has no held-out clips), or none; and, at
-export, the exported files. Each artifact carries the step and held-out loss as metadata, so the
+held-out loss (`best`; the last one when the run has no held-out clips), or none; the exported
+files are logged by export (export/artifact.py). Each artifact carries the step and held-out loss as metadata, so the
 W&B model registry can rank them."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def artifact_name(recipe: Recipe, kind: str) -> str:
     return re.sub(r"[^\w.-]", "-", f"{recipe.run.name}-{kind}")
 
 
-def _artifact(recipe: Recipe, kind: str, files: list[Path], metadata: dict, root: Path | None = None):
+def make_artifact(recipe: Recipe, kind: str, files: list[Path], metadata: dict, root: Path | None = None):
     """The artifact of `files`, each named by its path under `root` (its own name without one)."""
     import wandb
 
@@ -40,33 +40,7 @@ def log_checkpoint(run, path: Path, step: int, heldout_loss: float | None, best:
         return False
     files = sorted(path.glob("trainable*.safetensors")) + [path / "recipe.yaml", path / "state.json"]
     aliases = [f"step-{step}", "latest"] + (["best"] if best and heldout_loss is not None else [])
-    artifact = _artifact(recipe, "adapter", files, {"step": step, "heldout_loss": heldout_loss, "checkpoint": path.name})
+    artifact = make_artifact(recipe, "adapter", files, {"step": step, "heldout_loss": heldout_loss, "checkpoint": path.name})
     run.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact, aliases=aliases)
     run.say(f"logged {path.name} to W&B as model artifact {artifact.name} ({', '.join(aliases)})")
-    return True
-
-
-def log_export(recipe: Recipe, checkpoint: Path, out: Path, step: int, heldout_loss: float | None, say=print) -> bool:
-    """The exported files as the `export` artifact, in a W&B run of job type `export` beside the
-    training run (in its folder, offline when the recipe says so). Skipped, with a note, where W&B
-    cannot start (no API key)."""
-    from .tracking import tracking_problem
-
-    if not wanted(recipe):
-        return False
-    problem = tracking_problem(recipe.tracking)
-    if problem:
-        say(f"not logged to W&B: {problem}")
-        return False
-    import wandb
-
-    from ..export.delivery import manifest_files
-
-    files = manifest_files(out)  # what the export wrote, never the rest of the folder
-    with wandb.init(project=recipe.tracking.project, entity=recipe.tracking.entity, name=f"{recipe.run.name}-export",
-                    job_type="export", dir=str(checkpoint.parent), mode="offline" if recipe.tracking.offline else None) as run:
-        artifact = _artifact(recipe, "export", files, {"step": step, "heldout_loss": heldout_loss, "checkpoint": checkpoint.name},
-                             root=out)
-        run.log_artifact(artifact, aliases=[f"step-{step}", "latest"])
-    say(f"logged the export to W&B as model artifact {artifact.name}")
     return True

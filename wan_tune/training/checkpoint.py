@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import file_digest, save_tensors, write_json, write_text
+from ..data.atomic import file_digest, save_tensors, write_json, write_text
+from ..parallel.sharding import fsdp2_load, fsdp2_optimizer_state, full_shape, gather_trainable, sharding
 from .errors import CheckpointError
-from .sharding import fsdp2_load, fsdp2_optimizer_state, full_shape, gather_trainable, sharding
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FORMAT = 2  # 2: a checksum, the training and data facts (training/facts.py)

@@ -22,8 +22,8 @@ import torch
 
 from ..data.dataset import collate, to_device
 from ..models.vace import vace_batch
+from ..parallel.sharding import reshard
 from . import flow_matching as fm
-from .sharding import reshard
 
 
 def _unit_hash(text: str) -> float:
@@ -150,7 +150,7 @@ class Scoreboard:
         return self._write()
 
     def _write(self) -> dict | None:
-        from ..atomic import write_json
+        from ..data.atomic import write_json
         from .checkpoint import BEST_FILE, step_dir
 
         kept = {s: v for s, v in self.scores.items() if (step_dir(self.run_dir, s) / "state.json").is_file()}

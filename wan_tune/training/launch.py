@@ -14,10 +14,10 @@ from datetime import timedelta
 import torch
 
 from ..config import Recipe
-from ..dist import use_cpu
 from ..models.precision import emulate_if_asked
+from ..parallel.process_group import use_cpu
+from ..parallel.sharding import fsdp2_precision, fsdp_on_cpu
 from .errors import TrainingError
-from .sharding import fsdp2_precision, fsdp_on_cpu
 from .tracking import tracking_problem
 
 

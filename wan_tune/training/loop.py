@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm import tqdm
-
-from ..atomic import writable_problem
 from ..config import Recipe, to_yaml
+from ..data.atomic import writable_problem
+from ..data.progress import progress
 from ..models.precision import describe as describe_precision
 from ..models.variants import get_variant, trained_experts
+from ..parallel.context_parallel import layout, token_problem
+from ..parallel.sharding import sharding, weights_digest
 from .artifacts import log_checkpoint
 from .checkpoint import best_checkpoint, save_checkpoint
-from .context_parallel import layout, token_problem
 from .errors import TrainingError
 from .facts import recorded_facts
 from .launch import agree, check_launch, make_accelerator
@@ -28,7 +28,6 @@ from .run import build_run, renders_together
 from .run_data import open_data
 from .run_folder import claimed
 from .runlog import RunLog
-from .sharding import sharding, weights_digest
 from .step import train_step
 from .tracking import init_tracking
 from .validation import make_validator, start_validation, validate
@@ -74,7 +73,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         if step >= recipe.train.steps:
             say(f"nothing to train: {checkpoint} is at step {step} and train.steps is {recipe.train.steps}; "
                 "raise train.steps to train on from it")
-        bar = tqdm(total=recipe.train.steps, initial=step, desc="train", unit="step", disable=not (progress and run.main))
+        bar = progress(total=recipe.train.steps, initial=step, desc="train", unit="step", disable=not (progress and run.main))
         log = RunLog(run, data.heldout, step)
         log.score_start(step)
         try:
@@ -82,8 +81,8 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                 record = train_step(run, step, batches, empty_prompt)
                 step, consumed = step + 1, consumed + recipe.train.grad_accum
                 log.step(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", s_step=f"{record['step_time']:.2f}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", s_step=f"{record['step_time']:.2f}", refresh=False)
+                bar.update(1)  # redraws (in a log: at most every 30 s), the postfix with it
 
                 stopping = agree(accelerator, stop.received is not None)
                 saving = step % recipe.checkpoint.every == 0 or step == recipe.train.steps or stopping

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import IO
 
-from ..atomic import write_text
+from ..data.atomic import write_text
 
 METRICS_FILE = "metrics.jsonl"
 

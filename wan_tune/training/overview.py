@@ -13,16 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write, write_text
+from ..data.atomic import atomic_write, write_text
+from ..media.video_io import frame_row
 
-FRAMES_PER_ROW = 6
 LABEL_HEIGHT = 14  # PIL's default bitmap font is 11 px high
-
-
-def frame_row(frames: np.ndarray, count: int = FRAMES_PER_ROW) -> np.ndarray:
-    """`count` evenly spaced frames of a uint8 video [T, H, W, 3], side by side: [H, count*W, 3]."""
-    idx = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
-    return np.concatenate([frames[i] for i in idx], axis=1)
 
 
 def labelled(row: np.ndarray, label: str) -> np.ndarray:

@@ -10,17 +10,19 @@ from typing import Callable
 import torch
 
 from ..config import Recipe
+from ..memory.block_offload import BlockOffload, ExpertSwap
 from ..models.loading import recipe_source
 from ..models.precision import drop_autocast_wrapper
-from ..models.sharded_load import fill_shards
-from ..models.spec import load_for_training, trainable_parameters
+from ..models.spec import trainable_parameters
 from ..models.variants import Variant
-from .context_parallel import ONE_PROCESS_PER_CLIP, Layout, enable as enable_context_parallel
+from ..parallel.context_parallel import ONE_PROCESS_PER_CLIP, Layout
+from ..parallel.context_parallel import enable as enable_context_parallel
+from ..parallel.sharded_load import fill_shards
+from ..parallel.sharding import local_share, sharding
+from ..training.model_setup import load_for_training
 from .errors import TrainingError
 from .experts import Trainee, make_trainee, sigma_bounds, sigma_sampler
-from .offload import BlockOffload, ExpertSwap
 from .optim import make_optimizer, make_scheduler
-from .sharding import local_share, sharding
 
 
 @dataclass

@@ -17,17 +17,17 @@ import torch
 
 from ..config import Recipe
 from ..config.checks import missing_inputs
+from ..media.vace_media import pipeline_inputs, sheet_rows, validation_media
+from ..media.video_io import frame_row, to_uint8, write_video
+from ..memory.block_offload import BlockOffload
 from ..models.loading import resolve_source
 from ..models.precision import AUTOCAST, DTYPES, as_inference
-from ..models.spec import load_frozen
 from ..models.variants import get_variant, pipeline_class
-from ..vace_media import pipeline_inputs, sheet_rows, validation_media
-from ..video_io import to_uint8, write_video
+from ..parallel.sharding import reshard, unpartitioned_loading
+from ..training.model_setup import load_frozen
 from .errors import TrainingError
 from .launch import agree
-from .offload import BlockOffload
-from .overview import frame_row, read_row, write_overview, write_row, write_sheet
-from .sharding import reshard, unpartitioned_loading
+from .overview import read_row, write_overview, write_row, write_sheet
 
 
 def make_validator(recipe: Recipe, accelerator, experts: list[str], heldout, together: bool):
@@ -249,7 +249,7 @@ def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int, las
     from PIL import Image
 
     from ..data.shards import ShardReader
-    from ..footage import IMAGE_EXTS, Window, probe, read_frames
+    from ..media.footage import IMAGE_EXTS, Window, probe, read_frames
 
     reader = ShardReader(shards)
     base = Path(recipe.data.source or ".").expanduser()

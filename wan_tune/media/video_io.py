@@ -1,4 +1,4 @@
-"""Writing mp4 files with PyAV (no ffmpeg binary needed)."""
+"""Writing mp4 files with PyAV (no ffmpeg binary needed), and a video as a row of frames (contact sheets)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 16, codec: st
     """Write uint8 frames [T, H, W, 3] (H and W even) as a video file, atomically."""
     import av
 
-    from .atomic import atomic_write
+    from ..data.atomic import atomic_write
 
     path = Path(path)
     options = {"movflags": "faststart"} if faststart else {}
@@ -36,3 +36,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 16, codec: st
 def to_uint8(video: np.ndarray) -> np.ndarray:
     """Pipeline output (float in [0, 1], [T, H, W, 3]) -> uint8 frames."""
     return (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
+
+
+FRAMES_PER_ROW = 6
+
+
+def frame_row(frames: np.ndarray, count: int = FRAMES_PER_ROW) -> np.ndarray:
+    """`count` evenly spaced frames of a uint8 video [T, H, W, 3], side by side: [H, count*W, 3]."""
+    idx = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
+    return np.concatenate([frames[i] for i in idx], axis=1)

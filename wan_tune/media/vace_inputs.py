@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wan_tune.footage import IMAGE_EXTS, VIDEO_EXTS, MediaInfo, SkipClip, Window, probe, read_frames
+from wan_tune.media.footage import IMAGE_EXTS, VIDEO_EXTS, MediaInfo, SkipClip, Window, probe, read_frames
 
 # Any case: `clip.REF.png` and `clip.Control.mp4` are sidecars too (never footage trained as a clip).
 _SIDECAR = re.compile(r"^(?P<stem>.+)\.(?:(?P<ref>ref)(?:-(?P<n>\d+))?|(?P<kind>control|mask))(?P<ext>\.[^.]+)$", re.I)

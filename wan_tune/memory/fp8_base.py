@@ -1,4 +1,6 @@
-"""Load a transformer straight into fp8 (`train.fp8_base`), one tensor at a time.
+"""Plan rung: fp8 base (`train.fp8_base`).
+
+Load a transformer straight into fp8 (`train.fp8_base`), one tensor at a time.
 
 diffusers' `from_pretrained` materialises the whole model in the load dtype before anything can
 cast it: a 14B in bf16 is 28.6 GB of host RAM, more than a 24 GB machine has, for weights that
@@ -19,18 +21,21 @@ from pathlib import Path
 
 import torch
 
-from .keymap import UnmappedKeyError, to_diffusers
-from .loading import ModelLoadError, ModelSource, _check_single_file, check_transformer_config, load_dtypes
+from ..models.keymap import UnmappedKeyError, to_diffusers
+from ..models.loading import ModelLoadError, ModelSource, _check_single_file, check_transformer_config, load_dtypes
 
 FP8 = torch.float8_e4m3fn
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 ORIGINAL_PREFIX = "model.diffusion_model."  # ComfyUI's single files
 
+# Kept in their stored dtype under fp8 storage: small, precision-critical, or the adapters.
+FP8_SKIP = ("patch_embedding", "condition_embedder", "norm", "lora_A", "lora_B", "proj_out", "scale_shift_table")
+
 
 def _meta_model(config: dict):
     from accelerate import init_empty_weights
 
-    from .variants import transformer_class
+    from ..models.variants import transformer_class
 
     with init_empty_weights(include_buffers=False):  # buffers (the RoPE tables) are computed, not stored
         return transformer_class(config).from_config(config)

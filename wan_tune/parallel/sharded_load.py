@@ -1,4 +1,6 @@
-"""FSDP2 runs load the transformer into each rank's shards, never whole on any rank.
+"""Plan rung: FSDP2 (`launch/accelerate/fsdp2.yaml`): the load of a sharded model.
+
+FSDP2 runs load the transformer into each rank's shards, never whole on any rank.
 
 A normal load gives every process the whole model in host RAM before FSDP2 cuts it into shards:
 eight ranks of a 14B full fine-tune (fp32) would hold 8 x 57 GB on one node. Here:
@@ -23,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .loading import ModelLoadError, ModelSource, check_transformer_config, load_dtypes
-from .streamed import _meta_model, stored_weights, weight_files
+from ..memory.fp8_base import _meta_model, stored_weights, weight_files
+from ..models.loading import ModelLoadError, ModelSource, check_transformer_config, load_dtypes
 
 
 def empty_transformer(source: ModelSource, dtype: torch.dtype, expert: str = "transformer"):

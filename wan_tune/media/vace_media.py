@@ -70,7 +70,7 @@ def sheet_rows(media: dict, height: int, width: int) -> list[tuple[str, "object"
     import numpy as np
     from PIL import Image
 
-    from .training.overview import frame_row
+    from .video_io import frame_row
 
     rows = []
     for key, label in (("video", "control"), ("mask", "mask")):
@@ -108,7 +108,7 @@ def validation_media(recipe, height: int, width: int, prefer: list[int]) -> list
 
 
 def _clip_media(recipe, height: int, width: int, prefer: list[int]) -> list[dict]:
-    from .data.shards import ShardReader
+    from ..data.shards import ShardReader
     from .vace_inputs import VaceInputs
 
     v = recipe.validation

@@ -1,4 +1,6 @@
-"""Host buffers for what waits off the GPU (offloaded block inputs, streamed and idle weights),
+"""Under activation offload and block offload (`train.activation_offload`, `train.offload=blocks`).
+
+Host buffers for what waits off the GPU (offloaded block inputs, streamed and idle weights),
 carved out of a few large allocations.
 
 Why: torch's pinned-memory allocator rounds every allocation up to the next power of two (its

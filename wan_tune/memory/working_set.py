@@ -1,4 +1,6 @@
-"""What one block's backward holds at once: the settings that shrink it without changing results.
+"""Plan rungs: attention checkpoints (`train.attention_checkpointing`) and FFN chunks (`train.ffn_chunks`).
+
+What one block's backward holds at once: the settings that shrink it without changing results.
 
 With gradient checkpointing a block's backward first recomputes the whole block, keeping everything
 each op saves for the backward, then runs the backward through it. At 720x1280x81 (75,600 tokens)
@@ -26,7 +28,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint as torch_checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 aten = torch.ops.aten
 # The fused attention kernels SDPA dispatches to (CUDA flash, memory-efficient, cuDNN; the CPU flash

@@ -8,7 +8,7 @@ one batch together.
 - The model: diffusers' context-parallel plan for Wan (the transformer's `_cp_plan`) splits the
   tokens at the first block, runs each attention with an all-to-all (Ulysses: token shards <->
   head shards) or by passing keys and values round the group (ring: partial attentions merged by
-  their log-sum-exp, on the kernel `models/cp_attention.py` sets) and gathers after `proj_out`. Every rank of a group computes the same whole output and loss; its
+  their log-sum-exp, on the kernel `parallel/cp_attention.py` sets) and gathers after `proj_out`. Every rank of a group computes the same whole output and loss; its
   parameter gradients are those of its own tokens (their sum over the group is one process's
   gradient: tested).
 - Gradients: DDP, FSDP2 and DeepSpeed ZeRO (2 and 3) all average over all `dp x cp` ranks, so the
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import TrainingError
+from ..training.errors import TrainingError
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def enable(model: torch.nn.Module, lay: Layout, device: torch.device) -> None:
     # per rank otherwise, in every run's log.
     warnings.filterwarnings("ignore", message=r".*all_gather_tensor.* is deprecated", category=FutureWarning)
 
-    from ..models.cp_attention import register_cp_kernels, use_ring_kernel
+    from .cp_attention import register_cp_kernels, use_ring_kernel
 
     register_cp_kernels()  # q, k, v in one dtype before the all-to-alls / the ring
     ring = lay.cp if lay.kind == "ring" else 1

@@ -1,4 +1,6 @@
-"""Weights that live in pieces across ranks: DeepSpeed ZeRO-3 and PyTorch FSDP2.
+"""Plan rungs: ZeRO-2 / ZeRO-3 / FSDP2 (`launch/accelerate/zero*.yaml`, `fsdp2.yaml`).
+
+Weights that live in pieces across ranks: DeepSpeed ZeRO-3 and PyTorch FSDP2.
 
 At real sizes every large parameter is partitioned: under ZeRO-3 a rank's `param.data` is an
 empty tensor (its slice sits in `param.ds_tensor`), under FSDP2 a parameter is a DTensor whose
@@ -16,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import CheckpointError
+from ..training.errors import CheckpointError
 
 
 def sharding(accelerator) -> str | None:

@@ -1,4 +1,6 @@
-"""Frozen base weights that wait in host memory until a forward needs them.
+"""Plan rung: block offload (`train.offload=blocks`, `train.offload_keep`).
+
+Frozen base weights that wait in host memory until a forward needs them.
 
 Two uses: `train.offload=blocks` (transformer blocks stream to the GPU one at a time, so a 14B
 LoRA trains on a 24 GB card) and Wan2.2 A14B runs that train both experts (the idle expert's
@@ -6,7 +8,7 @@ frozen weights leave the GPU while the other one trains).
 
 Only frozen weights move, and only one way: their host copy never changes, so offloading a group
 just drops its device copy (no device-to-host traffic). On a GPU the host copies are views into a
-pinned `HostArena` (models/host_arena.py): torch's pinned allocator would round each weight up to a
+pinned `HostArena` (memory/host_arena.py): torch's pinned allocator would round each weight up to a
 power of two (a 14B fp8 block: 512 MiB pinned for 335 MiB). LoRA weights, gradients and optimizer
 state never leave the device.
 
@@ -31,8 +33,8 @@ from contextlib import nullcontext
 
 import torch
 
-from ..models.activation_offload import in_checkpointed_forward
-from ..models.host_arena import HostArena
+from .activation_offload import in_checkpointed_forward
+from .host_arena import HostArena
 
 
 def in_backward() -> bool:

@@ -15,7 +15,6 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-
 _UMASK_LOCK = threading.Lock()
 
 

@@ -1,4 +1,6 @@
-"""`train.activation_offload`: each checkpointed block's input waits in host memory between the
+"""Plan rungs: checkpointing (`train.gradient_checkpointing`: BlockCheckpoint) and activation offload.
+
+`train.activation_offload`: each checkpointed block's input waits in host memory between the
 block's forward and its recompute in the backward.
 
 With gradient checkpointing a block keeps one tensor for the backward: its input (at 480x832x81
@@ -26,7 +28,7 @@ too, whose input (the patch embedding of frozen weights) needs none while its Lo
 
 The same Function without a host stash (`BlockCheckpoint`, the input saved on the device) is the
 block checkpoint under train.attention_checkpointing: its recompute may nest checkpoints that the
-first forward does not have, which torch's checkpoint refuses (models/working_set.py).
+first forward does not have, which torch's checkpoint refuses (memory/working_set.py).
 
 On a CPU the host buffer is an ordinary tensor and the copies are synchronous: the same code path
 runs, which is what the tests check (losses and gradients equal to torch's checkpoint, copies counted).
@@ -164,7 +166,7 @@ _CHECKPOINTED_FORWARD: list[int] = []  # slots of the blocks whose first forward
 
 def in_checkpointed_forward() -> bool:
     """True while a block's first forward runs inside wan-tune's checkpoint (grad is off there, yet a
-    backward will recompute the block: training/offload.py keeps the last block for it)."""
+    backward will recompute the block: memory/block_offload.py keeps the last block for it)."""
     return bool(_CHECKPOINTED_FORWARD)
 
 
