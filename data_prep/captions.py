@@ -15,7 +15,7 @@ import numpy as np
 
 from wan_tune.config.schema import CaptionConfig
 from wan_tune.data.atomic import write_text
-from wan_tune.data.progress import progress
+from wan_tune.data.progress import progress_bar
 from wan_tune.media.footage import SkipClip, Window, probe, read_frames
 
 from .sources import SourceItem
@@ -118,7 +118,7 @@ def _vlm_fill(rows: list[dict], items: list[SourceItem], where: list[int], cfg: 
     from .vlm import VLMCaptioner
 
     captioner = VLMCaptioner(cfg.vlm_model, cfg.vlm_prompt, max_new_tokens=cfg.vlm_max_new_tokens, batch_size=cfg.vlm_batch_size)
-    bar = progress(total=len(items), desc="caption (vlm)", unit="clip", disable=not progress)
+    bar = progress_bar(total=len(items), desc="caption (vlm)", unit="clip", disable=not progress)
     for lo in range(0, len(items), cfg.vlm_batch_size):
         batch, slots = [], []
         for item, row_i in zip(items[lo : lo + cfg.vlm_batch_size], where[lo : lo + cfg.vlm_batch_size]):

@@ -24,7 +24,7 @@ import torch
 from wan_tune.config import Recipe, to_yaml
 from wan_tune.data import shards
 from wan_tune.data.atomic import writable_problem, write_json, write_text
-from wan_tune.data.progress import progress
+from wan_tune.data.progress import progress_bar
 from wan_tune.media.footage import SkipClip, Window, pictures, probe, read_frames, unsupported_reason
 from wan_tune.media.vace_inputs import check_inputs, mask_problem, window_frames
 from wan_tune.media.vace_media import ConditioningError, reference_images
@@ -170,7 +170,7 @@ def _plan_item(item: SourceItem, caption: str, recipe: Recipe, identity: str, va
 def plan(items: list[SourceItem], captions: dict[str, str], recipe: Recipe, identity: str, progress: bool):
     samples, skips = [], []
     vace = get_variant(recipe.model.variant).vace
-    for item in progress(items, desc="probe", unit="file", disable=not progress):
+    for item in progress_bar(items, desc="probe", unit="file", disable=not progress):
         try:
             samples += _plan_item(item, captions.get(item.key) or "", recipe, identity, vace)
         except SkipClip as err:
@@ -299,7 +299,7 @@ def _encode(todo: list[Sample], encoders: Encoders, writer, i2v: bool, skips: li
     t = time.perf_counter()
     text_cache: dict[str, torch.Tensor] = {}
     with CtrlC() as ctrl_c:
-        for sample in progress(todo, desc="encode", unit="clip", disable=not progress):
+        for sample in progress_bar(todo, desc="encode", unit="clip", disable=not progress):
             if ctrl_c.pressed:  # between clips: what is encoded so far is written whole
                 ctrl_c.stop()
             t = _encode_one(sample, encoders, writer, i2v, skips, timer, text_cache, t)

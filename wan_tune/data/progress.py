@@ -27,7 +27,7 @@ class _Lines:
         self.stream.flush()
 
 
-def progress(iterable=None, **kwargs) -> tqdm:
+def progress_bar(iterable=None, **kwargs) -> tqdm:
     """tqdm(iterable, **kwargs), in lines when its stream (stderr unless `file=`) is not a terminal."""
     stream = kwargs.pop("file", None) or sys.stderr
     if kwargs.get("disable") or getattr(stream, "isatty", lambda: False)():

@@ -145,7 +145,7 @@ def _train_and_save(path: Path) -> None:
     from diffusers import AutoencoderKLWan
 
     from ..data.atomic import save_tensors
-    from ..data.progress import progress
+    from ..data.progress import progress_bar
     from ..data.shards import checksum
 
     with torch.random.fork_rng(devices=[]):  # the tiny pipeline's own random init must not depend on the cache
@@ -155,7 +155,7 @@ def _train_and_save(path: Path) -> None:
         frames = _frames()
         g = torch.Generator().manual_seed(SEED)
         opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=LR)
-        for _ in progress(range(STEPS), desc="training the tiny VAE (once per machine)", unit="step"):
+        for _ in progress_bar(range(STEPS), desc="training the tiny VAE (once per machine)", unit="step"):
             idx = torch.randint(0, len(frames), (BATCH,), generator=g)
             top = int(torch.randint(0, (frames.shape[2] - CROP[0]) // 8 + 1, (1,), generator=g)) * 8
             left = int(torch.randint(0, (frames.shape[3] - CROP[1]) // 8 + 1, (1,), generator=g)) * 8

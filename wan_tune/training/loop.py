@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import Recipe, to_yaml
 from ..data.atomic import writable_problem
-from ..data.progress import progress
+from ..data.progress import progress_bar
 from ..models.precision import describe as describe_precision
 from ..models.variants import get_variant, trained_experts
 from ..parallel.context_parallel import layout, token_problem
@@ -73,7 +73,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         if step >= recipe.train.steps:
             say(f"nothing to train: {checkpoint} is at step {step} and train.steps is {recipe.train.steps}; "
                 "raise train.steps to train on from it")
-        bar = progress(total=recipe.train.steps, initial=step, desc="train", unit="step", disable=not (progress and run.main))
+        bar = progress_bar(total=recipe.train.steps, initial=step, desc="train", unit="step", disable=not (progress and run.main))
         log = RunLog(run, data.heldout, step)
         log.score_start(step)
         try:
