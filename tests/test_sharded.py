@@ -145,7 +145,7 @@ def test_a_weight_still_in_shards_stops_the_save_and_keeps_the_last_checkpoint(t
     run, model = Path(summary["run_dir"]), summary["model"]
     before = list_checkpoints(run)
     assert [p.name for p in before] == ["step-000002"]
-    optimizer = make_optimizer(list(model.parameters()), r.train, lambda *_: None)
+    optimizer = make_optimizer(dict(model.named_parameters()), r.train)
     p = model.blocks[1].attn1.to_k.weight
     p.ds_shape = p.shape
     p.data = torch.empty(0)

@@ -10,7 +10,7 @@ from ..models.lora_targets import PRESET_NAMES, PRESETS, VACE_PRESET, expand_tar
 from ..models.variants import VARIANTS, Variant, get_variant
 from .schema import AdapterConfig, Recipe
 
-LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets")
+LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets", "lr_ratio")
 # Top-level modules of WanTransformer3DModel outside its blocks (a target naming one trains there).
 OUTSIDE_BLOCKS = ("condition_embedder", "patch_embedding", "proj_out", "norm_out", "vace_patch_embedding")
 

@@ -121,6 +121,15 @@ def expert_labels(v: Any) -> str | None:
     return "each expert once" if len(set(v)) != len(v) else None
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor")
+
+
+def optimizer_name(v: Any) -> str | None:
+    if v in OPTIMIZERS or (v.count(":") == 1 and all(part.strip() for part in v.split(":"))):
+        return None
+    return f"must be one of {', '.join(OPTIMIZERS)} or `module:Class` (e.g. torch.optim:SGD), got {v!r}"
+
+
 def two_betas(v: Any) -> str | None:
     return None if len(v) == 2 and all(0 <= b < 1 for b in v) else f"must be two values in [0, 1), got {list(v)}"
 
@@ -268,6 +277,9 @@ class AdapterConfig:
     rank: int = opt(32, "LoRA rank: capacity and file size grow with it.", check=positive)
     alpha: Optional[float] = opt(None, "LoRA alpha; the update is scaled by alpha/rank. Empty = rank (scale 1).", check=positive)
     dropout: float = opt(0.0, "LoRA dropout on the adapter input.", check=below_one)
+    lr_ratio: Optional[float] = opt(
+        None, "LoRA+: the up (B) matrices learn at this multiple of train.lr (16 is LoRA+'s suggestion); empty = the "
+        "same lr.", check=positive)
     targets: list[str] = opt(
         ["attention", "ffn"],
         "Presets `attention` (self + cross q,k,v,o), `self_attention`, `cross_attention`, `ffn`, `vace_blocks` (every "
@@ -286,7 +298,11 @@ class TrainConfig:
     lr: float = opt(1e-4, "Peak learning rate.", check=positive)
     lr_schedule: str = opt("constant", "Learning-rate schedule after warmup.", choices=("constant", "linear", "cosine"))
     warmup_steps: int = opt(0, "Steps of linear warmup from 0 to `lr`.", check=non_negative)
-    optimizer: str = opt("adamw", "adamw (torch) or adamw8bit (bitsandbytes, when installed).", choices=("adamw", "adamw8bit"))
+    optimizer: str = opt(
+        "adamw", "adamw (torch); adamw8bit or paged_adamw8bit (bitsandbytes); adafactor (transformers' Adafactor at a "
+        "fixed lr, factored second moments); or `module:Class` for any torch optimizer (e.g. `torch.optim:SGD`). "
+        "betas apply where the optimizer takes them; `optimizer_args` passes the rest.", check=optimizer_name)
+    optimizer_args: dict[str, Any] = opt({}, "Extra keyword arguments for the optimizer, e.g. `{momentum: 0.9}`.")
     weight_decay: float = opt(0.01, "AdamW weight decay.", check=non_negative)
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.", check=two_betas)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 = off.", check=non_negative)

@@ -157,6 +157,14 @@ class Breakdown:
     """Host RAM holding weights that wait off the device (offloaded blocks, an idle expert)."""
 
 
+def optimizer_state_bytes(optimizer: str) -> float:
+    """Bytes of optimizer state per trained parameter: AdamW's two fp32 moments (8), two 8-bit ones
+    (2), Adafactor's factored second moment (a row and a column per matrix: for a rank-32 LoRA of
+    width 5120, (32 + 5120) x 4 bytes over 32 x 5120 values, 0.13; counted 0.25). A `module:Class`
+    optimizer is counted as AdamW (most keep two moments; plain SGD keeps less)."""
+    return {"adamw8bit": 2.0, "paged_adamw8bit": 2.0, "adafactor": 0.25}.get(optimizer, 8.0)
+
+
 class MemoryPlan:
     """Memory of a recipe's training step on `device`, in the recipe's dtypes and autocast ('gpu':
     CUDA's autocast, offload and several processes; 'cpu': one process, CPU autocast)."""
@@ -304,10 +312,11 @@ class MemoryPlan:
     def _trainable(self, s: Setup, count: StepCount) -> list[tuple[str, str, float]]:
         n = count.trainable * self.experts  # both A14B experts keep their LoRA and optimizer on the GPU
         what = "weights" if self.full else "LoRA weights"
-        moments = 2 if self.recipe.train.optimizer == "adamw8bit" else 8  # two fp32 moments, or two 8-bit ones
+        moments = optimizer_state_bytes(self.recipe.train.optimizer)
+        state = "Adafactor state" if self.recipe.train.optimizer == "adafactor" else "AdamW moments"
         if s.zero == 0:
             rows = [("trainable", f"{what} fp32", 4 * n), ("trainable", "gradients fp32", 4 * n),
-                    ("trainable", "AdamW moments", moments * n)]
+                    ("trainable", state, moments * n)]
             if s.gpus > 1:  # DDP reduces through buckets as large as the gradients (gradient_as_bucket_view off)
                 rows.append(("trainable", "DDP gradient buckets", 4 * n))
             return rows
@@ -319,14 +328,14 @@ class MemoryPlan:
         buckets = 2 if s.zero == 3 else 1
         return [("trainable", f"{what} ({low * 8}-bit)", low * n / (g if s.zero == 3 else 1)),
                 ("trainable", f"gradients ({low * 8}-bit)", low * n / g),
-                ("trainable", "fp32 master weights", 4 * n / g), ("trainable", "AdamW moments", moments * n / g),
+                ("trainable", "fp32 master weights", 4 * n / g), ("trainable", state, moments * n / g),
                 ("trainable", "ZeRO reduce buckets", buckets * low * REDUCE_BUCKET_ELEMENTS)]
 
     def _optimizer_temporaries(self, s: Setup, count: StepCount) -> float:
         """torch's AdamW: on a GPU the foreach step makes one fp32 temporary per state tensor
         (sqrt of the second moment); on a CPU the loop makes one for the parameter at hand.
-        bitsandbytes' 8-bit step works in place."""
-        if self.recipe.train.optimizer == "adamw8bit":
+        bitsandbytes' 8-bit step works in place; Adafactor's per-parameter loop makes one at a time."""
+        if self.recipe.train.optimizer in ("adamw8bit", "paged_adamw8bit", "adafactor"):
             return 0.0
         if self.device == "cpu":
             return 4.0 * count.largest_trainable

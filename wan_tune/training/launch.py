@@ -82,7 +82,8 @@ def agree(accelerator, flag: bool) -> bool:
 
 def check_launch(recipe: Recipe, accelerator, experts: list[str]) -> None:
     """Refuse, on every rank and before anything loads, what this launch cannot run: a tracker
-    that cannot start here, two A14B experts or block offload under DeepSpeed / FSDP."""
+    that cannot start here, two A14B experts or block offload under DeepSpeed / FSDP, another
+    optimizer than AdamW under DeepSpeed."""
     problem = tracking_problem(recipe.tracking) if accelerator.is_main_process else None
     if agree(accelerator, problem is not None):
         raise TrainingError(problem or "tracking is not set up on rank 0")
@@ -91,6 +92,11 @@ def check_launch(recipe: Recipe, accelerator, experts: list[str]) -> None:
         raise TrainingError(
             "training both Wan2.2 A14B experts in one run works with one process or DDP; under DeepSpeed / FSDP "
             "train one expert per run (model.experts=[high_noise], then [low_noise])"
+        )
+    if recipe.train.optimizer != "adamw" and accelerator.distributed_type.name == "DEEPSPEED":
+        raise TrainingError(
+            f"train.optimizer={recipe.train.optimizer} under DeepSpeed: DeepSpeed runs its own AdamW over the partitioned "
+            "state and refuses other optimizers: set train.optimizer=adamw, or launch with FSDP2 or DDP"
         )
     if recipe.train.offload != "none" and partitioned:
         raise TrainingError(

@@ -90,9 +90,9 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
             swap.add(model, blocks)
         if recipe.train.compile:  # regional: one compiled block serves all 30-40, compiling in seconds, not minutes
             model.compile_repeated_blocks(fullgraph=False)
-        params = list(trainable_parameters(model).values())
-        n_trainable += sum(p.numel() for p in params)
-        optimizer = make_optimizer(params, recipe.train, say)
+        named = trainable_parameters(model)
+        n_trainable += sum(p.numel() for p in named.values())
+        optimizer = make_optimizer(named, recipe.train, recipe.adapter.lr_ratio)
         scheduler = make_scheduler(optimizer, recipe.train)
         model, optimizer = accelerator.prepare(model, optimizer)
         drop_autocast_wrapper(accelerator.unwrap_model(model))

@@ -1,0 +1,81 @@
+"""Optimizers studios reach for (#35, first part): transformers' Adafactor and any `module:Class`
+with `train.optimizer_args`, LoRA+ (`adapter.lr_ratio`); each resumes exactly; a missing package is
+refused in one line with its install line; the plan counts each one's state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from launching import PLAIN
+
+from wan_tune.config import load_recipe
+from wan_tune.training.errors import TrainingError
+from wan_tune.training.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipe(tiny_folders, tiny_shards, out, *extra):
+    return load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        f"model.path={tiny_folders['tiny']}", f"data.shards={tiny_shards['tiny']}", f"run.output_dir={out}",
+        "data.num_workers=0", "train.steps=4", "checkpoint.every=2", *PLAIN, *extra])
+
+
+@pytest.mark.parametrize("extra", [
+    ("train.optimizer=adafactor",),
+    ("train.optimizer=torch.optim:SGD", "train.optimizer_args={momentum: 0.9, nesterov: true}", "train.lr=0.01"),
+    ("adapter.lr_ratio=16",),
+], ids=["adafactor", "sgd-module-class", "lora-plus"])
+def test_each_optimizer_trains_and_resumes_exactly(extra, tiny_folders, tiny_shards, tmp_path):
+    """4 steps straight, against 2 steps then a resume to 4 (the optimizer state and its param
+    groups from the checkpoint): the same weights, bit for bit."""
+    straight = train(_recipe(tiny_folders, tiny_shards, tmp_path / "a", *extra), progress=False, say=lambda *_: None)
+    train(_recipe(tiny_folders, tiny_shards, tmp_path / "b", *extra, "train.steps=2"), progress=False, say=lambda *_: None)
+    resumed = train(_recipe(tiny_folders, tiny_shards, tmp_path / "b", *extra), progress=False, say=lambda *_: None)
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+    assert straight["last_losses"] != straight["first_losses"]  # it trained
+    groups = json.loads((Path(straight["checkpoint"]) / "optimizer.json").read_text())["param_groups"]
+    if "adapter.lr_ratio=16" in extra:  # LoRA+: the up matrices in their own group at 16x
+        assert [g["lr_ratio"] for g in groups] == [1.0, 16.0] and groups[1]["initial_lr"] == 16 * groups[0]["initial_lr"]
+    elif "momentum" in " ".join(extra):
+        assert groups[0]["momentum"] == 0.9 and groups[0]["nesterov"] is True
+
+
+def test_lora_plus_keeps_its_ratio_when_a_resume_changes_the_lr(tiny_folders, tiny_shards, tmp_path):
+    train(_recipe(tiny_folders, tiny_shards, tmp_path, "adapter.lr_ratio=4", "train.steps=2"), progress=False,
+          say=lambda *_: None)
+    said = []
+    done = train(_recipe(tiny_folders, tiny_shards, tmp_path, "adapter.lr_ratio=4", "train.lr=5e-5"), progress=False,
+                 say=said.append)
+    groups = json.loads((Path(done["checkpoint"]) / "optimizer.json").read_text())["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [5e-5, 4 * 5e-5] and any("train.lr " in s and " -> 5e-05" in s for s in said), said
+
+
+def test_a_missing_optimizer_package_is_refused_with_its_install_line(tiny_folders, tiny_shards, tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(TrainingError, match=r"train.optimizer=adamw8bit: .*\(pip install bitsandbytes\)"):
+        train(_recipe(tiny_folders, tiny_shards, tmp_path, "train.optimizer=adamw8bit"), progress=False, say=lambda *_: None)
+    with pytest.raises(TrainingError, match=r"train.optimizer=nowhere.optim:Fast: ModuleNotFoundError"):
+        train(_recipe(tiny_folders, tiny_shards, tmp_path, "train.optimizer=nowhere.optim:Fast"), progress=False,
+              say=lambda *_: None)
+    with pytest.raises(TrainingError, match=r"optimizer_args=\{'warp': 9\}.*unexpected keyword argument 'warp'"):
+        train(_recipe(tiny_folders, tiny_shards, tmp_path, "train.optimizer_args={warp: 9}"), progress=False,
+              say=lambda *_: None)
+
+
+def test_the_plan_counts_each_optimizers_state():
+    from wan_tune.plan.memory import MemoryPlan, Setup
+
+    rows = {}
+    for name in ("adamw", "adamw8bit", "adafactor"):
+        recipe = load_recipe(ROOT / "recipes" / "wan2.1-t2v-1.3b-lora.yaml", [f"train.optimizer={name}"])
+        plan = MemoryPlan(recipe, "gpu")
+        rows[name] = {label: b for _, label, b in plan.breakdown(Setup.of(recipe)).rows}
+    adam = rows["adamw"]["AdamW moments"]
+    assert rows["adamw8bit"]["AdamW moments"] == adam / 4 and rows["adafactor"]["Adafactor state"] == adam / 32
