@@ -79,3 +79,45 @@ def test_the_plan_counts_each_optimizers_state():
         rows[name] = {label: b for _, label, b in plan.breakdown(Setup.of(recipe)).rows}
     adam = rows["adamw"]["AdamW moments"]
     assert rows["adamw8bit"]["AdamW moments"] == adam / 4 and rows["adafactor"]["Adafactor state"] == adam / 32
+
+
+def test_conditioned_frames_carry_no_loss_when_asked():
+    """train.loss_mask_conditioned_frames (#35): I2V leaves out the first latent frame, FLF2V the
+    first and the last; TI2V-5B's image frame is left out always; a plain T2V clip keeps every frame."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from wan_tune.models.variants import get_variant
+    from wan_tune.training import flow_matching as fm
+
+    for name, kept_plain, kept_masked in (("tiny", 3, 3), ("tiny-i2v", 3, 2), ("tiny-flf2v", 3, 1), ("tiny-ti2v", 2, 2)):
+        v = get_variant(name)
+        cfg = v.transformer
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(**cfg).eval()
+        out = cfg.get("out_channels") or cfg["in_channels"]
+        latent_channels = out
+        batch = {"latents": torch.randn(1, latent_channels, 3, 8, 12), "text": torch.randn(1, 7, cfg["text_dim"])}
+        if v.is_i2v:
+            batch["condition"] = torch.randn(1, cfg["in_channels"] - latent_channels, 3, 8, 12)
+            if cfg.get("image_dim"):
+                batch["image_embeds"] = torch.randn(1, 5 * (2 if v.last_frame else 1), cfg["image_dim"])
+        elif v.expand_timesteps:
+            batch["condition"] = torch.randn(1, latent_channels, 3, 8, 12)
+        noise = torch.randn_like(batch["latents"])
+        with torch.no_grad():
+            kept = [fm.predict(model, v, batch, torch.tensor([0.5]), noise, torch.float32, masked)[0].shape[2]
+                    for masked in (False, True)]
+        assert kept == [kept_plain, kept_masked], (name, kept)
+
+
+def test_the_trainer_and_the_held_out_score_mask_the_conditioned_frame(tiny_folders, tiny_shards, tmp_path):
+    def run(*extra):
+        recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+            "model.variant=tiny-i2v", f"model.path={tiny_folders['tiny-i2v']}", f"data.shards={tiny_shards['tiny-i2v']}",
+            f"run.output_dir={tmp_path / str(len(extra))}", "data.num_workers=0", "train.steps=1", "validation.every=0",
+            "data.holdout=0.25", *extra])
+        return train(recipe, progress=False, say=lambda *_: None)
+
+    plain, masked = run(), run("train.loss_mask_conditioned_frames=true")
+    assert plain["first_losses"] != masked["first_losses"] and plain["heldout"][0] != masked["heldout"][0]

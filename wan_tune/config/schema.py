@@ -306,6 +306,9 @@ class TrainConfig:
     weight_decay: float = opt(0.01, "AdamW weight decay.", check=non_negative)
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.", check=two_betas)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 = off.", check=non_negative)
+    loss_mask_conditioned_frames: bool = opt(
+        False, "I2V / FLF2V: no loss on the latent frames the clip is conditioned on (the first; FLF2V's last too), "
+        "which the model is given. TI2V-5B's image frame never carries loss.")
     mixed_precision: str = opt("bf16", "Autocast dtype of the forward pass (`no` on CPU).", choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = opt(True, "Recompute activations in the backward: ~30% slower, far less memory.")
     fp8_base: bool = opt(

@@ -81,11 +81,17 @@ def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.
 
 
 def predict(
-    model, variant, batch: dict, sigmas: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype
+    model, variant, batch: dict, sigmas: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype,
+    mask_conditioned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(velocity prediction, flow-matching target) of `variant`'s transformer for a collated
-    batch; inputs go in as `dtype`."""
+    batch, over the latent frames that carry loss; inputs go in as `dtype`. TI2V's image frame is
+    an input, never a prediction; `mask_conditioned` (train.loss_mask_conditioned_frames) also
+    leaves out the latent frames an I2V / FLF2V clip is conditioned on (its first, and last)."""
     x0 = batch["latents"]
     pred = model(**transformer_inputs(variant, batch, noisy_latents(x0, noise, sigmas), sigmas, dtype))[0]
-    given = given_latent_frames(variant, batch)  # TI2V's image frame is an input, not a prediction
-    return pred[:, :, given:], velocity_target(x0, noise)[:, :, given:]
+    first, end = given_latent_frames(variant, batch), pred.shape[2]
+    if mask_conditioned and "condition" in batch:
+        first = max(first, 1)
+        end -= 1 if variant.last_frame else 0
+    return pred[:, :, first:end], velocity_target(x0, noise)[:, :, first:end]

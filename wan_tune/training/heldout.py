@@ -62,6 +62,7 @@ class HeldOut:
     sigmas: list[float]
     seed: int
     max_text_tokens: int
+    mask_conditioned: bool = False  # train.loss_mask_conditioned_frames: scored over the frames trained on
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -96,7 +97,8 @@ class HeldOut:
                     noise = torch.randn(batch["latents"].shape, generator=g).to(device)
                     model = models[variant.expert_for(sigma, boundary)]
                     with accelerator.autocast():
-                        pred, target = fm.predict(model, variant, batch, torch.tensor([sigma], device=device), noise, dtype)
+                        pred, target = fm.predict(model, variant, batch, torch.tensor([sigma], device=device), noise, dtype,
+                                                  self.mask_conditioned)
                         loss = fm.flow_matching_loss(pred, target, torch.ones(1, device=device))
                     if not padded:
                         out[slot, col] = loss.double()
@@ -113,12 +115,14 @@ class HeldOut:
         return result
 
 
-def make_heldout(dataset, share: float, sigmas: list[float], seed: int, max_text_tokens: int) -> HeldOut | None:
+def make_heldout(dataset, share: float, sigmas: list[float], seed: int, max_text_tokens: int,
+                 mask_conditioned: bool = False) -> HeldOut | None:
     sources = dataset.sources
     indices = choose_holdout(sources, share, seed)
     if not indices:
         return None
-    return HeldOut(dataset, indices, [dataset.ids[i] for i in indices], list(sigmas), seed, max_text_tokens)
+    return HeldOut(dataset, indices, [dataset.ids[i] for i in indices], list(sigmas), seed, max_text_tokens,
+                   mask_conditioned)
 
 
 def format_heldout(step: int, result: dict[str, float]) -> str:

@@ -67,7 +67,8 @@ def open_data(recipe: Recipe, variant: Variant, rank: int, world: int) -> RunDat
     if z_dim != variant.vae_z_dim:
         raise TrainingError(f"{recipe.data.shards} holds {z_dim}-channel latents (prepped with {meta['variant']}'s VAE); "
                             f"{variant.name} takes {variant.vae_z_dim}: prep the footage again for it, into another data.shards")
-    heldout = make_heldout(dataset, recipe.data.holdout, recipe.eval.sigmas, recipe.eval.seed, recipe.data.max_text_tokens)
+    heldout = make_heldout(dataset, recipe.data.holdout, recipe.eval.sigmas, recipe.eval.seed, recipe.data.max_text_tokens,
+                           recipe.train.loss_mask_conditioned_frames)
     kept_out = frozenset(heldout.indices if heldout else ())
     sampler = BucketBatchSampler(dataset.buckets, recipe.train.batch_size, recipe.run.seed, rank, world, held_out=kept_out)
     if len(sampler) == 0:

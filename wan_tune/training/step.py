@@ -71,7 +71,8 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 pred, target = fm.predict(model, variant, batch, sigmas.to(accelerator.device),
-                                          noise.to(accelerator.device), run.compute_dtype)
+                                          noise.to(accelerator.device), run.compute_dtype,
+                                          recipe.train.loss_mask_conditioned_frames)
                 loss = fm.flow_matching_loss(pred, target, fm.loss_weights(sigmas, t.loss_weighting).to(pred.device))
             # The backward outside autocast, as torch's AMP guide has it: the checkpoints' recomputes
             # restore the forward's autocast themselves, and no cast cached by the forward's autocast
