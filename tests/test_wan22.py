@@ -416,3 +416,23 @@ def test_two_expert_settings_are_refused_on_one_transformer():
     r = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.variant=tiny-a14b", "model.experts=[low_noise]",
                                                           "validation.guidance_scale_2=3.0"])
     assert (r.model.experts, r.validation.guidance_scale_2) == (["low_noise"], 3.0)
+
+
+def test_a14b_high_noise_expert_learns_at_its_own_multiple(folders, a14b_shards, tmp_path):
+    """train.lr_high_noise (#35): the high-noise expert's groups at that multiple of train.lr, the
+    low-noise one's at train.lr; a resume that changes it applies the new multiple from there on."""
+    a14b_run(folders, a14b_shards, tmp_path, "train.steps=2", "train.lr=1e-4", "train.lr_high_noise=0.25")
+    said = []
+    from wan_tune.config import load_recipe
+    from wan_tune.training.loop import train
+
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        "model.variant=tiny-a14b", f"model.path={folders['tiny-a14b']}", f"data.shards={a14b_shards}",
+        f"run.output_dir={tmp_path}", "checkpoint.every=4", "data.num_workers=0", *PLAIN, "train.steps=4",
+        "train.lr=1e-4", "train.lr_high_noise=0.5"])
+    done = train(recipe, progress=False, say=said.append)
+    final = Path(done["checkpoint"])
+    high = json.loads((final / "optimizer.json").read_text())["param_groups"]
+    low = json.loads((final / "optimizer.transformer_2.json").read_text())["param_groups"]
+    assert [g["initial_lr"] for g in high] == [0.5e-4] and [g["initial_lr"] for g in low] == [1e-4]
+    assert any("train.lr_high_noise 0.25 -> 0.5" in s for s in said), said

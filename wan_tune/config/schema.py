@@ -297,6 +297,9 @@ class TrainConfig:
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.", check=positive)
     lr: float = opt(1e-4, "Peak learning rate.", check=positive)
     lr_schedule: str = opt("constant", "Learning-rate schedule after warmup.", choices=("constant", "linear", "cosine"))
+    lr_high_noise: float = opt(
+        1.0, "Wan2.2 A14B: the high-noise expert learns at this multiple of `lr` (users report it overtraining at "
+        "the same lr as the low-noise one).", check=positive)
     warmup_steps: int = opt(0, "Steps of linear warmup from 0 to `lr`.", check=non_negative)
     optimizer: str = opt(
         "adamw", "adamw (torch); adamw8bit or paged_adamw8bit (bitsandbytes); adafactor (transformers' Adafactor at a "

@@ -16,25 +16,29 @@ PACKAGED = {"adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "pip install bitsan
             "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit", "pip install bitsandbytes")}
 
 
-def param_groups(named: dict[str, torch.nn.Parameter], lr: float, lr_ratio: float | None) -> list[dict]:
-    """One group, or with LoRA+ (`adapter.lr_ratio`) two: the up (`lora_B`) matrices at lr x ratio.
-    Each group carries its `lr_ratio`, so a resume with another train.lr keeps the proportion."""
+def param_groups(named: dict[str, torch.nn.Parameter], lr: float, lr_ratio: float | None, scale: float = 1.0) -> list[dict]:
+    """One group, or with LoRA+ (`adapter.lr_ratio`) two: the up (`lora_B`) matrices at lr x ratio;
+    `scale`: the expert's multiple (train.lr_high_noise). Each group carries its `lr_ratio` (both
+    factors), so a resume with another train.lr keeps the proportions."""
     if not lr_ratio or lr_ratio == 1:
-        return [{"params": list(named.values()), "lr": lr, "lr_ratio": 1.0}]
+        return [{"params": list(named.values()), "lr": lr * scale, "lr_ratio": float(scale)}]
     up = [p for n, p in named.items() if ".lora_B." in n]
     rest = [p for n, p in named.items() if ".lora_B." not in n]
-    return [{"params": rest, "lr": lr, "lr_ratio": 1.0}, {"params": up, "lr": lr * lr_ratio, "lr_ratio": float(lr_ratio)}]
+    return [{"params": rest, "lr": lr * scale, "lr_ratio": float(scale)},
+            {"params": up, "lr": lr * lr_ratio * scale, "lr_ratio": float(lr_ratio * scale)}]
 
 
-def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig, lr_ratio: float | None = None):
-    """train.optimizer over the trainable parameters (names: which are LoRA+'s up matrices); a
-    missing package is a TrainingError with the line that installs it."""
+def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig, lr_ratio: float | None = None,
+                   scale: float = 1.0):
+    """train.optimizer over the trainable parameters (names: which are LoRA+'s up matrices), at
+    `scale` x the lr (an A14B expert's multiple); a missing package is a TrainingError with the
+    line that installs it."""
     import importlib
     import inspect
 
     from .errors import TrainingError
 
-    groups = param_groups(named, cfg.lr, lr_ratio)
+    groups = param_groups(named, cfg.lr, lr_ratio, scale)
     if cfg.optimizer == "adamw":
         cls = torch.optim.AdamW
     elif cfg.optimizer == "adafactor":
@@ -42,7 +46,7 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig, lr_ra
 
         # A fixed lr from the schedule (not Adafactor's own relative step), no update clipping
         # beyond its default, factored second moments: ~nothing per parameter besides them.
-        return Adafactor(groups, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+        return Adafactor(groups, lr=cfg.lr * scale, scale_parameter=False, relative_step=False, warmup_init=False,
                          weight_decay=cfg.weight_decay, **cfg.optimizer_args)
     else:
         module, name, install = PACKAGED.get(cfg.optimizer, (*cfg.optimizer.split(":"), None))
@@ -56,7 +60,7 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig, lr_ra
     takes = inspect.signature(cls).parameters
     kwargs = {k: v for k, v in (("betas", tuple(cfg.betas)), ("weight_decay", cfg.weight_decay)) if k in takes}
     try:
-        return cls(groups, lr=cfg.lr, **{**kwargs, **cfg.optimizer_args})
+        return cls(groups, lr=cfg.lr * scale, **{**kwargs, **cfg.optimizer_args})
     except TypeError as err:  # an optimizer_args key the class does not take
         raise TrainingError(f"train.optimizer={cfg.optimizer} with train.optimizer_args={cfg.optimizer_args}: {err}") from None
 
@@ -70,7 +74,8 @@ def make_scheduler(optimizer, cfg: TrainConfig):
 # Keys the optimizer and lr schedule are built from. On a resume the schedule's shape (schedule,
 # warmup, steps) comes from the recipe anyway (its lambda is rebuilt, not saved); lr, betas and
 # weight decay live in the saved optimizer state and would silently win: they are set again here.
-OPTIMIZER_KEYS = ("optimizer", "optimizer_args", "lr", "betas", "weight_decay", "lr_schedule", "warmup_steps", "steps")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_args", "lr", "lr_high_noise", "betas", "weight_decay", "lr_schedule",
+                  "warmup_steps", "steps")
 
 
 def apply_changed_settings(cfg: TrainConfig, saved: dict, trainees: list, where: str, say=print) -> None:
@@ -88,6 +93,10 @@ def apply_changed_settings(cfg: TrainConfig, saved: dict, trainees: list, where:
         return
     for tr in trainees:
         groups, scheduler = tr.optimizer.param_groups, tr.scheduler
+        if tr.label == "high_noise" and "lr_high_noise" in changed:  # its groups' multiple, LoRA+'s kept
+            old, new = changed["lr_high_noise"]
+            for g in groups:
+                g["lr_ratio"] = g.get("lr_ratio", 1.0) / float(old) * float(new)
         scheduler.base_lrs = [cfg.lr * g.get("lr_ratio", 1.0) for g in groups]  # LoRA+'s proportion kept
         for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group.update(initial_lr=base, lr=base * factor(scheduler.last_epoch), weight_decay=cfg.weight_decay)

@@ -14,7 +14,7 @@ from ..memory.block_offload import BlockOffload, ExpertSwap
 from ..models.loading import recipe_source
 from ..models.precision import drop_autocast_wrapper
 from ..models.spec import trainable_parameters
-from ..models.variants import Variant
+from ..models.variants import Variant, expert_label
 from ..parallel.context_parallel import ONE_PROCESS_PER_CLIP, Layout
 from ..parallel.context_parallel import enable as enable_context_parallel
 from ..parallel.sharded_load import fill_shards
@@ -92,7 +92,8 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
             model.compile_repeated_blocks(fullgraph=False)
         named = trainable_parameters(model)
         n_trainable += sum(p.numel() for p in named.values())
-        optimizer = make_optimizer(named, recipe.train, recipe.adapter.lr_ratio)
+        scale = recipe.train.lr_high_noise if variant.two_experts and expert_label(variant, name) == "high_noise" else 1.0
+        optimizer = make_optimizer(named, recipe.train, recipe.adapter.lr_ratio, scale)
         scheduler = make_scheduler(optimizer, recipe.train)
         model, optimizer = accelerator.prepare(model, optimizer)
         drop_autocast_wrapper(accelerator.unwrap_model(model))
