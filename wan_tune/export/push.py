@@ -62,11 +62,10 @@ def export_folder(path: str | os.PathLike, say=print) -> Path:
     if read_manifest(path) is not None:
         return path
     if (path / "state.json").is_file() or path.name == "best":
-        from .run import export, read_checkpoint, resolve_checkpoint
-        from .run import export_folder as folder_of
+        from .run import export, export_destination, read_checkpoint, resolve_checkpoint
 
         checkpoint = resolve_checkpoint(path)
-        folder = folder_of(checkpoint, read_checkpoint(checkpoint, say)[0])
+        folder = export_destination(checkpoint, read_checkpoint(checkpoint, say)[0])
         if read_manifest(folder) is not None:
             say(f"uploading the export that exists in {folder}, as it is")
             return folder

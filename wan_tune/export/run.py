@@ -148,7 +148,7 @@ def export(
     fitting = formats is None and recipe.export.format == "all"
     if formats is None:
         formats = list(FORMATS) if recipe.export.format == "all" else [recipe.export.format]
-    out = export_folder(checkpoint, recipe, out)
+    out = export_destination(checkpoint, recipe, out)
     problem = writable_problem(out)
     if problem:
         raise ExportError(f"{problem}; give --out a writable folder (nothing was written)")
@@ -177,7 +177,7 @@ def export(
     return checks
 
 
-def export_folder(checkpoint: Path, recipe: Recipe, out: str | Path | None = None) -> Path:
+def export_destination(checkpoint: Path, recipe: Recipe, out: str | Path | None = None) -> Path:
     """Where an export of `checkpoint` goes: --out, the recipe's export.out, else `<checkpoint>/export`."""
     return Path(out or recipe.export.out or checkpoint / "export")
 
