@@ -62,10 +62,11 @@ def export_folder(path: str | os.PathLike, say=print) -> Path:
     if read_manifest(path) is not None:
         return path
     if (path / "state.json").is_file() or path.name == "best":
-        from .run import export, export_destination, read_checkpoint, resolve_checkpoint
+        from ..config import load_recipe
+        from .run import export, export_destination, resolve_checkpoint
 
         checkpoint = resolve_checkpoint(path)
-        folder = export_destination(checkpoint, read_checkpoint(checkpoint, say)[0])
+        folder = export_destination(checkpoint, load_recipe(checkpoint / "recipe.yaml"))  # its export.out, no weights read
         if read_manifest(folder) is not None:
             say(f"uploading the export that exists in {folder}, as it is")
             return folder
