@@ -37,8 +37,10 @@ def test_each_optimizer_trains_and_resumes_exactly(extra, tiny_folders, tiny_sha
     assert resumed["weights_sha256"] == straight["weights_sha256"]
     assert straight["last_losses"] != straight["first_losses"]  # it trained
     groups = json.loads((Path(straight["checkpoint"]) / "optimizer.json").read_text())["param_groups"]
-    if "adapter.lr_ratio=16" in extra:  # LoRA+: the up matrices in their own group at 16x
+    if "adapter.lr_ratio=16" in extra:  # LoRA+: the up matrices in their own group at 16x, logged beside lr
         assert [g["lr_ratio"] for g in groups] == [1.0, 16.0] and groups[1]["initial_lr"] == 16 * groups[0]["initial_lr"]
+        logged = [json.loads(line) for line in (Path(straight["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["lr_up"] == 16 * r["lr"] for r in logged if "loss" in r)
     elif "momentum" in " ".join(extra):
         assert groups[0]["momentum"] == 0.9 and groups[0]["nesterov"] is True
 

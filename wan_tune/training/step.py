@@ -101,8 +101,11 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
             f"last good checkpoint: {kept[-1] if kept else 'none yet'}. Lower train.lr, or check the shards."
         )
     seconds = time.perf_counter() - t0
-    record = {"step": step + 1, "loss": mean_loss, "lr": trainee.scheduler.get_last_lr()[0], "step_time": seconds,
+    lrs = trainee.scheduler.get_last_lr()
+    record = {"step": step + 1, "loss": mean_loss, "lr": lrs[0], "step_time": seconds,
               "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds}
+    if len(lrs) > 1:  # LoRA+: the up matrices' own lr
+        record["lr_up"] = lrs[1]
     if variant.two_experts:  # which expert trained, and its loss under its own name (W&B plots each)
         record.update(expert=trainee.label, **{f"loss/{trainee.label}": mean_loss})
     if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none here
