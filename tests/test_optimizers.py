@@ -27,7 +27,8 @@ def _recipe(tiny_folders, tiny_shards, out, *extra):
     ("train.optimizer=adafactor",),
     ("train.optimizer=torch.optim:SGD", "train.optimizer_args={momentum: 0.9, nesterov: true}", "train.lr=0.01"),
     ("adapter.lr_ratio=16",),
-], ids=["adafactor", "sgd-module-class", "lora-plus"])
+    ("train.optimizer=prodigy", "train.lr=1.0"),
+], ids=["adafactor", "sgd-module-class", "lora-plus", "prodigy"])
 def test_each_optimizer_trains_and_resumes_exactly(extra, tiny_folders, tiny_shards, tmp_path):
     """4 steps straight, against 2 steps then a resume to 4 (the optimizer state and its param
     groups from the checkpoint): the same weights, bit for bit."""
@@ -43,6 +44,9 @@ def test_each_optimizer_trains_and_resumes_exactly(extra, tiny_folders, tiny_sha
         assert all(r["lr_up"] == 16 * r["lr"] for r in logged if "loss" in r)
     elif "momentum" in " ".join(extra):
         assert groups[0]["momentum"] == 0.9 and groups[0]["nesterov"] is True
+    elif "train.optimizer=prodigy" in extra:  # its step-size estimate is in the state, and logged
+        logged = [json.loads(line) for line in (Path(straight["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert groups[0]["d"] > 0 and logged[-1]["lr_effective"] == pytest.approx(groups[0]["d"] * logged[-1]["lr"])
 
 
 def test_lora_plus_keeps_its_ratio_when_a_resume_changes_the_lr(tiny_folders, tiny_shards, tmp_path):
@@ -75,12 +79,13 @@ def test_the_plan_counts_each_optimizers_state():
     from wan_tune.plan.memory import MemoryPlan, Setup
 
     rows = {}
-    for name in ("adamw", "adamw8bit", "adafactor"):
+    for name in ("adamw", "adamw8bit", "adafactor", "prodigy"):
         recipe = load_recipe(ROOT / "recipes" / "wan2.1-t2v-1.3b-lora.yaml", [f"train.optimizer={name}"])
         plan = MemoryPlan(recipe, "gpu")
         rows[name] = {label: b for _, label, b in plan.breakdown(Setup.of(recipe)).rows}
     adam = rows["adamw"]["AdamW moments"]
     assert rows["adamw8bit"]["AdamW moments"] == adam / 4 and rows["adafactor"]["Adafactor state"] == adam / 32
+    assert rows["prodigy"]["Prodigy state"] == 2 * adam
 
 
 def test_conditioned_frames_carry_no_loss_when_asked():

@@ -248,6 +248,9 @@ def unused_settings(r: Recipe, cli_keys: set[str]) -> list[str]:
     variant = get_variant(r.model.variant) if r.model.variant in VARIANTS else None
     if variant is not None and not variant.vace and r.vace != VaceConfig():
         notes.append(f"vace.* settings do nothing for {variant.name} (not a VACE model)")
+    if r.train.optimizer == "prodigy" and r.train.lr < 0.1:
+        notes.append(f"train.optimizer=prodigy estimates its own step size and multiplies it by train.lr "
+                     f"({r.train.lr:g} here): Prodigy's authors use 1.0")
     typed = "tracking.log_artifacts" in cli_keys or r.tracking.log_artifacts != TrackingConfig().log_artifacts
     if r.tracking.backend != "wandb" and r.tracking.log_artifacts != "none" and typed:
         notes.append(f"tracking.log_artifacts={r.tracking.log_artifacts} does nothing with tracking.backend="

@@ -160,9 +160,10 @@ class Breakdown:
 def optimizer_state_bytes(optimizer: str) -> float:
     """Bytes of optimizer state per trained parameter: AdamW's two fp32 moments (8), two 8-bit ones
     (2), Adafactor's factored second moment (a row and a column per matrix: for a rank-32 LoRA of
-    width 5120, (32 + 5120) x 4 bytes over 32 x 5120 values, 0.13; counted 0.25). A `module:Class`
+    width 5120, (32 + 5120) x 4 bytes over 32 x 5120 values, 0.13; counted 0.25), Prodigy's four
+    fp32 buffers (its moments, `s` and the initial weights `p0`: 16). A `module:Class`
     optimizer is counted as AdamW (most keep two moments; plain SGD keeps less)."""
-    return {"adamw8bit": 2.0, "paged_adamw8bit": 2.0, "adafactor": 0.25}.get(optimizer, 8.0)
+    return {"adamw8bit": 2.0, "paged_adamw8bit": 2.0, "adafactor": 0.25, "prodigy": 16.0}.get(optimizer, 8.0)
 
 
 class MemoryPlan:
@@ -313,7 +314,7 @@ class MemoryPlan:
         n = count.trainable * self.experts  # both A14B experts keep their LoRA and optimizer on the GPU
         what = "weights" if self.full else "LoRA weights"
         moments = optimizer_state_bytes(self.recipe.train.optimizer)
-        state = "Adafactor state" if self.recipe.train.optimizer == "adafactor" else "AdamW moments"
+        state = {"adafactor": "Adafactor state", "prodigy": "Prodigy state"}.get(self.recipe.train.optimizer, "AdamW moments")
         if s.zero == 0:
             rows = [("trainable", f"{what} fp32", 4 * n), ("trainable", "gradients fp32", 4 * n),
                     ("trainable", state, moments * n)]

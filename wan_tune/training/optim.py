@@ -1,5 +1,5 @@
 """Optimizer and learning-rate schedule from a recipe: torch's AdamW, bitsandbytes' 8-bit AdamW,
-transformers' Adafactor or any `module:Class`; LoRA+ groups; diffusers' schedules."""
+transformers' Adafactor, Prodigy (prodigyopt) or any `module:Class`; LoRA+ groups; diffusers' schedules."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "
 
 # Optimizers from packages wan-tune does not install: (module, class, the line that installs it).
 PACKAGED = {"adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "pip install bitsandbytes"),
-            "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit", "pip install bitsandbytes")}
+            "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit", "pip install bitsandbytes"),
+            "prodigy": ("prodigyopt", "Prodigy", "pip install prodigyopt")}
 
 
 def param_groups(named: dict[str, torch.nn.Parameter], lr: float, lr_ratio: float | None, scale: float = 1.0) -> list[dict]:

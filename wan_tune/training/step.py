@@ -106,6 +106,8 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
               "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds}
     if len(lrs) > 1:  # LoRA+: the up matrices' own lr
         record["lr_up"] = lrs[1]
+    if "d" in trainee.optimizer.param_groups[0]:  # Prodigy: the step size it estimated, times lr
+        record["lr_effective"] = trainee.optimizer.param_groups[0]["d"] * lrs[0]
     if variant.two_experts:  # which expert trained, and its loss under its own name (W&B plots each)
         record.update(expert=trainee.label, **{f"loss/{trainee.label}": mean_loss})
     if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none here
