@@ -28,7 +28,9 @@ def _recipe(tiny_folders, tiny_shards, out, *extra):
     ("train.optimizer=torch.optim:SGD", "train.optimizer_args={momentum: 0.9, nesterov: true}", "train.lr=0.01"),
     ("adapter.lr_ratio=16",),
     ("train.optimizer=prodigy", "train.lr=1.0"),
-], ids=["adafactor", "sgd-module-class", "lora-plus", "prodigy"])
+    ("train.optimizer=schedulefree_adamw", "train.lr=1e-3"),
+    ("train.optimizer=came", "train.optimizer_args={betas: [0.9, 0.999, 0.9999]}"),
+], ids=["adafactor", "sgd-module-class", "lora-plus", "prodigy", "schedulefree", "came"])
 def test_each_optimizer_trains_and_resumes_exactly(extra, tiny_folders, tiny_shards, tmp_path):
     """4 steps straight, against 2 steps then a resume to 4 (the optimizer state and its param
     groups from the checkpoint): the same weights, bit for bit."""
@@ -47,6 +49,10 @@ def test_each_optimizer_trains_and_resumes_exactly(extra, tiny_folders, tiny_sha
     elif "train.optimizer=prodigy" in extra:  # its step-size estimate is in the state, and logged
         logged = [json.loads(line) for line in (Path(straight["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert groups[0]["d"] > 0 and logged[-1]["lr_effective"] == pytest.approx(groups[0]["d"] * logged[-1]["lr"])
+    elif "train.optimizer=schedulefree_adamw" in extra:  # saved in eval mode: the averaged weights
+        assert groups[0]["train_mode"] is False
+    elif "train.optimizer=came" in extra:
+        assert groups[0]["betas"] == [0.9, 0.999, 0.9999]
 
 
 def test_lora_plus_keeps_its_ratio_when_a_resume_changes_the_lr(tiny_folders, tiny_shards, tmp_path):
@@ -79,13 +85,28 @@ def test_the_plan_counts_each_optimizers_state():
     from wan_tune.plan.memory import MemoryPlan, Setup
 
     rows = {}
-    for name in ("adamw", "adamw8bit", "adafactor", "prodigy"):
+    for name in ("adamw", "adamw8bit", "adafactor", "prodigy", "schedulefree_adamw", "came"):
         recipe = load_recipe(ROOT / "recipes" / "wan2.1-t2v-1.3b-lora.yaml", [f"train.optimizer={name}"])
         plan = MemoryPlan(recipe, "gpu")
         rows[name] = {label: b for _, label, b in plan.breakdown(Setup.of(recipe)).rows}
     adam = rows["adamw"]["AdamW moments"]
     assert rows["adamw8bit"]["AdamW moments"] == adam / 4 and rows["adafactor"]["Adafactor state"] == adam / 32
     assert rows["prodigy"]["Prodigy state"] == 2 * adam
+    assert rows["schedulefree_adamw"]["schedule-free state"] == adam and rows["came"]["CAME state"] == adam * 4.5 / 8
+
+
+def test_schedule_free_warms_up_itself_and_refuses_a_schedule_on_top(tiny_folders, tiny_shards, tmp_path):
+    """Its warmup is its own (logged as lr_effective), the schedule a constant 1; a recipe that
+    asks for a decaying schedule on top is refused by check."""
+    from wan_tune.config.loader import ConfigError
+
+    done = train(_recipe(tiny_folders, tiny_shards, tmp_path, "train.optimizer=schedulefree_adamw", "train.lr=1e-3",
+                         "train.warmup_steps=2", "train.steps=3"), progress=False, say=lambda *_: None)
+    logged = [json.loads(line) for line in (Path(done["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr_effective"] for r in logged if "loss" in r] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert all(r["lr"] == 1e-3 for r in logged if "loss" in r)
+    with pytest.raises(ConfigError, match=r"train.lr_schedule.*schedulefree_adamw replaces the schedule"):
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["train.optimizer=schedulefree_adamw", "train.lr_schedule=cosine"])
 
 
 def test_conditioned_frames_carry_no_loss_when_asked():

@@ -114,6 +114,9 @@ def _schedule_errors(r: Recipe, variant: Variant | None, explicit: set[str], inv
         errors.append(
             ("timesteps.sigma_min", f"must be below timesteps.sigma_max ({r.timesteps.sigma_min} >= {r.timesteps.sigma_max})")
         )
+    if r.train.optimizer == "schedulefree_adamw" and r.train.lr_schedule != "constant":
+        errors.append(("train.lr_schedule", f"{r.train.lr_schedule}: schedulefree_adamw replaces the schedule (it averages "
+                       "its iterates instead of decaying the lr); set train.lr_schedule=constant"))
     if r.train.warmup_steps >= r.train.steps:
         errors.append(("train.warmup_steps", f"must be below train.steps ({r.train.warmup_steps} >= {r.train.steps})"))
     return errors

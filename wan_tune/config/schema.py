@@ -121,7 +121,7 @@ def expert_labels(v: Any) -> str | None:
     return "each expert once" if len(set(v)) != len(v) else None
 
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "prodigy")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "prodigy", "schedulefree_adamw", "came")
 
 
 def optimizer_name(v: Any) -> str | None:
@@ -304,7 +304,9 @@ class TrainConfig:
     optimizer: str = opt(
         "adamw", "adamw (torch); adamw8bit or paged_adamw8bit (bitsandbytes); adafactor (transformers' Adafactor at a "
         "fixed lr, factored second moments); prodigy (prodigyopt: estimates its step size, `lr` is its multiplier, "
-        "usually 1.0); or `module:Class` for any torch optimizer (e.g. `torch.optim:SGD`). "
+        "usually 1.0); schedulefree_adamw (schedulefree: no lr schedule, its own warmup; held-out scores, validation "
+        "and checkpoints use its averaged weights); came (came-pytorch: factored like Adafactor, plus a confidence "
+        "term; betas come from optimizer_args, three of them); or `module:Class` for any torch optimizer (e.g. `torch.optim:SGD`). "
         "betas apply where the optimizer takes them; `optimizer_args` passes the rest.", check=optimizer_name)
     optimizer_args: dict[str, Any] = opt({}, "Extra keyword arguments for the optimizer, e.g. `{momentum: 0.9}`.")
     weight_decay: float = opt(0.01, "AdamW weight decay.", check=non_negative)

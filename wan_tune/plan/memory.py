@@ -161,9 +161,12 @@ def optimizer_state_bytes(optimizer: str) -> float:
     """Bytes of optimizer state per trained parameter: AdamW's two fp32 moments (8), two 8-bit ones
     (2), Adafactor's factored second moment (a row and a column per matrix: for a rank-32 LoRA of
     width 5120, (32 + 5120) x 4 bytes over 32 x 5120 values, 0.13; counted 0.25), Prodigy's four
-    fp32 buffers (its moments, `s` and the initial weights `p0`: 16). A `module:Class`
-    optimizer is counted as AdamW (most keep two moments; plain SGD keeps less)."""
-    return {"adamw8bit": 2.0, "paged_adamw8bit": 2.0, "adafactor": 0.25, "prodigy": 16.0}.get(optimizer, 8.0)
+    fp32 buffers (its moments, `s` and the initial weights `p0`: 16), schedule-free AdamW's `z` and
+    second moment (8: it keeps no first moment), CAME's first moment plus factored second moment
+    and confidence (4 + 2 x 0.25). A `module:Class` optimizer is counted as AdamW (most keep two
+    moments; plain SGD keeps less)."""
+    return {"adamw8bit": 2.0, "paged_adamw8bit": 2.0, "adafactor": 0.25, "prodigy": 16.0, "schedulefree_adamw": 8.0,
+            "came": 4.5}.get(optimizer, 8.0)
 
 
 class MemoryPlan:
@@ -314,7 +317,8 @@ class MemoryPlan:
         n = count.trainable * self.experts  # both A14B experts keep their LoRA and optimizer on the GPU
         what = "weights" if self.full else "LoRA weights"
         moments = optimizer_state_bytes(self.recipe.train.optimizer)
-        state = {"adafactor": "Adafactor state", "prodigy": "Prodigy state"}.get(self.recipe.train.optimizer, "AdamW moments")
+        state = {"adafactor": "Adafactor state", "prodigy": "Prodigy state", "schedulefree_adamw": "schedule-free state",
+                 "came": "CAME state"}.get(self.recipe.train.optimizer, "AdamW moments")
         if s.zero == 0:
             rows = [("trainable", f"{what} fp32", 4 * n), ("trainable", "gradients fp32", 4 * n),
                     ("trainable", state, moments * n)]

@@ -78,6 +78,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         log.score_start(step)
         try:
             while step < recipe.train.steps:
+                weights_for(run, training=True)
                 record = train_step(run, step, batches, empty_prompt)
                 step, consumed = step + 1, consumed + recipe.train.grad_accum
                 log.step(record)
@@ -86,16 +87,21 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
 
                 stopping = agree(accelerator, stop.received is not None)
                 saving = step % recipe.checkpoint.every == 0 or step == recipe.train.steps or stopping
+                # Not while stopping (a preempted job has little time): the resumed run scores that step first.
+                scoring = data.heldout is not None and not stopping and (
+                    step % recipe.eval.every == 0 if recipe.eval.every else saving)
+                rendering = bool(recipe.validation.every) and step % recipe.validation.every == 0
+                if saving or scoring or rendering:
+                    weights_for(run, training=False)  # schedule-free: its averaged weights, once for all three
                 if saving:
                     last_saved = save_checkpoint(accelerator, run_dir, step, run.trainees, consumed, recipe_yaml,
                                                  recipe.checkpoint.keep_last, keep=best_checkpoint(run_dir), cp=lay.cp,
                                                  facts=facts)
-                # Not while stopping (a preempted job has little time): the resumed run scores that step first.
-                if data.heldout is not None and not stopping and (step % recipe.eval.every == 0 if recipe.eval.every else saving):
+                if scoring:
                     log.score(step)
                 if saving and last_saved is not None:
                     _log_artifact(run, log, last_saved, step, final=step == recipe.train.steps or stopping)
-                if recipe.validation.every and step % recipe.validation.every == 0:
+                if rendering:
                     validate(run, validator, step)
                 if stopping:
                     say(f"received {stop.received or 'a stop signal on another rank'}: saved {last_saved}; "
@@ -105,6 +111,15 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             bar.close()
             log.close()
         return _summary(run, log, step, last_saved, stop.received)
+
+
+def weights_for(run, training: bool) -> None:
+    """Schedule-free AdamW trains one point and averages another: the steps need its training
+    weights, held-out scores, renders and checkpoints the average (a no-op for other optimizers).
+    One switch per step's bookkeeping, never one per use: each switch rounds, and a resumed run
+    (which starts from the saved average) must meet the straight run's weights bit for bit."""
+    for tr in run.trainees:
+        tr.optimizer.train() if training else tr.optimizer.eval()
 
 
 def _log_artifact(run, log: RunLog, saved: Path, step: int, final: bool) -> None:

@@ -14,7 +14,12 @@ SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "
 # Optimizers from packages wan-tune does not install: (module, class, the line that installs it).
 PACKAGED = {"adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "pip install bitsandbytes"),
             "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit", "pip install bitsandbytes"),
-            "prodigy": ("prodigyopt", "Prodigy", "pip install prodigyopt")}
+            "prodigy": ("prodigyopt", "Prodigy", "pip install prodigyopt"),
+            "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "pip install schedulefree"),
+            "came": ("came_pytorch", "CAME", "pip install came-pytorch")}
+
+# Optimizers that do their own warmup and need no schedule: the diffusers schedule stays constant.
+OWN_SCHEDULE = ("schedulefree_adamw",)
 
 
 def param_groups(named: dict[str, torch.nn.Parameter], lr: float, lr_ratio: float | None, scale: float = 1.0) -> list[dict]:
@@ -59,7 +64,12 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig, lr_ra
         if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
             raise TrainingError(f"train.optimizer={cfg.optimizer} is not a torch.optim.Optimizer class")
     takes = inspect.signature(cls).parameters
-    kwargs = {k: v for k, v in (("betas", tuple(cfg.betas)), ("weight_decay", cfg.weight_decay)) if k in takes}
+    given = [("betas", tuple(cfg.betas)), ("weight_decay", cfg.weight_decay)]
+    if cfg.optimizer == "came":  # three betas of its own (momentum, second moment, confidence)
+        given = given[1:]
+    if cfg.optimizer in OWN_SCHEDULE:  # it warms its own lr up (and weights its average by it)
+        given.append(("warmup_steps", cfg.warmup_steps))
+    kwargs = {k: v for k, v in given if k in takes}
     try:
         return cls(groups, lr=cfg.lr * scale, **{**kwargs, **cfg.optimizer_args})
     except TypeError as err:  # an optimizer_args key the class does not take
@@ -69,6 +79,8 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig, lr_ra
 def make_scheduler(optimizer, cfg: TrainConfig):
     from diffusers.optimization import get_scheduler
 
+    if cfg.optimizer in OWN_SCHEDULE:  # a constant multiplier of 1: the optimizer warms up itself
+        return get_scheduler("constant", optimizer)
     return get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
 
 
@@ -101,8 +113,10 @@ def apply_changed_settings(cfg: TrainConfig, saved: dict, trainees: list, where:
         scheduler.base_lrs = [cfg.lr * g.get("lr_ratio", 1.0) for g in groups]  # LoRA+'s proportion kept
         for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group.update(initial_lr=base, lr=base * factor(scheduler.last_epoch), weight_decay=cfg.weight_decay)
-            if "betas" in group:
+            if "betas" in group and cfg.optimizer != "came":  # CAME's three betas are its optimizer_args
                 group["betas"] = tuple(cfg.betas)
+            if "warmup_steps" in group:  # schedule-free's own warmup
+                group["warmup_steps"] = cfg.warmup_steps
         scheduler._last_lr = [g["lr"] for g in groups]  # what get_last_lr() reports until the next step
     say("resuming with changed settings, applied from here on: "
         + "; ".join(f"train.{k} {old} -> {new}" for k, (old, new) in changed.items()))

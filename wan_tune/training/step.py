@@ -108,6 +108,8 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         record["lr_up"] = lrs[1]
     if "d" in trainee.optimizer.param_groups[0]:  # Prodigy: the step size it estimated, times lr
         record["lr_effective"] = trainee.optimizer.param_groups[0]["d"] * lrs[0]
+    elif "scheduled_lr" in trainee.optimizer.param_groups[0]:  # schedule-free: lr through its own warmup
+        record["lr_effective"] = trainee.optimizer.param_groups[0]["scheduled_lr"]
     if variant.two_experts:  # which expert trained, and its loss under its own name (W&B plots each)
         record.update(expert=trainee.label, **{f"loss/{trainee.label}": mean_loss})
     if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none here
