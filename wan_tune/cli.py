@@ -152,7 +152,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         if args.push_to_hub:
             preflight(args.push_to_hub)  # offline or no token: said before any work
-        checks = export(args.checkpoint, formats, args.out, merge=args.merge)
+        checks = export(args.checkpoint, formats, args.out, merge=args.merge, weights=args.weights)
     except PushError as err:
         print(f"wan-tune export: {err}", file=sys.stderr)
         return 1
@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter format (default: the recipe's export.format)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/export)")
     p.add_argument("--merge", action="store_true", help="also bake the LoRA into the base weights (full transformer)")
+    p.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="runs with train.ema_decay: the moving average (the default) or the raw weights")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="then upload the export to this Hub model repository")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.set_defaults(func=_export)

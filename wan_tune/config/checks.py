@@ -117,6 +117,11 @@ def _schedule_errors(r: Recipe, variant: Variant | None, explicit: set[str], inv
     if r.train.optimizer == "schedulefree_adamw" and r.train.lr_schedule != "constant":
         errors.append(("train.lr_schedule", f"{r.train.lr_schedule}: schedulefree_adamw replaces the schedule (it averages "
                        "its iterates instead of decaying the lr); set train.lr_schedule=constant"))
+    if r.train.ema_decay and r.train.optimizer == "schedulefree_adamw":
+        errors.append(("train.ema_decay", "schedulefree_adamw already averages its weights (what it scores, renders and "
+                       "saves); set train.ema_decay=0, or pick another optimizer"))
+    if r.export.weights == "ema" and not r.train.ema_decay and "export.weights" in explicit:
+        errors.append(("export.weights", "ema needs the average train.ema_decay keeps; set train.ema_decay (e.g. 0.999)"))
     if r.train.warmup_steps >= r.train.steps:
         errors.append(("train.warmup_steps", f"must be below train.steps ({r.train.warmup_steps} >= {r.train.steps})"))
     return errors

@@ -80,7 +80,7 @@ def _check_section(name: str, cls: type, raw: Any, errors: list[tuple[str, str]]
         meta = fields[key].metadata
         if not OmegaConf.is_interpolation(typed, key):
             plain = OmegaConf.to_container(typed[key]) if isinstance(typed[key], (DictConfig, ListConfig)) else typed[key]
-            if meta.get("choices") and plain not in meta["choices"]:
+            if meta.get("choices") and plain not in meta["choices"] and not (plain is None and fields[key].default is None):
                 errors.append((full, f"must be one of {', '.join(meta['choices'])}; got {plain!r}{_did_you_mean(str(plain), meta['choices'])}"))
                 continue
             problem = meta["check"](plain) if meta.get("check") and plain is not None else None

@@ -312,6 +312,10 @@ class TrainConfig:
     weight_decay: float = opt(0.01, "AdamW weight decay.", check=non_negative)
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.", check=two_betas)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 = off.", check=non_negative)
+    ema_decay: float = opt(
+        0.0, "Keep an exponential moving average of the trainable weights at this decay (e.g. 0.999; 0 = off): saved in "
+        "each checkpoint, scored on the held-out clips beside the raw weights, rendered by validation and exported "
+        "by default (export.weights). Costs one fp32 copy of the trainable weights. One GPU or DDP.", check=below_one)
     loss_mask_conditioned_frames: bool = opt(
         False, "I2V / FLF2V: no loss on the latent frames the clip is conditioned on (the first; FLF2V's last too), "
         "which the model is given. TI2V-5B's image frame never carries loss.")
@@ -462,6 +466,9 @@ class ExportConfig:
     )
     out: Optional[str] = opt(None, "Output folder; empty = `<checkpoint>/export/`.")
     merge: bool = opt(False, "Bake the LoRA into the base weights and write a full transformer.")
+    weights: Optional[str] = opt(
+        None, "ema: the moving average of train.ema_decay; raw: the weights as last stepped. Empty = ema when the "
+        "checkpoint keeps one (it also picks which held-out score best.json follows).", choices=("ema", "raw"))
 
 
 @dataclass

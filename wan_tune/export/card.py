@@ -18,6 +18,7 @@ import yaml
 from ..config import Recipe, to_yaml
 from ..models.variants import Variant, expert_label, get_variant, pipeline_class
 from ..training.facts import data_facts
+from ..training.heldout import EMA_SCORE
 
 SAMPLES = "samples"
 LICENSE = "apache-2.0"  # Wan 2.1 and 2.2 are released under Apache 2.0
@@ -33,7 +34,7 @@ def run_facts(recipe: Recipe, checkpoint: Path, step: int) -> dict:
     records, _damaged = read_metrics(run / METRICS_FILE)  # a torn or edited line is passed over, as training does
     for record in records:
         if record["step"] == step:
-            facts.update({k: record[k] for k in ("loss", "heldout_loss") if isinstance(record.get(k), (int, float))})
+            facts.update({k: record[k] for k in ("loss", "heldout_loss", EMA_SCORE) if isinstance(record.get(k), (int, float))})
     try:
         best = json.loads((run / BEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent or damaged: the card leaves the line out
@@ -108,11 +109,18 @@ def _training_section(recipe: Recipe, facts: dict, data: dict, samples: list[Pat
                  f"{recipe.train.batch_size} x accumulation {recipe.train.grad_accum}")
     if "loss" in facts:
         lines.append(f"- Training loss at step {facts['step']}: {facts['loss']:.4f}")
+    ema = recipe.export.weights == "ema"
+    if ema:
+        lines.append(f"- Weights: the moving average of the trained weights (decay {recipe.train.ema_decay:g}), not the "
+                     "raw weights of the last step")
     if "heldout_loss" in facts:
-        lines.append(f"- Held-out loss at step {facts['step']}: {facts['heldout_loss']:.4f}")
+        average = f"; their moving average{' (these weights)' if ema else ''}: {facts[EMA_SCORE]:.4f}" if EMA_SCORE in facts else ""
+        lines.append(f"- Held-out loss at step {facts['step']}: {facts['heldout_loss']:.4f} (raw weights){average}"
+                     if average else f"- Held-out loss at step {facts['step']}: {facts['heldout_loss']:.4f}")
     if "best" in facts:
         b = facts["best"]
-        lines.append(f"- Best held-out loss: {b['heldout_loss']:.4f} at step {b['step']} ({b['checkpoint']})")
+        which = " (moving average)" if b.get("weights") == "ema" else ""
+        lines.append(f"- Best held-out loss{which}: {b['heldout_loss']:.4f} at step {b['step']} ({b['checkpoint']})")
     sheets = [p for p in samples if p.suffix == ".png"]
     if sheets:
         lines.append("\nBase model (top) against this adapter, same seed:\n")

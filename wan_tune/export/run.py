@@ -18,7 +18,9 @@ from ..config import Recipe, load_recipe, recipe_hash
 from ..data.atomic import save_tensors, writable_problem
 from ..models.keymap import state_dict_to_original
 from ..models.variants import Variant, expert_label, get_variant, transformer_class
+from ..training.checkpoint import digest_mismatch, expert_file, read_state
 from ..training.facts import recipe_drift
+from ..training.heldout import EMA_SCORE
 from .adapters import (
     FORMATS,
     Adapter,
@@ -56,13 +58,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return best
 
 
-def read_checkpoint(path: str | Path, say=print) -> tuple[Recipe, dict, dict[str, dict[str, torch.Tensor]]]:
+def read_checkpoint(path: str | Path, say=print, weights: str | None = None
+                    ) -> tuple[Recipe, dict, dict[str, dict[str, torch.Tensor]]]:
     """(recipe, state, {expert: trainable weights}) of a step folder, or a clear ExportError.
     One expert (`transformer`) except for Wan2.2 A14B runs. The recipe is the folder's recipe.yaml
-    with what state.json recorded of the training in place of any of it edited since (named)."""
+    with what state.json recorded of the training in place of any of it edited since (named), and
+    its export.weights resolved (`weights`, else the recipe's; empty: `ema` when the checkpoint
+    keeps an average): which file the weights are read from."""
     from safetensors.torch import load_file
-
-    from ..training.checkpoint import digest_mismatch, expert_file, read_state
 
     path = resolve_checkpoint(path)
     if not path.is_dir():
@@ -71,26 +74,44 @@ def read_checkpoint(path: str | Path, say=print) -> tuple[Recipe, dict, dict[str
     if state is None and why != "no state.json":
         raise ExportError(f"{path}: {why}; export another checkpoint of the run")
     state = state or {}
-    files = {e: expert_file("trainable.safetensors", e) for e in state.get("experts", ["transformer"])}
-    missing = [f for f in (*REQUIRED, *files.values()) if not (path / f).is_file()]
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
     if missing:
         raise ExportError(f"{path} is missing {', '.join(missing)}: not a complete wan-tune checkpoint")
-    damage = digest_mismatch(path, state, list(files.values()))
-    if damage:
-        raise ExportError(f"{damage}; export another checkpoint of the run")
-    weights = {}
-    for expert, file in files.items():
-        try:
-            weights[expert] = load_file(str(path / file))
-        except Exception as err:
-            raise ExportError(f"{path / file} is not a readable safetensors file ({err})") from None
     recipe = load_recipe(path / "recipe.yaml")
     drift = recipe_drift(recipe, state)
     if drift:
         say(f"note: {path / 'recipe.yaml'} was edited since the run ({'; '.join(f'{k}: {v!r} there, {t!r} trained' for k, v, t in drift)}): "
             "the export uses what was trained (state.json)")
         recipe = load_recipe(path / "recipe.yaml", [f"{k}={json.dumps(t)}" for k, _, t in drift])
-    return recipe, state, weights
+    recipe.export.weights = _which_weights(weights or recipe.export.weights, state, path)
+    files = weight_files(recipe, state)
+    missing = [f for f in files.values() if not (path / f).is_file()]
+    if missing:
+        raise ExportError(f"{path} is missing {', '.join(missing)}: not a complete wan-tune checkpoint")
+    damage = digest_mismatch(path, state, list(files.values()))
+    if damage:
+        raise ExportError(f"{damage}; export another checkpoint of the run")
+    loaded = {}
+    for expert, file in files.items():
+        try:
+            loaded[expert] = load_file(str(path / file))
+        except Exception as err:
+            raise ExportError(f"{path / file} is not a readable safetensors file ({err})") from None
+    return recipe, state, loaded
+
+
+def _which_weights(asked: str | None, state: dict, path: Path) -> str:
+    """export.weights resolved for this checkpoint: `ema` or `raw`."""
+    if asked == "ema" and not state.get("ema"):
+        raise ExportError(f"{path} keeps no moving average (the run had train.ema_decay=0): export its raw weights "
+                          "(--weights raw)")
+    return asked or ("ema" if state.get("ema") else "raw")
+
+
+def weight_files(recipe: Recipe, state: dict) -> dict[str, str]:
+    """{expert: the checkpoint file export reads}: ema.safetensors for export.weights=ema, else trainable.safetensors."""
+    stem = "ema.safetensors" if recipe.export.weights == "ema" else "trainable.safetensors"
+    return {e: expert_file(stem, e) for e in state.get("experts", ["transformer"])}
 
 
 def check_fits(adapter: Adapter, variant: Variant) -> None:
@@ -133,17 +154,22 @@ def header(recipe: Recipe, state: dict, fmt: str, expert: str = "transformer", m
         "wan_tune.targets": json.dumps(a.targets),
         "wan_tune.trigger_word": recipe.caption.trigger_word,
         "wan_tune.steps": str(state["step"]),
+        **({"wan_tune.weights": f"ema {recipe.train.ema_decay:g}"} if recipe.export.weights == "ema" else {}),
         "wan_tune.recipe_hash": recipe_hash(recipe),
     }
 
 
 def export(
-    checkpoint: str | Path, formats: list[str] | None = None, out: str | Path | None = None, merge: bool = False, say=print
+    checkpoint: str | Path, formats: list[str] | None = None, out: str | Path | None = None, merge: bool = False, say=print,
+    weights: str | None = None,
 ) -> list[Check]:
     """Write the checkpoint in `formats` (None: the recipe's export.format; ignored for a full
-    fine-tune, which writes the whole model), self-test each file; returns the checks."""
+    fine-tune, which writes the whole model), self-test each file; returns the checks.
+    `weights`: ema or raw (None: the recipe's export.weights; empty there, ema when kept)."""
     checkpoint = resolve_checkpoint(checkpoint)  # <run>/best: the folder best.json names, exports go there
-    recipe, state, experts = read_checkpoint(checkpoint, say)
+    recipe, state, experts = read_checkpoint(checkpoint, say, weights)
+    if recipe.export.weights == "ema":
+        say(f"exporting the moving average of train.ema_decay={recipe.train.ema_decay:g} (--weights raw: the raw weights)")
     # export.format=all (the demo's): the formats that can hold this adapter, the others named and left out.
     fitting = formats is None and recipe.export.format == "all"
     if formats is None:
@@ -173,7 +199,8 @@ def export(
     if passed:
         from .artifact import log_export
 
-        log_export(recipe, checkpoint, out, state["step"], run_facts(recipe, checkpoint, state["step"]).get("heldout_loss"), say)
+        score = run_facts(recipe, checkpoint, state["step"]).get(EMA_SCORE if recipe.export.weights == "ema" else "heldout_loss")
+        log_export(recipe, checkpoint, out, state["step"], score, say)
     return checks
 
 
@@ -186,9 +213,8 @@ def export_identity(checkpoint: Path, recipe: Recipe, state: dict) -> dict:
     """Which export this is, for the folder's manifest: the run, the step and its weights' checksums
     (two runs that share a name and a step are still told apart)."""
     from ..data.atomic import file_digest
-    from ..training.checkpoint import expert_file
 
-    names = [expert_file("trainable.safetensors", e) for e in state.get("experts", ["transformer"])]
+    names = list(weight_files(recipe, state).values())
     crcs = [(state.get("files") or {}).get(n, {}).get("crc32") or file_digest(checkpoint / n)["crc32"] for n in names]
     return {"run": recipe.run.name, "step": int(state["step"]), "weights_crc32": ",".join(crcs)}
 

@@ -319,9 +319,11 @@ class MemoryPlan:
         moments = optimizer_state_bytes(self.recipe.train.optimizer)
         state = {"adafactor": "Adafactor state", "prodigy": "Prodigy state", "schedulefree_adamw": "schedule-free state",
                  "came": "CAME state"}.get(self.recipe.train.optimizer, "AdamW moments")
+        # train.ema_decay: the average is one more fp32 copy of the trainable weights (one GPU or DDP only).
+        ema = [("trainable", "EMA copy fp32", 4 * n)] if self.recipe.train.ema_decay else []
         if s.zero == 0:
             rows = [("trainable", f"{what} fp32", 4 * n), ("trainable", "gradients fp32", 4 * n),
-                    ("trainable", state, moments * n)]
+                    ("trainable", state, moments * n), *ema]
             if s.gpus > 1:  # DDP reduces through buckets as large as the gradients (gradient_as_bucket_view off)
                 rows.append(("trainable", "DDP gradient buckets", 4 * n))
             return rows

@@ -152,6 +152,8 @@ def required_files(state: dict) -> list[str]:
         names.append(expert_file("trainable.safetensors", expert))
         if not state.get("deepspeed"):
             names += [expert_file("optimizer.safetensors", expert), expert_file("optimizer.json", expert)]
+        if expert in state.get("ema", {}):
+            names.append(expert_file("ema.safetensors", expert))
     return names
 
 
@@ -298,6 +300,8 @@ def _write_main(tmp: Path, final: Path, step: int, trainees: list, trainable: di
     """The main process's files of step-N, into `tmp`, then renamed to `final`."""
     for tr in trainees:
         save_tensors(tmp / expert_file("trainable.safetensors", tr.name), trainable[tr.name], {"step": str(step)})
+        if tr.ema is not None:  # train.ema_decay: the average, under the same names
+            save_tensors(tmp / expert_file("ema.safetensors", tr.name), tr.ema.tensors(), {"step": str(step)})
         if not deepspeed:
             tensors, meta = optimizer_to_tensors(optim_state.get(tr.name) or tr.optimizer.state_dict())
             save_tensors(tmp / expert_file("optimizer.safetensors", tr.name), tensors)
@@ -309,6 +313,8 @@ def _write_main(tmp: Path, final: Path, step: int, trainees: list, trainable: di
         "format_version": STATE_FORMAT, "step": step, "batches_consumed": consumed, "experts": [tr.name for tr in trainees],
         "schedulers": {tr.name: tr.scheduler.state_dict() for tr in trainees},
         "world_size": world, "context_parallel": cp, "deepspeed": deepspeed, "sharding": kind,
+        **({"ema": {tr.name: {"updates": tr.ema.updates, "decay": tr.ema.average.decay} for tr in trainees}}
+           if any(tr.ema is not None for tr in trainees) else {}),
         "files": {f.relative_to(tmp).as_posix(): file_digest(f) for f in files}, **facts,
     }
     write_json(tmp / "state.json", {**state, "checksum": state_checksum(state)})
@@ -355,6 +361,15 @@ def load_checkpoint(accelerator, path: Path, trainees: list) -> dict:
                     params[name].copy_(value)
             tr.optimizer.load_state_dict(optimizer_from_tensors(load_file(str(optim_file)), json.loads(optim_meta.read_text())))
         tr.scheduler.load_state_dict(schedulers[tr.name])
+        saved_ema = state.get("ema", {}).get(tr.name)
+        if tr.ema is not None and saved_ema is not None:
+            ema_file = path / expert_file("ema.safetensors", tr.name)
+            try:
+                tr.ema.load(load_file(str(ema_file)), saved_ema["updates"], str(ema_file))
+            except ValueError as err:
+                raise CheckpointError(f"{err}: another recipe?") from None
+        elif tr.ema is not None:  # EMA turned on at this resume: it starts from the weights just loaded
+            tr.ema.restart(tr.params)
     return state
 
 

@@ -29,6 +29,8 @@ class Trainee:
     scheduler: Any
     sigma_range: tuple[float, float]
     params: list = field(default_factory=list)
+    ema: Any = None
+    """train.ema_decay: the moving average of `params` (training/ema.py)."""
 
 
 def sigma_bounds(trainee: Trainee, sigma_min: float, sigma_max: float) -> tuple[float, float]:

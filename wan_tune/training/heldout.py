@@ -125,22 +125,28 @@ def make_heldout(dataset, share: float, sigmas: list[float], seed: int, max_text
                    mask_conditioned)
 
 
+EMA_SCORE = "heldout_loss_ema"
+"""The held-out loss of train.ema_decay's average (beside `heldout_loss`, the raw weights')."""
+
+
 def format_heldout(step: int, result: dict[str, float]) -> str:
-    per_sigma = ", ".join(f"{k.split('@')[1]}: {v:.4f}" for k, v in result.items() if "@" in k)
-    return f"held-out loss at step {step}: {result['heldout_loss']:.4f} (by sigma {per_sigma})"
+    per_sigma = ", ".join(f"{k.split('@')[1]}: {v:.4f}" for k, v in result.items() if k.startswith("heldout_loss@"))
+    ema = f"; EMA {result[EMA_SCORE]:.4f}" if EMA_SCORE in result else ""
+    return f"held-out loss at step {step}: {result['heldout_loss']:.4f} (by sigma {per_sigma}){ema}"
 
 
 class Scoreboard:
     """The held-out losses of a run so far, by step (read back from metrics.jsonl on a resume),
-    and `best.json`: the checkpoint with the lowest one. A damaged best.json is written again
+    and `best.json`: the checkpoint with the lowest one (`key`: the raw weights' score, or the
+    EMA's when export writes the average). A damaged best.json is written again
     from the log when the board opens."""
 
-    def __init__(self, run_dir: Path, metrics: Path, say=print):
+    def __init__(self, run_dir: Path, metrics: Path, say=print, key: str = "heldout_loss"):
         from .checkpoint import BEST_FILE, CheckpointError, best_checkpoint
         from .metrics import heldout_by_step
 
-        self.run_dir = Path(run_dir)
-        self.scores: dict[int, float] = heldout_by_step(metrics)
+        self.run_dir, self.key = Path(run_dir), key
+        self.scores: dict[int, float] = heldout_by_step(metrics, key)
         try:
             best_checkpoint(self.run_dir)
         except CheckpointError as err:
@@ -161,6 +167,7 @@ class Scoreboard:
         if not kept:
             return None
         step = min(kept, key=lambda s: (kept[s], s))  # ties: the earlier step
-        best = {"step": step, "checkpoint": step_dir(self.run_dir, step).name, "heldout_loss": kept[step]}
+        best = {"step": step, "checkpoint": step_dir(self.run_dir, step).name, "heldout_loss": kept[step],
+                "weights": "ema" if self.key == EMA_SCORE else "raw"}
         write_json(self.run_dir / BEST_FILE, best)
         return best

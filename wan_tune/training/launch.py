@@ -82,7 +82,7 @@ def agree(accelerator, flag: bool) -> bool:
 
 def check_launch(recipe: Recipe, accelerator, experts: list[str]) -> None:
     """Refuse, on every rank and before anything loads, what this launch cannot run: a tracker
-    that cannot start here, two A14B experts or block offload under DeepSpeed / FSDP, another
+    that cannot start here, two A14B experts, block offload or EMA under DeepSpeed / FSDP, another
     optimizer than AdamW under DeepSpeed."""
     problem = tracking_problem(recipe.tracking) if accelerator.is_main_process else None
     if agree(accelerator, problem is not None):
@@ -97,6 +97,12 @@ def check_launch(recipe: Recipe, accelerator, experts: list[str]) -> None:
         raise TrainingError(
             f"train.optimizer={recipe.train.optimizer} under DeepSpeed: DeepSpeed runs its own AdamW over the partitioned "
             "state and refuses other optimizers: set train.optimizer=adamw, or launch with FSDP2 or DDP"
+        )
+    if recipe.train.ema_decay and partitioned:
+        raise TrainingError(
+            f"train.ema_decay={recipe.train.ema_decay:g} works with one process or DDP; under DeepSpeed / FSDP each rank "
+            "holds a shard (and DeepSpeed 16-bit copies) of the weights, which the average does not follow yet: set "
+            "train.ema_decay=0, or launch with DDP"
         )
     if recipe.train.offload != "none" and partitioned:
         raise TrainingError(

@@ -20,6 +20,7 @@ from ..parallel.context_parallel import layout, token_problem
 from ..parallel.sharding import sharding, weights_digest
 from .artifacts import log_checkpoint
 from .checkpoint import best_checkpoint, save_checkpoint
+from .ema import averaged, exports_ema
 from .errors import TrainingError
 from .facts import recorded_facts
 from .launch import agree, check_launch, make_accelerator
@@ -102,7 +103,8 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
                 if saving and last_saved is not None:
                     _log_artifact(run, log, last_saved, step, final=step == recipe.train.steps or stopping)
                 if rendering:
-                    validate(run, validator, step)
+                    with averaged(run.trainees, exports_ema(recipe)):  # the weights export will write
+                        validate(run, validator, step)
                 if stopping:
                     say(f"received {stop.received or 'a stop signal on another rank'}: saved {last_saved}; "
                         f"rerun the same command to resume")

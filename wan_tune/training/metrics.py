@@ -60,6 +60,6 @@ def open_metrics(path: str | Path, start_step: int, say=print) -> IO[str]:
     return path.open("a", encoding="utf-8")
 
 
-def heldout_by_step(path: str | Path) -> dict[int, float]:
-    """Held-out losses logged in the metrics log, by step."""
-    return {r["step"]: r["heldout_loss"] for r in read_metrics(path)[0] if "heldout_loss" in r}
+def heldout_by_step(path: str | Path, key: str = "heldout_loss") -> dict[int, float]:
+    """Held-out losses logged in the metrics log, by step (`key`: heldout_loss_ema for the EMA's)."""
+    return {r["step"]: r[key] for r in read_metrics(path)[0] if key in r}

@@ -103,6 +103,7 @@ def restore(run, checkpoint: Path | None) -> tuple[int, int]:
         apply_changed_settings(run.recipe.train, _saved_train(checkpoint), run.trainees, checkpoint.name, run.say)
     except ValueError as err:
         raise TrainingError(str(err)) from None
+    _say_ema(run, state, checkpoint.name)
     # The data is dealt over data-parallel ranks (processes / train.context_parallel): another
     # degree on as many groups goes on with the same batches, bit for bit up to float order.
     saved_cp = state.get("context_parallel", 1)  # written since #24; 1 before
@@ -115,6 +116,18 @@ def restore(run, checkpoint: Path | None) -> tuple[int, int]:
         consumed = consumed * was // now
     run.say(f"resumed from {checkpoint} (step {step})")
     return step, consumed
+
+
+def _say_ema(run, state: dict, where: str) -> None:
+    """train.ema_decay turned on, off or changed at this resume: one line saying what happens."""
+    saved, decay = state.get("ema", {}), run.recipe.train.ema_decay
+    if decay and not saved:
+        run.say(f"train.ema_decay={decay:g}: {where} kept no average; it starts from that checkpoint's weights")
+    elif saved and not decay:
+        run.say(f"train.ema_decay=0: the average {where} kept is not carried on (later checkpoints hold none)")
+    elif saved and any(e["decay"] != decay for e in saved.values()):
+        was = next(iter(saved.values()))["decay"]
+        run.say(f"resuming with changed settings, applied from here on: train.ema_decay {was:g} -> {decay:g}")
 
 
 def _saved_train(checkpoint: Path) -> dict:

@@ -20,6 +20,7 @@ from ..parallel.context_parallel import enable as enable_context_parallel
 from ..parallel.sharded_load import fill_shards
 from ..parallel.sharding import local_share, sharding
 from ..training.model_setup import load_for_training
+from .ema import Ema
 from .errors import TrainingError
 from .experts import Trainee, make_trainee, sigma_bounds, sigma_sampler
 from .optim import make_optimizer, make_scheduler
@@ -103,7 +104,10 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
                 "no rank held the whole model")
         trainee = make_trainee(variant, name, boundary, model, optimizer, scheduler)
         # FSDP2 replaces the parameters by sharded ones: clip what the optimizer now holds.
-        trainee.params = list(trainable_parameters(accelerator.unwrap_model(model)).values())
+        live = trainable_parameters(accelerator.unwrap_model(model))
+        trainee.params = list(live.values())
+        if recipe.train.ema_decay:
+            trainee.ema = Ema(live, recipe.train.ema_decay)
         trainees.append(trainee)
     t = recipe.timesteps
     try:

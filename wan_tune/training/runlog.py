@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 from .checkpoint import best_checkpoint, prune_checkpoints
-from .heldout import HeldOut, Scoreboard, format_heldout
+from .ema import averaged, exports_ema
+from .heldout import EMA_SCORE, HeldOut, Scoreboard, format_heldout
 from .launch import agree
 from .metrics import METRICS_FILE, open_metrics
 
@@ -19,7 +20,9 @@ class RunLog:
         self.losses: list[float] = []
         path = run.run_dir / METRICS_FILE
         self.metrics = open_metrics(path, start_step, run.say) if run.main else None
-        self.board = Scoreboard(run.run_dir, path, run.say) if heldout is not None and run.main else None
+        # best.json follows the score of the weights export writes (the average, with train.ema_decay).
+        key = EMA_SCORE if exports_ema(run.recipe) else "heldout_loss"
+        self.board = Scoreboard(run.run_dir, path, run.say, key) if heldout is not None and run.main else None
 
     def step(self, record: dict) -> None:
         self.losses.append(record["loss"])
@@ -37,15 +40,22 @@ class RunLog:
     def score(self, step: int) -> None:
         """The held-out loss of the current weights (every rank: sharded forwards gather)."""
         run = self.run
-        result = self.heldout.losses(run.live(), run.variant, run.boundary, run.accelerator, run.compute_dtype,
-                                     run.layout.cp)
+
+        def losses() -> dict[str, float]:
+            return self.heldout.losses(run.live(), run.variant, run.boundary, run.accelerator, run.compute_dtype,
+                                       run.layout.cp)
+
+        result = losses()
+        with averaged(run.trainees) as swapped:  # train.ema_decay: the average's score beside the raw one
+            if swapped:
+                result.update({k.replace("heldout_loss", EMA_SCORE): v for k, v in losses().items()})
         run.say(format_heldout(step, result))
         if self.tracking:
             run.accelerator.log(result, step=step)
         if run.main:
             self.metrics.write(json.dumps({"step": step, **result}) + "\n")
             self.metrics.flush()
-            best = self.board.add(step, result["heldout_loss"])
+            best = self.board.add(step, result[self.board.key])
             if best is not None and best["step"] == step:
                 run.say(f"best so far by held-out loss: {best['checkpoint']} (run folder's best.json)")
                 # The old best may go now.

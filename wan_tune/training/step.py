@@ -87,6 +87,8 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         step_loss += loss.detach().float() / accum
         samples += n
         tokens += n * tokens_per_sample(variant, x0.shape)
+    if trainee.ema is not None:  # once per optimizer step, after it (the accumulation's last micro-batch)
+        trainee.ema.step(trainee.params)
     if run.swap is not None:  # the next step's expert (the routing draw depends on the step alone) swaps in now
         run.swap.prefetch(accelerator.unwrap_model(expert_of(run, step + 1).model))
     for tr in run.trainees:  # lr schedules follow the run's steps, whichever expert trained
@@ -101,15 +103,8 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
             f"last good checkpoint: {kept[-1] if kept else 'none yet'}. Lower train.lr, or check the shards."
         )
     seconds = time.perf_counter() - t0
-    lrs = trainee.scheduler.get_last_lr()
-    record = {"step": step + 1, "loss": mean_loss, "lr": lrs[0], "step_time": seconds,
+    record = {"step": step + 1, "loss": mean_loss, **_rates(trainee), "step_time": seconds,
               "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds}
-    if len(lrs) > 1:  # LoRA+: the up matrices' own lr
-        record["lr_up"] = lrs[1]
-    if "d" in trainee.optimizer.param_groups[0]:  # Prodigy: the step size it estimated, times lr
-        record["lr_effective"] = trainee.optimizer.param_groups[0]["d"] * lrs[0]
-    elif "scheduled_lr" in trainee.optimizer.param_groups[0]:  # schedule-free: lr through its own warmup
-        record["lr_effective"] = trainee.optimizer.param_groups[0]["scheduled_lr"]
     if variant.two_experts:  # which expert trained, and its loss under its own name (W&B plots each)
         record.update(expert=trainee.label, **{f"loss/{trainee.label}": mean_loss})
     if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none here
@@ -118,3 +113,19 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
         record["peak_reserved_gb"] = torch.cuda.max_memory_reserved(accelerator.device) / 2**30
     return record
+
+
+def _rates(trainee) -> dict[str, float]:
+    """The step's lr, and what the optimizer made of it: LoRA+'s up-matrix lr, Prodigy's or
+    schedule-free's effective lr, the EMA's decay."""
+    lrs, group = trainee.scheduler.get_last_lr(), trainee.optimizer.param_groups[0]
+    rates = {"lr": lrs[0]}
+    if len(lrs) > 1:  # LoRA+: the up matrices' own lr
+        rates["lr_up"] = lrs[1]
+    if "d" in group:  # Prodigy: the step size it estimated, times lr
+        rates["lr_effective"] = group["d"] * lrs[0]
+    elif "scheduled_lr" in group:  # schedule-free: lr through its own warmup
+        rates["lr_effective"] = group["scheduled_lr"]
+    if trainee.ema is not None:
+        rates["ema_decay"] = trainee.ema.current_decay
+    return rates
