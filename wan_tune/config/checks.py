@@ -6,11 +6,11 @@ import difflib
 import string
 from pathlib import Path
 
-from ..models.lora_targets import PRESET_NAMES, PRESETS, VACE_PRESET, expand_targets, matching, module_widths
+from ..models.lora_targets import PRESET_NAMES, VACE_PRESET, expand_targets, matching, module_widths
 from ..models.variants import VARIANTS, Variant, get_variant
 from .schema import AdapterConfig, Recipe
 
-LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets", "lr_ratio")
+LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets", "lr_ratio", "init_from")
 # Top-level modules of WanTransformer3DModel outside its blocks (a target naming one trains there).
 OUTSIDE_BLOCKS = ("condition_embedder", "patch_embedding", "proj_out", "norm_out", "vace_patch_embedding")
 

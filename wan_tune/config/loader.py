@@ -68,6 +68,8 @@ def _check_section(name: str, cls: type, raw: Any, errors: list[tuple[str, str]]
         value = raw._get_node(key)._value()  # keep `${...}` unresolved: it may point anywhere
         if value is None and name == "adapter" and key in LORA_ONLY_KEYS:
             continue  # `adapter.rank=null`: not set (e.g. switching a LoRA recipe to method=full)
+        if isinstance(value, str) and fields[key].type == "list[str]" and not OmegaConf.is_interpolation(raw, key):
+            value = [value]  # `adapter.init_from=a.safetensors`: one value for a list key is a one-item list
         if isinstance(value, bool) and fields[key].type == "str":
             errors.append((full, f"expected a string, got the boolean {value} (YAML reads bare no/yes/off/on as booleans: quote it, e.g. \"no\")"))
             continue

@@ -280,6 +280,11 @@ class AdapterConfig:
     lr_ratio: Optional[float] = opt(
         None, "LoRA+: the up (B) matrices learn at this multiple of train.lr (16 is LoRA+'s suggestion); empty = the "
         "same lr.", check=positive)
+    init_from: list[str] = opt(
+        [], "Start from a LoRA you have (a .safetensors in comfyui, kohya / musubi-tuner, diffusers or ai-toolkit keys; "
+        "Wan2.2 A14B: one per trained expert, matched by wan-tune's expert header or listed in model.experts order) "
+        "instead of zeros. It must have adapter.rank and the modules adapter.targets select; alpha may differ. "
+        "Read on a fresh start only; its sha256 goes into the checkpoints and the model card.")
     targets: list[str] = opt(
         ["attention", "ffn"],
         "Presets `attention` (self + cross q,k,v,o), `self_attention`, `cross_attention`, `ffn`, `vace_blocks` (every "

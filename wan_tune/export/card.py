@@ -105,6 +105,8 @@ def _training_section(recipe: Recipe, facts: dict, data: dict, samples: list[Pat
     lines.append(f"- Captions: {captions}; trigger word `{c.trigger_word or '(none)'}`")
     if a.method == "lora":
         lines.append(f"- LoRA: rank {a.rank}, alpha {a.alpha if a.alpha is not None else a.rank:g}, targets {', '.join(a.targets)}")
+    for source in facts.get("init_from", []):
+        lines.append(f"- Started from the LoRA `{source['file']}` (sha256 `{source['sha256']}`), not from zeros")
     lines.append(f"- Steps: {facts['step']} at learning rate {recipe.train.lr:g} ({recipe.train.lr_schedule}), batch "
                  f"{recipe.train.batch_size} x accumulation {recipe.train.grad_accum}")
     if "loss" in facts:
@@ -257,6 +259,7 @@ def write_share_files(recipe: Recipe, state: dict, checkpoint: Path, out: Path, 
         written.append(write_json(out / workflow_name, workflow(variant, comfy, render_settings(recipe, variant))))
     samples = copy_samples(checkpoint, state["step"], out)
     facts = run_facts(recipe, checkpoint, state["step"])
+    facts["init_from"] = (state.get("training") or {}).get("init_from", [])  # adapter.init_from, as recorded
     # The data the checkpoint trained on, as recorded then (shards prepped since would say otherwise);
     # a checkpoint from before the record: the shards as they are.
     data = state.get("data") if "data" in state else data_facts(recipe.data.shards)

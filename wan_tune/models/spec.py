@@ -14,7 +14,7 @@ import torch
 from ..config import Recipe
 from .lora_targets import expand_targets
 from .vace import control_inputs
-from .variants import Variant, get_variant
+from .variants import Variant
 
 NUM_TRAIN_TIMESTEPS = 1000  # the Wan schedulers' num_train_timesteps: timestep = sigma * 1000
 

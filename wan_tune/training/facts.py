@@ -48,9 +48,15 @@ def data_facts(shards: str | Path) -> dict:
             "hours": seconds / 3600, "index_sha256": digest, "prep": settings}
 
 
-def recorded_facts(recipe: Recipe) -> dict:
-    """{"training": ..., "data": ...}: what each checkpoint of this run records (computed once a run)."""
-    return {"training": training_facts(recipe), "data": data_facts(recipe.data.shards)}
+def recorded_facts(recipe: Recipe, checkpoint: Path | None = None) -> dict:
+    """{"training": ..., "data": ...}: what each checkpoint of this run records (computed once a run;
+    `checkpoint`: the one it resumes, whose record of adapter.init_from's files it carries)."""
+    from .init_from import init_facts
+
+    training = training_facts(recipe)
+    if recipe.adapter.init_from:
+        training["init_from"] = init_facts(recipe, checkpoint)
+    return {"training": training, "data": data_facts(recipe.data.shards)}
 
 
 def recipe_drift(recipe: Recipe, state: dict) -> list[tuple[str, object, object]]:

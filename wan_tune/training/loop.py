@@ -23,6 +23,7 @@ from .checkpoint import best_checkpoint, save_checkpoint
 from .ema import averaged, exports_ema
 from .errors import TrainingError
 from .facts import recorded_facts
+from .init_from import check_init_files
 from .launch import agree, check_launch, make_accelerator
 from .resume import restore, starting_point
 from .run import build_run, renders_together
@@ -58,7 +59,9 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
         data.announce(say)
         # Before the model: the validation prompts are encoded while the GPU holds nothing else.
         validator = make_validator(recipe, accelerator, experts, data.heldout, renders_together(sharding(accelerator), lay))
-        run = build_run(recipe, accelerator, run_dir, variant, experts, say, lay)
+        if checkpoint is None:
+            check_init_files(recipe, variant, experts)  # before any model loads
+        run = build_run(recipe, accelerator, run_dir, variant, experts, say, lay, fresh=checkpoint is None)
         step, consumed = restore(run, checkpoint)
         batches = data.batches(consumed, pin=accelerator.device.type == "cuda")
         empty_prompt = data.empty_prompt(accelerator.device)
@@ -70,7 +73,7 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             f"steps {step} -> {recipe.train.steps}")
 
         # --- steps ---------------------------------------------------------------------------
-        recipe_yaml, facts, last_saved = to_yaml(recipe), recorded_facts(recipe), checkpoint
+        recipe_yaml, facts, last_saved = to_yaml(recipe), recorded_facts(recipe, checkpoint), checkpoint
         if step >= recipe.train.steps:
             say(f"nothing to train: {checkpoint} is at step {step} and train.steps is {recipe.train.steps}; "
                 "raise train.steps to train on from it")

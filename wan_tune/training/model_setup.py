@@ -6,6 +6,7 @@ settings and block checkpointing (`wan_tune.memory`'s rungs) turned on.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -17,12 +18,14 @@ from ..models.loading import load_transformer, recipe_source
 from ..models.precision import DTYPES, base_dtype, cast_lora_inputs, set_lora_input_casting
 from ..models.spec import lora_config
 from ..models.variants import Variant, get_variant
+from .init_from import init_file, start_from
 
 
-def load_for_training(recipe: Recipe, expert: str = "transformer", empty: bool = False):
+def load_for_training(recipe: Recipe, expert: str = "transformer", empty: bool = False, fresh: bool = False):
     """The transformer (`expert`: Wan2.2 A14B's `transformer_2` is the low-noise one), frozen
     except what the recipe trains, ready for accelerate.prepare. `empty`: the base weights are
-    allocated, not read (FSDP2: `sharded_load.fill_shards` reads each rank's rows after sharding)."""
+    allocated, not read (FSDP2: `sharded_load.fill_shards` reads each rank's rows after sharding).
+    `fresh`: no checkpoint will be resumed, so adapter.init_from's LoRA is put in."""
     variant = get_variant(recipe.model.variant)
     source = recipe_source(recipe)
     # A full fine-tune keeps fp32 master weights (autocast does the low precision); a LoRA keeps
@@ -38,7 +41,7 @@ def load_for_training(recipe: Recipe, expert: str = "transformer", empty: bool =
         model = empty_transformer(source, dtype, expert)
     else:
         model = load_transformer(source, dtype, expert)
-    return adapt(model, recipe, variant, dtype)
+    return adapt(model, recipe, variant, dtype, init_file(recipe, variant, expert) if fresh else None)
 
 
 def load_frozen(recipe: Recipe, expert: str):
@@ -56,9 +59,9 @@ def load_frozen(recipe: Recipe, expert: str):
     return model.eval().requires_grad_(False)
 
 
-def adapt(model, recipe: Recipe, variant: Variant, dtype: torch.dtype):
-    """Freeze what the recipe does not train, add the LoRA (fp32 whatever the base dtype), store
-    the frozen base in fp8 if asked, and turn on gradient checkpointing."""
+def adapt(model, recipe: Recipe, variant: Variant, dtype: torch.dtype, init: Path | None = None):
+    """Freeze what the recipe does not train, add the LoRA (fp32 whatever the base dtype; `init`:
+    started from that file's), store the frozen base in fp8 if asked, and turn on gradient checkpointing."""
     full = recipe.adapter.method == "full"
     model.requires_grad_(full)
     if not full:
@@ -67,6 +70,9 @@ def adapt(model, recipe: Recipe, variant: Variant, dtype: torch.dtype):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
+        if init is not None:
+            a = recipe.adapter
+            start_from(model, init, a.rank, a.alpha if a.alpha is not None else a.rank)
         if recipe.train.mixed_precision == "no":
             # Without autocast the cast is what lets a bf16 input meet the fp32 LoRA weights.
             cast_lora_inputs(model)

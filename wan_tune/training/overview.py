@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from ..data.atomic import atomic_write, write_text
-from ..media.video_io import frame_row
 
 LABEL_HEIGHT = 14  # PIL's default bitmap font is 11 px high
 

@@ -23,6 +23,7 @@ from ..training.model_setup import load_for_training
 from .ema import Ema
 from .errors import TrainingError
 from .experts import Trainee, make_trainee, sigma_bounds, sigma_sampler
+from .init_from import init_file
 from .optim import make_optimizer, make_scheduler
 
 
@@ -68,9 +69,9 @@ def renders_together(sharded: str | None, lay: Layout) -> bool:
 
 
 def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, experts: list[str], say,
-              lay: Layout = ONE_PROCESS_PER_CLIP) -> Run:
+              lay: Layout = ONE_PROCESS_PER_CLIP, fresh: bool = True) -> Run:
     """Load each trained expert (LoRA added, offload hooks, compile), its optimizer and schedule,
-    prepared by accelerate."""
+    prepared by accelerate. `fresh`: no checkpoint follows (adapter.init_from applies)."""
     boundary = recipe_source(recipe, components=()).boundary_ratio  # the folder's model_index.json
     trainees, n_trainable = [], 0
     swap = ExpertSwap(accelerator.device) if len(experts) > 1 else None
@@ -82,7 +83,9 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
     streamed = sharded == "fsdp2" and not recipe.train.fp8_base
     for name in experts:
         torch.manual_seed(recipe.run.seed)  # LoRA init: the same for an expert trained alone or beside the other
-        model = load_for_training(recipe, expert=name, empty=streamed)
+        model = load_for_training(recipe, expert=name, empty=streamed, fresh=fresh)
+        if fresh and recipe.adapter.init_from:
+            say(f"adapter.init_from: {expert_label(variant, name)} starts from {init_file(recipe, variant, name)}")
         if lay.cp > 1:  # diffusers' hooks split the tokens at the first block, gather after proj_out
             enable_context_parallel(model, lay, accelerator.device)
         # Before prepare, which moves to the GPU whatever is still on the model.
