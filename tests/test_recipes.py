@@ -45,7 +45,7 @@ def test_shipped_recipe_checks_clean(path, capsys, tmp_path, monkeypatch):
     variant = get_variant(recipe.model.variant)
     if path.stem != "demo-tiny":
         assert path.stem.startswith(variant.name)
-        assert path.stem.endswith("full" if recipe.adapter.method == "full" else "lora")
+        assert path.stem.endswith(recipe.adapter.method)  # ...-lora, -lokr, -full
 
 
 def test_console_script_reports_errors_with_status_2(tmp_path):

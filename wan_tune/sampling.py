@@ -149,6 +149,41 @@ def _lora_weights(path: str):
     return peft_from_original(load_file(path)) if vace_keys else path
 
 
+def _load_adapters(pipe, headers: list, experts: list[str], args: SampleArgs) -> None:
+    """Each --lora into its transformer at --lora-scale: LoRA files through diffusers' loader,
+    LoHa / LoKr files merged into the weights (diffusers' loader takes LoRA pairs only)."""
+    loaded = []
+    for (path, h), expert in zip(headers, experts):
+        low = h.get("wan_tune.expert") == "low_noise"  # A14B: the low-noise file goes into transformer_2
+        try:
+            if _merge_lycoris(pipe.transformer_2 if low else pipe.transformer, path, args.lora_scale):
+                continue
+            pipe.load_lora_weights(_lora_weights(path), adapter_name=f"lora_{expert}", load_into_transformer_2=low)
+            loaded.append(f"lora_{expert}")
+        except Exception as err:
+            raise SampleError(f"--lora {path} does not load into {args.base}: {err}") from None
+    if loaded:
+        pipe.set_adapters(loaded, [args.lora_scale] * len(loaded))
+
+
+def _merge_lycoris(transformer, path: str, scale: float) -> bool:
+    """A LoHa / LoKr file (ComfyUI's keys) added into the transformer's weights at `scale`, each
+    update computed as ComfyUI computes it; False (nothing done) for a LoRA file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .export.lycoris import comfyui_updates, is_lycoris
+
+    with safe_open(path, "pt") as f:
+        if not is_lycoris(f.keys()):
+            return False
+    with torch.no_grad():
+        for module, update in comfyui_updates(load_file(path)).items():
+            weight = transformer.get_submodule(module).weight
+            weight += (scale * update).to(weight.device, weight.dtype)
+    return True
+
+
 def contact_sheet(frames: np.ndarray, count: int = 8) -> "Image.Image":
     """`count` evenly spaced frames side by side (uint8 [T, H, W, 3] in)."""
     from PIL import Image
@@ -204,14 +239,7 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
         pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
     pipe.vae.to(torch.float32)  # as diffusers' Wan examples load it: the VAE decodes in fp32
     place(pipe, device, say)
-    for (path, h), expert in zip(headers, experts):
-        low = h.get("wan_tune.expert") == "low_noise"  # A14B: the low-noise file goes into transformer_2
-        try:
-            pipe.load_lora_weights(_lora_weights(path), adapter_name=f"lora_{expert}", load_into_transformer_2=low)
-        except Exception as err:
-            raise SampleError(f"--lora {path} does not load into {args.base}: {err}") from None
-    if loras:
-        pipe.set_adapters([f"lora_{e}" for e in experts], [args.lora_scale] * len(experts))
+    _load_adapters(pipe, headers, experts, args)
     height = args.height or (variant.resolution[0] if variant else 480)
     width = args.width or (variant.resolution[1] if variant else 832)
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height, width=width,

@@ -10,7 +10,7 @@ from ..models.lora_targets import PRESET_NAMES, VACE_PRESET, expand_targets, mat
 from ..models.variants import VARIANTS, Variant, get_variant
 from .schema import AdapterConfig, Recipe
 
-LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets", "lr_ratio", "init_from")
+LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets", "lr_ratio", "init_from", "lokr_factor", "decompose_both")
 # Top-level modules of WanTransformer3DModel outside its blocks (a target naming one trains there).
 OUTSIDE_BLOCKS = ("condition_embedder", "patch_embedding", "proj_out", "norm_out", "vace_patch_embedding")
 
@@ -68,6 +68,16 @@ def _lora_errors(r: Recipe, variant: Variant | None, invalid: set[str]) -> list[
         elif t == VACE_PRESET and variant is not None and not variant.vace:
             errors.append(("adapter.targets", f"{VACE_PRESET}: {variant.name} has no VACE blocks (the VACE variants: "
                            f"{', '.join(n for n, v in VARIANTS.items() if v.vace)})"))
+    lycoris = r.adapter.method in ("loha", "lokr")
+    if lycoris and r.adapter.lr_ratio not in (None, 1):
+        errors.append(("adapter.lr_ratio", f"LoRA+ speeds up a LoRA's up (B) matrices; {r.adapter.method} has none: "
+                       "leave adapter.lr_ratio empty, or use adapter.method=lora"))
+    if lycoris and r.adapter.init_from:
+        errors.append(("adapter.init_from", f"reads LoRA pairs; it cannot start a {r.adapter.method} adapter: use "
+                       "adapter.method=lora, or leave adapter.init_from empty"))
+    if lycoris and r.export.format in ("diffusers", "kohya"):
+        errors.append(("export.format", f"{r.export.format} holds LoRA pairs only, not {r.adapter.method}: set "
+                       "export.format=comfyui (ComfyUI and wan-tune sample load it) or all"))
     if not r.adapter.targets:
         errors.append(("adapter.targets", "a LoRA needs at least one target"))
     elif variant is not None and not {"adapter.targets", "adapter.rank"} & invalid:

@@ -44,6 +44,15 @@ class Adapter:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def modules(self) -> list[str]:
+        return list(self.pairs)
+
+    def shape(self, module: str) -> tuple[int, int]:
+        """[out, in] of the weight the module's update is added to."""
+        a, b = self.pairs[module]
+        return b.shape[0], a.shape[1]
+
     def delta(self, module: str) -> torch.Tensor:
         a, b = self.pairs[module]
         return self.scale * (b.float() @ a.float())

@@ -74,7 +74,7 @@ def model_card(recipe: Recipe, facts: dict, data: dict, files: dict[tuple[str, s
         "library_name": "diffusers",
         "license": LICENSE,
         "pipeline_tag": "image-to-video" if variant.image_conditioned(recipe.data.task) else "text-to-video",
-        "tags": ["wan", "wan-tune", "lora" if recipe.adapter.method == "lora" else "full-fine-tune",
+        "tags": ["wan", "wan-tune", "full-fine-tune" if recipe.adapter.method == "full" else recipe.adapter.method,
                  "image-to-video" if variant.image_conditioned(recipe.data.task) else "text-to-video", variant.name],
         "instance_prompt": recipe.caption.trigger_word or None,
         "widget": [{"text": v.prompts[i] if i < len(v.prompts) else render.prompt, "output": {"url": f"{SAMPLES}/{p.name}"}}
@@ -103,8 +103,10 @@ def _training_section(recipe: Recipe, facts: dict, data: dict, samples: list[Pat
         lines.append(f"- Data: the shards ({recipe.data.shards}) were not on the machine that exported")
     captions = f"template `{c.template}`" if c.mode == "template" else f"{c.mode} captions"
     lines.append(f"- Captions: {captions}; trigger word `{c.trigger_word or '(none)'}`")
-    if a.method == "lora":
-        lines.append(f"- LoRA: rank {a.rank}, alpha {a.alpha if a.alpha is not None else a.rank:g}, targets {', '.join(a.targets)}")
+    if a.method != "full":
+        kind = {"lora": "LoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)"}[a.method]
+        lines.append(f"- {kind}: rank {a.rank}, alpha {a.alpha if a.alpha is not None else a.rank:g}, targets {', '.join(a.targets)}"
+                     + (f", factor {a.lokr_factor}{', both factors split' if a.decompose_both else ''}" if a.method == "lokr" else ""))
     for source in facts.get("init_from", []):
         lines.append(f"- Started from the LoRA `{source['file']}` (sha256 `{source['sha256']}`), not from zeros")
     lines.append(f"- Steps: {facts['step']} at learning rate {recipe.train.lr:g} ({recipe.train.lr_schedule}), batch "

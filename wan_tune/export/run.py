@@ -35,7 +35,8 @@ from .adapters import (
 )
 from .card import run_facts, write_share_files
 from .delivery import MANIFEST, Delivery, DeliveryError
-from .selftest import Check, check_adapter_file, check_original_keys, empty_transformer
+from .lycoris import PARTS, Lycoris, comfyui_lycoris_state_dict, lycoris_from_trainable
+from .selftest import Check, check_adapter_file, check_lycoris_file, check_original_keys, empty_transformer
 
 REQUIRED = ("recipe.yaml", "state.json")
 
@@ -114,15 +115,15 @@ def weight_files(recipe: Recipe, state: dict) -> dict[str, str]:
     return {e: expert_file(stem, e) for e in state.get("experts", ["transformer"])}
 
 
-def check_fits(adapter: Adapter, variant: Variant) -> None:
-    """Refuse a LoRA whose modules or shapes are not the variant's (another model's adapter)."""
+def check_fits(adapter: Adapter | Lycoris, variant: Variant) -> None:
+    """Refuse an adapter whose modules or shapes are not the variant's (another model's adapter)."""
     with torch.device("meta"):
         model = transformer_class(variant)(**variant.transformer)
     modules = dict(model.named_modules())
-    for name, (a, b) in adapter.pairs.items():
-        m = modules.get(name)
-        if not isinstance(m, torch.nn.Linear) or a.shape[1] != m.in_features or b.shape[0] != m.out_features:
-            shape = f"[{b.shape[0]} x {a.shape[1]}]"
+    for name in adapter.modules:
+        m, (out, inp) = modules.get(name), adapter.shape(name)
+        if not isinstance(m, torch.nn.Linear) or inp != m.in_features or out != m.out_features:
+            shape = f"[{out} x {inp}]"
             have = f"[{m.out_features} x {m.in_features}]" if isinstance(m, torch.nn.Linear) else "no such Linear"
             raise ExportError(
                 f"this LoRA does not fit {variant.name}: module {name} is {shape} in the adapter but {have} in the model. "
@@ -174,6 +175,8 @@ def export(
     fitting = formats is None and recipe.export.format == "all"
     if formats is None:
         formats = list(FORMATS) if recipe.export.format == "all" else [recipe.export.format]
+    if recipe.adapter.method in PARTS:  # LoHa / LoKr: the comfyui format alone holds them
+        formats, fitting = lycoris_formats(recipe.adapter.method, formats, fitting, say), False
     out = export_destination(checkpoint, recipe, out)
     problem = writable_problem(out)
     if problem:
@@ -256,6 +259,8 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
     from ..models.spec import lora_config
 
     variant = get_variant(recipe.model.variant)
+    if recipe.adapter.method in PARTS:  # LoHa / LoKr
+        return export_lycoris(recipe, state, weights, formats, out, stem, merge, say, expert, fitting)
     config = lora_config(recipe, variant)
     adapter = adapter_from_trainable(weights, config.r, config.lora_alpha, config.to_dict())
     check_fits(adapter, variant)
@@ -283,6 +288,36 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
         if not check.ok:  # never left under a name ComfyUI or a script would pick up
             check.file = str(_set_aside_failed(path))
         checks.append(check)
+    if merge:
+        checks += export_merged(recipe, adapter, out / f"{stem}-merged", say, expert)
+    return checks
+
+
+def lycoris_formats(method: str, formats: list[str], fitting: bool, say) -> list[str]:
+    """The formats a LoHa / LoKr export writes: comfyui; the others refused (asked for by name) or
+    left out with a line (export.format=all), before anything is written."""
+    others = [f for f in formats if f != "comfyui"]
+    if others and (not fitting or "comfyui" not in formats):
+        raise ExportError(f"--format {others[0]} cannot hold a {method} adapter: diffusers' load_lora_weights and its "
+                          "kohya converter build LoRA pairs only. Export --format comfyui (ComfyUI and wan-tune sample "
+                          "load it); nothing was written")
+    for fmt in others:
+        say(f"left out the {fmt} format: it holds LoRA pairs only, not {method}")
+    return [f for f in formats if f == "comfyui"]
+
+
+def export_lycoris(recipe: Recipe, state: dict, weights: dict, formats: list[str], out: Path, stem: str, merge: bool,
+                   say, expert: str = "transformer", fitting: bool = False) -> list[Check]:
+    """A LoHa / LoKr in the comfyui format (the one that holds it), self-tested key by key."""
+    a = recipe.adapter
+    adapter = lycoris_from_trainable(weights, a.method, a.rank, a.alpha if a.alpha is not None else a.rank)
+    check_fits(adapter, get_variant(recipe.model.variant))
+    path = save_tensors(out / f"{stem}-comfyui.safetensors", comfyui_lycoris_state_dict(adapter),
+                        {"format": "pt", **header(recipe, state, "comfyui", expert, adapter.modules)})
+    check = check_lycoris_file(path, adapter, get_variant(recipe.model.variant))
+    if not check.ok:
+        check.file = str(_set_aside_failed(path))
+    checks = [check]
     if merge:
         checks += export_merged(recipe, adapter, out / f"{stem}-merged", say, expert)
     return checks
@@ -362,14 +397,14 @@ def _checked(checks: list[Check], folder: Path, expert: str) -> list[Check]:
     return checks
 
 
-def export_merged(recipe: Recipe, adapter: Adapter, folder: Path, say, expert: str = "transformer") -> list[Check]:
+def export_merged(recipe: Recipe, adapter: Adapter | Lycoris, folder: Path, say, expert: str = "transformer") -> list[Check]:
     """Base weights + scale * B @ A baked in, written as a full transformer."""
     from ..models.loading import load_transformer, recipe_source
 
     source = recipe_source(recipe)
     model = load_transformer(source, torch.float32, expert)
     with torch.no_grad():
-        for module, _ in adapter.pairs.items():
+        for module in adapter.modules:
             linear = model.get_submodule(module)
             linear.weight += adapter.delta(module).to(linear.weight.dtype)
     _write_transformer(model, folder, recipe, say, expert)

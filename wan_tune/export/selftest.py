@@ -123,3 +123,28 @@ def check_adapter_file(path, adapter: Adapter, variant: Variant, expert: str = "
         want = adapter.delta(module)
         worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
     return Check(str(path), len(loaded), worst, tol)
+
+
+def check_lycoris_file(path, adapter, variant: Variant) -> Check:
+    """A LoHa / LoKr file read back as ComfyUI reads it (export/lycoris.py): every key names a
+    Linear of the original-key model, and each module's update, computed by ComfyUI's formulas,
+    is the one peft trained."""
+    from safetensors.torch import load_file
+
+    from .lycoris import comfyui_updates
+
+    sd = load_file(str(path))
+    bad = check_original_keys(sd, variant, "diffusion_model.")
+    if bad:
+        return Check(str(path), 0, float("inf"), 1e-5, f"keys that name no Linear of {variant.name}: {bad[:2]}")
+    got = comfyui_updates(sd)
+    if set(got) != set(adapter.parts):
+        return Check(str(path), len(got), float("inf"), 1e-5, f"{len(got)} modules in the file, {len(adapter.parts)} trained")
+    worst = 0.0
+    for module, update in got.items():
+        want = adapter.delta(module)
+        if update.shape != want.shape:
+            return Check(str(path), len(got), float("inf"), 1e-5, f"{module}: update {tuple(update.shape)}, trained "
+                         f"{tuple(want.shape)}")
+        worst = max(worst, ((update - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
+    return Check(str(path), len(got), worst, 1e-5)

@@ -20,16 +20,19 @@ NUM_TRAIN_TIMESTEPS = 1000  # the Wan schedulers' num_train_timesteps: timestep 
 
 
 def lora_config(recipe: Recipe, variant: Variant):
-    from peft import LoraConfig
+    """peft's config for adapter.method: LoraConfig, or LyCORIS' LoHa / LoKr as peft builds them.
+    Every one starts at a zero update: training starts exactly at the base model."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     a = recipe.adapter
-    return LoraConfig(
-        r=a.rank,
-        lora_alpha=a.alpha if a.alpha is not None else a.rank,
-        lora_dropout=a.dropout,
-        target_modules=expand_targets(a.targets, variant),
-        init_lora_weights=True,  # B = 0: training starts exactly at the base model
-    )
+    common = dict(r=a.rank, target_modules=expand_targets(a.targets, variant))
+    alpha = a.alpha if a.alpha is not None else a.rank
+    if a.method == "loha":
+        return LoHaConfig(**common, alpha=alpha, module_dropout=a.dropout, init_weights=True)
+    if a.method == "lokr":
+        return LoKrConfig(**common, alpha=alpha, module_dropout=a.dropout, init_weights=True,
+                          decompose_factor=a.lokr_factor, decompose_both=a.decompose_both)
+    return LoraConfig(**common, lora_alpha=alpha, lora_dropout=a.dropout, init_lora_weights=True)  # B = 0
 
 
 def tokens_per_sample(variant: Variant, latent_shape) -> int:

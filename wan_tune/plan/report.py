@@ -24,7 +24,8 @@ def default_headroom(budget_gib: float, device: str) -> float:
 def headline(plan: MemoryPlan, zero: int, gpus: int, cp: int = 1) -> str:
     r, s, device = plan.recipe, plan.shape, plan.device
     a = r.adapter
-    method = "full fine-tune" if plan.full else f"LoRA r{a.rank} on {', '.join(a.targets)}"
+    kind = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}.get(a.method, a.method)
+    method = "full fine-tune" if plan.full else f"{kind} r{a.rank} on {', '.join(a.targets)}"
     experts = f", {plan.experts} experts trained" if plan.experts > 1 else ""
     c, f, h, w = s.latent
     autocast = f"{r.train.mixed_precision} autocast" if r.train.mixed_precision != "no" else "no autocast"

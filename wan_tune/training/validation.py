@@ -68,7 +68,7 @@ def start_validation(run, validator, start_step: int) -> None:
     render_base = agree(run.accelerator, run.main and validator.base_missing(run.run_dir / "validation"))
     if validator is not None:
         note = validator.prepare_base(run.live(), run.run_dir / "validation", render_base,
-                                      lora=run.recipe.adapter.method == "lora", untrained=start_step == 0, write=run.main)
+                                      lora=run.recipe.adapter.method != "full", untrained=start_step == 0, write=run.main)
         if note:
             run.say(note)
 
@@ -191,7 +191,7 @@ class Validator:
             m.eval()
             setattr(self.pipe, name, m)
         try:
-            with as_inference(live.values(), self.recipe.adapter.method == "lora", self.device.type,
+            with as_inference(live.values(), self.recipe.adapter.method != "full", self.device.type,
                               AUTOCAST[self.recipe.train.mixed_precision]):
                 return [to_uint8(self.pipe(**self._call_args(i, pos, neg)).frames[0])
                         for i, (pos, neg) in enumerate(self.embeds)]

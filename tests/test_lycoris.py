@@ -1,0 +1,129 @@
+"""adapter.method=loha / lokr (#35): peft's LyCORIS adapters train and resume bit-exactly, render
+in validation, export in ComfyUI's keys (hada_*, lokr_*) whose update, computed by ComfyUI's
+formulas, is the trained one; `wan-tune sample` merges them; the formats that cannot hold them
+are refused in one line; the plan counts their parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from launching import PLAIN
+from safetensors.torch import load_file, save_file
+
+from wan_tune.config import ConfigError, load_recipe
+from wan_tune.export.adapters import ExportError
+from wan_tune.export.run import export
+from wan_tune.training.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = {"progress": False, "say": lambda *_: None}
+METHODS = {"loha": ("adapter.method=loha", "adapter.rank=4", "adapter.alpha=2"),
+           "lokr": ("adapter.method=lokr", "adapter.rank=4", "adapter.alpha=2"),
+           "lokr-split": ("adapter.method=lokr", "adapter.rank=1", "adapter.alpha=2", "adapter.decompose_both=true",
+                          "adapter.lokr_factor=4")}
+
+
+def _recipe(tiny_folders, tiny_shards, out, *extra):
+    return load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        f"model.path={tiny_folders['tiny']}", f"data.shards={tiny_shards['tiny']}", f"run.output_dir={out}",
+        "data.num_workers=0", "train.steps=4", "checkpoint.every=2", *PLAIN, *extra])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_trains_resumes_and_exports_as_comfyui_reads_it(method, tiny_folders, tiny_shards, tmp_path):
+    extra = METHODS[method]
+    straight = train(_recipe(tiny_folders, tiny_shards, tmp_path / "a", *extra), **QUIET)
+    train(_recipe(tiny_folders, tiny_shards, tmp_path / "b", *extra, "train.steps=2"), **QUIET)
+    resumed = train(_recipe(tiny_folders, tiny_shards, tmp_path / "b", *extra), **QUIET)
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+    assert straight["last_losses"] != straight["first_losses"]
+    trained = load_file(str(Path(straight["checkpoint"]) / "trainable.safetensors"))
+    kind = "hada_" if method == "loha" else "lokr_"
+    assert trained and all(f".{kind}" in n for n in trained)
+    if method == "lokr-split":  # the small factor split into a rank-1 pair too
+        assert any(".lokr_w1_a." in n for n in trained)
+
+    said = []
+    checks = export(straight["checkpoint"], ["comfyui"], tmp_path / "export", say=said.append)
+    assert [c.ok for c in checks] == [True] and checks[0].modules == len({n.rsplit(".", 2)[0] for n in trained})
+    (file,) = (tmp_path / "export").glob("*-comfyui.safetensors")
+    written = load_file(str(file))
+    assert all(k.startswith("diffusion_model.blocks.") for k in written)
+    assert any(k.endswith(".alpha") for k in written) == (method == "loha")  # LoKr: the scale is folded in
+
+    # The self-test can fail: a file with one factor changed is caught.
+    from wan_tune.export.lycoris import lycoris_from_trainable
+    from wan_tune.export.selftest import check_lycoris_file
+    from wan_tune.models.variants import get_variant
+
+    recipe = _recipe(tiny_folders, tiny_shards, tmp_path / "a", *extra)
+    adapter = lycoris_from_trainable(trained, recipe.adapter.method, recipe.adapter.rank, recipe.adapter.alpha)
+    broken = dict(written)
+    key = next(k for k in broken if not k.endswith(".alpha"))
+    broken[key] = broken[key] * 1.01
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    assert not check_lycoris_file(tmp_path / "broken.safetensors", adapter, get_variant("tiny")).ok
+
+
+def test_sample_merges_the_update_peft_trained(tiny_folders, tiny_shards, tmp_path):
+    """`wan-tune sample --lora` adds each module's update into the weights: base + peft's own delta."""
+    from wan_tune.models.loading import load_transformer, recipe_source
+    from wan_tune.models.spec import lora_config
+    from wan_tune.models.variants import get_variant
+    from wan_tune.sampling import _merge_lycoris
+
+    recipe = _recipe(tiny_folders, tiny_shards, tmp_path, *METHODS["loha"], "train.steps=2")
+    done = train(recipe, **QUIET)
+    export(done["checkpoint"], ["comfyui"], tmp_path / "export", say=lambda *_: None)
+    (file,) = (tmp_path / "export").glob("*-comfyui.safetensors")
+    merged = load_transformer(recipe_source(recipe), torch.float32)
+    assert _merge_lycoris(merged, str(file), 0.5)
+    peft_model = load_transformer(recipe_source(recipe), torch.float32)
+    peft_model.add_adapter(lora_config(recipe, get_variant("tiny")))
+    state = load_file(str(Path(done["checkpoint"]) / "trainable.safetensors"))
+    missing = peft_model.load_state_dict(state, strict=False).unexpected_keys
+    assert not missing
+    layers = {n: m for n, m in peft_model.named_modules() if hasattr(m, "hada_w1_a") and "default" in m.hada_w1_a}
+    assert layers
+    for name, layer in layers.items():
+        want = layer.get_base_layer().weight + 0.5 * layer.get_delta_weight("default")
+        assert torch.allclose(merged.get_submodule(name).weight, want, atol=1e-6), name
+
+
+def test_validation_renders_a_loha_run(tiny_folders, tiny_shards, tmp_path):
+    done = train(_recipe(tiny_folders, tiny_shards, tmp_path, *METHODS["loha"], "train.steps=1", "validation.every=1",
+                         "validation.steps=2"), **QUIET)
+    renders = sorted((Path(done["run_dir"]) / "validation" / "step-000001").glob("*.mp4"))
+    assert renders and all(p.stat().st_size > 0 for p in renders)
+
+
+def test_formats_that_cannot_hold_them_are_refused(tiny_folders, tiny_shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"adapter.lr_ratio: LoRA\+ speeds up .*loha has none"):
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["adapter.method=loha", "adapter.lr_ratio=4"])
+    with pytest.raises(ConfigError, match=r"export.format: kohya holds LoRA pairs only, not lokr"):
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["adapter.method=lokr", "export.format=kohya"])
+    with pytest.raises(ConfigError, match=r"adapter.init_from: reads LoRA pairs; it cannot start a loha adapter"):
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["adapter.method=loha", "adapter.init_from=x.safetensors"])
+    done = train(_recipe(tiny_folders, tiny_shards, tmp_path, *METHODS["lokr"], "train.steps=1"), **QUIET)
+    with pytest.raises(ExportError, match=r"--format diffusers cannot hold a lokr adapter"):
+        export(done["checkpoint"], ["diffusers"], tmp_path / "out", say=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+    said = []
+    export(done["checkpoint"], None, tmp_path / "all", say=said.append)  # the demo's export.format=all
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "all").glob("*.safetensors")) == ["comfyui.safetensors"]
+    assert any("left out the kohya format" in s for s in said), said
+
+
+def test_the_plan_counts_their_parameters():
+    from wan_tune.plan.memory import MemoryPlan, Setup
+
+    rows = {}
+    for method in ("lora", "loha", "lokr"):
+        recipe = load_recipe(ROOT / "recipes" / "wan2.1-t2v-1.3b-lora.yaml", [f"adapter.method={method}"])
+        plan = MemoryPlan(recipe, "gpu")
+        rows[method] = {label: b for _, label, b in plan.breakdown(Setup.of(recipe)).rows}
+    lora = rows["lora"]["LoRA weights fp32"]
+    assert rows["loha"]["LoRA weights fp32"] == 2 * lora  # two pairs a module
+    assert rows["lokr"]["LoRA weights fp32"] < lora / 4
