@@ -436,3 +436,51 @@ def test_a14b_high_noise_expert_learns_at_its_own_multiple(folders, a14b_shards,
     low = json.loads((final / "optimizer.transformer_2.json").read_text())["param_groups"]
     assert [g["initial_lr"] for g in high] == [0.5e-4] and [g["initial_lr"] for g in low] == [1e-4]
     assert any("train.lr_high_noise 0.25 -> 0.5" in s for s in said), said
+
+
+def test_a14b_shared_adapter_learns_from_both_experts_and_exports_twice(folders, a14b_shards, tmp_path):
+    """model.expert_mode=shared (#35): one adapter, applied in both experts, trained on every step
+    whichever expert it routes to (both appear), one optimizer; 4 straight == 2 + resume to 4; the
+    export is one file per expert, the same weights; the plan counts one adapter."""
+    from safetensors.torch import load_file
+
+    from wan_tune.config import ConfigError, load_recipe
+    from wan_tune.export.run import export
+    from wan_tune.plan.memory import MemoryPlan, Setup
+
+    straight = a14b_run(folders, a14b_shards, tmp_path / "a", "train.steps=6", "checkpoint.every=2",
+                        "model.expert_mode=shared", "train.ema_decay=0.5")
+    experts = [r["expert"] for r in records(straight["run_dir"]) if "loss" in r]
+    assert set(experts) == {"high_noise", "low_noise"}
+    models = straight["models"]
+    high, low = (dict(m.named_parameters()) for m in (models["high_noise"], models["low_noise"]))
+    shared = [n for n, p in high.items() if p.requires_grad]
+    assert shared and all(low[n] is high[n] for n in shared)  # the very same Parameters
+    final = Path(straight["checkpoint"])
+    a, b = (load_file(final / f) for f in ("trainable.safetensors", "trainable.transformer_2.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if ".lora_B." in k)  # it trained
+    state = json.loads((final / "state.json").read_text())
+    assert state["ema"]["transformer"]["updates"] == 6  # one average, stepped on every step
+
+    a14b_run(folders, a14b_shards, tmp_path / "b", "train.steps=2", "checkpoint.every=2", "model.expert_mode=shared",
+             "train.ema_decay=0.5")
+    resumed = a14b_run(folders, a14b_shards, tmp_path / "b", "train.steps=6", "checkpoint.every=2",
+                       "model.expert_mode=shared", "train.ema_decay=0.5")
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+
+    checks = export(final, formats=["comfyui"], out=tmp_path / "export", say=lambda *_: None)
+    assert len(checks) == 2 and all(c.ok for c in checks)
+    files = [load_file(tmp_path / "export" / f"demo-tiny-step000006-{e}-comfyui.safetensors") for e in ("high_noise", "low_noise")]
+    assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+
+    recipe = load_recipe(ROOT / "recipes" / "wan2.2-t2v-a14b-lora.yaml", ["model.expert_mode=shared"])
+    separate = load_recipe(ROOT / "recipes" / "wan2.2-t2v-a14b-lora.yaml")
+    rows = [{label: v for _, label, v in MemoryPlan(r, "gpu").breakdown(Setup.of(r)).rows} for r in (recipe, separate)]
+    assert rows[0]["LoRA weights fp32"] * 2 == rows[1]["LoRA weights fp32"]
+    with pytest.raises(ConfigError) as info:
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.variant=tiny-a14b", "model.expert_mode=shared",
+                                                          "model.experts=[low_noise]", "train.lr_high_noise=2"])
+    assert set(dict(info.value.problems)) == {"model.experts", "train.lr_high_noise"}
+    with pytest.raises(ConfigError, match="model.expert_mode.*has one transformer"):
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.expert_mode=shared"])

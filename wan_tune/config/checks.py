@@ -24,7 +24,7 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
     errors += _template_errors(r)
     errors += _schedule_errors(r, variant, explicit, invalid)
     if variant is not None:
-        errors += _variant_errors(r, variant, invalid)
+        errors += _variant_errors(r, variant, invalid) + _shared_errors(r, variant)
     if r.train.context_parallel > 1:
         errors += _context_parallel_errors(r, variant)
     if r.validation.every and not r.validation.prompts:
@@ -135,6 +135,21 @@ def _schedule_errors(r: Recipe, variant: Variant | None, explicit: set[str], inv
     if r.train.warmup_steps >= r.train.steps:
         errors.append(("train.warmup_steps", f"must be below train.steps ({r.train.warmup_steps} >= {r.train.steps})"))
     return errors
+
+
+def _shared_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]]:
+    """model.expert_mode=shared: one adapter over both A14B experts."""
+    if r.model.expert_mode != "shared":
+        return []
+    if not variant.two_experts:
+        return [("model.expert_mode", f"shared puts one LoRA on both experts of a Wan2.2 A14B model; {variant.name} has one "
+                 "transformer: leave model.expert_mode=separate")]
+    why = ("model.experts" if len(set(r.model.experts)) == 1 else None, "adapter.method" if r.adapter.method == "full" else None,
+           "train.lr_high_noise" if r.train.lr_high_noise != 1 else None)
+    messages = {"model.experts": "trains one expert; shared needs both (model.experts empty)",
+                "adapter.method": "full trains each expert's own weights; shared shares an adapter (lora, loha or lokr)",
+                "train.lr_high_noise": "gives the high-noise expert its own lr; a shared adapter has one (set it to 1)"}
+    return [(key, f"{messages[key]}, with model.expert_mode=shared") for key in why if key]
 
 
 def _variant_errors(r: Recipe, variant: Variant, invalid: set[str]) -> list[tuple[str, str]]:

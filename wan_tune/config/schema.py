@@ -76,6 +76,11 @@ class ModelConfig:
         "empty = both. Each trains on its own sigma range with its own LoRA and optimizer.",
         check=expert_labels,
     )
+    expert_mode: str = opt(
+        "separate", "Wan2.2 A14B, both experts trained: separate (a LoRA per expert, each learning on its own side of the "
+        "boundary) or shared (one LoRA applied to both experts, as musubi-tuner does: it learns from every sigma and "
+        "exports as one file per expert with the same weights). shared: LoRA / LoHa / LoKr on one process.",
+        choices=("separate", "shared"))
     revision: Optional[str] = opt(None, "Hub branch, tag or commit when `path` is a hub id.")
     dtype: str = opt(
         "bf16",

@@ -185,6 +185,8 @@ class MemoryPlan:
         self.layers = self.main_layers + self.variant.vace_blocks
         self.full = recipe.adapter.method == "full"
         self.experts = len(trained_experts(self.variant, recipe.model.experts))
+        # model.expert_mode=shared: both experts apply one adapter (one set of weights, gradients, state)
+        self.adapters = 1 if recipe.model.expert_mode == "shared" else self.experts
         self._counts: dict[tuple, StepCount] = {}
 
     @property
@@ -314,7 +316,7 @@ class MemoryPlan:
         return self.count(s.checkpointing, s.fp8, s.zero > 0, s.ffn_chunks, s.attention, s.cp)
 
     def _trainable(self, s: Setup, count: StepCount) -> list[tuple[str, str, float]]:
-        n = count.trainable * self.experts  # both A14B experts keep their LoRA and optimizer on the GPU
+        n = count.trainable * self.adapters  # both A14B experts keep their LoRA and optimizer on the GPU
         what = "weights" if self.full else "LoRA weights"
         moments = optimizer_state_bytes(self.recipe.train.optimizer)
         state = {"adafactor": "Adafactor state", "prodigy": "Prodigy state", "schedulefree_adamw": "schedule-free state",
@@ -346,7 +348,7 @@ class MemoryPlan:
             return 0.0
         if self.device == "cpu":
             return 4.0 * count.largest_trainable
-        return 4.0 * count.trainable * self.experts / (s.gpus if s.zero else 1)
+        return 4.0 * count.trainable * self.adapters / (s.gpus if s.zero else 1)
 
     def render_extra(self, s: Setup) -> float:
         """GPU bytes a validation round adds while it renders, beyond the training step's resident

@@ -68,8 +68,8 @@ class Ema:
 def averaged(trainees: list, on: bool = True):
     """The trainees' parameters hold their EMA inside the block (when `on` and a trainee keeps one).
     Storage is exchanged both ways, so the raw weights come back bit for bit."""
-    swapped = [(p, s) for tr in trainees if on and getattr(tr, "ema", None) is not None
-               for p, s in zip(tr.params, tr.ema.average.shadow_params)]
+    averages = {id(tr.ema): tr for tr in trainees if on and getattr(tr, "ema", None) is not None}  # shared experts: one
+    swapped = [(p, s) for tr in averages.values() for p, s in zip(tr.params, tr.ema.average.shadow_params)]
     _exchange(swapped)
     try:
         yield bool(swapped)

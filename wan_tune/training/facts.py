@@ -19,7 +19,8 @@ from ..config import Recipe
 
 # recipe key -> how state.json's "training" names it
 TRAINING_KEYS = {"model.variant": "variant", "adapter.method": "method", "adapter.rank": "rank",
-                 "adapter.alpha": "alpha", "adapter.targets": "targets", "model.experts": "experts"}
+                 "adapter.alpha": "alpha", "adapter.targets": "targets", "model.experts": "experts",
+                 "model.expert_mode": "expert_mode"}
 
 
 def _get(recipe: Recipe, dotted: str):

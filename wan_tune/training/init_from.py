@@ -28,6 +28,11 @@ def init_file(recipe: Recipe, variant: Variant, expert: str) -> Path | None:
     if not files:
         return None
     experts = trained_experts(variant, recipe.model.experts)
+    if recipe.model.expert_mode == "shared" and len(experts) > 1:  # one adapter for both experts: one file
+        if len(files) != 1:
+            raise TrainingError(f"adapter.init_from lists {len(files)} files; model.expert_mode=shared trains one "
+                                "adapter for both experts: give one")
+        return files[0]
     if len(files) != len(experts):
         raise TrainingError(f"adapter.init_from lists {len(files)} file(s) for {len(experts)} trained expert(s) "
                             f"({', '.join(expert_label(variant, e) for e in experts)}): give one per expert")

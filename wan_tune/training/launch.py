@@ -98,6 +98,11 @@ def check_launch(recipe: Recipe, accelerator, experts: list[str]) -> None:
             f"train.optimizer={recipe.train.optimizer} under DeepSpeed: DeepSpeed runs its own AdamW over the partitioned "
             "state and refuses other optimizers: set train.optimizer=adamw, or launch with FSDP2 or DDP"
         )
+    if recipe.model.expert_mode == "shared" and accelerator.num_processes > 1:
+        raise TrainingError(
+            "model.expert_mode=shared works on one process for now (DDP would wrap the shared adapter twice): launch one "
+            "process, or set model.expert_mode=separate"
+        )
     if recipe.train.ema_decay and partitioned:
         raise TrainingError(
             f"train.ema_decay={recipe.train.ema_decay:g} works with one process or DDP; under DeepSpeed / FSDP each rank "

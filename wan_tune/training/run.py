@@ -62,6 +62,15 @@ class Run:
         return {tr.name: self.accelerator.unwrap_model(tr.model) for tr in self.trainees}
 
 
+def tie_adapter(model, source) -> None:
+    """Make `model`'s trainable parameters the very Parameter objects of `source` (the same
+    architecture, the same adapter): one adapter, applied in both models."""
+    own = dict(source.named_parameters())
+    for name in trainable_parameters(model):
+        path, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(path), attr, own[name])
+
+
 def renders_together(sharded: str | None, lay: Layout) -> bool:
     """Whether every rank must run the model's forwards together (sharded weights gather,
     context-parallel groups split each clip): validation renders on every rank then."""
@@ -81,11 +90,14 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
     # partitions them (measured: the other rank's peak RSS is a whole copy), and makes the fp32
     # master copies of a full fine-tune inside prepare, before anything could be filled in.
     streamed = sharded == "fsdp2" and not recipe.train.fp8_base
+    shared = recipe.model.expert_mode == "shared" and len(experts) > 1
     for name in experts:
         torch.manual_seed(recipe.run.seed)  # LoRA init: the same for an expert trained alone or beside the other
         model = load_for_training(recipe, expert=name, empty=streamed, fresh=fresh)
         if fresh and recipe.adapter.init_from:
             say(f"adapter.init_from: {expert_label(variant, name)} starts from {init_file(recipe, variant, name)}")
+        if shared and trainees:  # model.expert_mode=shared: the first expert's adapter, the very same Parameters
+            tie_adapter(model, accelerator.unwrap_model(trainees[0].model))
         if lay.cp > 1:  # diffusers' hooks split the tokens at the first block, gather after proj_out
             enable_context_parallel(model, lay, accelerator.device)
         # Before prepare, which moves to the GPU whatever is still on the model.
@@ -94,12 +106,15 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
             swap.add(model, blocks)
         if recipe.train.compile:  # regional: one compiled block serves all 30-40, compiling in seconds, not minutes
             model.compile_repeated_blocks(fullgraph=False)
-        named = trainable_parameters(model)
-        n_trainable += sum(p.numel() for p in named.values())
-        scale = recipe.train.lr_high_noise if variant.two_experts and expert_label(variant, name) == "high_noise" else 1.0
-        optimizer = make_optimizer(named, recipe.train, recipe.adapter.lr_ratio, scale)
-        scheduler = make_scheduler(optimizer, recipe.train)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        if shared and trainees:  # one optimizer and schedule for the one adapter
+            model, optimizer, scheduler = accelerator.prepare(model), trainees[0].optimizer, trainees[0].scheduler
+        else:
+            named = trainable_parameters(model)
+            n_trainable += sum(p.numel() for p in named.values())
+            scale = recipe.train.lr_high_noise if variant.two_experts and expert_label(variant, name) == "high_noise" else 1.0
+            optimizer = make_optimizer(named, recipe.train, recipe.adapter.lr_ratio, scale)
+            scheduler = make_scheduler(optimizer, recipe.train)
+            model, optimizer = accelerator.prepare(model, optimizer)
         drop_autocast_wrapper(accelerator.unwrap_model(model))
         if streamed:
             read = fill_shards(accelerator.unwrap_model(model), recipe_source(recipe), name)
@@ -110,7 +125,7 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
         live = trainable_parameters(accelerator.unwrap_model(model))
         trainee.params = list(live.values())
         if recipe.train.ema_decay:
-            trainee.ema = Ema(live, recipe.train.ema_decay)
+            trainee.ema = trainees[0].ema if shared and trainees else Ema(live, recipe.train.ema_decay)
         trainees.append(trainee)
     t = recipe.timesteps
     try:

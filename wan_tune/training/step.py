@@ -91,10 +91,11 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         trainee.ema.step(trainee.params)
     if run.swap is not None:  # the next step's expert (the routing draw depends on the step alone) swaps in now
         run.swap.prefetch(accelerator.unwrap_model(expert_of(run, step + 1).model))
-    for tr in run.trainees:  # lr schedules follow the run's steps, whichever expert trained
+    # lr schedules follow the run's steps, whichever expert trained; once each (shared experts share one)
+    for scheduler in {id(tr.scheduler): tr.scheduler for tr in run.trainees}.values():
         with warnings.catch_warnings():  # torch warns when an idle expert's schedule moves on
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            tr.scheduler.step()
+            scheduler.step()
     mean_loss = accelerator.reduce(step_loss.to(accelerator.device), reduction="mean").item()
     if not math.isfinite(mean_loss):
         kept = list_checkpoints(run.run_dir)
