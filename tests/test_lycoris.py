@@ -127,3 +127,45 @@ def test_the_plan_counts_their_parameters():
     lora = rows["lora"]["LoRA weights fp32"]
     assert rows["loha"]["LoRA weights fp32"] == 2 * lora  # two pairs a module
     assert rows["lokr"]["LoRA weights fp32"] < lora / 4
+
+
+def test_dora_trains_resumes_and_exports_in_the_diffusers_format(tiny_folders, tiny_shards, tmp_path):
+    """adapter.method=dora (peft's use_dora): resumes bit-exactly; the diffusers file carries the
+    magnitudes and diffusers' loader applies them (the self-test compares both the update and the
+    magnitudes); comfyui/kohya are refused with the reason; a merged export is peft's own merge."""
+    extra = ("adapter.method=dora", "adapter.rank=4", "adapter.alpha=2", "export.format=diffusers")
+    straight = train(_recipe(tiny_folders, tiny_shards, tmp_path / "a", *extra), **QUIET)
+    train(_recipe(tiny_folders, tiny_shards, tmp_path / "b", *extra, "train.steps=2"), **QUIET)
+    resumed = train(_recipe(tiny_folders, tiny_shards, tmp_path / "b", *extra), **QUIET)
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+    trained = load_file(str(Path(straight["checkpoint"]) / "trainable.safetensors"))
+    magnitudes = [n for n in trained if ".lora_magnitude_vector." in n]
+    assert magnitudes
+    checks = export(straight["checkpoint"], None, tmp_path / "export", say=lambda *_: None, merge=True)
+    assert all(c.ok for c in checks), checks
+    (file,) = (tmp_path / "export").glob("*-diffusers.safetensors")
+    assert sum(k.endswith(".lora_magnitude_vector") for k in load_file(str(file))) == len(magnitudes)
+    with pytest.raises(ExportError, match=r"--format comfyui cannot hold a dora adapter: ComfyUI's dora_scale"):
+        export(straight["checkpoint"], ["comfyui"], tmp_path / "c", say=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"export.format: comfyui cannot hold peft's DoRA exactly"):
+        load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["adapter.method=dora", "export.format=comfyui"])
+
+    # The merged transformer is what peft's merge of the trained DoRA gives.
+    from safetensors.torch import load_file as load
+
+    from wan_tune.models.loading import load_transformer, recipe_source
+    from wan_tune.models.spec import lora_config
+    from wan_tune.models.variants import get_variant
+
+    recipe = _recipe(tiny_folders, tiny_shards, tmp_path / "a", *extra)
+    model = load_transformer(recipe_source(recipe), torch.float32)
+    model.add_adapter(lora_config(recipe, get_variant("tiny")))
+    assert not model.load_state_dict(trained, strict=False).unexpected_keys
+    (merged_dir,) = (tmp_path / "export").glob("*-merged")
+    merged = {}
+    for f in merged_dir.rglob("*.safetensors"):
+        merged.update(load(str(f)))
+    name = magnitudes[0].split(".lora_magnitude_vector.")[0]
+    layer = model.get_submodule(name)
+    layer.merge(adapter_names=["default"])
+    assert torch.allclose(merged[f"{name}.weight"], layer.get_base_layer().weight, atol=1e-5)

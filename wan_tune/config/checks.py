@@ -78,6 +78,8 @@ def _lora_errors(r: Recipe, variant: Variant | None, invalid: set[str]) -> list[
     if lycoris and r.export.format in ("diffusers", "kohya"):
         errors.append(("export.format", f"{r.export.format} holds LoRA pairs only, not {r.adapter.method}: set "
                        "export.format=comfyui (ComfyUI and wan-tune sample load it) or all"))
+    if r.adapter.method == "dora":
+        errors += _dora_errors(r)
     if not r.adapter.targets:
         errors.append(("adapter.targets", "a LoRA needs at least one target"))
     elif variant is not None and not {"adapter.targets", "adapter.rank"} & invalid:
@@ -86,6 +88,20 @@ def _lora_errors(r: Recipe, variant: Variant | None, invalid: set[str]) -> list[
     if outside and r.export.format == "kohya":  # `all` writes the formats that can hold it and names the rest
         errors.append(("export.format", f"kohya cannot carry adapters outside the transformer blocks "
                        f"({', '.join(outside)}): set export.format=comfyui, diffusers or all"))
+    return errors
+
+
+def _dora_errors(r: Recipe) -> list[tuple[str, str]]:
+    errors = []
+    if r.export.format in ("comfyui", "kohya"):
+        errors.append(("export.format", f"{r.export.format} cannot hold peft's DoRA exactly (ComfyUI's dora_scale "
+                       "normalises another axis): set export.format=diffusers (or all)"))
+    if r.train.fp8_base:
+        errors.append(("train.fp8_base", "DoRA reads the base weights' row norms in every forward; keep them in "
+                       "model.dtype (train.fp8_base=false), or use adapter.method=lora"))
+    if r.adapter.init_from:
+        errors.append(("adapter.init_from", "reads LoRA pairs; a DoRA's magnitudes would not match it: use "
+                       "adapter.method=lora, or leave adapter.init_from empty"))
     return errors
 
 

@@ -186,11 +186,13 @@ class AdapterConfig:
     """LoRA or full fine-tuning."""
 
     method: str = opt(
-        "lora", "lora: low-rank adapters (B A); loha: LyCORIS LoHa, two low-rank pairs multiplied element-wise (more "
+        "lora", "lora: low-rank adapters (B A); dora: DoRA, a LoRA for the direction of each weight row plus a learned "
+        "magnitude per row (exports in the diffusers format only: ComfyUI's dora_scale cannot hold peft's DoRA "
+        "exactly); loha: LyCORIS LoHa, two low-rank pairs multiplied element-wise (more "
         "expressive at the same rank, ~2x the parameters of a LoRA); lokr: LyCORIS LoKr, a Kronecker product of a "
         "small factor and a (low-rank) large one (far fewer parameters); full: train every transformer weight. "
         "loha and lokr export in ComfyUI's keys only (diffusers' and kohya's loaders take LoRA pairs).",
-        choices=("lora", "loha", "lokr", "full"))
+        choices=("lora", "dora", "loha", "lokr", "full"))
     rank: int = opt(32, "LoRA rank: capacity and file size grow with it.", check=positive)
     alpha: Optional[float] = opt(None, "LoRA alpha; the update is scaled by alpha/rank. Empty = rank (scale 1).", check=positive)
     dropout: float = opt(0.0, "LoRA dropout on the adapter input.", check=below_one)

@@ -18,7 +18,7 @@ and alpha. Only key names and where alpha lives differ:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,8 @@ class Adapter:
     rank: int
     alpha: float
     peft_config: dict
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
+    """DoRA: each module's learned row magnitudes (peft's lora_magnitude_vector)."""
 
     @property
     def scale(self) -> float:
@@ -58,9 +60,14 @@ class Adapter:
         return self.scale * (b.float() @ a.float())
 
 
-def adapter_from_trainable(weights: dict[str, torch.Tensor], rank: int, alpha: float, peft_config: dict) -> Adapter:
-    """From a checkpoint's trainable.safetensors (`<module>.lora_A.default.weight` names)."""
+def adapter_from_trainable(weights: dict[str, torch.Tensor], rank: int, alpha: float, peft_config: dict,
+                           dora: bool = False) -> Adapter:
+    """From a checkpoint's trainable.safetensors (`<module>.lora_A.default.weight` names; DoRA's
+    `<module>.lora_magnitude_vector.default.weight` too)."""
     pairs: dict[str, list] = {}
+    magnitudes = {name.split(".lora_magnitude_vector.")[0]: t for name, t in weights.items() if ".lora_magnitude_vector." in name}
+    if dora and not magnitudes:
+        raise ExportError("adapter.method=dora, but the checkpoint holds no DoRA magnitudes: it was trained as a plain LoRA")
     for name, tensor in weights.items():
         for i, part in enumerate((".lora_A.", ".lora_B.")):
             if part in name:
@@ -73,7 +80,7 @@ def adapter_from_trainable(weights: dict[str, torch.Tensor], rank: int, alpha: f
     if bad:
         raise ExportError(f"the LoRA holds NaN or infinite values in {listing(bad)}: the run diverged before this "
                           "checkpoint; export an earlier one")
-    return Adapter({m: (a, b) for m, (a, b) in sorted(pairs.items())}, rank, alpha, peft_config)
+    return Adapter({m: (a, b) for m, (a, b) in sorted(pairs.items())}, rank, alpha, peft_config, magnitudes)
 
 
 def listing(names: list[str], first: int = 3) -> str:
@@ -131,6 +138,8 @@ def diffusers_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     out = {}
     for module, (a, b) in adapter.pairs.items():
         out[f"transformer.{module}.lora_A.weight"], out[f"transformer.{module}.lora_B.weight"] = a, b
+        if module in adapter.magnitudes:  # DoRA, as peft saves it (diffusers' loader turns use_dora on for it)
+            out[f"transformer.{module}.lora_magnitude_vector"] = adapter.magnitudes[module]
     return out
 
 

@@ -104,7 +104,7 @@ def _training_section(recipe: Recipe, facts: dict, data: dict, samples: list[Pat
     captions = f"template `{c.template}`" if c.mode == "template" else f"{c.mode} captions"
     lines.append(f"- Captions: {captions}; trigger word `{c.trigger_word or '(none)'}`")
     if a.method != "full":
-        kind = {"lora": "LoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)"}[a.method]
+        kind = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)"}[a.method]
         lines.append(f"- {kind}: rank {a.rank}, alpha {a.alpha if a.alpha is not None else a.rank:g}, targets {', '.join(a.targets)}"
                      + (f", factor {a.lokr_factor}{', both factors split' if a.decompose_both else ''}" if a.method == "lokr" else ""))
     for source in facts.get("init_from", []):

@@ -175,8 +175,8 @@ def export(
     fitting = formats is None and recipe.export.format == "all"
     if formats is None:
         formats = list(FORMATS) if recipe.export.format == "all" else [recipe.export.format]
-    if recipe.adapter.method in PARTS:  # LoHa / LoKr: the comfyui format alone holds them
-        formats, fitting = lycoris_formats(recipe.adapter.method, formats, fitting, say), False
+    if recipe.adapter.method in ONLY_FORMAT:  # LoHa / LoKr: comfyui alone holds them; DoRA: diffusers
+        formats, fitting = method_formats(recipe.adapter.method, formats, fitting, say), False
     out = export_destination(checkpoint, recipe, out)
     problem = writable_problem(out)
     if problem:
@@ -262,7 +262,7 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
     if recipe.adapter.method in PARTS:  # LoHa / LoKr
         return export_lycoris(recipe, state, weights, formats, out, stem, merge, say, expert, fitting)
     config = lora_config(recipe, variant)
-    adapter = adapter_from_trainable(weights, config.r, config.lora_alpha, config.to_dict())
+    adapter = adapter_from_trainable(weights, config.r, config.lora_alpha, config.to_dict(), recipe.adapter.method == "dora")
     check_fits(adapter, variant)
     # Every format is built (and any refused) before the first file is written.
     built = []
@@ -293,17 +293,24 @@ def export_adapter(recipe: Recipe, state: dict, weights: dict, formats: list[str
     return checks
 
 
-def lycoris_formats(method: str, formats: list[str], fitting: bool, say) -> list[str]:
-    """The formats a LoHa / LoKr export writes: comfyui; the others refused (asked for by name) or
-    left out with a line (export.format=all), before anything is written."""
-    others = [f for f in formats if f != "comfyui"]
-    if others and (not fitting or "comfyui" not in formats):
-        raise ExportError(f"--format {others[0]} cannot hold a {method} adapter: diffusers' load_lora_weights and its "
-                          "kohya converter build LoRA pairs only. Export --format comfyui (ComfyUI and wan-tune sample "
-                          "load it); nothing was written")
+# The one format that holds each method besides LoRA, and why the others cannot.
+ONLY_FORMAT = {"loha": ("comfyui", "diffusers' load_lora_weights and its kohya converter build LoRA pairs only"),
+               "lokr": ("comfyui", "diffusers' load_lora_weights and its kohya converter build LoRA pairs only"),
+               "dora": ("diffusers", "ComfyUI's dora_scale normalises the weight along another axis than peft's DoRA, "
+                                     "so no comfyui or kohya file applies the trained update")}
+
+
+def method_formats(method: str, formats: list[str], fitting: bool, say) -> list[str]:
+    """The formats a LoHa / LoKr / DoRA export writes (ONLY_FORMAT's); the others refused (asked for
+    by name) or left out with a line (export.format=all), before anything is written."""
+    only, why = ONLY_FORMAT[method]
+    others = [f for f in formats if f != only]
+    if others and (not fitting or only not in formats):
+        raise ExportError(f"--format {others[0]} cannot hold a {method} adapter: {why}. Export --format {only}; "
+                          "nothing was written")
     for fmt in others:
-        say(f"left out the {fmt} format: it holds LoRA pairs only, not {method}")
-    return [f for f in formats if f == "comfyui"]
+        say(f"left out the {fmt} format: it cannot hold {method} ({why})")
+    return [only]
 
 
 def export_lycoris(recipe: Recipe, state: dict, weights: dict, formats: list[str], out: Path, stem: str, merge: bool,
@@ -398,7 +405,7 @@ def _checked(checks: list[Check], folder: Path, expert: str) -> list[Check]:
 
 
 def export_merged(recipe: Recipe, adapter: Adapter | Lycoris, folder: Path, say, expert: str = "transformer") -> list[Check]:
-    """Base weights + scale * B @ A baked in, written as a full transformer."""
+    """Base weights + scale * B @ A baked in (DoRA: and each row at its magnitude), written as a full transformer."""
     from ..models.loading import load_transformer, recipe_source
 
     source = recipe_source(recipe)
@@ -406,7 +413,11 @@ def export_merged(recipe: Recipe, adapter: Adapter | Lycoris, folder: Path, say,
     with torch.no_grad():
         for module in adapter.modules:
             linear = model.get_submodule(module)
-            linear.weight += adapter.delta(module).to(linear.weight.dtype)
+            merged = linear.weight + adapter.delta(module).to(linear.weight.dtype)
+            magnitude = getattr(adapter, "magnitudes", {}).get(module)
+            if magnitude is not None:  # DoRA: each row rescaled to its learned magnitude, as peft merges it
+                merged = merged * (magnitude.float() / merged.norm(dim=1)).view(-1, 1)
+            linear.weight.copy_(merged)
     _write_transformer(model, folder, recipe, say, expert)
     return _checked(_reload_check(model, folder, recipe, expert), folder, expert)
 

@@ -119,9 +119,15 @@ def check_adapter_file(path, adapter: Adapter, variant: Variant, expert: str = "
                      f"(missing {missing[:2]}, unexpected {extra[:2]})")
     worst = 0.0
     for module in adapter.pairs:
-        got = model.get_submodule(module).get_delta_weight("selftest").float()
+        layer = model.get_submodule(module)
+        got = layer.get_delta_weight("selftest").float()
         want = adapter.delta(module)
         worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
+        if adapter.magnitudes:  # DoRA: its row magnitudes arrived too (the update alone would not show a lost one)
+            if "selftest" not in layer.lora_magnitude_vector:
+                return Check(str(path), len(loaded), float("inf"), tol, f"{module}: loaded without its DoRA magnitudes")
+            got_m, want_m = layer.lora_magnitude_vector["selftest"].weight.float(), adapter.magnitudes[module].float()
+            worst = max(worst, ((got_m - want_m).abs().max() / want_m.abs().max().clamp_min(1e-12)).item())
     return Check(str(path), len(loaded), worst, tol)
 
 

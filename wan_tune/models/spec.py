@@ -32,7 +32,8 @@ def lora_config(recipe: Recipe, variant: Variant):
     if a.method == "lokr":
         return LoKrConfig(**common, alpha=alpha, module_dropout=a.dropout, init_weights=True,
                           decompose_factor=a.lokr_factor, decompose_both=a.decompose_both)
-    return LoraConfig(**common, lora_alpha=alpha, lora_dropout=a.dropout, init_lora_weights=True)  # B = 0
+    return LoraConfig(**common, lora_alpha=alpha, lora_dropout=a.dropout, init_lora_weights=True,  # B = 0
+                      use_dora=a.method == "dora")  # DoRA's magnitudes start at the base rows' norms
 
 
 def tokens_per_sample(variant: Variant, latent_shape) -> int:

@@ -24,7 +24,7 @@ def default_headroom(budget_gib: float, device: str) -> float:
 def headline(plan: MemoryPlan, zero: int, gpus: int, cp: int = 1) -> str:
     r, s, device = plan.recipe, plan.shape, plan.device
     a = r.adapter
-    kind = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}.get(a.method, a.method)
+    kind = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}.get(a.method, a.method)
     method = "full fine-tune" if plan.full else f"{kind} r{a.rank} on {', '.join(a.targets)}"
     experts = f", {plan.experts} experts trained" if plan.experts > 1 else ""
     c, f, h, w = s.latent
