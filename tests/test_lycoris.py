@@ -169,3 +169,32 @@ def test_dora_trains_resumes_and_exports_in_the_diffusers_format(tiny_folders, t
     layer = model.get_submodule(name)
     layer.merge(adapter_names=["default"])
     assert torch.allclose(merged[f"{name}.weight"], layer.get_base_layer().weight, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dora", "loha", "lokr"])
+def test_each_method_trains_the_same_under_the_memory_settings(method, tiny_folders, tiny_shards, tmp_path):
+    """Activation offload, attention checkpoints and block offload change no result (bit for bit),
+    FFN chunks only the order of sums; an fp8 base (LoHa, LoKr; refused for DoRA) keeps the adapter in fp32."""
+    import json
+
+    def run(name, *extra):
+        done = train(_recipe(tiny_folders, tiny_shards, tmp_path / name, f"adapter.method={method}", "adapter.rank=4",
+                             "export.format=all", "train.steps=3", "train.gradient_checkpointing=true", *extra), **QUIET)
+        lines = (Path(done["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        return done, [json.loads(line)["loss"] for line in lines]
+
+    plain, plain_losses = run("plain")
+    saving, saving_losses = run("saving", "train.activation_offload=true", "train.attention_checkpointing=true",
+                                "train.offload=blocks")
+    assert saving_losses == plain_losses and saving["weights_sha256"] == plain["weights_sha256"]
+    _, chunked_losses = run("chunked", "train.ffn_chunks=2")
+    assert chunked_losses == pytest.approx(plain_losses, rel=1e-5)
+    if method == "dora":
+        with pytest.raises(ConfigError, match="train.fp8_base: DoRA reads the base weights"):
+            run("fp8", "train.fp8_base=true")
+        return
+    fp8, fp8_losses = run("fp8", "train.fp8_base=true")
+    frozen = [p.dtype for p in fp8["model"].parameters() if not p.requires_grad and p.dim() == 2]
+    assert torch.float8_e4m3fn in frozen
+    assert all(p.dtype == torch.float32 for p in fp8["model"].parameters() if p.requires_grad)
+    assert fp8_losses == pytest.approx(plain_losses, rel=0.1) and fp8_losses != plain_losses

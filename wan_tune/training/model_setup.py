@@ -100,12 +100,13 @@ def adapt(model, recipe: Recipe, variant: Variant, dtype: torch.dtype, init: Pat
 def _adapters_made_in(model, dtype: torch.dtype):
     """peft makes an adapter in its base weight's dtype. A base already stored in fp8 (streamed
     loading) would quantise the LoRA's initial values, so while the adapters are made, each fp8
-    weight shows an empty stand-in of the compute dtype (peft reads only its dtype and device):
-    the adapters come out as they do over a full-precision base, same RNG draws, same values."""
+    weight shows a stand-in of the compute dtype and the weight's shape, one value broadcast over it
+    (peft reads its dtype and device, LoHa / LoKr its shape): the adapters come out as they do over
+    a full-precision base, same RNG draws, same values."""
     fp8 = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float8_e4m3fn]
     kept = [m.weight.data for m in fp8]
     for m in fp8:
-        m.weight.data = torch.empty(0, dtype=dtype, device=m.weight.device)
+        m.weight.data = torch.zeros(1, dtype=dtype, device=m.weight.device).expand(m.weight.shape)
     try:
         yield
     finally:
