@@ -44,7 +44,8 @@ def test_state_json_records_the_training_and_the_data_under_its_checksum(trained
     state, why = read_state(checkpoint)
     assert why is None and state["format_version"] == 2 and state["checksum"] == state_checksum(state)
     assert state["training"] == {"variant": "tiny", "method": "lora", "rank": recipe.adapter.rank, "alpha": 8.0,
-                                 "targets": list(recipe.adapter.targets), "experts": list(recipe.model.experts)}
+                                 "targets": list(recipe.adapter.targets), "experts": list(recipe.model.experts),
+                                 "expert_mode": "separate"}
     assert state["data"] == json.loads(json.dumps(data_facts(recipe.data.shards)))
     assert state["data"]["prep"]["frames"] == [9] and state["data"]["clips"] == 4
 

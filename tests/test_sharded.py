@@ -23,7 +23,8 @@ from wan_tune.training.loop import train
 
 VALIDATION = ["validation.every=2", "validation.prompts=[wtune a red circle]", "validation.frames=9",
               "validation.steps=2", "validation.height=48", "validation.width=64"]
-METHODS = {"lora": VALIDATION, "full": ["adapter.method=full"]}
+METHODS = {"lora": VALIDATION, "full": ["adapter.method=full"], "lokr": ["adapter.method=lokr", "adapter.rank=4"],
+           "dora": ["adapter.method=dora", "export.format=diffusers"]}
 ATOL = 1e-4  # seen: 1.3e-5 (full), 1.8e-6 (LoRA); a resume that lost the Adam state is off by > 1e-3
 
 
@@ -64,7 +65,7 @@ def frames(video: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "lokr", "dora"])
 @pytest.mark.parametrize("config", ["zero3_cpu.yaml", "fsdp2_cpu.yaml"])
 def test_sharded_run_checkpoints_whole_weights_and_resumes(config, method, tiny_folders, tiny_shards, tmp_path, reference):
     kind = config.split("_")[0]
