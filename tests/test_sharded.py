@@ -73,7 +73,8 @@ def test_sharded_run_checkpoints_whole_weights_and_resumes(config, method, tiny_
     assert proc.returncode == 0, proc.stderr[-4000:]
     # FSDP2 reads each rank's rows from the files after sharding (parallel/sharded_load.py): the
     # losses and weights below are those of a normal load.
-    assert ("each rank read only its shards' rows" in proc.stdout) == (kind == "fsdp2")
+    # (Not for DoRA, whose magnitudes are set from the base weights as the adapter is made: read whole first.)
+    assert ("each rank read only its shards' rows" in proc.stdout) == (kind == "fsdp2" and method != "dora")
     # Partitioning is really on: each rank stores about half of every weight.
     held, total = (int(x.replace(",", "")) for x in re.search(rf"{kind}: rank 0 holds ([\d,]+) of the model's ([\d,]+) weights", proc.stdout).groups())
     assert held < 0.6 * total

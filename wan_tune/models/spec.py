@@ -42,6 +42,14 @@ def tokens_per_sample(variant: Variant, latent_shape) -> int:
     return (latent_shape[2] // pt) * (latent_shape[3] // ph) * (latent_shape[4] // pw)
 
 
+ADAPTER_MARKERS = ("lora_", "hada_", "lokr_")
+"""Parts of peft's adapter parameter names (LoRA and DoRA, LoHa, LoKr): never in a base model's files."""
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return any(m in name for m in ADAPTER_MARKERS)
+
+
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 

@@ -27,6 +27,7 @@ import torch
 
 from ..memory.fp8_base import _meta_model, stored_weights, weight_files
 from ..models.loading import ModelLoadError, ModelSource, check_transformer_config, load_dtypes
+from ..models.spec import is_adapter_parameter
 
 
 def empty_transformer(source: ModelSource, dtype: torch.dtype, expert: str = "transformer"):
@@ -48,7 +49,7 @@ def fill_shards(model: torch.nn.Module, source: ModelSource, expert: str = "tran
     FSDP2 sharding; a parameter that is not a DTensor is read whole). LoRA weights keep their
     values. Returns the bytes written on this rank."""
     # peft keeps a wrapped layer's own weight under `<layer>.base_layer.weight`.
-    targets = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters() if "lora_" not in n}
+    targets = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters() if not is_adapter_parameter(n)}
     files, original = weight_files(source, expert)
     filled, written = set(), 0
     with torch.no_grad():

@@ -89,7 +89,8 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
     # Not ZeRO-3: DeepSpeed broadcasts rank 0's weights into every rank's whole copy before it
     # partitions them (measured: the other rank's peak RSS is a whole copy), and makes the fp32
     # master copies of a full fine-tune inside prepare, before anything could be filled in.
-    streamed = sharded == "fsdp2" and not recipe.train.fp8_base
+    # DoRA sets its magnitudes from the base weights as its adapter is made: those must be read first.
+    streamed = sharded == "fsdp2" and not recipe.train.fp8_base and recipe.adapter.method != "dora"
     shared = recipe.model.expert_mode == "shared" and len(experts) > 1
     for name in experts:
         torch.manual_seed(recipe.run.seed)  # LoRA init: the same for an expert trained alone or beside the other
