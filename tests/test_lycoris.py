@@ -198,3 +198,22 @@ def test_each_method_trains_the_same_under_the_memory_settings(method, tiny_fold
     assert torch.float8_e4m3fn in frozen
     assert all(p.dtype == torch.float32 for p in fp8["model"].parameters() if p.requires_grad)
     assert fp8_losses == pytest.approx(plain_losses, rel=0.1) and fp8_losses != plain_losses
+
+
+def test_the_plan_counts_the_whole_size_update_matmuls():
+    """LoHa / LoKr apply a whole-size update as a second matmul per adapted layer: three more
+    matmuls of the layer's size a step (forward, input gradient, update gradient)."""
+    from wan_tune.plan.memory import MemoryPlan
+    from wan_tune.models.variants import get_variant, transformer_class
+
+    recipes = {m: load_recipe(ROOT / "recipes" / "wan2.1-t2v-1.3b-lora.yaml", [f"adapter.method={m}"])
+               for m in ("lora", "loha", "lokr")}
+    flops = {m: MemoryPlan(r, "gpu").flops() for m, r in recipes.items()}
+    plan = MemoryPlan(recipes["lora"], "gpu")
+    variant = get_variant("wan2.1-t2v-1.3b")
+    with torch.device("meta"):
+        model = transformer_class(variant)(**variant.transformer)
+    text_side = ("attn2.to_k", "attn2.to_v")
+    adapted = sum(2 * m.in_features * m.out_features * (plan.shape.text_tokens if n.endswith(text_side) else plan.shape.tokens)
+                  for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks."))
+    assert flops["loha"] == flops["lokr"] == pytest.approx(flops["lora"] + 3 * adapted * plan.shape.batch)

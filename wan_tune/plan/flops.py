@@ -24,4 +24,17 @@ def step_flops(model, tokens: int, full: bool, text_tokens: int = 512) -> float:
                 video += m.in_features * m.out_features
     layers = cfg.num_layers + len(getattr(cfg, "vace_layers", None) or ())  # VACE blocks attend like the others
     forward = 2 * (video * tokens + text * text_tokens) + layers * (4 * tokens**2 * dim + 4 * tokens * text_tokens * dim)
-    return (3 if full else 2) * forward
+    return (3 if full else 2) * forward + materialised_update_flops(model, tokens, text_tokens, text_side)
+
+
+def materialised_update_flops(model, tokens: int, text_tokens: int, text_side) -> float:
+    """LoHa / LoKr (peft) build each adapted layer's whole update and apply it as a second matmul
+    of the layer's size: three more of them a step (the forward, the gradient of its input, the
+    gradient of the update). Building the update itself is small beside them (rank-sized products)."""
+    extra = 0
+    for name, m in model.named_modules():
+        if hasattr(m, "hada_w1_a") or hasattr(m, "lokr_w1"):
+            base = m.get_base_layer()
+            n = text_tokens if any(t in name for t in text_side) else tokens
+            extra += 3 * 2 * base.in_features * base.out_features * n
+    return float(extra)

@@ -234,12 +234,16 @@ class MemoryPlan:
 
     def flops(self, cp: int = 1) -> float:
         """Matmul FLOPs of one step on one GPU (`step_flops` of the whole model, built on the meta
-        device without adapters: it does not count them); a context-parallel group of `cp` splits
-        them evenly (each rank: its tokens' projections, its heads' attention)."""
+        device; a LoRA's own matmuls are rank-sized and not counted, LoHa's and LoKr's whole-size
+        updates are); a context-parallel group of `cp` splits them evenly (each rank: its tokens'
+        projections, its heads' attention)."""
+        from ..models.spec import lora_config
         from ..models.variants import transformer_class
 
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             model = transformer_class(self.variant)(**self.variant.transformer)
+            if self.recipe.adapter.method in ("loha", "lokr"):
+                model.add_adapter(lora_config(self.recipe, self.variant))
         # Attention runs within each sample: a batch costs `batch` times one sample.
         return self.shape.batch * step_flops(model, self.shape.tokens, self.full, self.shape.text_tokens) / cp
 
