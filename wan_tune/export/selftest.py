@@ -77,21 +77,40 @@ def check_original_file(path, adapter: Adapter, variant: Variant) -> Check:
     """An original-key (ComfyUI) file read back key by key, where diffusers cannot read it: every
     module must be a Linear of the original-key model (ComfyUI applies a LoRA key to the model
     weight of the same name) and its update, alpha / rank * up @ down, the trained one."""
+    def updates(sd):
+        return {m: scale * (up.float() @ down.float()) for m, (down, up, scale) in read_original(sd).items()}
+
+    return _check_original_updates(path, adapter, variant, updates)
+
+
+def check_lycoris_file(path, adapter, variant: Variant) -> Check:
+    """A LoHa / LoKr file read back as ComfyUI reads it (export/lycoris.py): every key names a
+    Linear of the original-key model, and each module's update, computed by ComfyUI's formulas,
+    is the one peft trained."""
+    from .lycoris import comfyui_updates
+
+    return _check_original_updates(path, adapter, variant, comfyui_updates)
+
+
+def _check_original_updates(path, adapter, variant: Variant, updates) -> Check:
+    """`updates(state_dict)` -> {module: update} of an original-key file, against the trained ones."""
     from safetensors.torch import load_file
 
     sd = load_file(str(path))
     bad = check_original_keys(sd, variant, "diffusion_model.")
     if bad:
         return Check(str(path), 0, float("inf"), 1e-5, f"keys that name no Linear of {variant.name}: {bad[:2]}")
-    parts = read_original(sd)
-    if set(parts) != set(adapter.pairs):
-        return Check(str(path), len(parts), float("inf"), 1e-5, f"{len(parts)} modules in the file, {len(adapter.pairs)} trained")
+    got = updates(sd)
+    if set(got) != set(adapter.modules):
+        return Check(str(path), len(got), float("inf"), 1e-5, f"{len(got)} modules in the file, {len(adapter.modules)} trained")
     worst = 0.0
-    for module, (down, up, scale) in parts.items():
-        got = scale * (up.float() @ down.float())
+    for module, update in got.items():
         want = adapter.delta(module)
-        worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
-    return Check(str(path), len(parts), worst, 1e-5)
+        if update.shape != want.shape:
+            return Check(str(path), len(got), float("inf"), 1e-5, f"{module}: update {tuple(update.shape)}, trained "
+                         f"{tuple(want.shape)}")
+        worst = max(worst, ((update - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
+    return Check(str(path), len(got), worst, 1e-5)
 
 
 def check_adapter_file(path, adapter: Adapter, variant: Variant, expert: str = "transformer", fmt: str = "") -> Check:
@@ -130,27 +149,3 @@ def check_adapter_file(path, adapter: Adapter, variant: Variant, expert: str = "
             worst = max(worst, ((got_m - want_m).abs().max() / want_m.abs().max().clamp_min(1e-12)).item())
     return Check(str(path), len(loaded), worst, tol)
 
-
-def check_lycoris_file(path, adapter, variant: Variant) -> Check:
-    """A LoHa / LoKr file read back as ComfyUI reads it (export/lycoris.py): every key names a
-    Linear of the original-key model, and each module's update, computed by ComfyUI's formulas,
-    is the one peft trained."""
-    from safetensors.torch import load_file
-
-    from .lycoris import comfyui_updates
-
-    sd = load_file(str(path))
-    bad = check_original_keys(sd, variant, "diffusion_model.")
-    if bad:
-        return Check(str(path), 0, float("inf"), 1e-5, f"keys that name no Linear of {variant.name}: {bad[:2]}")
-    got = comfyui_updates(sd)
-    if set(got) != set(adapter.parts):
-        return Check(str(path), len(got), float("inf"), 1e-5, f"{len(got)} modules in the file, {len(adapter.parts)} trained")
-    worst = 0.0
-    for module, update in got.items():
-        want = adapter.delta(module)
-        if update.shape != want.shape:
-            return Check(str(path), len(got), float("inf"), 1e-5, f"{module}: update {tuple(update.shape)}, trained "
-                         f"{tuple(want.shape)}")
-        worst = max(worst, ((update - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
-    return Check(str(path), len(got), worst, 1e-5)
