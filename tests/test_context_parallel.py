@@ -86,7 +86,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "lokr", "schedulefree-lora-plus"])
 def test_two_processes_on_one_clip_train_like_one_process_and_resume(method, tiny_folders, tiny_shards, tmp_path):
     """cp=2 on 2 processes (so data-parallel 1): the per-step losses of one process within 1e-5, the
     weights within 1e-4 after 4 steps, through a stop at step 2 and a resume; LoRA with the
@@ -94,7 +94,9 @@ def test_two_processes_on_one_clip_train_like_one_process_and_resume(method, tin
     fine-tune whose first two steps ran in one process (a checkpoint resumes at another degree)."""
     from launching import launch
 
-    extra = ["adapter.method=full"] if method == "full" else ["data.holdout=0.25", "validation.every=4"]
+    extra = {"full": ["adapter.method=full"], "lokr": ["adapter.method=lokr", "adapter.rank=4", "export.format=all"],
+             "schedulefree-lora-plus": ["train.optimizer=schedulefree_adamw", "adapter.lr_ratio=4", "train.lr=1e-3"]
+             }.get(method, []) + (["data.holdout=0.25", "validation.every=4"] if method != "full" else [])
     ref = _one_process(tiny_folders, tiny_shards, tmp_path / "one", *extra)
     cp_dir = tmp_path / "cp"
     if method == "full":  # steps 1-2 in one process, no context parallelism
@@ -111,7 +113,7 @@ def test_two_processes_on_one_clip_train_like_one_process_and_resume(method, tin
     _assert_same_run(got, ref)
     heldout, ref_heldout = _metrics(got)[1], _metrics(ref)[1]
     assert heldout == pytest.approx(ref_heldout, rel=1e-5)
-    if method == "lora":  # the group renders the validation sheet one process renders
+    if method != "full":  # the group renders the validation sheet one process renders
         import numpy as np
         from PIL import Image
 

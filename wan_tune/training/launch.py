@@ -98,6 +98,12 @@ def check_launch(recipe: Recipe, accelerator, experts: list[str]) -> None:
             f"train.optimizer={recipe.train.optimizer} under DeepSpeed: DeepSpeed runs its own AdamW over the partitioned "
             "state and refuses other optimizers: set train.optimizer=adamw, or launch with FSDP2 or DDP"
         )
+    if recipe.train.optimizer == "schedulefree_adamw" and accelerator.distributed_type.name == "FSDP":
+        raise TrainingError(
+            "train.optimizer=schedulefree_adamw under FSDP2: torch's distributed loader cannot resume its state (it "
+            "makes the state with a step the optimizer refuses outside train mode, then finds no tensors to fill; tested): "
+            "use it on one GPU or with DDP, or pick another optimizer"
+        )
     if recipe.model.expert_mode == "shared" and accelerator.num_processes > 1:
         raise TrainingError(
             "model.expert_mode=shared works on one process for now (DDP would wrap the shared adapter twice): launch one "
