@@ -171,6 +171,12 @@ CASES = {
     "fp8-base": ("tiny", ("train.fp8_base=true",)),
     "no-autocast": ("tiny", ("train.mixed_precision=no",)),
     "fp8-no-autocast": ("tiny", ("train.fp8_base=true", "train.mixed_precision=no")),
+    # #35: the adapter methods and the averaged weights render and export in the regime too.
+    "loha": ("tiny", ("adapter.method=loha", "adapter.rank=4")),
+    "lokr-fp8": ("tiny", ("adapter.method=lokr", "adapter.rank=4", "train.fp8_base=true")),
+    "dora": ("tiny", ("adapter.method=dora",)),
+    "ema": ("tiny", ("train.ema_decay=0.5",)),
+    "schedule-free": ("tiny", ("train.optimizer=schedulefree_adamw",)),
 }
 
 

@@ -108,12 +108,37 @@ def as_inference(models, lora: bool, device_type: str, autocast: torch.dtype | N
             yield
         return
     handles = [h for m in models for h in cast_lora_inputs(m)]
+    layers = [layer for m in models for layer in cast_lycoris_inputs(m)]
     try:
         with torch.autocast(device_type, enabled=False):
             yield
     finally:
         for h in handles:
             h.remove()
+        for layer in layers:  # the class's own method again
+            del layer._get_delta_activations
+
+
+def cast_lycoris_inputs(model: torch.nn.Module) -> list:
+    """What `cast_lora_inputs` does for peft's LoHa / LoKr layers, which have no `lora_A` to hook:
+    each applies its fp32 whole-size update to the layer's input, cast to the update's dtype here
+    (peft's own cast is off after training under autocast, and fp8 storage wraps it off too).
+    Without autocast a bf16 input met the fp32 update: the first validation render died (CPU
+    regime test). Returns the layers patched (their instance attribute is removed to undo)."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    patched = []
+    for layer in model.modules():
+        if isinstance(layer, LycorisLayer):
+            # the dtype of its adapter's weights (hada_* / lokr_*), not of the base layer's
+            dtype = next(p.dtype for n, p in layer.named_parameters() if n.split(".")[0] in layer.adapter_layer_names)
+
+            def cast(adapter_name, x, *args, _own=layer._get_delta_activations, _dtype=dtype, **kwargs):
+                return _own(adapter_name, x.to(_dtype), *args, **kwargs)
+
+            layer._get_delta_activations = cast
+            patched.append(layer)
+    return patched
 
 
 @contextlib.contextmanager
