@@ -44,8 +44,13 @@ class Lycoris:
         return list(self.parts)
 
     def shape(self, module: str) -> tuple[int, int]:
-        """[out, in] of the weight the module's update is added to."""
-        return tuple(self.delta(module).shape)
+        """[out, in] of the weight the module's update is added to, from the factors' shapes (the
+        update itself is built once, by the self-test)."""
+        p = self.parts[module]
+        if self.method == "loha":
+            return p["hada_w1_a"].shape[0], p["hada_w1_b"].shape[1]
+        (r1, c1), (r2, c2) = (_factor_shape(p, w) for w in ("lokr_w1", "lokr_w2"))
+        return r1 * r2, c1 * c2
 
     def delta(self, module: str) -> torch.Tensor:
         """The update as peft computes it (its own functions), fp32 [out, in]."""
@@ -56,9 +61,16 @@ class Lycoris:
             return make_weight(p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"], torch.tensor(self.scale))
         from peft.tuners.lokr.layer import make_kron
 
-        w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
-        w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"]
-        return make_kron(w1, w2, self.scale)
+        return make_kron(_factor(p, "lokr_w1"), _factor(p, "lokr_w2"), self.scale)
+
+
+def _factor(p: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A LoKr factor: whole (`lokr_w1`), or the product of its split pair (`lokr_w1_a @ lokr_w1_b`)."""
+    return p[name] if name in p else p[f"{name}_a"] @ p[f"{name}_b"]
+
+
+def _factor_shape(p: dict[str, torch.Tensor], name: str) -> tuple[int, int]:
+    return tuple(p[name].shape) if name in p else (p[f"{name}_a"].shape[0], p[f"{name}_b"].shape[1])
 
 
 def lycoris_from_trainable(weights: dict[str, torch.Tensor], method: str, rank: int, alpha: float) -> Lycoris:
@@ -105,8 +117,7 @@ def comfyui_updates(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             scale = alpha / p["hada_w1_b"].shape[0] if alpha is not None else 1.0
             out[to_diffusers(module)] = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * scale
             continue
-        w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
-        w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"]
+        w1, w2 = _factor(p, "lokr_w1"), _factor(p, "lokr_w2")
         dim = p["lokr_w2_b"].shape[0] if "lokr_w2_b" in p else p["lokr_w1_b"].shape[0] if "lokr_w1_b" in p else None
         out[to_diffusers(module)] = torch.kron(w1, w2) * (alpha / dim if alpha is not None and dim else 1.0)
     return out
