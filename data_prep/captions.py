@@ -18,7 +18,7 @@ from wan_tune.data.atomic import write_text
 from wan_tune.data.progress import progress_bar
 from wan_tune.media.footage import SkipClip, Window, probe, read_frames
 
-from .sources import SourceItem
+from .sources import SourceItem, discover_all
 
 COLUMNS = ("key", "caption", "origin")
 
@@ -84,25 +84,29 @@ def sample_frames(item: SourceItem, count: int):
     return [Image.fromarray(f) for f in frames]
 
 
-def make_captions(items: list[SourceItem], cfg: CaptionConfig, path: str | Path, progress: bool = True) -> dict[str, int]:
+def make_captions(items: list[SourceItem], cfg: CaptionConfig, path: str | Path, progress: bool = True,
+                  per_source: dict[str, CaptionConfig] | None = None) -> dict[str, int]:
     """Write the caption review file for `items`, keeping every caption already in it (unless
-    caption.overwrite) and adding rows for new items; returns how many captions came from where."""
+    caption.overwrite) and adding rows for new items; returns how many captions came from where.
+    `per_source`: {item prefix: its source's caption settings} where `data.sources` gives its own."""
     existing = read_captions(path)
     items = [item for item in items if item.supported and not item.problem]  # prep's report names the others
     rows, todo = [], []
     for item in items:
+        own = (per_source or {}).get(item.prefix, cfg)
         kept = existing.get(item.key)
-        if kept and not cfg.overwrite:
+        if kept and not own.overwrite:
             rows.append({"key": item.key, "caption": kept, "origin": "kept"})
-        elif cfg.mode == "template":
-            rows.append({"key": item.key, "caption": fill_template(cfg, item), "origin": "template"})
-        elif cfg.mode == "vlm":
+        elif own.mode == "template":
+            rows.append({"key": item.key, "caption": fill_template(own, item), "origin": "template"})
+        elif own.mode == "vlm":
             rows.append({"key": item.key, "caption": "", "origin": "vlm"})
             todo.append(len(rows) - 1)
         else:
             rows.append({"key": item.key, "caption": item.caption or "", "origin": "sidecar" if item.caption else "missing"})
     if todo:
-        _vlm_fill(rows, [items[i] for i in todo], todo, cfg, progress)
+        triggers = [((per_source or {}).get(items[i].prefix, cfg)).trigger_word for i in todo]
+        _vlm_fill(rows, [items[i] for i in todo], todo, cfg, progress, triggers)
     # Reviewed captions of clips no longer in the source stay in the file (a studio's work is
     # never dropped); prep only encodes the items it finds.
     current = {item.key for item in items}
@@ -114,7 +118,16 @@ def make_captions(items: list[SourceItem], cfg: CaptionConfig, path: str | Path,
     return counts
 
 
-def _vlm_fill(rows: list[dict], items: list[SourceItem], where: list[int], cfg: CaptionConfig, progress: bool) -> None:
+def caption_recipe(recipe, progress: bool = True, found=None) -> dict[str, int]:
+    """`make_captions` for every source of the recipe (`found`: `discover_all`'s answer, when the
+    caller has it), each with its own caption settings."""
+    found = discover_all(recipe) if found is None else found
+    items = [item for _, source_items in found for item in source_items]
+    return make_captions(items, recipe.caption, recipe.data.captions, progress, {src.prefix: src.caption for src, _ in found})
+
+
+def _vlm_fill(rows: list[dict], items: list[SourceItem], where: list[int], cfg: CaptionConfig, progress: bool,
+              triggers: list[str]) -> None:
     from .vlm import VLMCaptioner
 
     captioner = VLMCaptioner(cfg.vlm_model, cfg.vlm_prompt, max_new_tokens=cfg.vlm_max_new_tokens, batch_size=cfg.vlm_batch_size)
@@ -127,8 +140,9 @@ def _vlm_fill(rows: list[dict], items: list[SourceItem], where: list[int], cfg: 
                 slots.append(row_i)
             except SkipClip as err:  # prep reports unreadable inputs; the caption stays empty
                 rows[row_i]["origin"] = f"unreadable: {err}"
+        trigger_of = dict(zip(where, triggers))
         for row_i, text in zip(slots, captioner.caption(batch) if batch else []):
-            rows[row_i]["caption"] = f"{cfg.trigger_word}, {text}" if cfg.trigger_word else text
+            rows[row_i]["caption"] = f"{trigger_of[row_i]}, {text}" if trigger_of[row_i] else text
         bar.update(len(items[lo : lo + cfg.vlm_batch_size]))
     bar.close()
 

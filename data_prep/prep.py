@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from wan_tune.config import Recipe, to_yaml
+from wan_tune.config.sources import DEFAULT_NAME, Source, data_sources
 from wan_tune.data import shards
 from wan_tune.data.atomic import writable_problem, write_json, write_text
 from wan_tune.data.progress import progress_bar
@@ -34,9 +35,9 @@ from wan_tune.models.precision import DTYPES
 from wan_tune.parallel.process_group import process_state
 
 from .buckets import aspect_buckets, fit_problem, nearest_bucket, resize_crop
-from .captions import make_captions, read_captions
+from .captions import caption_recipe, read_captions
 from .encode import Encoders, settings_hash
-from .sources import SourceItem, discover
+from .sources import SourceItem, discover_all
 from .video import plan_windows
 
 REPORT_FILE = "prep_report.csv"
@@ -54,6 +55,7 @@ class Sample:
     window: Window
     bucket: tuple[int, int, int]  # (frames, height, width)
     caption: str
+    source: Source
 
 
 class Stopped(KeyboardInterrupt):
@@ -121,22 +123,29 @@ def content_hash(path: str) -> str:
 
 
 def prep_settings(recipe: Recipe, i2v: bool) -> dict:
-    """Everything besides the source file and caption that decides a sample's tensors."""
+    """Everything besides the source file and caption that decides a sample's tensors: the
+    shared settings, then each source's own (`data.sources`) or the one source's (`data.source`)."""
     d = recipe.data
-    return {
-        "fps": d.fps,
-        "frames": sorted(d.frames),
-        "resolutions": d.resolutions,
-        "max_clips_per_video": d.max_clips_per_video,
-        "clip_stride": d.clip_stride,
-        "max_text_tokens": d.max_text_tokens,
-        "shard_dtype": d.shard_dtype,
-        "i2v": i2v,
-    }
+    shared = {"max_text_tokens": d.max_text_tokens, "shard_dtype": d.shard_dtype, "i2v": i2v}
+    sources = data_sources(recipe)
+    if d.sources:
+        return shared | {f"{s.name}.{k}": v for s in sources for k, v in s.settings().items()}
+    own = sources[0].settings() if sources else {}
+    if own.get("frame_extraction") == "slide":  # the default since before the key: unchanged settings read so
+        del own["frame_extraction"]
+    return own | shared
 
 
-def _plan_item(item: SourceItem, caption: str, recipe: Recipe, identity: str, vace: bool = False) -> list[Sample]:
-    d = recipe.data
+def source_identity(src: Source, settings: dict, encoders_identity: dict) -> str:
+    """What a source's sample tensors depend on besides their file, window, bucket and caption (all
+    in a sample's id too): edit one source's fps and only its samples get new ids. The frame
+    buckets, clip cap and stride are not here: they decide which windows exist, and a window that
+    still exists keeps its id and is not re-encoded."""
+    return settings_hash({"fps": src.fps} | {k: settings[k] for k in ("max_text_tokens", "shard_dtype", "i2v")}
+                         | encoders_identity)
+
+
+def _plan_item(item: SourceItem, caption: str, src: Source, identity: str, vace: bool = False) -> list[Sample]:
     if item.problem:  # a manifest row that names no usable file or window
         raise SkipClip(item.problem)
     # The file's own defects first: a user should not caption a file that can never be used.
@@ -146,13 +155,14 @@ def _plan_item(item: SourceItem, caption: str, recipe: Recipe, identity: str, va
     if not caption:
         why = item.caption_problem or "no sidecar .txt or manifest caption"
         raise SkipClip(f"missing caption: {why}; add one in the captions file, or use caption.mode=template/vlm")
-    windows = plan_windows(info, d.fps, d.frames, d.clip_stride, d.max_clips_per_video, item.start_s, item.end_s)
+    windows = plan_windows(info, src.fps, list(src.frames), src.clip_stride, src.max_clips_per_video, item.start_s,
+                           item.end_s, src.frame_extraction)
     if vace:
         check_inputs(item.vace, info)
     # A VACE clip's conditioning files decide its tensors too: edit one, and the clip is encoded again.
     digest = content_hash(item.path) + "".join(content_hash(f) for f in item.vace.files() if vace)
     samples, problems = [], []
-    for h, w in d.resolutions:
+    for h, w in src.resolutions:
         bucket_hw = nearest_bucket(info.height, info.width, aspect_buckets(h, w))
         problem = fit_problem(info.height, info.width, bucket_hw)
         if problem:
@@ -161,20 +171,22 @@ def _plan_item(item: SourceItem, caption: str, recipe: Recipe, identity: str, va
         for win in windows:
             key = {"content": digest, "key": item.key, "start": win.start_frame, "frames": win.frames, "bucket": bucket_hw, "caption": caption, "settings": identity}
             sid = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-            samples.append(Sample(sid, item, win, (win.frames, *bucket_hw), caption))
+            samples.append(Sample(sid, item, win, (win.frames, *bucket_hw), caption, src))
     if not samples:
         raise SkipClip(problems[0])
     return samples
 
 
-def plan(items: list[SourceItem], captions: dict[str, str], recipe: Recipe, identity: str, progress: bool):
+def plan(items: list[tuple[Source, SourceItem]], captions: dict[str, str], recipe: Recipe, identities: dict[str, str],
+         progress: bool):
+    """The samples of `items` ((source, item) pairs), and a report line for each item that gives none."""
     samples, skips = [], []
     vace = get_variant(recipe.model.variant).vace
-    for item in progress_bar(items, desc="probe", unit="file", disable=not progress):
+    for src, item in progress_bar(items, desc="probe", unit="file", disable=not progress):
         try:
-            samples += _plan_item(item, captions.get(item.key) or "", recipe, identity, vace)
+            samples += _plan_item(item, captions.get(item.key) or "", src, identities[src.name], vace)
         except SkipClip as err:
-            skips.append(skip_line(item, err))
+            skips.append(skip_line(src, item, err))
     return samples, skips
 
 
@@ -184,9 +196,9 @@ def _note_skip(skips: list, line: tuple[str, str]) -> None:
         skips.append(line)
 
 
-def skip_line(item: SourceItem, err: SkipClip) -> tuple[str, str]:
-    """(what, why) for the report: a manifest row is named by its row number too."""
-    return item.key, f"manifest row {item.row}: {err}" if item.row else str(err)
+def skip_line(src: Source, item: SourceItem, err: SkipClip) -> tuple[str, str, str]:
+    """(what, why, source name) for the report: a manifest row is named by its row number too."""
+    return item.key, f"manifest row {item.row}: {err}" if item.row else str(err), src.name
 
 
 def _announce_changes(root: Path, settings: dict, encoder_identity: dict, say) -> None:
@@ -220,7 +232,8 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
             raise PrepError(f"{key}: {problem}; set {key} to a writable place")
     variant = get_variant(recipe.model.variant)
     i2v = variant.is_i2v if recipe.data.task == "auto" else recipe.data.task == "i2v"
-    items = discover(recipe.data.source)
+    found = discover_all(recipe)
+    items = [item for _, item_list in found for item in item_list]
     _announce_unused_vace(items, variant, say)
     captions_path = Path(recipe.data.captions)
     if main:
@@ -229,21 +242,19 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
                 "review it and rerun prep to change captions")
         # Adds rows for clips added since the last run (their sidecars, template or VLM text);
         # rows already in the file, reviewed or not, are kept as they are.
-        make_captions(items, recipe.caption, captions_path, progress)
+        caption_recipe(recipe, progress, found)
     state.wait_for_everyone()
     captions = read_captions(captions_path)
     t = timer.add("caption", t)
 
     encoders = _load_encoders(recipe, variant, i2v, state.device, say)
     settings = prep_settings(recipe, i2v)
-    # What a sample's tensors depend on besides its file, window, bucket and caption (all in
-    # its id too). The frame buckets, clip cap and stride are not here: they decide which
-    # windows exist, and a window that still exists keeps its id and is not re-encoded.
-    identity = settings_hash({k: settings[k] for k in ("fps", "max_text_tokens", "shard_dtype", "i2v")} | encoders.identity())
+    identities = {src.name: source_identity(src, settings, encoders.identity()) for src, _ in found}
     t = timer.add("load encoders", t)
 
-    mine = items[state.process_index :: state.num_processes]
-    samples, skips = plan(mine, captions, recipe, identity, progress)
+    pairs = [(src, item) for src, item_list in found for item in item_list]
+    mine = pairs[state.process_index :: state.num_processes]
+    samples, skips = plan(mine, captions, recipe, identities, progress)
     t = timer.add("probe", t)
     if strict and skips:
         raise PrepError(f"--strict: {len(skips)} input(s) unusable, nothing encoded; first: {skips[0][0]}: {skips[0][1]}")
@@ -254,7 +265,7 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
         empty = shards.save_empty_prompt(root, encoders.text([""])[0], storage)
         shards.write_meta(root, {
             "variant": variant.name, "task": variant.shard_task("i2v" if i2v else "t2v"), "encoders": encoders.identity(),
-            "vae": encoders.vae_meta(), "settings": settings, "settings_hash": identity,
+            "vae": encoders.vae_meta(), "settings": settings, "settings_hash": settings_hash(identities),
             "text_dim": variant.transformer["text_dim"], "recipe": to_yaml(recipe), "empty_prompt_checksum": empty,
         })
         _check_existing(root, verify, say)
@@ -311,7 +322,7 @@ def _encode_one(sample: Sample, encoders: Encoders, writer, i2v: bool, skips: li
     try:
         frames = read_frames(sample.item.path, sample.window, sample.item.is_image)
     except SkipClip as err:
-        _note_skip(skips, skip_line(sample.item, err))
+        _note_skip(skips, skip_line(sample.source, sample.item, err))
         return timer.add("decode+resize", t)
     video = resize_crop(frames, sample.bucket[1:])
     t = timer.add("decode+resize", t)
@@ -326,11 +337,12 @@ def _encode_one(sample: Sample, encoders: Encoders, writer, i2v: bool, skips: li
         try:
             tensors.update(_vace_tensors(encoders, sample))
         except SkipClip as err:
-            _note_skip(skips, skip_line(sample.item, err))
+            _note_skip(skips, skip_line(sample.source, sample.item, err))
             return timer.add("vae encode", t)
     t = timer.add("vae encode", t)
     w = sample.window
-    writer.add({"id": sample.id, "source": sample.item.name, "caption": sample.caption, "frames": sample.bucket[0],
+    writer.add({"id": sample.id, "source": sample.item.name, "dataset": sample.source.name, "caption": sample.caption,
+                "frames": sample.bucket[0],
                 "height": sample.bucket[1], "width": sample.bucket[2], "start_frame": w.start_frame,
                 "start_s": w.start_s, "end_s": w.end_s,
                 "vace": sample.item.vace.to_json() if encoders.vace is not None else ""}, tensors)
@@ -380,6 +392,19 @@ def _check_existing(root: Path, verify: bool, say) -> None:
             + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""))
 
 
+def per_source(index, skips: list) -> dict[str, dict[str, int]]:
+    """{source name: {"samples": n, "clips": files, "skipped": inputs}} for the summary."""
+    out: dict[str, dict[str, int]] = {}
+    datasets = index["dataset"].fillna(DEFAULT_NAME) if "dataset" in index else [DEFAULT_NAME] * len(index)
+    for name, source in zip(datasets, index["source"]):
+        row = out.setdefault(name, {"samples": 0, "clips": set(), "skipped": 0})
+        row["samples"] += 1
+        row["clips"].add(source)
+    for *_, name in skips:
+        out.setdefault(name, {"samples": 0, "clips": set(), "skipped": 0})["skipped"] += 1
+    return {name: {**row, "clips": len(row["clips"])} for name, row in sorted(out.items())}
+
+
 def _finish(root: Path, world: int) -> dict:
     planned, skips, seconds = [], [], Counter()
     for rank in range(world):
@@ -389,14 +414,15 @@ def _finish(root: Path, world: int) -> dict:
         seconds.update(part["seconds"])
     index, stale = shards.merge_index(root, keep=planned)
     report = io.StringIO()
-    csv.writer(report).writerows([("path", "reason"), *skips])
+    csv.writer(report).writerows([("path", "reason", "dataset"), *skips])
     write_text(root / REPORT_FILE, report.getvalue())
     files = sorted((root / shards.DATA_DIR).glob("*.safetensors"))
     return {
         "root": str(root),
         "samples": len(index),
         "buckets": Counter(f"{r.frames}x{r.height}x{r.width}" for r in index.itertuples()),
-        "skips": skips,
+        "by_source": per_source(index, skips),
+        "skips": [(what, why) for what, why, _ in skips],  # prep_report.csv names each one's source too
         "stale": stale,
         "files": len(files),
         "bytes": sum(f.stat().st_size for f in files),

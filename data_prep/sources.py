@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from wan_tune.config.sources import Source, data_sources
 from wan_tune.media.footage import IMAGE_EXTS, VIDEO_EXTS
 from wan_tune.media.vace_inputs import VaceInputs, from_record, split_sidecars
 
@@ -42,6 +43,9 @@ class SourceItem:
     """Why the source gave no caption (an empty or undecodable sidecar, no caption column)."""
     vace: VaceInputs = VaceInputs()
     """VACE reference images, control video and mask given for this clip (sidecars or columns)."""
+    prefix: str = ""
+    """`<source name>/` for an item of a `data.sources` entry (the captions file and sample ids key it so); ""
+    for `data.source`."""
 
     @property
     def supported(self) -> bool:
@@ -56,8 +60,8 @@ class SourceItem:
     def key(self) -> str:
         """One caption per item: the path, plus the time range when a manifest cuts one file several ways."""
         if self.start_s is None and self.end_s is None:
-            return self.name
-        return f"{self.name}#{self.start_s or 0:g}-{'' if self.end_s is None else f'{self.end_s:g}'}"
+            return self.prefix + self.name
+        return f"{self.prefix}{self.name}#{self.start_s or 0:g}-{'' if self.end_s is None else f'{self.end_s:g}'}"
 
 
 def _sidecar(path: Path) -> tuple[str | None, str | None]:
@@ -219,22 +223,65 @@ def from_dataset(path: Path) -> list[SourceItem]:
     return _from_records(ds.to_list(), ds.column_names, str(path), path.resolve())
 
 
-def discover(source: str | None) -> list[SourceItem]:
-    """The items of `data.source`, sorted by path."""
+def discover(source: str | None, key: str = "data.source", prefix: str = "") -> list[SourceItem]:
+    """The items of one source (`key` names it in errors), sorted by key."""
     if not source:
-        raise SourceError("data.source is empty: set it to a folder of clips, a manifest file or a saved dataset")
+        raise SourceError(f"{key} is empty: set it to a folder of clips, a manifest file or a saved dataset")
     path = Path(source).expanduser()
     if not path.exists():
-        raise SourceError(f"data.source: {path} does not exist")
+        raise SourceError(f"{key}: {path} does not exist")
     if path.is_file():
         if path.suffix.lower() not in (".csv", ".jsonl", ".json", ".parquet"):
-            raise SourceError(f"data.source: {path} is a file but not a CSV / JSONL / Parquet manifest")
+            raise SourceError(f"{key}: {path} is a file but not a CSV / JSONL / Parquet manifest")
         items = from_manifest(path)
     elif (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
         items = from_dataset(path)
     else:
         items = from_folder(path)
     if not any(it.supported for it in items):
-        raise SourceError(f"data.source: {path} holds no videos ({', '.join(sorted(VIDEO_EXTS))}) or images "
+        raise SourceError(f"{key}: {path} holds no videos ({', '.join(sorted(VIDEO_EXTS))}) or images "
                           f"({', '.join(sorted(IMAGE_EXTS))})")
+    if prefix:
+        items = [replace(it, prefix=prefix) for it in items]
     return sorted(items, key=lambda it: it.key)
+
+
+def source_key(recipe, i: int) -> str:
+    """The recipe key that names source `i` in messages."""
+    return f"data.sources[{i}].path" if recipe.data.sources else "data.source"
+
+
+def discover_all(recipe) -> list[tuple[Source, list[SourceItem]]]:
+    """Every source of the recipe with its items; the first of `source_problems` is raised."""
+    sources = data_sources(recipe)
+    if not sources:
+        raise SourceError("data.source is empty: set it to a folder of clips, a manifest file or a saved dataset "
+                          "(or list several in data.sources)")
+    found = [(src, discover(src.path, source_key(recipe, i), src.prefix)) for i, src in enumerate(sources)]
+    problems = _stills_given_frames(recipe, [(i, *pair) for i, pair in enumerate(found)])
+    if problems:
+        raise SourceError(": ".join(problems[0]))
+    return found
+
+
+def _stills_given_frames(recipe, found: list[tuple[int, Source, list[SourceItem]]]) -> list[tuple[str, str]]:
+    """A source of stills alone given frame buckets above one (a still is a one-frame sample)."""
+    out = []
+    for i, src, items in found:
+        given = recipe.data.sources[i].frames if src.listed else None
+        if given and max(given) > 1 and all(it.is_image for it in items if it.supported):
+            out.append((f"data.sources[{i}].frames", f"{src.name} holds only stills (each is a one-frame sample): "
+                                                     "remove its frames"))
+    return out
+
+
+def source_problems(recipe) -> list[tuple[str, str]]:
+    """(key, problem) of each source prep could not read: for `wan-tune check`, one line each."""
+    problems, found = [], []
+    for i, src in enumerate(data_sources(recipe)):
+        try:
+            found.append((i, src, discover(src.path, source_key(recipe, i), src.prefix)))
+        except SourceError as err:
+            key, _, why = str(err).partition(": ")
+            problems.append((key, why))
+    return problems + _stills_given_frames(recipe, found)

@@ -18,6 +18,10 @@ def format_summary(summary: dict) -> str:
     for bucket, n in sorted(summary["buckets"].items(), key=lambda kv: [int(x) for x in kv[0].split("x")]):
         lines.append(f"  {bucket:<28}{n:>8}")
     lines.append(f"  {'total':<28}{summary['samples']:>8}")
+    by_source = summary.get("by_source", {})
+    if len(by_source) > 1:  # data.sources: what each gave
+        lines += ["", f"  {'source':<28}{'samples':>8}{'files':>8}{'skipped':>9}"]
+        lines += [f"  {name:<28}{row['samples']:>8}{row['clips']:>8}{row['skipped']:>9}" for name, row in by_source.items()]
     skips = summary["skips"]
     lines += ["", f"  skipped inputs: {len(skips)}" + (" (one line each in prep_report.csv)" if skips else "")]
     for kind, n in Counter(reason_kind(r) for _, r in skips).most_common():

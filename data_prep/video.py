@@ -20,8 +20,12 @@ def plan_windows(
     max_clips: int,
     start_s: float | None = None,
     end_s: float | None = None,
+    extraction: str = "slide",
 ) -> list[Window]:
-    """Windows of the largest frame bucket the (trimmed) video fills, resampled to `target_fps`.
+    """Windows of the largest frame bucket the (trimmed) video fills, resampled to `target_fps`:
+    `slide`: every `stride` frames (0: back to back) from the start, up to `max_clips`; `head`: the
+    first only; `uniform`: `max_clips` starts spread evenly from the first frame to the last start
+    that still fits (fewer when the video holds fewer distinct windows).
 
     Raises SkipClip when even the smallest bucket does not fit.
     """
@@ -44,12 +48,20 @@ def plan_windows(
             f"too short: {b - a:.2f} s gives {available} frames at {target_fps:g} fps; the smallest bucket is {min(buckets)}"
         )
     length = fitting[-1]
-    step = stride or length
     windows = []
-    for j in range(max_clips):
-        start = j * step
-        if start + length > available:
-            break
+    for start in _starts(extraction, available, length, stride, max_clips):
         idx = tuple(info.frame_at(a + (start + k) / target_fps) for k in range(length))
         windows.append(Window(start, idx, a + start / target_fps, a + (start + length) / target_fps))
     return windows
+
+
+def _starts(extraction: str, available: int, length: int, stride: int, max_clips: int) -> list[int]:
+    """First frames (at the target fps) of the windows of `length` in `available` frames."""
+    last = available - length
+    if extraction == "head":
+        return [0]
+    if extraction == "uniform":
+        count = min(max_clips, last + 1)
+        return sorted({round(j * last / (count - 1)) for j in range(count)}) if count > 1 else [0]
+    step = stride or length
+    return [j * step for j in range(max_clips) if j * step <= last]

@@ -338,9 +338,12 @@ def test_a_clip_deleted_during_prep_is_one_report_line(tmp_path):
     from data_prep.sources import SourceItem
     from wan_tune.media.footage import Window
 
+    from wan_tune.config.sources import data_sources
+
     gone = SourceItem(str(tmp_path / "clip.mp4"), "clip.mp4")
+    source = data_sources(load_recipe(None, [f"data.source={tmp_path}"]))[0]
     skips = []
     for start in (0, 9, 18):
         window = Window(start, tuple(range(start, start + 9)), start / 16, (start + 9) / 16)
-        _encode_one(Sample(f"id{start}", gone, window, (9, 64, 96), "a caption"), None, None, False, skips, Timer(), {}, 0.0)
+        _encode_one(Sample(f"id{start}", gone, window, (9, 64, 96), "a caption", source), None, None, False, skips, Timer(), {}, 0.0)
     assert len(skips) == 1 and skips[0][0] == "clip.mp4", skips

@@ -10,6 +10,7 @@ import pytest
 
 from wan_tune.cli import main
 from wan_tune.config import load_recipe
+from wan_tune.media.synthetic import still_image
 from wan_tune.config.reference import BEGIN, END, reference_markdown
 from wan_tune.models import get_variant
 
@@ -38,6 +39,12 @@ def test_shipped_recipe_checks_clean(path, capsys, tmp_path, monkeypatch):
         file = tmp_path / why.removeprefix("no such file: ")
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(b"an image")
+    if recipe.data.sources:  # `check` names each source folder that is not there (prep would stop on it)
+        assert main(["check", str(path)]) == 2
+        err = capsys.readouterr().err
+        for i, source in enumerate(recipe.data.sources):
+            assert f"data.sources[{i}].path: {source.path} does not exist" in err
+            still_image(tmp_path / source.path / "a.png", 64, 64)
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"variant: {recipe.model.variant}" in out

@@ -39,7 +39,11 @@ def _check(args: argparse.Namespace) -> int:
     recipe = _load(args)
     if recipe is None:
         return 2
+    from data_prep.sources import source_problems
+
     missing = missing_inputs(recipe)  # what training would stop on at its first render
+    if recipe.data.sources:  # what prep would stop on (data.source alone: prep's own first line says it)
+        missing += source_problems(recipe)
     if missing:
         print(f"{args.recipe}:\n" + "\n".join(f"  {key}: {why}" for key, why in missing), file=sys.stderr)
         return 2
@@ -77,8 +81,8 @@ def _load(args: argparse.Namespace):
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from data_prep.captions import CaptionFileError, make_captions
-    from data_prep.sources import SourceError, discover
+    from data_prep.captions import CaptionFileError, caption_recipe
+    from data_prep.sources import SourceError
     from data_prep.vlm import CaptionModelError
 
     from .data.atomic import writable_problem
@@ -91,8 +95,7 @@ def _caption(args: argparse.Namespace) -> int:
         print(f"wan-tune caption: data.captions: {problem}; set data.captions to a writable place", file=sys.stderr)
         return 1
     try:
-        items = discover(recipe.data.source)
-        counts = make_captions(items, recipe.caption, recipe.data.captions)
+        counts = caption_recipe(recipe)
     except (SourceError, CaptionModelError, CaptionFileError, OSError) as err:  # OSError: a disk that filled
         print(f"wan-tune caption: {err}", file=sys.stderr)
         return 1
@@ -205,7 +208,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoError, run_demo
 
     try:
-        result = run_demo(args.recipe, args.overrides, clips=args.clips)
+        result = run_demo(args.recipe, args.overrides, clips=args.clips, stills=args.stills)
     except (DemoError, ConfigError) as err:
         print(f"wan-tune demo: {err}", file=sys.stderr)
         return 1 if isinstance(err, DemoError) else 2
@@ -414,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the demo recipe, e.g. train.steps=50")
     p.add_argument("--recipe", default=None, help="another demo recipe (default: recipes/demo-tiny.yaml)")
     p.add_argument("--clips", type=int, default=8, help="how many clips to generate")
+    p.add_argument("--stills", type=int, default=0, help="also N square product stills, as a second source "
+                   "(data.sources: clips and stills train together, one bucket per batch)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(

@@ -78,23 +78,52 @@ def _vace_inputs(recipe, variant) -> dict:
         return {}
     from data_prep.sources import discover
 
-    inputs = next(it.vace for it in discover(recipe.data.source) if it.vace)
+    from .config.sources import data_sources
+
+    inputs = next(it.vace for it in discover(data_sources(recipe)[0].path) if it.vace)
     return {"reference_image": list(inputs.references), "control_video": inputs.control, "mask_video": inputs.mask}
 
 
-def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None = None, clips: int = 8, say=print) -> dict:
-    from data_prep.captions import make_captions
+def with_stills(overrides: list[str], recipe_path, stills: int) -> list[str]:
+    """`--stills N`: the demo's clips and N square stills as two sources (`data.sources`), the stills
+    beside the clips' folder at their own 64x64 (one-frame samples)."""
+    if not stills:
+        return overrides
+    clips = Path(load_recipe(recipe_path, overrides, warn=lambda _m: None).data.source or "data/demo/clips")
+    return [*overrides, "data.source=null",
+            f"data.sources=[{{path: '{clips}', name: clips}}, {{path: '{clips.parent / 'stills'}', name: stills, "
+            "resolutions: [[64, 64]], holdout: 0}]"]
+
+
+def _make_footage(recipe, variant, clips: int, stills: int, say) -> None:
+    """The demo's clips (and stills, with `--stills`) in the recipe's source folders, captioned."""
+    from .config.sources import data_sources
+    from .media.synthetic import make_clips, still_image
+
+    folders = [Path(src.path) for src in data_sources(recipe)]
+    trigger = recipe.caption.trigger_word or "wtune"
+    say(f"[1/6] generating {clips} clips in {folders[0]}" + (" with VACE control, mask and reference" if variant.vace else "")
+        + (f" and {stills} stills in {folders[1]}" if stills else ""))
+    make_clips(folders[0], clips, trigger=trigger, frames=24, height=96, width=128, vace=variant.vace)
+    for i in range(stills):
+        still_image(folders[1] / f"still_{i:03d}.png", 128, 128, seed=i).with_suffix(".txt").write_text(
+            f"{trigger} style, a product still on a dark gradient\n")
+
+
+def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None = None, clips: int = 8, say=print,
+             stills: int = 0) -> dict:
+    from data_prep.captions import caption_recipe
     from data_prep.prep import run_prep
-    from data_prep.sources import discover
     from data_prep.summary import format_summary
 
+    from .config.sources import data_sources
     from .export.run import export, format_checks
-    from .media.synthetic import make_clips
     from .models.loading import resolve_source
     from .sampling import SampleArgs, sample
     from .training.loop import train
 
-    recipe = load_recipe(recipe_path or find_demo_recipe(), overrides or [])
+    overrides = with_stills(list(overrides or []), recipe_path or find_demo_recipe(), stills)
+    recipe = load_recipe(recipe_path or find_demo_recipe(), overrides)
     # A run shorter than the recipe's own (train.steps=4 to try the chain) is not judged on learning.
     recipe_steps = load_recipe(recipe_path or find_demo_recipe(), warn=lambda _m: None).train.steps
     times: dict[str, float] = {}
@@ -107,21 +136,19 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
         t = now
 
     run_dir = Path(recipe.run.output_dir) / recipe.run.name
-    made = [Path(recipe.data.source), Path(recipe.data.shards), run_dir]
+    made = [Path(src.path) for src in data_sources(recipe)] + [Path(recipe.data.shards), run_dir]
     clear_previous(made, say)
     for folder in sorted(made, key=lambda f: len(f.resolve().parts)):  # outer first: data.source may sit in data.shards
         if not folder.exists():
             mark(folder)
 
     variant = get_variant(recipe.model.variant)
-    say(f"[1/6] generating {clips} clips in {recipe.data.source}" + (" with VACE control, mask and reference" if variant.vace else ""))
-    make_clips(recipe.data.source, clips, trigger=recipe.caption.trigger_word or "wtune", frames=24, height=96, width=128,
-               vace=variant.vace)
+    _make_footage(recipe, variant, clips, stills, say)
     source = resolve_source(recipe.model.variant, recipe.model.path)  # builds the tiny model on first use
     lap("clips + tiny model")
 
     say(f"[2/6] captions -> {recipe.data.captions} (review file)")
-    make_captions(discover(recipe.data.source), recipe.caption, recipe.data.captions)
+    caption_recipe(recipe, progress=False)
     lap("caption")
 
     say("[3/6] prep: decode, bucket, encode -> shards")
@@ -152,7 +179,7 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
 
     first, last = statistics.mean(trained["first_losses"]), statistics.mean(trained["last_losses"])
     result = {
-        "clips": recipe.data.source, "captions": recipe.data.captions, "shards": recipe.data.shards,
+        "clips": data_sources(recipe)[0].path, "captions": recipe.data.captions, "shards": recipe.data.shards,
         "checkpoint": trained["checkpoint"], "adapters": [c.file for c in checks], "video": str(video), "contact_sheet": str(sheet),
         "model_card": str(exported / "README.md"), "workflow": str(next(exported.glob("*-comfyui-workflow.json"), "")),
         "samples": prep["samples"], "first_loss": first, "last_loss": last, "loss_window": len(trained["first_losses"]), "selftest_ok": all(c.ok for c in checks), "times": times,

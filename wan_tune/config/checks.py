@@ -9,6 +9,7 @@ from pathlib import Path
 from ..models.lora_targets import PRESET_NAMES, VACE_PRESET, expand_targets, matching, module_widths
 from ..models.variants import VARIANTS, Variant, get_variant
 from .schema import AdapterConfig, Recipe
+from .sources import all_frames, all_resolutions, data_sources, source_errors
 
 LORA_ONLY_KEYS = ("rank", "alpha", "dropout", "targets", "lr_ratio", "init_from", "lokr_factor", "decompose_both")
 # Top-level modules of WanTransformer3DModel outside its blocks (a target naming one trains there).
@@ -21,7 +22,7 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
     variant = None if "model.variant" in invalid else VARIANTS.get(r.model.variant)
     errors = _task_errors(r, variant)
     errors += _full_errors(r, explicit) if r.adapter.method == "full" else _lora_errors(r, variant, invalid)
-    errors += _template_errors(r)
+    errors += _template_errors(r) + source_errors(r, explicit)
     errors += _schedule_errors(r, variant, explicit, invalid)
     if variant is not None:
         errors += _variant_errors(r, variant, invalid) + _shared_errors(r, variant)
@@ -106,14 +107,20 @@ def _dora_errors(r: Recipe) -> list[tuple[str, str]]:
 
 
 def _template_errors(r: Recipe) -> list[tuple[str, str]]:
-    try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(r.caption.template) if name is not None}
-    except ValueError as err:
-        return [("caption.template", f"not a valid template ({err}); write literal braces as {{{{ and }}}}")]
-    unknown = fields - {"trigger", "stem", "caption"}
-    if unknown:
-        return [("caption.template", f"unknown placeholder(s) {sorted(unknown)}; use {{trigger}}, {{stem}}, {{caption}}")]
-    return []
+    """caption.template, and each source's own."""
+    errors = []
+    templates = [("caption.template", r.caption.template)]
+    templates += [(f"data.sources[{i}].template", s.template) for i, s in enumerate(r.data.sources) if s.template is not None]
+    for key, template in templates:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as err:
+            errors.append((key, f"not a valid template ({err}); write literal braces as {{{{ and }}}}"))
+            continue
+        unknown = fields - {"trigger", "stem", "caption"}
+        if unknown:
+            errors.append((key, f"unknown placeholder(s) {sorted(unknown)}; use {{trigger}}, {{stem}}, {{caption}}"))
+    return errors
 
 
 def _schedule_errors(r: Recipe, variant: Variant | None, explicit: set[str], invalid: set[str]) -> list[tuple[str, str]]:
@@ -134,7 +141,7 @@ def _schedule_errors(r: Recipe, variant: Variant | None, explicit: set[str], inv
         n = variant.transformer["num_layers"]
         errors.append(("train.offload_keep", f"{variant.name} has {n} blocks: keep 0 to {n - 1} on the GPU "
                        "(keeping them all is train.offload=none)"))
-    if r.data.holdout == 0 and "eval.every" in explicit and r.eval.every:
+    if not any(s.holdout for s in data_sources(r)) and not r.data.holdout and "eval.every" in explicit and r.eval.every:
         errors.append(("eval.every", "scores the held-out samples, but data.holdout=0 holds none out; set data.holdout (e.g. 0.1)"))
     if r.timesteps.sigma_min >= r.timesteps.sigma_max:
         errors.append(
@@ -177,7 +184,7 @@ def _variant_errors(r: Recipe, variant: Variant, invalid: set[str]) -> list[tupl
         errors.append(("model.experts", f"{variant.name} has one transformer; model.experts is for Wan2.2 A14B (two experts)"))
     if variant.vae_z_dim == 48:
         # The Wan2.2 VAE compresses 16x and the transformer patchifies 2x2: 32-pixel steps.
-        bad = [f"{h}x{w}" for h, w in r.data.resolutions if h % 32 or w % 32]
+        bad = [f"{h}x{w}" for h, w in all_resolutions(r) if h % 32 or w % 32]
         if bad and "data.resolutions" not in invalid:
             errors.append(("data.resolutions", f"{variant.name} needs multiples of 32 (its VAE compresses 16x, patches are 2x2): {', '.join(bad)}"))
     if not {"data.resolutions", "data.frames", "validation.frames"} & invalid:
@@ -242,12 +249,12 @@ def resolution_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]]:
     pixels = (16 if variant.vae_z_dim == 48 else 8) * variant.transformer["patch_size"][1]  # per patch
     longest = positions * pixels
     errors = []
-    for h, w in r.data.resolutions:
+    for h, w in all_resolutions(r):
         side = max(h, w, int(2 * (h * w) ** 0.5) + 16)  # the 1:4 aspect buckets of that area reach about 2 sqrt(area)
         if side > longest:
             errors.append(("data.resolutions", f"[{h}, {w}] makes aspect buckets up to {side} px on a side; {variant.name} "
                            f"holds at most {longest} ({positions} positions x {pixels} px)"))
-    for key, frames in [("data.frames", n) for n in r.data.frames] + [("validation.frames", r.validation.frames)]:
+    for key, frames in [("data.frames", n) for n in all_frames(r)] + [("validation.frames", r.validation.frames)]:
         if (frames - 1) // 4 + 1 > positions:
             errors.append((key, f"{frames} frames are {(frames - 1) // 4 + 1} latent frames; {variant.name} holds at most {positions}"))
     for key, side in (("validation.height", r.validation.height), ("validation.width", r.validation.width)):

@@ -42,6 +42,20 @@ def plain_name(v: Any) -> str | None:
     return None
 
 
+def source_name(v: Any) -> str | None:
+    """A source's name: a word of the index, the logs and the captions file's keys (`<name>/<path>`)."""
+    if v and all(c.isalnum() or c in "-_." for c in v) and v not in (".", ".."):
+        return None
+    return f"must be letters, digits, '-', '_' or '.', got {v!r}"
+
+
+def shift_value(v: Any) -> str | None:
+    """timesteps.shift: a number > 0, or auto (from each batch's token count)."""
+    if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)):
+        return None
+    return f"must be a number > 0 or auto, got {v!r}"
+
+
 def unit_interval(v: Any) -> str | None:
     return None if 0 <= v <= 1 else f"must be in [0, 1], got {v}"
 

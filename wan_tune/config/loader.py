@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .checks import LORA_ONLY_KEYS, cross_field_errors, unused_settings
-from .schema import SECTIONS, AdapterConfig, Recipe
+from .schema import ENTRIES, SECTIONS, AdapterConfig, Recipe
 
 
 class ConfigError(ValueError):
@@ -70,6 +70,9 @@ def _check_section(name: str, cls: type, raw: Any, errors: list[tuple[str, str]]
             continue  # `adapter.rank=null`: not set (e.g. switching a LoRA recipe to method=full)
         if isinstance(value, str) and fields[key].type == "list[str]" and not OmegaConf.is_interpolation(raw, key):
             value = [value]  # `adapter.init_from=a.safetensors`: one value for a list key is a one-item list
+        entry = ENTRIES.get(f"{name}.{key}")
+        if entry is not None and isinstance(value, (list, ListConfig)):  # data.sources: each entry checked as a section
+            value = [_check_section(f"{full}[{i}]", entry, item, errors) for i, item in enumerate(value)]
         if isinstance(value, bool) and fields[key].type == "str":
             errors.append((full, f"expected a string, got the boolean {value} (YAML reads bare no/yes/off/on as booleans: quote it, e.g. \"no\")"))
             continue

@@ -7,9 +7,8 @@ checks themselves in `field_checks.py`); rules that involve several keys live in
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from ..models.variants import VARIANTS
 from .field_checks import (
@@ -24,22 +23,14 @@ from .field_checks import (
     positive,
     resolutions_16,
     seed_range,
+    shift_value,
     sigmas_in_unit_interval,
     text_tokens,
     two_betas,
     unit_interval,
 )
-
-Check = Callable[[Any], Optional[str]]
-
-
-def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, check: Check | None = None) -> Any:
-    meta = {"doc": doc, "choices": choices, "check": check}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
+from .options import opt
+from .source_schema import FRAME_EXTRACTION, SourceConfig
 
 # --- sections ---------------------------------------------------------------------------------
 
@@ -103,8 +94,12 @@ class DataConfig:
     source: Optional[str] = opt(
         None,
         "Footage: a folder of videos/images with optional sidecar `.txt` captions, a CSV/JSONL/Parquet manifest, "
-        "or a `datasets` dataset saved to disk.",
+        "or a `datasets` dataset saved to disk. One source; several (each with its own sizes, repeats or role): "
+        "`data.sources`.",
     )
+    sources: list[SourceConfig] = opt(
+        [], "Several footage sources, each a mapping of the `data.sources[]` keys below (path, name, repeats or "
+        "weight, role, sizes, captions); instead of `data.source`.")
     shards: str = opt("data/shards/${run.name}", "Folder prep writes latent shards to and training reads from.")
     captions: str = opt(
         "${data.shards}/captions.csv",
@@ -130,6 +125,10 @@ class DataConfig:
     )
     max_clips_per_video: int = opt(1, "Windows taken from one video at most.", check=positive)
     clip_stride: int = opt(0, "Frames between the starts of consecutive windows; 0 = back to back.", check=non_negative)
+    frame_extraction: str = opt(
+        "slide", "Which windows a video gives (each of the largest frame bucket it fills): slide = from the start, "
+        "every `clip_stride` frames, up to `max_clips_per_video`; head = the first window only; uniform = "
+        "`max_clips_per_video` windows spread evenly from the start to the end.", choices=FRAME_EXTRACTION)
     max_text_tokens: int = opt(512, "umT5 token limit (Wan: 512); longer captions are truncated.", check=text_tokens)
     shard_dtype: str = opt(
         "bf16", "Dtype of stored latents and embeddings: bf16 halves the disk of fp32.", choices=("bf16", "fp16", "fp32")
@@ -299,6 +298,9 @@ class TrainConfig:
         choices=("ulysses", "ring"),
     )
     caption_dropout: float = opt(0.1, "Share of steps trained on the empty prompt (keeps guidance working).", check=unit_interval)
+    preserve_weight: float = opt(
+        1.0, "Loss weight of the samples of `role: preserve` sources (whose target is the base model's own prediction: "
+        "one more forward, without the adapter, in each step that draws one).", check=non_negative)
 
 
 @dataclass
@@ -310,7 +312,11 @@ class TimestepsConfig:
         "uniform, logit_normal (mean, std), shift (sigma' = s*sigma / (1 + (s-1)*sigma)) or sigmoid (of scaled normal).",
         choices=("uniform", "logit_normal", "shift", "sigmoid"),
     )
-    shift: Optional[float] = opt(None, "Shift s for sampling=shift; empty = the variant's flow shift.", check=positive)
+    shift: Optional[Any] = opt(
+        None, "Shift s for sampling=shift; empty = the variant's flow shift; auto = per batch, from its token count N: "
+        "s = s_native * sqrt(N / N_native), the variant's flow shift at its native size scaled by SD3's "
+        "resolution-dependent rule (Esser et al. 2024, sec. 5.3.2); a still or a small bucket trains at less shift, a "
+        "large one at more. Inference keeps the variant's flow shift.", check=shift_value)
     logit_mean: float = opt(0.0, "Mean of the normal for logit_normal.")
     logit_std: float = opt(1.0, "Std of the normal for logit_normal.", check=positive)
     sigmoid_scale: float = opt(1.0, "Scale of the normal before the sigmoid, for sampling=sigmoid.", check=positive)
@@ -418,4 +424,6 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+ENTRIES: dict[str, type] = {"data.sources": SourceConfig}
+"""List keys whose entries are mappings of their own keys (checked, and documented, key by key)."""
 SECTIONS: dict[str, type] = {name: f.default_factory for name, f in Recipe.__dataclass_fields__.items()}  # type: ignore[misc]

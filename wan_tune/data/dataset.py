@@ -27,6 +27,9 @@ class ShardDataset(Dataset):
         refs = probe.index["references"].fillna(0).astype(int) if "references" in probe.index else [0] * len(probe.index)
         self.buckets = [(*b, r) for b, r in zip(probe.index[["frames", "height", "width"]].itertuples(index=False), refs)]
         self.ids, self.sources = probe.index["id"].tolist(), probe.index["source"].tolist()
+        # data.sources: which source each sample came from (index files from before the column: one, "default")
+        self.datasets = (probe.index["dataset"].fillna("default").tolist() if "dataset" in probe.index
+                         else ["default"] * len(self.ids))
         self.empty_prompt = probe.empty_prompt()
 
     def __len__(self) -> int:

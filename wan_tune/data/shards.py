@@ -46,7 +46,7 @@ PARTS_DIR = "index"
 
 # Index columns, in order; `file` is relative to the shard folder.
 COLUMNS = (
-    "id", "source", "caption", "frames", "height", "width", "start_frame", "start_s", "end_s", "text_len", "checksum",
+    "id", "source", "dataset", "caption", "frames", "height", "width", "start_frame", "start_s", "end_s", "text_len", "checksum",
     "file", "references", "vace",
 )
 _OWN_NAME = re.compile(r"rank(\d+)-(\d{5})")  # the stem of every data file and index part prep writes
@@ -171,14 +171,15 @@ class ShardWriter:
                 tmp.unlink()
 
     def add(self, row: dict, tensors: dict[str, torch.Tensor]) -> None:
-        missing = set(COLUMNS) - {"file", "text_len", "checksum", "references", "vace"} - set(row)
+        missing = set(COLUMNS) - {"file", "text_len", "checksum", "references", "vace", "dataset"} - set(row)
         if missing:
             raise ValueError(f"sample row lacks {sorted(missing)}")
         sid = row["id"]
         # clone: samples of one caption share a cached text tensor; safetensors refuses shared memory
         stored = {name: t.detach().to("cpu", self.dtype).clone() for name, t in tensors.items()}
         self._rows.append({**row, "text_len": int(tensors["text"].shape[0]), "checksum": checksum(stored),
-                           "references": reference_count(tensors), "vace": row.get("vace", "")})
+                           "references": reference_count(tensors), "vace": row.get("vace", ""),
+                           "dataset": row.get("dataset", "default")})
         for name, t in stored.items():
             self._tensors[f"{sid}/{name}"] = t
         if len(self._rows) >= self.per_file:

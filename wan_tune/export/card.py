@@ -16,11 +16,19 @@ from pathlib import Path
 import yaml
 
 from ..config import Recipe, to_yaml
+from ..config.sources import all_resolutions, data_sources
 from ..models.variants import Variant, expert_label, get_variant, pipeline_class
 from ..training.facts import data_facts
 from ..training.heldout import EMA_SCORE
 
 SAMPLES = "samples"
+def inference_shift(recipe: Recipe, variant: Variant) -> float:
+    """The flow shift renders use: timesteps.shift when a number (auto is a training schedule; inference keeps
+    the variant's)."""
+    shift = recipe.timesteps.shift
+    return float(shift) if shift not in (None, "auto") else variant.flow_shift
+
+
 LICENSE = "apache-2.0"  # Wan 2.1 and 2.2 are released under Apache 2.0
 
 
@@ -35,6 +43,7 @@ def run_facts(recipe: Recipe, checkpoint: Path, step: int) -> dict:
     for record in records:
         if record["step"] == step:
             facts.update({k: record[k] for k in ("loss", "heldout_loss", EMA_SCORE) if isinstance(record.get(k), (int, float))})
+            facts.update({k: v for k, v in record.items() if k.startswith("heldout_loss/") and isinstance(v, (int, float))})
     try:
         best = json.loads((run / BEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent or damaged: the card leaves the line out
@@ -99,6 +108,11 @@ def _training_section(recipe: Recipe, facts: dict, data: dict, samples: list[Pat
         buckets = ", ".join(f"{k} ({n})" for k, n in data["buckets"].items())
         lines.append(f"- Data: {data['clips']} clips, {data['samples']} training windows, {data['hours']:.2f} hours "
                      f"({data['hours'] * 3600:.0f} s) of footage; buckets (frames x height x width): {buckets}; shard index sha256 `{data['index_sha256']}`")
+        if data.get("sources"):
+            roles = {src.name: src.role for src in data_sources(recipe)}
+            lines.append("- Sources (samples): " + ", ".join(
+                f"{n} {k}" + (" (preserve: kept close to the base model)" if roles.get(n) == "preserve" else "")
+                for n, k in data["sources"].items()))
     else:
         lines.append(f"- Data: the shards ({recipe.data.shards}) were not on the machine that exported")
     captions = f"template `{c.template}`" if c.mode == "template" else f"{c.mode} captions"
@@ -121,6 +135,9 @@ def _training_section(recipe: Recipe, facts: dict, data: dict, samples: list[Pat
         average = f"; their moving average{' (these weights)' if ema else ''}: {facts[EMA_SCORE]:.4f}" if EMA_SCORE in facts else ""
         lines.append(f"- Held-out loss at step {facts['step']}: {facts['heldout_loss']:.4f} (raw weights){average}"
                      if average else f"- Held-out loss at step {facts['step']}: {facts['heldout_loss']:.4f}")
+    per_source = {k.split("/", 1)[1]: v for k, v in facts.items() if k.startswith("heldout_loss/")}
+    if per_source:
+        lines.append("- Held-out loss by source (raw weights): " + ", ".join(f"{n} {v:.4f}" for n, v in per_source.items()))
     if "best" in facts:
         b = facts["best"]
         which = " (moving average)" if b.get("weights") == "ema" else ""
@@ -209,9 +226,9 @@ def render_settings(recipe: Recipe, variant: Variant):
 
     v = recipe.validation
     return Render(prompt=v.prompts[0] if v.prompts else f"{recipe.caption.trigger_word} style".strip(), negative="",
-                  width=v.width or recipe.data.resolutions[0][1], height=v.height or recipe.data.resolutions[0][0],
+                  width=v.width or all_resolutions(recipe)[0][1], height=v.height or all_resolutions(recipe)[0][0],
                   frames=v.frames, steps=v.steps, cfg=v.guidance_scale, fps=variant.fps, seed=v.seed,
-                  shift=recipe.timesteps.shift or variant.flow_shift, conditioning_scale=recipe.vace.conditioning_scale)
+                  shift=inference_shift(recipe, variant), conditioning_scale=recipe.vace.conditioning_scale)
 
 
 def base_reference(recipe: Recipe, variant: Variant, final: Path) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Recipe, to_yaml
+from ..config.sources import all_frames, all_resolutions
 from ..memory.host_arena import packed_bytes
 from ..models.precision import AUTOCAST, base_dtype
 from ..models.variants import Variant, get_variant, trained_experts
@@ -127,8 +128,8 @@ class RunShape:
 def run_shape(recipe: Recipe, variant: Variant) -> RunShape:
     """Latent and token counts of the recipe's largest bucket (aspect buckets keep the pixel area of
     their `data.resolutions` entry within a few percent)."""
-    frames = max(recipe.data.frames)
-    height, width = max(recipe.data.resolutions, key=lambda hw: hw[0] * hw[1])
+    frames = max(all_frames(recipe))
+    height, width = max(all_resolutions(recipe), key=lambda hw: hw[0] * hw[1])
     s, z = variant.vae_spatial, variant.vae_z_dim
     latent = (z, (frames - 1) // 4 + 1, height // s, width // s)  # the VAE packs 4 frames per latent after the first
     _, ph, pw = variant.transformer["patch_size"]

@@ -3,6 +3,7 @@ and the verdict for a budget."""
 
 from __future__ import annotations
 
+from ..config.sources import data_sources
 from .advice import cheapest, floor, ladder, most_kept
 from .memory import GIB, MemoryPlan, Setup
 
@@ -73,8 +74,12 @@ def _cell(n: float, width: int, unit: float) -> str:
 def flops_line(plan: MemoryPlan, cp: int = 1) -> str:
     step = plan.flops(cp)
     recompute = step / (3 if plan.full else 2)  # checkpointing runs the forward once more
-    return (f"step: {_flop(step)} of matmuls per {'GPU' if plan.device == 'gpu' else 'process'} "
+    line = (f"step: {_flop(step)} of matmuls per {'GPU' if plan.device == 'gpu' else 'process'} "
             f"(+{_flop(recompute)} recomputed with gradient checkpointing)")
+    if any(src.role == "preserve" for src in data_sources(plan.recipe)):
+        # the base model's prediction, without the adapter and without a graph: one more forward
+        line += f"; +{_flop(recompute)} on steps that draw a role: preserve sample (the base model's prediction)"
+    return line
 
 
 def _flop(n: float) -> str:

@@ -60,12 +60,25 @@ def make_trainee(variant: Variant, name: str, boundary: float | None, model, opt
                    sigma_range=variant.sigma_range(name, boundary))
 
 
-def sigma_sampler(recipe, shift: float):
-    """`draw(n, generator, lo, hi)` for the recipe's timestep settings."""
+def batch_shift(recipe, variant: Variant, tokens: int | None = None) -> float:
+    """The flow shift a batch of `tokens` tokens per clip is drawn at: timesteps.shift, the
+    variant's flow shift when empty, or (auto) scaled by the batch's tokens against the native size's."""
+    shift = recipe.timesteps.shift
+    if shift is None or (shift == "auto" and tokens is None):
+        return variant.flow_shift
+    if shift == "auto":
+        return fm.auto_shift(variant.flow_shift, variant.tokens(variant.frames, *variant.resolution), tokens)
+    return float(shift)
+
+
+def sigma_sampler(recipe, variant: Variant):
+    """`draw(n, generator, lo, hi, tokens)` for the recipe's timestep settings (`tokens`: of one
+    clip of the batch, for timesteps.shift=auto; None: the variant's own shift)."""
     t = recipe.timesteps
 
-    def draw(n: int, generator: torch.Generator, lo: float, hi: float) -> torch.Tensor:
-        return fm.sample_sigmas(n, t.sampling, generator, shift=shift, logit_mean=t.logit_mean, logit_std=t.logit_std,
-                                sigmoid_scale=t.sigmoid_scale, sigma_min=lo, sigma_max=hi)
+    def draw(n: int, generator: torch.Generator, lo: float, hi: float, tokens: int | None = None) -> torch.Tensor:
+        return fm.sample_sigmas(n, t.sampling, generator, shift=batch_shift(recipe, variant, tokens),
+                                logit_mean=t.logit_mean, logit_std=t.logit_std, sigmoid_scale=t.sigmoid_scale,
+                                sigma_min=lo, sigma_max=hi)
 
     return draw

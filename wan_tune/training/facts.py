@@ -45,8 +45,12 @@ def data_facts(shards: str | Path) -> dict:
         return {}
     buckets = Counter(f"{r.frames}x{r.height}x{r.width}" for r in index.itertuples())
     seconds = float((index["end_s"] - index["start_s"]).clip(lower=0).sum())
-    return {"clips": int(index["source"].nunique()), "samples": len(index), "buckets": dict(sorted(buckets.items())),
-            "hours": seconds / 3600, "index_sha256": digest, "prep": settings}
+    facts = {"clips": int(index["source"].nunique()), "samples": len(index), "buckets": dict(sorted(buckets.items())),
+             "hours": seconds / 3600, "index_sha256": digest, "prep": settings}
+    if "dataset" in index and index["dataset"].nunique() > 1:  # data.sources: samples of each
+        facts["sources"] = {str(k): int(v) for k, v in sorted(index["dataset"].value_counts().items())}
+        facts["clips"] = int(index[["dataset", "source"]].drop_duplicates().shape[0])
+    return facts
 
 
 def recorded_facts(recipe: Recipe, checkpoint: Path | None = None) -> dict:

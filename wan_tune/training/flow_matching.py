@@ -19,6 +19,15 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def auto_shift(native_shift: float, native_tokens: int, tokens: int) -> float:
+    """`timesteps.shift: auto`: SD3's resolution-dependent shift (Esser et al. 2024, "Scaling Rectified
+    Flow Transformers", sec. 5.3.2: a sequence m times as long keeps the same signal-to-noise at
+    sqrt(m) times the shift), anchored at the model's own flow shift at its native size.
+    (SimpleTuner's `flow_schedule_auto_shift` maps tokens to log-shift linearly, fitted to Flux's
+    256..4096 image tokens; at Wan's 32,760 tokens of 480p x 81 frames it would give a shift of ~400.)"""
+    return native_shift * math.sqrt(tokens / native_tokens)
+
+
 def sample_sigmas(
     n: int,
     scheme: str,

@@ -112,13 +112,28 @@ class HeldOut:
         rows = gathered.cpu().reshape(world, per_rank, len(scored)).transpose(0, 1).reshape(world * per_rank, len(scored))[:n]
         result = {f"heldout_loss@{s:g}": float(rows[:, col].mean()) for col, (_, s) in enumerate(scored)}
         result["heldout_loss"] = float(rows.mean()) if scored else float("nan")
+        names = [self.dataset.datasets[i] for i in self.indices]
+        if len(set(names)) > 1 and scored:  # data.sources: each source's own score beside the whole
+            for name in sorted(set(names)):
+                result[f"heldout_loss/{name}"] = float(rows[[k for k, d in enumerate(names) if d == name]].mean())
         return result
 
 
-def make_heldout(dataset, share: float, sigmas: list[float], seed: int, max_text_tokens: int,
+def holdout_indices(dataset, shares: dict[str, float], default: float, seed: int) -> list[int]:
+    """Each source's held-out share (`shares` by source name; `default` for a name not there) of its
+    own samples. A `data.sources` clip is known by `<source>/<path>`, so the same file in two
+    sources is two clips; the one source of `data.source` keeps its paths (and its held-out clips)."""
+    chosen: list[int] = []
+    for name in sorted(set(dataset.datasets)):
+        mine = [i for i, d in enumerate(dataset.datasets) if d == name]
+        clips = [dataset.sources[i] if name == "default" else f"{name}/{dataset.sources[i]}" for i in mine]
+        chosen += [mine[j] for j in choose_holdout(clips, shares.get(name, default), seed)]
+    return sorted(chosen)
+
+
+def make_heldout(dataset, shares: dict[str, float], default: float, sigmas: list[float], seed: int, max_text_tokens: int,
                  mask_conditioned: bool = False) -> HeldOut | None:
-    sources = dataset.sources
-    indices = choose_holdout(sources, share, seed)
+    indices = holdout_indices(dataset, shares, default, seed)
     if not indices:
         return None
     return HeldOut(dataset, indices, [dataset.ids[i] for i in indices], list(sigmas), seed, max_text_tokens,

@@ -78,12 +78,12 @@ def train(recipe: Recipe, resume: str | None = None, progress: bool = True, say=
             say(f"nothing to train: {checkpoint} is at step {step} and train.steps is {recipe.train.steps}; "
                 "raise train.steps to train on from it")
         bar = progress_bar(total=recipe.train.steps, initial=step, desc="train", unit="step", disable=not (progress and run.main))
-        log = RunLog(run, data.heldout, step)
+        log = RunLog(run, data.heldout, step, data.draw_counter(consumed))
         log.score_start(step)
         try:
             while step < recipe.train.steps:
                 weights_for(run, training=True)
-                record = train_step(run, step, batches, empty_prompt)
+                record = train_step(run, step, batches, empty_prompt, data.preserve)
                 step, consumed = step + 1, consumed + recipe.train.grad_accum
                 log.step(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", s_step=f"{record['step_time']:.2f}", refresh=False)

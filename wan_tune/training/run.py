@@ -140,6 +140,6 @@ def build_run(recipe: Recipe, accelerator, run_dir: Path, variant: Variant, expe
     if variant.two_experts:
         say(f"experts: {', '.join(f'{tr.label} (sigma {bounds[tr.name][0]:g}-{bounds[tr.name][1]:g})' for tr in trainees)}; "
             f"boundary {boundary}")
-    draw = sigma_sampler(recipe, t.shift if t.shift is not None else variant.flow_shift)
+    draw = sigma_sampler(recipe, variant)
     return Run(recipe, accelerator, run_dir, variant, trainees, boundary, bounds, draw, compute_dtype, sharded,
                n_trainable, say, lay, swap)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..config import Recipe
+from ..config.sources import by_name
 from ..data.dataset import ShardDataset, collate, pad_text
-from ..data.sampler import BucketBatchSampler
+from ..data.sampler import BucketBatchSampler, DrawCounter, draw_counts
 from ..models.variants import Variant
 from .errors import TrainingError
 from .heldout import HeldOut, make_heldout
@@ -25,6 +27,12 @@ class RunData:
     heldout: HeldOut | None
     sampler: BucketBatchSampler
 
+    @cached_property
+    def preserve(self) -> frozenset:
+        """Indices of the samples of `role: preserve` sources (their target: the base model's prediction)."""
+        roles = {n: s.role for n, s in by_name(self.recipe).items()}
+        return frozenset(i for i, name in enumerate(self.dataset.datasets) if roles.get(name) == "preserve")
+
     @property
     def kept_out(self) -> frozenset:
         return self.sampler.held_out
@@ -34,10 +42,16 @@ class RunData:
         return len(self.dataset) - len(self.kept_out)
 
     def announce(self, say) -> None:
+        if self.sampler.draws:
+            say("samples drawn per epoch by source: " + ", ".join(f"{n} {k}" for n, k in sorted(self.sampler.draws.items())))
         if self.heldout is not None:
             clips = len({self.dataset.sources[i] for i in self.kept_out})
             say(f"held out {len(self.kept_out)} of {len(self.dataset)} samples ({clips} clip(s)) for the held-out loss "
                 "(data.holdout)")
+
+    def draw_counter(self, consumed: int) -> DrawCounter | None:
+        """Counts the samples drawn per source (`drawn/<name>` in the step records); None with one source."""
+        return DrawCounter(self.sampler, consumed) if self.sampler.groups is not None else None
 
     def batches(self, consumed: int, pin: bool = False):
         """This rank's batches from `consumed` on, endless (epochs follow one another); `pin` (a GPU
@@ -67,10 +81,17 @@ def open_data(recipe: Recipe, variant: Variant, rank: int, world: int) -> RunDat
     if z_dim != variant.vae_z_dim:
         raise TrainingError(f"{recipe.data.shards} holds {z_dim}-channel latents (prepped with {meta['variant']}'s VAE); "
                             f"{variant.name} takes {variant.vae_z_dim}: prep the footage again for it, into another data.shards")
-    heldout = make_heldout(dataset, recipe.data.holdout, recipe.eval.sigmas, recipe.eval.seed, recipe.data.max_text_tokens,
-                           recipe.train.loss_mask_conditioned_frames)
+    sources = by_name(recipe)
+    heldout = make_heldout(dataset, {n: s.holdout for n, s in sources.items()}, recipe.data.holdout, recipe.eval.sigmas,
+                           recipe.eval.seed, recipe.data.max_text_tokens, recipe.train.loss_mask_conditioned_frames)
     kept_out = frozenset(heldout.indices if heldout else ())
-    sampler = BucketBatchSampler(dataset.buckets, recipe.train.batch_size, recipe.run.seed, rank, world, held_out=kept_out)
+    groups, draws = None, None
+    if len(set(dataset.datasets)) > 1 or recipe.data.sources:  # data.sources: each drawn by its repeats or weight
+        groups = dataset.datasets
+        weights = {n: s.weight for n, s in sources.items() if s.weight is not None} or None
+        draws = draw_counts(groups, kept_out, {n: s.repeats for n, s in sources.items()}, weights)
+    sampler = BucketBatchSampler(dataset.buckets, recipe.train.batch_size, recipe.run.seed, rank, world, held_out=kept_out,
+                                 groups=groups, draws=draws)
     if len(sampler) == 0:
         sizes = Counter(b for i, b in enumerate(dataset.buckets) if i not in kept_out)
         raise TrainingError(

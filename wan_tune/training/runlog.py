@@ -14,8 +14,9 @@ from .metrics import METRICS_FILE, open_metrics
 
 
 class RunLog:
-    def __init__(self, run, heldout: HeldOut | None, start_step: int):
+    def __init__(self, run, heldout: HeldOut | None, start_step: int, drawn=None):
         self.run, self.heldout = run, heldout
+        self.drawn = drawn  # data.sources: a DrawCounter of the samples drawn from each source
         self.tracking = run.recipe.tracking.backend != "none"
         self.losses: list[float] = []
         path = run.run_dir / METRICS_FILE
@@ -25,6 +26,8 @@ class RunLog:
         self.board = Scoreboard(run.run_dir, path, run.say, key) if heldout is not None and run.main else None
 
     def step(self, record: dict) -> None:
+        if self.drawn is not None:  # samples drawn from each source so far, over every rank
+            record.update({f"drawn/{n}": k for n, k in self.drawn.advance(self.run.recipe.train.grad_accum).items()})
         self.losses.append(record["loss"])
         if self.metrics:
             self.metrics.write(json.dumps(record) + "\n")

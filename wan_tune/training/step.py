@@ -21,7 +21,7 @@ from ..models.vace import training_batch
 from . import flow_matching as fm
 from .checkpoint import list_checkpoints
 from .errors import TrainingError
-from .experts import route
+from .experts import batch_shift, route
 
 
 def micro_generator(seed: int, step: int, micro: int, accum: int, rank: int, world: int) -> torch.Generator:
@@ -38,9 +38,10 @@ def expert_of(run, step: int):
                  lambda g: run.draw(1, g, t.sigma_min, t.sigma_max))
 
 
-def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
+def train_step(run, step: int, batches, empty_prompt: torch.Tensor, preserve: frozenset = frozenset()) -> dict:
     """Train step `step` (0-based) on `recipe.train.grad_accum` micro-batches from `batches`;
-    returns its record for metrics.jsonl (step = step + 1, the mean loss over ranks, lr, speed)."""
+    returns its record for metrics.jsonl (step = step + 1, the mean loss over ranks, lr, speed).
+    `preserve`: indices of the samples whose target is the base model's prediction (`role: preserve`)."""
     recipe, accelerator, variant = run.recipe, run.accelerator, run.variant
     # Positions count data-parallel ranks: the ranks of a context-parallel group draw alike.
     rank, world, accum, t = run.layout.data_rank, run.layout.data_world, recipe.train.grad_accum, recipe.timesteps
@@ -66,14 +67,17 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         if drop.any():  # caption dropout: the empty prompt, padded as the pipeline pads it
             # torch.where, not a boolean-mask assignment: that one waits for the GPU (audit B13).
             batch["text"] = torch.where(drop.view(-1, 1, 1).to(accelerator.device), empty_prompt, batch["text"])
-        sigmas = run.draw(n, gen, *run.bounds[trainee.name])
+        clip_tokens = tokens_per_sample(variant, x0.shape)
+        sigmas = run.draw(n, gen, *run.bounds[trainee.name], tokens=clip_tokens)
         noise = torch.randn(x0.shape, generator=gen)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 pred, target = fm.predict(model, variant, batch, sigmas.to(accelerator.device),
                                           noise.to(accelerator.device), run.compute_dtype,
                                           recipe.train.loss_mask_conditioned_frames)
-                loss = fm.flow_matching_loss(pred, target, fm.loss_weights(sigmas, t.loss_weighting).to(pred.device))
+                target, weights = preserved(run, model, batch, sigmas, noise, target,
+                                            fm.loss_weights(sigmas, t.loss_weighting), preserve)
+                loss = fm.flow_matching_loss(pred, target, weights.to(pred.device))
             # The backward outside autocast, as torch's AMP guide has it: the checkpoints' recomputes
             # restore the forward's autocast themselves, and no cast cached by the forward's autocast
             # (a LoRA weight's bf16 copy) outlives it into a recompute (audit B8).
@@ -86,16 +90,12 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
             optimizer.zero_grad(set_to_none=True)
         step_loss += loss.detach().float() / accum
         samples += n
-        tokens += n * tokens_per_sample(variant, x0.shape)
+        tokens += n * clip_tokens
     if trainee.ema is not None:  # once per optimizer step, after it (the accumulation's last micro-batch)
         trainee.ema.step(trainee.params)
     if run.swap is not None:  # the next step's expert (the routing draw depends on the step alone) swaps in now
         run.swap.prefetch(accelerator.unwrap_model(expert_of(run, step + 1).model))
-    # lr schedules follow the run's steps, whichever expert trained; once each (shared experts share one)
-    for scheduler in {id(tr.scheduler): tr.scheduler for tr in run.trainees}.values():
-        with warnings.catch_warnings():  # torch warns when an idle expert's schedule moves on
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            scheduler.step()
+    _step_schedules(run)
     mean_loss = accelerator.reduce(step_loss.to(accelerator.device), reduction="mean").item()
     if not math.isfinite(mean_loss):
         kept = list_checkpoints(run.run_dir)
@@ -105,7 +105,9 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         )
     seconds = time.perf_counter() - t0
     record = {"step": step + 1, "loss": mean_loss, **_rates(trainee), "step_time": seconds,
-              "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds}
+              "samples_per_s": samples * world / seconds, "tokens_per_s": tokens * world / seconds,
+              # shift=auto: the last micro-batch's, which its bucket's tokens chose
+              **({"shift": batch_shift(recipe, variant, clip_tokens)} if t.shift == "auto" else {})}
     if variant.two_experts:  # which expert trained, and its loss under its own name (W&B plots each)
         record.update(expert=trainee.label, **{f"loss/{trainee.label}": mean_loss})
     if grad_norm is not None:  # DeepSpeed clips inside its engine and reports none here
@@ -114,6 +116,34 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor) -> dict:
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
         record["peak_reserved_gb"] = torch.cuda.max_memory_reserved(accelerator.device) / 2**30
     return record
+
+
+def _step_schedules(run) -> None:
+    """lr schedules follow the run's steps, whichever expert trained; once each (shared experts share one)."""
+    for scheduler in {id(tr.scheduler): tr.scheduler for tr in run.trainees}.values():
+        with warnings.catch_warnings():  # torch warns when an idle expert's schedule moves on
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            scheduler.step()
+
+
+def preserved(run, model, batch: dict, sigmas, noise, target, weights, preserve: frozenset):
+    """(target, weights) with the `role: preserve` samples' (indices in `preserve`) target replaced by
+    the base model's own prediction at the same noise, sigma and conditioning (the adapter turned off,
+    no graph), and their weight scaled by train.preserve_weight: the adapter learns to leave those clips
+    as the base did. A batch without one costs nothing more."""
+    from .validation import adapters_off
+
+    kept = torch.tensor([int(i) in preserve for i in batch["index"]]) if preserve else None
+    if kept is None or not kept.any():
+        return target, weights
+
+    device = run.accelerator.device
+    with torch.no_grad(), adapters_off([model]):
+        base, _ = fm.predict(model, run.variant, batch, sigmas.to(device), noise.to(device), run.compute_dtype,
+                             run.recipe.train.loss_mask_conditioned_frames)
+    where = kept.view(-1, *([1] * (target.dim() - 1))).to(device)
+    scale = torch.where(kept, run.recipe.train.preserve_weight, 1.0)
+    return torch.where(where, base.to(target.dtype), target), weights * scale
 
 
 def _rates(trainee) -> dict[str, float]:

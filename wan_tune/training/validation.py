@@ -17,6 +17,7 @@ import torch
 
 from ..config import Recipe
 from ..config.checks import missing_inputs
+from ..config.sources import DEFAULT_NAME, all_resolutions, footage_file
 from ..media.vace_media import pipeline_inputs, sheet_rows, validation_media
 from ..media.video_io import frame_row, to_uint8, write_video
 from ..memory.block_offload import BlockOffload
@@ -110,8 +111,8 @@ class Validator:
                          if recipe.train.offload == "blocks"]
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(device)
-        self.height = v.height or recipe.data.resolutions[0][0]
-        self.width = v.width or recipe.data.resolutions[0][1]
+        self.height = v.height or all_resolutions(recipe)[0][0]
+        self.width = v.width or all_resolutions(recipe)[0][1]
         cfg = max(v.guidance_scale, v.guidance_scale_2 or 0) > 1.0  # A14B: either expert may guide
         with torch.no_grad():
             self.embeds = [
@@ -252,23 +253,22 @@ def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int, las
     from ..media.footage import IMAGE_EXTS, Window, probe, read_frames
 
     reader = ShardReader(shards)
-    base = Path(recipe.data.source or ".").expanduser()
-    base = base.parent if base.is_file() else base  # a manifest: its paths are relative to its folder
     preferred = set(prefer)
     order = list(prefer) + [i for i in range(len(reader)) if i not in preferred]
     frames, seen = [], set()
     for i in order:
         row = reader.row(i)
-        if row["source"] in seen:
+        clip = (row.get("dataset") or DEFAULT_NAME, row["source"])
+        if clip in seen:
             continue
-        seen.add(row["source"])
-        path = Path(row["source"]) if Path(row["source"]).is_absolute() else base / row["source"]
+        seen.add(clip)
+        path, fps = footage_file(recipe, *clip)
         if not path.is_file():
             raise ValueError(f"I2V validation takes the first frames of clips when validation.images is empty, but "
-                             f"{path} is not here (data.source={recipe.data.source}): give validation.images")
+                             f"{path} is not here (source {clip[0]}): give validation.images")
         still = path.suffix.lower() in IMAGE_EXTS
         info = None if still else probe(str(path), False)
-        times = [float(row["start_s"])] + ([float(row["start_s"]) + (int(row["frames"]) - 1) / recipe.data.fps] if last else [])
+        times = [float(row["start_s"])] + ([float(row["start_s"]) + (int(row["frames"]) - 1) / fps] if last else [])
         indices = tuple(0 if still else info.frame_at(t) for t in times)  # as prep's windows pick them
         pictures = [Image.fromarray(a) for a in read_frames(str(path), Window(0, indices, 0.0, 0.0), still)]
         if last and still:  # a still image is its own first and last frame
