@@ -28,8 +28,15 @@ class CaptionFileError(ValueError):
 
 
 def read_captions(path: str | Path) -> dict[str, str]:
-    """{key: caption} of the review file. A spreadsheet's "CSV UTF-8" (with its byte-order mark)
-    reads; a legacy encoding or a renamed header is refused with the file named, never guessed."""
+    """{key: its first caption} of the review file."""
+    return {key: captions[0] if captions else "" for key, captions in read_caption_lists(path).items()}
+
+
+def read_caption_lists(path: str | Path) -> dict[str, list[str]]:
+    """{key: its captions} of the review file: one row a caption, so a clip with three captions has
+    three rows with its key (empty ones are left out). A spreadsheet's "CSV UTF-8" (with its
+    byte-order mark) reads; a legacy encoding or a renamed header is refused with the file named,
+    never guessed."""
     path = Path(path)
     if not path.is_file():
         return {}
@@ -48,7 +55,13 @@ def read_captions(path: str | Path) -> dict[str, str]:
         if missing:
             raise CaptionFileError(f"{path}: no {' or '.join(missing)} column (its header is {', '.join(reader.fieldnames or [])}; "
                                    f"expected {', '.join(COLUMNS)}): restore the header, or delete the file to caption again")
-        return {row["key"]: (row.get("caption") or "").strip() for row in reader}
+        out: dict[str, list[str]] = {}
+        for row in reader:
+            text = (row.get("caption") or "").strip()
+            out.setdefault(row["key"], [])
+            if text and text not in out[row["key"]]:
+                out[row["key"]].append(text)
+        return out
     except csv.Error as err:
         raise CaptionFileError(f"{path} does not read as CSV ({err}: the file is cut off, or a quote is not closed): "
                                "mend it in a spreadsheet or text editor, or delete it to caption again") from None
@@ -89,28 +102,34 @@ def make_captions(items: list[SourceItem], cfg: CaptionConfig, path: str | Path,
     """Write the caption review file for `items`, keeping every caption already in it (unless
     caption.overwrite) and adding rows for new items; returns how many captions came from where.
     `per_source`: {item prefix: its source's caption settings} where `data.sources` gives its own."""
-    existing = read_captions(path)
+    existing = read_caption_lists(path)
     items = [item for item in items if item.supported and not item.problem]  # prep's report names the others
-    rows, todo = [], []
+    rows, todo, todo_items = [], [], []
     for item in items:
         own = (per_source or {}).get(item.prefix, cfg)
-        kept = existing.get(item.key)
+        # A recipe moved from data.source to data.sources: its reviewed captions, under the clip's key
+        # without the source's name, carry over to the new key.
+        kept = existing.get(item.key) or (existing.get(item.key[len(item.prefix):]) if item.prefix else None)
         if kept and not own.overwrite:
-            rows.append({"key": item.key, "caption": kept, "origin": "kept"})
+            rows += [{"key": item.key, "caption": text, "origin": "kept"} for text in kept]
         elif own.mode == "template":
             rows.append({"key": item.key, "caption": fill_template(own, item), "origin": "template"})
         elif own.mode == "vlm":
             rows.append({"key": item.key, "caption": "", "origin": "vlm"})
             todo.append(len(rows) - 1)
+            todo_items.append(item)
+        elif item.captions:  # a sidecar of several lines: a row for each
+            rows += [{"key": item.key, "caption": text, "origin": "sidecar"} for text in item.captions]
         else:
-            rows.append({"key": item.key, "caption": item.caption or "", "origin": "sidecar" if item.caption else "missing"})
+            rows.append({"key": item.key, "caption": "", "origin": "missing"})
     if todo:
-        triggers = [((per_source or {}).get(items[i].prefix, cfg)).trigger_word for i in todo]
-        _vlm_fill(rows, [items[i] for i in todo], todo, cfg, progress, triggers)
+        triggers = [(per_source or {}).get(item.prefix, cfg).trigger_word for item in todo_items]
+        _vlm_fill(rows, todo_items, todo, cfg, progress, triggers)
     # Reviewed captions of clips no longer in the source stay in the file (a studio's work is
     # never dropped); prep only encodes the items it finds.
     current = {item.key for item in items}
-    rows += [{"key": k, "caption": c, "origin": "not in source"} for k, c in existing.items() if k not in current]
+    rows += [{"key": k, "caption": c, "origin": "not in source"} for k, texts in existing.items() if k not in current
+             for c in texts or [""]]
     write_captions(path, rows)
     counts: dict[str, int] = {}
     for row in rows:

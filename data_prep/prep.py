@@ -35,7 +35,7 @@ from wan_tune.models.precision import DTYPES
 from wan_tune.parallel.process_group import process_state
 
 from .buckets import aspect_buckets, fit_problem, nearest_bucket, resize_crop
-from .captions import caption_recipe, read_captions
+from .captions import caption_recipe, read_caption_lists
 from .encode import Encoders, settings_hash
 from .sources import SourceItem, discover_all
 from .video import plan_windows
@@ -56,6 +56,12 @@ class Sample:
     bucket: tuple[int, int, int]  # (frames, height, width)
     caption: str
     source: Source
+    alternates: tuple[str, ...] = ()
+    """The clip's further captions: each stored as `text.<n>`, one drawn per step in training."""
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        return (self.caption, *self.alternates)
 
 
 class Stopped(KeyboardInterrupt):
@@ -145,14 +151,14 @@ def source_identity(src: Source, settings: dict, encoders_identity: dict) -> str
                          | encoders_identity)
 
 
-def _plan_item(item: SourceItem, caption: str, src: Source, identity: str, vace: bool = False) -> list[Sample]:
+def _plan_item(item: SourceItem, captions: list[str], src: Source, identity: str, vace: bool = False) -> list[Sample]:
     if item.problem:  # a manifest row that names no usable file or window
         raise SkipClip(item.problem)
     # The file's own defects first: a user should not caption a file that can never be used.
     if not item.supported:
         raise SkipClip(unsupported_reason(item.path))
     info = probe(item.path, item.is_image)
-    if not caption:
+    if not captions:
         why = item.caption_problem or "no sidecar .txt or manifest caption"
         raise SkipClip(f"missing caption: {why}; add one in the captions file, or use caption.mode=template/vlm")
     windows = plan_windows(info, src.fps, list(src.frames), src.clip_stride, src.max_clips_per_video, item.start_s,
@@ -169,22 +175,25 @@ def _plan_item(item: SourceItem, caption: str, src: Source, identity: str, vace:
             problems.append(problem)
             continue
         for win in windows:
-            key = {"content": digest, "key": item.key, "start": win.start_frame, "frames": win.frames, "bucket": bucket_hw, "caption": caption, "settings": identity}
+            # One caption keeps the id it always had; several are all in it (edit one, and the clip is encoded again).
+            caption = captions[0] if len(captions) == 1 else list(captions)
+            key = {"content": digest, "key": item.key, "start": win.start_frame, "frames": win.frames,
+                   "bucket": bucket_hw, "caption": caption, "settings": identity}
             sid = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-            samples.append(Sample(sid, item, win, (win.frames, *bucket_hw), caption, src))
+            samples.append(Sample(sid, item, win, (win.frames, *bucket_hw), captions[0], src, tuple(captions[1:])))
     if not samples:
         raise SkipClip(problems[0])
     return samples
 
 
-def plan(items: list[tuple[Source, SourceItem]], captions: dict[str, str], recipe: Recipe, identities: dict[str, str],
+def plan(items: list[tuple[Source, SourceItem]], captions: dict[str, list[str]], recipe: Recipe, identities: dict[str, str],
          progress: bool):
     """The samples of `items` ((source, item) pairs), and a report line for each item that gives none."""
     samples, skips = [], []
     vace = get_variant(recipe.model.variant).vace
     for src, item in progress_bar(items, desc="probe", unit="file", disable=not progress):
         try:
-            samples += _plan_item(item, captions.get(item.key) or "", src, identities[src.name], vace)
+            samples += _plan_item(item, captions.get(item.key) or [], src, identities[src.name], vace)
         except SkipClip as err:
             skips.append(skip_line(src, item, err))
     return samples, skips
@@ -244,7 +253,7 @@ def run_prep(recipe: Recipe, strict: bool = False, progress: bool = True, say=pr
         # rows already in the file, reviewed or not, are kept as they are.
         caption_recipe(recipe, progress, found)
     state.wait_for_everyone()
-    captions = read_captions(captions_path)
+    captions = read_caption_lists(captions_path)
     t = timer.add("caption", t)
 
     encoders = _load_encoders(recipe, variant, i2v, state.device, say)
@@ -326,10 +335,12 @@ def _encode_one(sample: Sample, encoders: Encoders, writer, i2v: bool, skips: li
         return timer.add("decode+resize", t)
     video = resize_crop(frames, sample.bucket[1:])
     t = timer.add("decode+resize", t)
-    if sample.caption not in text_cache:
-        text_cache[sample.caption] = encoders.text([sample.caption])[0]
+    for text in sample.captions:  # each caption encoded once on this rank, whichever clips share it
+        if text not in text_cache:
+            text_cache[text] = encoders.text([text])[0]
     t = timer.add("text encode", t)
-    tensors = {"latents": encoders.latents(video), "text": text_cache[sample.caption]}
+    tensors = {"latents": encoders.latents(video), "text": text_cache[sample.caption],
+               **{f"text.{n}": text_cache[text] for n, text in enumerate(sample.alternates, start=1)}}
     if i2v:
         first, last = _still(video, 0), (_still(video, -1) if encoders.source.variant.last_frame else None)
         tensors.update(encoders.image_condition(first, sample.bucket[0], last))

@@ -43,9 +43,16 @@ class SourceItem:
     """Why the source gave no caption (an empty or undecodable sidecar, no caption column)."""
     vace: VaceInputs = VaceInputs()
     """VACE reference images, control video and mask given for this clip (sidecars or columns)."""
+    alternates: tuple[str, ...] = ()
+    """Further captions of the same clip (a sidecar's further lines, a manifest cell's further list items):
+    each is encoded once and training draws one of them (with `caption`) per step."""
     prefix: str = ""
     """`<source name>/` for an item of a `data.sources` entry (the captions file and sample ids key it so); ""
     for `data.source`."""
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        return (self.caption, *self.alternates) if self.caption else ()
 
     @property
     def supported(self) -> bool:
@@ -64,27 +71,28 @@ class SourceItem:
         return f"{self.prefix}{self.name}#{self.start_s or 0:g}-{'' if self.end_s is None else f'{self.end_s:g}'}"
 
 
-def _sidecar(path: Path) -> tuple[str | None, str | None]:
-    """(caption, why there is none) from the .txt beside `path`.
+def _sidecar(path: Path) -> tuple[tuple[str, ...], str | None]:
+    """(captions, why there are none) from the .txt beside `path`: one caption a line (blank lines
+    are left out), so a sidecar of three lines gives the clip three captions.
 
     A sidecar that is not UTF-8 is refused rather than decoded with replacement characters:
     a caption with mojibake trains on the mojibake."""
     txt = path.with_suffix(".txt")
     if not txt.is_file():
-        return None, None
+        return (), None
     size = txt.stat().st_size
     if size > MAX_CAPTION_BYTES:
-        return None, (f"caption file {txt.name} is {size / 2**20:.1f} MB; a caption is at most 512 tokens (a few KB): "
+        return (), (f"caption file {txt.name} is {size / 2**20:.1f} MB; a caption is at most 512 tokens (a few KB): "
                       "is it the right file?")
     raw = txt.read_bytes()
     try:
         text = raw.decode("utf-8-sig").strip()  # -sig: Notepad's byte-order mark is not caption text
     except UnicodeDecodeError as err:
-        return None, (f"caption file {txt.name} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+        return (), (f"caption file {txt.name} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
                       "save it as UTF-8")
     if not text:
-        return None, f"caption file {txt.name} is empty; write the caption in it or in the captions file"
-    return text, None
+        return (), f"caption file {txt.name} is empty; write the caption in it or in the captions file"
+    return tuple(line.strip() for line in text.splitlines() if line.strip()), None
 
 
 def _name(path: Path, base: Path) -> str:
@@ -123,8 +131,9 @@ def from_folder(folder: Path) -> list[SourceItem]:
             continue
         # Every other file is an item: prep encodes it or its report says why not (a .pdf or
         # a .psd left out in silence looks like a bug to the person who put it there).
-        caption, problem = _sidecar(path)
-        items.append(SourceItem(str(path), name, caption, caption_problem=problem, vace=vace.get(path, VaceInputs())))
+        captions, problem = _sidecar(path)
+        items.append(SourceItem(str(path), name, captions[0] if captions else None, caption_problem=problem,
+                                vace=vace.get(path, VaceInputs()), alternates=captions[1:]))
     return items
 
 
@@ -162,6 +171,15 @@ def _window_problem(start: float | None, end: float | None) -> str | None:
     return None
 
 
+def _cell_captions(value) -> tuple[str, ...]:
+    """The captions of a manifest cell: a string is one caption; a list (JSONL, Parquet) several."""
+    if isinstance(value, str):
+        return (value.strip(),) if value.strip() else ()
+    if value is not None and hasattr(value, "__iter__") and not isinstance(value, (bytes, dict)):
+        return tuple(v.strip() for v in value if isinstance(v, str) and v.strip())
+    return ()
+
+
 def _from_records(records: list[dict], columns, where: str, base: Path) -> list[SourceItem]:
     """One item per row; a row that cannot be used still becomes an item, with its `problem`,
     so the report names it (with its row number) and every other row goes on."""
@@ -177,15 +195,15 @@ def _from_records(records: list[dict], columns, where: str, base: Path) -> list[
         path = Path(raw.strip()).expanduser()
         if not path.is_absolute():
             path = base / path  # relative paths are relative to the manifest
-        caption = rec.get(cap_col) if cap_col else None
-        caption = caption.strip() if isinstance(caption, str) and caption.strip() else None
+        captions = _cell_captions(rec.get(cap_col)) if cap_col else ()
+        caption = captions[0] if captions else None
         try:
             start, end = _number(rec.get("start"), "start"), _number(rec.get("end"), "end")
             problem = _window_problem(start, end)
         except _BadValue as err:
             start, end, problem = None, None, str(err)
         item = SourceItem(str(path), _name(path, base), caption, start, end, row=row, problem=problem,
-                          caption_problem=no_caption, vace=from_record(rec, base))
+                          caption_problem=no_caption, vace=from_record(rec, base), alternates=captions[1:])
         if problem is None and item.key in first_row:
             item = replace(item, problem=f"duplicate of row {first_row[item.key]} (same file and time range)")
         elif problem is None:

@@ -41,13 +41,16 @@ def studio_footage(root: Path) -> dict[str, Path]:
     return {"brand": brand, "stills": stills, "prior": prior}
 
 
+def sources_override(folders: dict[str, Path], prior_fps: int = 16, prior_role: str = "train") -> str:
+    return (f"data.sources=[{{path: '{folders['brand']}', repeats: 2, holdout: 0.25}}, "
+            f"{{path: '{folders['stills']}', name: product, resolutions: [[64, 64]], holdout: 0.2}}, "
+            f"{{path: '{folders['prior']}', frame_extraction: uniform, max_clips_per_video: 3, fps: {prior_fps}, "
+            f"role: {prior_role}, mode: template, trigger_word: generic, template: '{{trigger}} footage'}}]")
+
+
 def sources_recipe(tiny_folders, folders: dict[str, Path], shards: Path, *extra: str, prior_fps: int = 16):
-    sources = (f"data.sources=[{{path: '{folders['brand']}', repeats: 2, holdout: 0.25}}, "
-               f"{{path: '{folders['stills']}', name: product, resolutions: [[64, 64]], holdout: 0.2}}, "
-               f"{{path: '{folders['prior']}', frame_extraction: uniform, max_clips_per_video: 3, fps: {prior_fps}, "
-               "mode: template, trigger_word: generic, template: '{trigger} footage'}]")
     return load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
-        "data.source=null", sources, f"model.path={tiny_folders['tiny']}", f"data.shards={shards}",
+        "data.source=null", sources_override(folders, prior_fps), f"model.path={tiny_folders['tiny']}", f"data.shards={shards}",
         "data.shard_dtype=fp32", "data.frames=[9]", "data.samples_per_shard=4", "data.holdout=0", "validation.every=0",
         *extra])
 
@@ -271,3 +274,104 @@ def test_the_demo_trains_clips_and_stills_as_two_sources(tmp_path, monkeypatch, 
     assert steps[0].keys() >= {"drawn/clips", "drawn/stills"} and steps[-1]["drawn/clips"] + steps[-1]["drawn/stills"] == 8
     card = next((tmp_path / "checkpoints" / "demo-tiny").glob("step-*/export/README.md")).read_text()
     assert "- Sources (samples): clips 6, stills 3" in card
+
+
+def test_several_captions_of_a_clip_are_each_encoded_and_drawn_per_step(tiny_folders, tmp_path):
+    """A sidecar of several lines (or a manifest cell holding a list) gives a clip several captions: the
+    review file has a row for each, each is encoded once, and a step draws one (seeded: a resumed run
+    draws the same ones)."""
+    import torch
+
+    from data_prep.captions import read_caption_lists
+    from data_prep.encode import Encoders
+    from data_prep.sources import from_manifest
+    from wan_tune.data.dataset import collate
+    from wan_tune.models.loading import recipe_source
+
+    clips = make_clips(tmp_path / "clips", 2, frames=12, height=96, width=128)
+    lines = ["wtune style, a red circle", "", "wtune style, a round red shape on black", "wtune, red disc drifting"]
+    clips[0].with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    shards = tmp_path / "shards"
+    overrides = [f"data.source={clips[0].parent}", f"model.path={tiny_folders['tiny']}", f"data.shards={shards}",
+                 "data.shard_dtype=fp32", "data.frames=[9]", "data.holdout=0", "validation.every=0",
+                 "data.num_workers=0", "train.batch_size=1", "checkpoint.every=4"]
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [*overrides, f"run.output_dir={tmp_path / 'runs'}",
+                                                               "train.steps=8"])
+    run_prep(recipe, **QUIET)
+    assert read_caption_lists(shards / "captions.csv") == {"clip_000.mp4": [lines[0], lines[2], lines[3]],
+                                                           "clip_001.mp4": [clips[1].with_suffix(".txt").read_text().strip()]}
+    index = index_of(shards).set_index("source")
+    assert index.loc["clip_000.mp4", "captions"] == 3 and index.loc["clip_001.mp4", "captions"] == 1
+    assert index.loc["clip_000.mp4", "caption"] == lines[0]  # the first is the index's caption (held-out scores use it)
+
+    dataset = ShardDataset(shards)
+    i = dataset.sources.index("clip_000.mp4")
+    encoders = Encoders(recipe_source(recipe, ("vae", "text_encoder", "tokenizer")), False, torch.float32, "cpu", 512)
+    for draw, text in ((0, lines[0]), (1, lines[2]), (5, lines[3])):  # caption draw % 3
+        got = dataset[(i, draw)]
+        assert set(got) == {"index", "latents", "text"} and torch.equal(got["text"], encoders.text([text])[0])
+    assert torch.equal(dataset[i]["text"], dataset[(i, 3)]["text"])  # a plain index: the first caption
+    assert collate([dataset[(i, 1)], dataset[(dataset.sources.index("clip_001.mp4"), 2)]])["text"].shape[0] == 2
+
+    # the draws come from the seed and the batch's place: a resumed sampler deals the same (index, draw) pairs
+    sampler = open_data(recipe, get_variant("tiny"), 0, 1).sampler
+    straight = iter(sampler)
+    dealt = [next(straight) for _ in range(12)]
+    assert all(isinstance(pair, tuple) for batch in dealt for pair in batch)
+    assert len({pair[1] % 3 for batch in dealt for pair in batch if pair[0] == i}) > 1  # not always the same caption
+    again = open_data(recipe, get_variant("tiny"), 0, 1).sampler
+    again.seek(5)
+    assert [next(iter(again)) for _ in range(1)] == dealt[5:6]
+    whole = train(recipe, **QUIET)
+    losses = [r["loss"] for r in metrics(Path(whole["run_dir"])) if "loss" in r]
+    for steps in (4, 8):  # stopped at 4 and resumed: the same captions drawn, the same losses
+        resumed = train(load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [*overrides, f"run.output_dir={tmp_path / 'halves'}",
+                                                                          f"train.steps={steps}"]), **QUIET)
+    assert [r["loss"] for r in metrics(Path(resumed["run_dir"])) if "loss" in r] == pytest.approx(losses, rel=1e-6)
+
+    # a manifest cell holding a list: several captions of that row
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": str(clips[1]), "caption": ["first take", " ", "second take"]}) + "\n")
+    (item,) = from_manifest(manifest)
+    assert item.captions == ("first take", "second take")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["multi_cpu.yaml", "zero2_cpu.yaml", "zero3_cpu.yaml", "fsdp2_cpu.yaml"])
+def test_two_processes_draw_preserve_and_shift_as_one_process_with_accumulation(config, prepped, tiny_folders, tmp_path):
+    """DDP, ZeRO-2/3 and FSDP2 over several sources with a preserve source and shift=auto: every rank
+    runs the base forward when any rank's batch holds a preserve sample (a forward gathers weights or
+    broadcasts buffers with every rank), and the run equals one process accumulating both ranks' batches."""
+    from launching import launch, rank_digests
+
+    root, folders, _, _ = prepped
+    run = ["data.source=null", sources_override(folders, prior_role="preserve"), "data.frames=[9]", "data.shard_dtype=fp32",
+           "train.batch_size=1", "timesteps.shift=auto", "train.caption_dropout=0", "eval.sigmas=[0.5]"]
+    proc = launch(config, tiny_folders, {"tiny": root / "shards"}, tmp_path / "two", *run, "data.holdout=0",
+                  "train.steps=8", "checkpoint.every=4")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(set(rank_digests(proc.stdout).values())) == 1
+    one = train(sources_recipe(tiny_folders, folders, root / "shards", *run, f"run.output_dir={tmp_path / 'one'}",
+                               "train.grad_accum=2", "train.steps=8", "checkpoint.every=4", "data.num_workers=0"),
+                **QUIET)
+    two_steps = [r for r in metrics(tmp_path / "two" / "demo-tiny") if "loss" in r]
+    one_steps = [r for r in metrics(Path(one["run_dir"])) if "loss" in r]
+    assert two_steps[-1]["drawn/prior"] > 0  # the preserve source was drawn (its base forward ran on a rank)
+    assert [r["loss"] for r in two_steps] == pytest.approx([r["loss"] for r in one_steps], rel=1e-4)
+    assert [{k: v for k, v in r.items() if k.startswith("drawn/")} for r in two_steps] == \
+           [{k: v for k, v in r.items() if k.startswith("drawn/")} for r in one_steps]
+
+
+def test_reviewed_captions_carry_over_when_a_recipe_moves_to_sources(tmp_path):
+    from data_prep.captions import make_captions, read_caption_lists, write_captions
+    from data_prep.sources import discover
+    from wan_tune.config.schema import CaptionConfig
+
+    clips = make_clips(tmp_path / "clips", 2, frames=12)
+    path = tmp_path / "captions.csv"
+    write_captions(path, [{"key": "clip_000.mp4", "caption": "reviewed by a person", "origin": "kept"}])
+    make_captions(discover(str(clips[0].parent), prefix="brand/"), CaptionConfig(), path, progress=False)
+    got = read_caption_lists(path)
+    assert got["brand/clip_000.mp4"] == ["reviewed by a person"]  # the review carried over to the new key
+    assert got["brand/clip_001.mp4"] == [clips[1].with_suffix(".txt").read_text().strip()]  # others: their sidecars
+    assert got["clip_000.mp4"] == ["reviewed by a person"]  # and the old row stays in the file

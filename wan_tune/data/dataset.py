@@ -31,6 +31,9 @@ class ShardDataset(Dataset):
         self.datasets = (probe.index["dataset"].fillna("default").tolist() if "dataset" in probe.index
                          else ["default"] * len(self.ids))
         self.empty_prompt = probe.empty_prompt()
+        # Several captions of a clip (`text`, `text.1`, ...): one is drawn per step (index files from before: one)
+        self.caption_counts = (probe.index["captions"].fillna(1).astype(int).tolist() if "captions" in probe.index
+                               else [1] * len(self.ids))
 
     def __len__(self) -> int:
         return len(self.buckets)
@@ -38,10 +41,21 @@ class ShardDataset(Dataset):
     def __getstate__(self):
         return {**self.__dict__, "_reader": None}
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        """Sample `key`: an index (its first caption), or (index, draw) from the sampler, which picks
+        caption `draw % count` of a clip with several."""
+        i, draw = key if isinstance(key, tuple) else (key, 0)
         if self._reader is None:
             self._reader = ShardReader(self.root)
-        return {"index": i, **self._reader.tensors(i)}
+        tensors = self._reader.tensors(i)
+        others = sorted((k for k in tensors if k.startswith("text.")), key=lambda k: int(k.split(".")[1]))
+        if others:
+            chosen = draw % (len(others) + 1)
+            if chosen:
+                tensors["text"] = tensors[others[chosen - 1]]
+            for k in others:  # the batch stacks one caption per sample
+                del tensors[k]
+        return {"index": i, **tensors}
 
 
 def collate(samples: list[dict]) -> dict:

@@ -33,6 +33,9 @@ class BucketBatchSampler:
     """Source name of every sample (`data.sources`); None: one source."""
     draws: dict[str, int] | None = None
     """Samples drawn from each group per epoch (`draw_counts`); a group not named: each sample once."""
+    captions: bool = False
+    """Some samples have several captions: batches are dealt as (index, draw) pairs, the draw (from the
+    seed, the epoch and the batch's place in it) picking the caption, so a resume draws the same ones."""
 
     def __post_init__(self):
         self._global: dict[int, list[list[int]]] = {}  # epoch -> every rank's batches (the last few epochs)
@@ -92,6 +95,9 @@ class BucketBatchSampler:
                 )
             while self.position < len(batches):
                 batch = batches[self.position]
+                if self.captions:
+                    rng = random.Random(f"{self.seed}-{self.epoch}-caption-{self.position * self.world + self.rank}")
+                    batch = [(i, rng.getrandbits(31)) for i in batch]
                 self.position += 1
                 yield batch
             self.epoch, self.position = self.epoch + 1, 0

@@ -47,7 +47,7 @@ PARTS_DIR = "index"
 # Index columns, in order; `file` is relative to the shard folder.
 COLUMNS = (
     "id", "source", "dataset", "caption", "frames", "height", "width", "start_frame", "start_s", "end_s", "text_len", "checksum",
-    "file", "references", "vace",
+    "file", "references", "vace", "captions",
 )
 _OWN_NAME = re.compile(r"rank(\d+)-(\d{5})")  # the stem of every data file and index part prep writes
 
@@ -171,7 +171,7 @@ class ShardWriter:
                 tmp.unlink()
 
     def add(self, row: dict, tensors: dict[str, torch.Tensor]) -> None:
-        missing = set(COLUMNS) - {"file", "text_len", "checksum", "references", "vace", "dataset"} - set(row)
+        missing = set(COLUMNS) - {"file", "text_len", "checksum", "references", "vace", "dataset", "captions"} - set(row)
         if missing:
             raise ValueError(f"sample row lacks {sorted(missing)}")
         sid = row["id"]
@@ -179,7 +179,8 @@ class ShardWriter:
         stored = {name: t.detach().to("cpu", self.dtype).clone() for name, t in tensors.items()}
         self._rows.append({**row, "text_len": int(tensors["text"].shape[0]), "checksum": checksum(stored),
                            "references": reference_count(tensors), "vace": row.get("vace", ""),
-                           "dataset": row.get("dataset", "default")})
+                           "dataset": row.get("dataset", "default"),
+                           "captions": 1 + sum(name.startswith("text.") for name in tensors)})
         for name, t in stored.items():
             self._tensors[f"{sid}/{name}"] = t
         if len(self._rows) >= self.per_file:

@@ -91,7 +91,7 @@ def open_data(recipe: Recipe, variant: Variant, rank: int, world: int) -> RunDat
         weights = {n: s.weight for n, s in sources.items() if s.weight is not None} or None
         draws = draw_counts(groups, kept_out, {n: s.repeats for n, s in sources.items()}, weights)
     sampler = BucketBatchSampler(dataset.buckets, recipe.train.batch_size, recipe.run.seed, rank, world, held_out=kept_out,
-                                 groups=groups, draws=draws)
+                                 groups=groups, draws=draws, captions=max(dataset.caption_counts, default=1) > 1)
     if len(sampler) == 0:
         sizes = Counter(b for i, b in enumerate(dataset.buckets) if i not in kept_out)
         raise TrainingError(

@@ -70,13 +70,13 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor, preserve: fr
         clip_tokens = tokens_per_sample(variant, x0.shape)
         sigmas = run.draw(n, gen, *run.bounds[trainee.name], tokens=clip_tokens)
         noise = torch.randn(x0.shape, generator=gen)
+        base = base_prediction(run, model, batch, sigmas, noise, preserve)  # role: preserve (every rank, or none)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 pred, target = fm.predict(model, variant, batch, sigmas.to(accelerator.device),
                                           noise.to(accelerator.device), run.compute_dtype,
                                           recipe.train.loss_mask_conditioned_frames)
-                target, weights = preserved(run, model, batch, sigmas, noise, target,
-                                            fm.loss_weights(sigmas, t.loss_weighting), preserve)
+                target, weights = preserved(run, batch, target, fm.loss_weights(sigmas, t.loss_weighting), base, preserve)
                 loss = fm.flow_matching_loss(pred, target, weights.to(pred.device))
             # The backward outside autocast, as torch's AMP guide has it: the checkpoints' recomputes
             # restore the forward's autocast themselves, and no cast cached by the forward's autocast
@@ -126,22 +126,37 @@ def _step_schedules(run) -> None:
             scheduler.step()
 
 
-def preserved(run, model, batch: dict, sigmas, noise, target, weights, preserve: frozenset):
-    """(target, weights) with the `role: preserve` samples' (indices in `preserve`) target replaced by
-    the base model's own prediction at the same noise, sigma and conditioning (the adapter turned off,
-    no graph), and their weight scaled by train.preserve_weight: the adapter learns to leave those clips
-    as the base did. A batch without one costs nothing more."""
+def _kept(batch: dict, preserve: frozenset) -> torch.Tensor | None:
+    """Which samples of the batch are of `role: preserve` sources (None: the run has none)."""
+    return torch.tensor([int(i) in preserve for i in batch["index"]]) if preserve else None
+
+
+def base_prediction(run, model, batch: dict, sigmas, noise, preserve: frozenset) -> torch.Tensor | None:
+    """The base model's own prediction for the batch (adapter off, same noise, sigma and conditioning,
+    no graph, the step's autocast), when any rank's batch holds a `role: preserve` sample; None
+    otherwise. Every rank runs it or none does: the forward of a DDP model broadcasts its buffers, and
+    a ZeRO-3 / FSDP2 one gathers its weights, with every rank (one rank alone would hang the others)."""
+    from .launch import agree
     from .validation import adapters_off
 
-    kept = torch.tensor([int(i) in preserve for i in batch["index"]]) if preserve else None
-    if kept is None or not kept.any():
-        return target, weights
-
+    kept = _kept(batch, preserve)
+    if kept is None or not agree(run.accelerator, bool(kept.any())):
+        return None
     device = run.accelerator.device
-    with torch.no_grad(), adapters_off([model]):
+    with torch.no_grad(), adapters_off([model]), run.accelerator.autocast():
         base, _ = fm.predict(model, run.variant, batch, sigmas.to(device), noise.to(device), run.compute_dtype,
                              run.recipe.train.loss_mask_conditioned_frames)
-    where = kept.view(-1, *([1] * (target.dim() - 1))).to(device)
+    return base
+
+
+def preserved(run, batch: dict, target, weights, base: torch.Tensor | None, preserve: frozenset):
+    """(target, weights) with the `role: preserve` samples' target replaced by the base model's
+    prediction `base`, and their weight scaled by train.preserve_weight: the adapter learns to leave
+    those clips as the base model made them. Without `base` (no preserve sample on any rank), as given."""
+    kept = _kept(batch, preserve)
+    if base is None or not kept.any():
+        return target, weights
+    where = kept.view(-1, *([1] * (target.dim() - 1))).to(target.device)
     scale = torch.where(kept, run.recipe.train.preserve_weight, 1.0)
     return torch.where(where, base.to(target.dtype), target), weights * scale
 
