@@ -51,6 +51,8 @@ ROWS = {
     "attn. ckpt": ["train.attention_checkpointing=true"],
     "all": ["train.fp8_base=true", "train.activation_offload=true", "train.ffn_chunks=4",
             "train.attention_checkpointing=true"],
+    "route 0.25": ["train.route_ratio=0.25"],  # token routing (TREAD) over blocks 2..-2
+    "route 0.5": ["train.route_ratio=0.5"],
     "plan": None,  # the planner's advice for --budget
 }
 
@@ -74,10 +76,14 @@ def row_recipe(args, overrides: list[str]):
     from common import model_folder, synthetic_shards, workdir
     from trainer_overhead import recipe_for
 
+    from wan_tune.models.variants import get_variant
+
     root = workdir()
     fhw = tuple(int(x) for x in args.latent.split("x"))
     folder, shards_dir = model_folder(args.variant, root), synthetic_shards(args.variant, root, 2, fhw)
     ns = argparse.Namespace(variant=args.variant, steps=args.steps, batch=1, rank=args.rank)
+    if any(o.startswith("train.route_ratio") for o in overrides) and get_variant(args.variant).transformer["num_layers"] < 5:
+        overrides = [*overrides, "train.route_start=0", "train.route_end=-1"]  # the tiny model's two blocks: both
     return recipe_for(ns, folder, shards_dir, root / "runs-settings",
                       (*base_overrides(gpu_here()), *shape_overrides(args.variant, args.latent), *overrides))
 
@@ -135,7 +141,14 @@ def child(args) -> dict:
     gpu = torch.cuda.is_available()
     return {"seconds": [r["step_time"] for r in steps][1:], "peak": max(r["peak_mem_gb"] for r in steps) * GIB if gpu else host,
             "reserved": max(r["peak_reserved_gb"] for r in steps) * GIB if gpu else None, "host": host,
-            "plan": plan, "plan_host": plan_host, "tokens": recipe_tokens(recipe)}
+            "plan": plan, "plan_host": plan_host, "tokens": recipe_tokens(recipe), "flops": plan_flops(recipe)}
+
+
+def plan_flops(recipe) -> float:
+    """`wan-tune plan`'s matmul FLOPs of one step of the recipe (what a row's speed-up is set against)."""
+    from wan_tune.plan.memory import MemoryPlan
+
+    return MemoryPlan(recipe).flops()
 
 
 def recipe_tokens(recipe) -> int:
@@ -166,6 +179,7 @@ def table(args, rows: list[dict]) -> str:
     where = torch.cuda.get_device_name() if gpu_here() else f"CPU ({os.cpu_count()} cores)"
     tokens = next((r["tokens"] for r in rows if "tokens" in r), "?")
     ref = next((statistics.median(r["seconds"]) for r in rows if r.get("seconds")), None)
+    ref_flops = next((r["flops"] for r in rows if r.get("flops")), None)
     lines = [f"{args.variant} LoRA r{args.rank}, latent {args.latent} ({tokens} tokens), {args.steps} steps a row "
              f"(the first not timed), {where}, torch {torch.__version__}. Command: `python bench/settings.py "
              f"--variant {args.variant} --latent {args.latent} --steps {args.steps} --rows '{args.rows}'`", "",
@@ -173,17 +187,19 @@ def table(args, rows: list[dict]) -> str:
              "start on a CPU; reserved: `max_memory_reserved` (the allocator's hold, fragmentation included); host: "
              "the process's RSS above its start (pinned buffers, offloaded weights); a `plan` row runs capped at "
              f"--budget {args.budget:g} GiB.", "",
-             "| settings | s/step | x first row | peak measured | plan | measured / plan | reserved | host RAM | plan host |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| settings | s/step | x first row | plan FLOPs x first row | peak measured | plan | measured / plan | reserved | "
+             "host RAM | plan host |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"{r['name']} (`{' '.join(r['overrides'])}`)" if r["name"] == "plan" else r["name"]
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {name} | failed: {r['error']} | | | | | | | | |")
             continue
         s = statistics.median(r["seconds"]) if r["seconds"] else None
         plan = size(r["plan"]) if r["plan"] else "-"
         ratio = f"{r['peak'] / r['plan']:.2f}" if r["plan"] else "-"
         timed = f"{s:.3f} | {s / ref:.2f}" if s else "- | -"
+        timed += f" | {r['flops'] / ref_flops:.2f}" if r.get("flops") and ref_flops else " | -"
         more = " | ".join(size(r[k]) if r.get(k) else "-" for k in ("reserved", "host", "plan_host"))
         lines.append(f"| {name} | {timed} | {size(r['peak'])} | {plan} | {ratio} | {more} |")
     return "\n".join(lines) + "\n"

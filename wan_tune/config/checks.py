@@ -28,6 +28,8 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
         errors += _variant_errors(r, variant, invalid) + _shared_errors(r, variant)
     if r.train.context_parallel > 1:
         errors += _context_parallel_errors(r, variant)
+    if r.train.route_ratio:
+        errors += _routing_errors(r, variant)
     if r.validation.every and not r.validation.prompts:
         errors.append(("validation.prompts", "validation.every is set but there are no prompts; add prompts or set every=0"))
     return errors
@@ -260,6 +262,25 @@ def resolution_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]]:
     for key, side in (("validation.height", r.validation.height), ("validation.width", r.validation.width)):
         if side is not None and side > longest:
             errors.append((key, f"{side} px is beyond the {longest} px {variant.name} holds"))
+    return errors
+
+
+def _routing_errors(r: Recipe, variant: Variant | None) -> list[tuple[str, str]]:
+    """train.route_ratio: a span the model has; not with context parallelism or VACE (yet)."""
+    from ..models.token_routing import routed_span
+
+    errors = []
+    if variant is not None:
+        try:
+            routed_span(variant.transformer["num_layers"], r.train.route_start, r.train.route_end)
+        except ValueError as err:
+            errors.append(("train.route_start", f"{variant.name}: {err}"))
+        if variant.vace:
+            errors.append(("train.route_ratio", f"{variant.name} adds VACE hints to the tokens between blocks, in their "
+                           "order; routing reorders them inside its span: not built for VACE yet (set it to 0)"))
+    if r.train.context_parallel > 1:
+        errors.append(("train.route_ratio", "routes a clip's tokens on one process; with train.context_parallel each "
+                       "holds a share of them: not built yet (set it to 0, or train.context_parallel=1)"))
     return errors
 
 

@@ -282,6 +282,12 @@ class TrainConfig:
         "(the same bf16 matmul, without the fp32 copy in every block's working set); LoRA weights and AdamW stay fp32.",
     )
     compile: bool = opt(False, "torch.compile each transformer block (diffusers' compile_repeated_blocks): GPU speed-up.")
+    route_ratio: float = opt(
+        0.0, "Token routing (TREAD): this share of each clip's tokens, drawn afresh every step, skips the blocks "
+        "route_start..route_end and rejoins after them (inference unchanged; held-out scores and validation never "
+        "route). 0.5 over blocks 2..-2 roughly halves those blocks' work. 0 = off.", check=below_one)
+    route_start: int = opt(2, "First routed block (0-based; negative counts from the end: -1 is the last).")
+    route_end: int = opt(-2, "Last routed block, inclusive (negative counts from the end: -2 is the one before the last).")
     context_parallel: int = opt(
         1,
         "Split each clip's tokens across this many processes (context parallelism, diffusers' Ulysses or ring attention): "

@@ -246,7 +246,17 @@ class MemoryPlan:
             if self.recipe.adapter.method in ("loha", "lokr"):
                 model.add_adapter(lora_config(self.recipe, self.variant))
         # Attention runs within each sample: a batch costs `batch` times one sample.
-        return self.shape.batch * step_flops(model, self.shape.tokens, self.full, self.shape.text_tokens) / cp
+        return self.shape.batch * step_flops(model, self.shape.tokens, self.full, self.shape.text_tokens,
+                                             self.routing()) / cp
+
+    def routing(self) -> tuple[float, int, int] | None:
+        """train.route_ratio's (ratio, first, last block), or None."""
+        from ..models.token_routing import routed_span
+
+        t = self.recipe.train
+        if not t.route_ratio:
+            return None
+        return (t.route_ratio, *routed_span(self.variant.transformer["num_layers"], t.route_start, t.route_end))
 
     # --- the layout of one step ----------------------------------------------------------------
 

@@ -237,7 +237,7 @@ def build_model(recipe, variant, layers: int, load_dtype: torch.dtype, device: s
         dtypes = load_dtypes(model, load_dtype)
         for name, p in model.named_parameters():
             p.data = p.data.to(dtypes[name])
-        return adapt(model, recipe, variant, load_dtype)
+        return adapt(model, recipe, variant, load_dtype, route=False)
 
 
 def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, autocast: torch.dtype | None,

@@ -17,6 +17,7 @@ from ..memory.working_set import shrink_working_set
 from ..models.loading import load_transformer, recipe_source
 from ..models.precision import DTYPES, base_dtype, cast_lora_inputs, set_lora_input_casting
 from ..models.spec import lora_config
+from ..models.token_routing import make_router
 from ..models.variants import Variant, get_variant
 from .init_from import init_file, start_from
 
@@ -59,9 +60,10 @@ def load_frozen(recipe: Recipe, expert: str):
     return model.eval().requires_grad_(False)
 
 
-def adapt(model, recipe: Recipe, variant: Variant, dtype: torch.dtype, init: Path | None = None):
+def adapt(model, recipe: Recipe, variant: Variant, dtype: torch.dtype, init: Path | None = None, route: bool = True):
     """Freeze what the recipe does not train, add the LoRA (fp32 whatever the base dtype; `init`:
-    started from that file's), store the frozen base in fp8 if asked, and turn on gradient checkpointing."""
+    started from that file's), store the frozen base in fp8 if asked, turn on gradient checkpointing, and
+    install train.route_ratio's token routing (`route`: not on the planner's few-block stand-in)."""
     full = recipe.adapter.method == "full"
     model.requires_grad_(full)
     if not full:
@@ -90,6 +92,7 @@ def adapt(model, recipe: Recipe, variant: Variant, dtype: torch.dtype, init: Pat
             )
             _return_freed_memory()
     shrink_working_set(model, recipe.train)
+    model._token_router = make_router(model, recipe.train) if route else None  # idle outside a training step
     if recipe.train.gradient_checkpointing:  # None: diffusers' default, torch's non-reentrant checkpoint
         model.enable_gradient_checkpointing(block_checkpoint(model, recipe.train))
     model.train()

@@ -9,6 +9,7 @@ the same run, up to float reduction order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -70,8 +71,8 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor, preserve: fr
         clip_tokens = tokens_per_sample(variant, x0.shape)
         sigmas = run.draw(n, gen, *run.bounds[trainee.name], tokens=clip_tokens)
         noise = torch.randn(x0.shape, generator=gen)
-        base = base_prediction(run, model, batch, sigmas, noise, preserve)  # role: preserve (every rank, or none)
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(model), routed(run, model, step, micro):  # train.route_ratio: its kept tokens
+            base = base_prediction(run, model, batch, sigmas, noise, preserve)  # role: preserve (every rank, or none)
             with accelerator.autocast():
                 pred, target = fm.predict(model, variant, batch, sigmas.to(accelerator.device),
                                           noise.to(accelerator.device), run.compute_dtype,
@@ -124,6 +125,18 @@ def _step_schedules(run) -> None:
         with warnings.catch_warnings():  # torch warns when an idle expert's schedule moves on
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             scheduler.step()
+
+
+def routed(run, model, step: int, micro: int):
+    """train.route_ratio: this micro-batch's forwards and the backward's recomputes route the tokens
+    its seed keeps (the seed from the run's seed and the micro-batch's global position, as its noise:
+    exact on resume, nothing else's draws move). A no-op without routing."""
+    router = getattr(run.accelerator.unwrap_model(model), "_token_router", None)
+    if router is None:
+        return contextlib.nullcontext()
+    lay, accum = run.layout, run.recipe.train.grad_accum
+    position = (step * accum + micro) * lay.data_world + lay.data_rank
+    return router.routing((run.recipe.run.seed * 2_000_003 + 7 * position + 1) % 2**63)
 
 
 def _kept(batch: dict, preserve: frozenset) -> torch.Tensor | None:
