@@ -38,13 +38,13 @@ export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$WAN_TUNE_BENCH_DIR/t
 
 if [ "${SMOKE:-0}" = 1 ]; then
   small=tiny; big=tiny; l480=3x8x12; b480=3x10x16; b720=3x12x20; steps=2
-  rows_small="ckpt,none,block offload,all,route 0.5"  # the plumbing of each kind of row; compile: minutes on a CPU
+  rows_small="ckpt,none,block offload,all,route 0.5,routes"  # the plumbing of each kind of row; compile: minutes on a CPU
 else
   "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || {
     echo "gpu_suite.sh: $PY has no CUDA torch (install the CUDA build, or SMOKE=1 for the CPU smoke run)" >&2; exit 2; }
   small=wan2.1-t2v-1.3b; big=wan2.1-t2v-14b; l480=21x60x104; b480=21x60x104; b720=21x90x160; steps=3
   # No `none` row: 1.3B at 32,760 tokens without checkpointing keeps ~100 GB of activations.
-  rows_small="ckpt,fp8,compile,block offload,act. offload,FFN chunks,attn. ckpt,all,route 0.25,route 0.5"
+  rows_small="ckpt,fp8,compile,block offload,act. offload,FFN chunks,attn. ckpt,all,route 0.25,route 0.5,routes"
   if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
     echo "gpu_suite.sh: no C compiler here (torch.compile's Triton needs one): the compile row is skipped" >&2
     rows_small=${rows_small/compile,/}

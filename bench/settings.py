@@ -53,6 +53,8 @@ ROWS = {
             "train.attention_checkpointing=true"],
     "route 0.25": ["train.route_ratio=0.25"],  # token routing (TREAD) over blocks 2..-2
     "route 0.5": ["train.route_ratio=0.5"],
+    # a progressive schedule (train.routes): light at the ends of 2..-2, heavier in the middle (30 blocks: 2..7, 8..21, 22..28)
+    "routes": ["train.routes=[{ratio: 0.25, start: 2, end: 7}, {ratio: 0.5, start: 8, end: -9}, {ratio: 0.25, start: -8, end: -2}]"],
     "plan": None,  # the planner's advice for --budget
 }
 
@@ -82,8 +84,12 @@ def row_recipe(args, overrides: list[str]):
     fhw = tuple(int(x) for x in args.latent.split("x"))
     folder, shards_dir = model_folder(args.variant, root), synthetic_shards(args.variant, root, 2, fhw)
     ns = argparse.Namespace(variant=args.variant, steps=args.steps, batch=1, rank=args.rank)
-    if any(o.startswith("train.route_ratio") for o in overrides) and get_variant(args.variant).transformer["num_layers"] < 5:
-        overrides = [*overrides, "train.route_start=0", "train.route_end=-1"]  # the tiny model's two blocks: both
+    if get_variant(args.variant).transformer["num_layers"] < 5:  # the tiny model's two blocks: both routed
+        if any(o.startswith("train.route_ratio") for o in overrides):
+            overrides = [*overrides, "train.route_start=0", "train.route_end=-1"]
+        if any(o.startswith("train.routes") for o in overrides):
+            overrides = [o for o in overrides if not o.startswith("train.routes")]
+            overrides.append("train.routes=[{ratio: 0.25, start: 0, end: 0}, {ratio: 0.5, start: 1, end: 1}]")
     return recipe_for(ns, folder, shards_dir, root / "runs-settings",
                       (*base_overrides(gpu_here()), *shape_overrides(args.variant, args.latent), *overrides))
 

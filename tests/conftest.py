@@ -44,6 +44,10 @@ def transformer_inputs(variant_name: str, seed: int = 0) -> dict[str, torch.Tens
     }
     if v.is_i2v:
         inputs["encoder_hidden_states_image"] = torch.randn(1, 5, cfg["image_dim"], generator=g)
+    if v.animate:  # the pose video's latents (a frame fewer: none beside the reference), the face video's pixels
+        size = cfg["motion_encoder_size"]
+        inputs["pose_hidden_states"] = torch.randn(1, 16, 2, 8, 12, generator=g)
+        inputs["face_pixel_values"] = torch.rand(1, 3, 5, size, size, generator=g) * 2 - 1  # 5 frames -> 2 latent
     if v.expand_timesteps:  # Wan2.2 TI2V: a timestep per token, 0 on the first frame's (the image's)
         per_frame = 8 * 12 // (cfg["patch_size"][1] * cfg["patch_size"][2])
         inputs["timestep"] = torch.cat([torch.zeros(per_frame), torch.full((2 * per_frame,), 500.0)])[None]
@@ -66,8 +70,8 @@ def recipe_file(tmp_path):
 def tiny_shards(tiny_folders, tmp_path_factory) -> dict[str, Path]:
     """Prepped shards (fp32) of 4 generated clips for each tiny variant: 9-frame windows, 64x96."""
     from data_prep.prep import run_prep
-    from wan_tune.media.synthetic import make_clips
     from wan_tune.config import load_recipe
+    from wan_tune.media.synthetic import make_clips
 
     root = tmp_path_factory.mktemp("shards")
     clips = make_clips(root / "clips", 4, frames=20, height=96, width=128, fps=16)[0].parent

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("ckpt", "none", "block offload", "all", "route 0.5")  # SMOKE's rows ("all": fp8, activation offload, FFN
+ROWS = ("ckpt", "none", "block offload", "all", "route 0.5", "routes")  # SMOKE's rows ("all": fp8, activation offload, FFN
 # chunks, attention ckpt; "route 0.5": token routing over the tiny model's two blocks)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -29,8 +28,8 @@ def bf16_lora(*extra: str):
     from diffusers import WanTransformer3DModel
 
     from wan_tune.models.loading import load_dtypes
-    from wan_tune.training.model_setup import adapt
     from wan_tune.models.variants import get_variant
+    from wan_tune.training.model_setup import adapt
 
     recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [*REGIME, *extra])
     variant = get_variant("tiny")
@@ -134,8 +133,8 @@ def regime_data(tiny_folders, tiny_shards, tmp_path_factory) -> dict[str, tuple[
     images), A14B and VACE prepped here (2 clips each). Validation of image-conditioned variants
     reads the first frames from the footage."""
     from data_prep.prep import run_prep
-    from wan_tune.models.tiny import save_tiny_pipeline
     from wan_tune.media.synthetic import make_clips
+    from wan_tune.models.tiny import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("regime")
     data = {v: (tiny_folders[v], tiny_shards[v], tiny_shards[v].parent / "clips") for v in ("tiny", "tiny-i2v")}
@@ -148,7 +147,19 @@ def regime_data(tiny_folders, tiny_shards, tmp_path_factory) -> dict[str, tuple[
             "data.shard_dtype=fp32", "data.max_clips_per_video=1", *(["data.task=i2v"] if v == "tiny-ti2v" else [])])
         run_prep(recipe, progress=False, say=lambda *_: None)
         data[v] = (folder, root / f"shards-{v}", clips)
+    # the tiny clips as two sources, the second one's target the base model's prediction (role: preserve)
+    folder, _, clips = data["tiny"]
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
+        f"model.path={folder}", *preserve_sources(clips), f"data.shards={root / 'shards-preserve'}",
+        "data.shard_dtype=fp32", "data.max_clips_per_video=1"])
+    run_prep(recipe, progress=False, say=lambda *_: None)
+    data["tiny-preserve"] = (folder, root / "shards-preserve", clips)
     return data
+
+
+def preserve_sources(clips: Path) -> tuple[str, str]:
+    return ("data.source=null", f"data.sources=[{{path: '{clips}', name: brand, weight: 1}}, "
+                                f"{{path: '{clips}', name: prior, role: preserve, weight: 3}}]")
 
 
 CKPT = ("train.gradient_checkpointing=true",)
@@ -177,6 +188,12 @@ CASES = {
     "dora": ("tiny", ("adapter.method=dora",)),
     "ema": ("tiny", ("train.ema_decay=0.5",)),
     "schedule-free": ("tiny", ("train.optimizer=schedulefree_adamw",)),
+    # #36/#37: the base model's prediction under the step's autocast (adapters off, bf16 weights), a
+    # resolution-dependent shift, and token routing's bf16 rotary tables and index copies.
+    "preserve": ("tiny-preserve", ("train.preserve_weight=0.5", "timesteps.shift=auto")),
+    "routed": ("tiny", (*CKPT, "train.route_ratio=0.5", "train.route_start=0", "train.route_end=1")),
+    "routes-fp8": ("tiny", ("train.fp8_base=true",
+                            "train.routes=[{ratio: 0.5, start: 0, end: 0}, {ratio: 0.25, start: 1, end: 1}]")),
 }
 
 
@@ -187,8 +204,9 @@ def test_each_setting_trains_renders_every_step_and_exports_in_the_gpu_regime(ca
 
     variant, extra = CASES[case]
     folder, shards, clips = regime_data[variant]
+    sources = preserve_sources(clips) if variant == "tiny-preserve" else (f"data.source={clips}",)
     recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
-        f"model.variant={variant}", f"model.path={folder}", f"data.shards={shards}", f"data.source={clips}",
+        f"model.variant={variant.replace('-preserve', '')}", f"model.path={folder}", f"data.shards={shards}", *sources,
         f"run.output_dir={tmp_path}",
         *REGIME, *EVERY_STEP, *extra], warn=lambda _: None)
     said = []
@@ -203,6 +221,9 @@ def test_each_setting_trains_renders_every_step_and_exports_in_the_gpu_regime(ca
     run = Path(summary["run_dir"])
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    if variant == "tiny-preserve":  # a preserve sample was drawn: the base forward ran in the regime
+        records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        assert records[-1]["drawn/prior"] > 0 and all("shift" in r for r in records)
     for step in (1, 2):  # a render every step, each with its contact sheet (base above step)
         assert (run / "validation" / f"step-{step:06d}" / "00.mp4").is_file()
         assert (run / "validation" / f"step-{step:06d}" / "00.png").is_file()

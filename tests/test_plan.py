@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from memory_probe import PHASES, measure, recipe as probe_recipe
+from memory_probe import PHASES, measure
+from memory_probe import recipe as probe_recipe
 
 from wan_tune.cli import main
 from wan_tune.config import load_recipe
+from wan_tune.memory.host_arena import packed_bytes
 from wan_tune.models.variants import get_variant
 from wan_tune.plan import MemoryPlan, Setup, run_shape
 from wan_tune.plan.advice import cheapest, floor, ladder
 from wan_tune.plan.memory import GIB
-from wan_tune.memory.host_arena import packed_bytes
 from wan_tune.plan.meta_step import count_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,35 @@ def test_per_block_extension_equals_the_whole_model():
     shapes = plan.shape.batch_shapes()
     two = count_step(recipe, plan.variant, shapes, torch.float32, None)
     assert two.extend(4) == count_step(recipe, plan.variant, shapes, torch.float32, None, layers=4)
+
+
+ROUTES = ([(0.5, 2, 5)], [(0.25, 1, 2), (0.5, 4, 7)], [(0.25, 2, 3)])  # spans inside, at the end, two ratios
+
+
+@pytest.mark.parametrize("ckpt", ["true", "false"])
+def test_routed_blocks_are_counted_at_their_kept_tokens(ckpt):
+    """Token routing: a routed block adds what a block inside a span adds (a 4-block count with
+    blocks 1..3 routed, read at block 2); the plan's 8-block model with routes against the whole
+    8-block model routing those spans, counted; and the meta count of a routed step equals a real
+    CPU step's."""
+    from wan_tune.plan.meta_step import with_routes
+
+    recipe = load_recipe(TINY, [f"train.gradient_checkpointing={ckpt}", "train.batch_size=1"])
+    plan = MemoryPlan(recipe, "gpu")
+    args = (plan.variant, plan.shape.batch_shapes(), plan.load_dtype, plan.autocast)
+    plain = count_step(recipe, *args, cuda=True).extend(8)
+    for routes in ROUTES:
+        routed = {r: count_step(recipe, *args, cuda=True, layers=4, routes=((r, 1, 3),)) for r, _, _ in routes}
+        predicted = with_routes(plain, routed, routes)
+        whole = count_step(recipe, *args, cuda=True, layers=8, routes=tuple(routes))
+        assert predicted.saved == pytest.approx(whole.saved, rel=0.002), routes
+        assert predicted.peak == pytest.approx(whole.peak, rel=0.02), routes  # the span's edges' index copies
+        if ckpt == "false":  # without checkpointing, a routed block keeps its kept tokens' activations only
+            assert whole.saved < plain.saved and predicted.peak < plain.peak
+    real = count_step(recipe, plan.variant, plan.shape.batch_shapes(), torch.float32, None, device="cpu", layers=4,
+                      routes=((0.5, 1, 3),))
+    assert real == count_step(recipe, plan.variant, plan.shape.batch_shapes(), torch.float32, None, layers=4,
+                              routes=((0.5, 1, 3),))
 
 
 # --- the 14B at 480x832x81 ----------------------------------------------------------------------
@@ -185,7 +215,7 @@ def test_an_impossible_budget_names_the_floor(plan_14b, capsys):
     assert main(["plan", str(RECIPE_14B), "--gpu-memory", "1"]) == 1
     out = capsys.readouterr().out
     low = plan_14b.breakdown(Setup(True, True, 0, activations=True, ffn_chunks=4, attention=True)).total / GIB
-    assert f"nothing fits in 1 GiB (0.0 GiB usable: 1.1 GiB kept for the CUDA context" in out
+    assert "nothing fits in 1 GiB (0.0 GiB usable: 1.1 GiB kept for the CUDA context" in out
     assert f"the floor is {low:.1f} GiB" in out and "train.offload_keep=0" in out
 
 
@@ -326,6 +356,12 @@ def test_per_block_extension_equals_the_whole_1_3b():
         recipe = replace(plan.recipe, train=replace(plan.recipe.train, gradient_checkpointing=ckpt))
         whole = count_step(recipe, plan.variant, plan.shape.batch_shapes(), plan.load_dtype, plan.autocast, layers=30, cuda=True)
         assert plan.count(ckpt, False) == whole, ckpt
+        # token routing over blocks 2..-2 (27 of 30) at 0.5: the plan's count against the whole routed model
+        routed = MemoryPlan(load_recipe(ROOT / "recipes" / "wan2.1-t2v-1.3b-lora.yaml", ["train.route_ratio=0.5"]))
+        whole = count_step(recipe, plan.variant, plan.shape.batch_shapes(), plan.load_dtype, plan.autocast, layers=30,
+                           cuda=True, routes=((0.5, 2, 28),))
+        count = routed.count(ckpt, False)
+        assert count.saved == pytest.approx(whole.saved, rel=1e-3) and count.peak == pytest.approx(whole.peak, rel=1e-3)
 
 
 def test_a_render_holds_the_untrained_expert_and_the_plan_counts_it():

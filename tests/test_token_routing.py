@@ -15,7 +15,7 @@ from test_train import demo
 
 from wan_tune.config import load_recipe
 from wan_tune.models.loading import load_transformer, resolve_source
-from wan_tune.models.token_routing import TokenRouter, kept_tokens, routed_span
+from wan_tune.models.token_routing import TokenRouter, kept_tokens, route_spans, routed_span
 from wan_tune.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_the_span_runs_the_kept_tokens_at_their_positions_and_passes_the_others_
     model, inputs = tiny_model(tiny_folders), transformer_inputs("tiny")
     with torch.no_grad():
         plain = model(**inputs, return_dict=False)[0]
-    router = TokenRouter(0.5, 0, 1)
+    router = TokenRouter([(0.5, 0, 1)])
     router.install(model)
     with torch.no_grad():
         assert torch.equal(model(**inputs, return_dict=False)[0], plain)  # installed, not routing: unchanged
@@ -71,6 +71,59 @@ def test_the_span_runs_the_kept_tokens_at_their_positions_and_passes_the_others_
     with router.routing(seed=4):
         other = router.order(tokens, x_in.device)[0]
     assert torch.equal(again, perm) and not torch.equal(other, perm)
+
+
+def test_each_route_keeps_its_own_draw_and_the_tokens_between_routes_run_whole(tiny_folders):
+    """train.routes: two routes (block 0 at 0.5, block 1 at 0.25), each with its own draw; a token
+    routed past block 0 is back in place before block 1, which keeps its own share."""
+    model, inputs = tiny_model(tiny_folders), transformer_inputs("tiny")
+    router = TokenRouter([(0.5, 0, 0), (0.25, 1, 1)])
+    router.install(model)
+    with torch.no_grad():
+        seen, hooks = block_io(model)
+        with router.routing(seed=5):
+            model(**inputs, return_dict=False)
+            tokens = seen[0][0].shape[1]
+            first, second = router.order(tokens, torch.device("cpu"), 0)[0], router.order(tokens, torch.device("cpu"), 1)[0]
+        for h in hooks:
+            h.remove()
+    assert not torch.equal(first, second)  # two draws
+    rope = model.rope(inputs["hidden_states"])
+    _, proj, text, _ = model.condition_embedder(inputs["timestep"], inputs["encoder_hidden_states"], None)
+    proj = proj.unflatten(1, (6, -1))
+    for j, (perm, ratio) in enumerate(((first, 0.5), (second, 0.25))):
+        x_in, x_out = seen[j]  # each block's own input and output, in the original order
+        kept = kept_tokens(tokens, ratio)
+        idx, skip = perm[:kept], perm[kept:]
+        assert torch.equal(x_out[:, skip], x_in[:, skip])
+        with torch.no_grad():
+            alone = model.blocks[j]._unrouted_forward(x_in[:, idx], text, proj, tuple(r[:, idx] for r in rope))
+        assert torch.allclose(x_out[:, idx], alone, atol=1e-6)
+    assert torch.equal(seen[1][0], seen[0][1])  # block 1 reads block 0's whole output, every token in place
+
+
+def test_routes_are_read_in_block_order_and_refused_when_they_overlap(capsys):
+    from types import SimpleNamespace as NS
+
+    from wan_tune.cli import main
+
+    def train(routes=(), ratio=0.0):
+        return NS(route_ratio=ratio, route_start=2, route_end=-2, routes=[NS(ratio=r, start=a, end=b) for r, a, b in routes])
+
+    assert route_spans(30, train(ratio=0.5)) == [(0.5, 2, 28)] and route_spans(30, train()) == []
+    assert route_spans(30, train([(0.25, 2, 7), (0.5, 8, -9), (0.25, -8, -2)])) == [(0.25, 2, 7), (0.5, 8, 21), (0.25, 22, 28)]
+    with pytest.raises(ValueError, match=r"train.routes: blocks 2..9 and 8..21 overlap"):
+        route_spans(30, train([(0.25, 2, 9), (0.5, 8, 21)]))
+    with pytest.raises(ValueError, match=r"train.routes\[1\]: route_start=40"):
+        route_spans(30, train([(0.25, 2, 9), (0.5, 40, 41)]))
+    recipe = str(ROOT / "recipes" / "wan2.1-t2v-1.3b-lora.yaml")
+    two = "train.routes=[{ratio: 0.25, start: 2, end: 9}, {ratio: 0.5, start: 8, end: -2}]"
+    assert main(["check", recipe, two]) == 2
+    assert "train.routes: wan2.1-t2v-1.3b: blocks 2..9 and 8..28 overlap" in capsys.readouterr().err
+    assert main(["check", recipe, "train.routes=[{ratio: 1.5}]"]) == 2
+    assert "train.routes[0].ratio: must be in [0, 1)" in capsys.readouterr().err
+    assert main(["check", recipe, "train.routes=[{ratio: 0.5}]", "train.route_ratio=0.5"]) == 2
+    assert "train.routes: train.route_ratio is set too" in capsys.readouterr().err
 
 
 CKPT = "train.gradient_checkpointing=true"
@@ -153,6 +206,12 @@ def test_the_plan_counts_the_routed_blocks_at_their_kept_tokens(capsys):
         flops[ratio] = float(line.split()[1].replace(",", ""))
     # 27 of 30 blocks at half the tokens: their projections halve, their self-attention quarters
     assert 0.3 < flops["0.5"] / flops["0"] < 0.5
+    # several routes: each span counted at its own kept tokens (the same 27 blocks, a quarter of them at 0.25)
+    assert main(["plan", str(ROOT / "recipes" / "wan2.1-t2v-1.3b-lora.yaml"),
+                 "train.routes=[{ratio: 0.25, start: 2, end: 8}, {ratio: 0.5, start: 9, end: -2}]"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("step:"))
+    assert "0.25 of the tokens skip blocks 2..8, 0.5 of the tokens skip blocks 9..28" in line
+    assert flops["0.5"] < float(line.split()[1].replace(",", "")) < flops["0"]
 
 
 @pytest.mark.slow
@@ -184,7 +243,7 @@ def test_block_offload_streams_the_routed_blocks_alike():
     results = []
     for offloaded in (False, True):
         model = six_block_model()
-        router = TokenRouter(0.5, 1, 4)
+        router = TokenRouter([(0.5, 1, 4)])
         router.install(model)
         if offloaded:
             offload = BlockOffload(model, keep=0, device=torch.device("cpu"))
@@ -194,3 +253,30 @@ def test_block_offload_streams_the_routed_blocks_alike():
     assert torch.equal(results[0][0], results[1][0])
     for name, grad in results[0][1].items():
         assert torch.equal(grad, results[1][1][name]), name
+
+
+@pytest.mark.slow
+def test_compiled_blocks_route_as_eager_ones_and_a_new_seed_recompiles_nothing(tiny_folders, tiny_shards, tmp_path):
+    """train.compile=true: the kept tokens' draw runs outside the compiled graphs (a seeded CPU
+    generator), the block's graph reads its indices; the losses equal the eager routed run's, and
+    the steps' new seeds add no recompiles."""
+    from torch._dynamo.utils import counters
+
+    def losses(name, **extra):
+        run = demo(tiny_folders, tiny_shards, tmp_path / name, **{**RUN, "train.steps": "3", "checkpoint.every": "1000",
+                                                                  "train.route_ratio": "0.5", **extra})
+        return [x["loss"] for x in metrics(train(run, progress=False, say=lambda *_: None)["run_dir"]) if "loss" in x]
+
+    assert losses("compiled", **{"train.compile": "true"}) == pytest.approx(losses("eager"), rel=1e-4)
+    model, inputs = tiny_model(tiny_folders), transformer_inputs("tiny")
+    router = TokenRouter([(0.5, 0, 1)])
+    router.install(model)
+    model.compile_repeated_blocks(backend="eager")  # the graphs, as train.compile's, without inductor's build
+
+    def graphs_after(seed):
+        with router.routing(seed):
+            model(**inputs, return_dict=False)[0].sum().backward()
+        return counters["stats"]["unique_graphs"]
+
+    first = graphs_after(0)
+    assert [graphs_after(seed) for seed in (1, 2, 3)] == [first] * 3

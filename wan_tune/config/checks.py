@@ -28,7 +28,7 @@ def cross_field_errors(r: Recipe, explicit: set[str], invalid: set[str]) -> list
         errors += _variant_errors(r, variant, invalid) + _shared_errors(r, variant)
     if r.train.context_parallel > 1:
         errors += _context_parallel_errors(r, variant)
-    if r.train.route_ratio:
+    if r.train.route_ratio or r.train.routes:
         errors += _routing_errors(r, variant)
     if r.validation.every and not r.validation.prompts:
         errors.append(("validation.prompts", "validation.every is set but there are no prompts; add prompts or set every=0"))
@@ -180,6 +180,9 @@ def _shared_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]]:
 def _variant_errors(r: Recipe, variant: Variant, invalid: set[str]) -> list[tuple[str, str]]:
     """What the chosen variant cannot take: expert settings, sizes, first frames."""
     errors = []
+    if variant.animate:  # loading is built (models/), prep of its inputs and training are not yet
+        errors.append(("model.variant", f"{variant.name}: training Wan2.2-Animate is not built yet (its reference "
+                       "image, pose and face videos have no prep or training path); the variant loads for inspection only"))
     if r.validation.guidance_scale_2 is not None and not variant.two_experts:
         errors.append(("validation.guidance_scale_2", f"is the low-noise expert's guidance; {variant.name} has one transformer"))
     if r.model.experts and not variant.two_experts:
@@ -266,20 +269,25 @@ def resolution_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]]:
 
 
 def _routing_errors(r: Recipe, variant: Variant | None) -> list[tuple[str, str]]:
-    """train.route_ratio: a span the model has; not with context parallelism or VACE (yet)."""
-    from ..models.token_routing import routed_span
+    """train.route_ratio / train.routes: spans the model has, in order; not with context parallelism or VACE (yet)."""
+    from ..models.token_routing import route_spans
 
     errors = []
+    key = "train.route_ratio" if r.train.route_ratio else "train.routes"
+    if r.train.route_ratio and r.train.routes:
+        return [("train.routes", "train.route_ratio is set too: give one route by route_ratio, or several by routes "
+                 "(set route_ratio=0)")]
     if variant is not None:
         try:
-            routed_span(variant.transformer["num_layers"], r.train.route_start, r.train.route_end)
+            route_spans(variant.transformer["num_layers"], r.train)
         except ValueError as err:
-            errors.append(("train.route_start", f"{variant.name}: {err}"))
+            where, _, what = str(err).partition(": ")
+            errors.append((where, f"{variant.name}: {what}"))
         if variant.vace:
-            errors.append(("train.route_ratio", f"{variant.name} adds VACE hints to the tokens between blocks, in their "
+            errors.append((key, f"{variant.name} adds VACE hints to the tokens between blocks, in their "
                            "order; routing reorders them inside its span: not built for VACE yet (set it to 0)"))
     if r.train.context_parallel > 1:
-        errors.append(("train.route_ratio", "routes a clip's tokens on one process; with train.context_parallel each "
+        errors.append((key, "routes a clip's tokens on one process; with train.context_parallel each "
                        "holds a share of them: not built yet (set it to 0, or train.context_parallel=1)"))
     return errors
 

@@ -30,6 +30,7 @@ from .field_checks import (
     unit_interval,
 )
 from .options import opt
+from .route_schema import RouteConfig
 from .source_schema import FRAME_EXTRACTION, SourceConfig
 
 # --- sections ---------------------------------------------------------------------------------
@@ -288,6 +289,10 @@ class TrainConfig:
         "route). 0.5 over blocks 2..-2 roughly halves those blocks' work. 0 = off.", check=below_one)
     route_start: int = opt(2, "First routed block (0-based; negative counts from the end: -1 is the last).")
     route_end: int = opt(-2, "Last routed block, inclusive (negative counts from the end: -2 is the one before the last).")
+    routes: list[RouteConfig] = opt(
+        [], "Several token routes (a progressive schedule), each a mapping of the `train.routes[]` keys below (ratio, "
+        "start, end): spans in block order that do not overlap, each with its own share of skipping tokens. Give "
+        "route_ratio or routes, not both.")
     context_parallel: int = opt(
         1,
         "Split each clip's tokens across this many processes (context parallelism, diffusers' Ulysses or ring attention): "
@@ -430,6 +435,6 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-ENTRIES: dict[str, type] = {"data.sources": SourceConfig}
+ENTRIES: dict[str, type] = {"data.sources": SourceConfig, "train.routes": RouteConfig}
 """List keys whose entries are mappings of their own keys (checked, and documented, key by key)."""
 SECTIONS: dict[str, type] = {name: f.default_factory for name, f in Recipe.__dataclass_fields__.items()}  # type: ignore[misc]

@@ -92,5 +92,9 @@ def to_diffusers(name: str) -> str:
 
 
 def state_dict_to_original(state_dict: dict) -> dict:
-    """A diffusers `WanTransformer3DModel` state dict with original (Wan / ComfyUI) keys."""
-    return {to_original(k): v for k, v in state_dict.items()}
+    """A diffusers `WanTransformer3DModel` state dict with original (Wan / ComfyUI) keys (Animate's
+    own weights renamed, reshaped and fused as the original holds them: models/animate_keys.py)."""
+    from .animate_keys import is_animate_key, to_original_animate
+
+    return {**{to_original(k): v for k, v in state_dict.items() if not is_animate_key(k)},
+            **to_original_animate(state_dict)}

@@ -173,7 +173,7 @@ def _check_single_file(source: ModelSource, expert: str) -> None:
         with safe_open(str(file), framework="pt") as f:
             keys = list(f.keys())
             shapes = {k: f.get_slice(k).get_shape() for k in keys if k.endswith("patch_embedding.weight")
-                      and "vace_" not in k}
+                      and "vace_" not in k and "pose_" not in k}
     except Exception as err:
         raise ModelLoadError(f"{key}: {file} is not a readable safetensors file ({err})") from None
     keys = [k.removeprefix("model.diffusion_model.") for k in keys]
@@ -196,7 +196,7 @@ def _check_single_file(source: ModelSource, expert: str) -> None:
 
 
 def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32, expert: str = "transformer"):
-    """A `WanTransformer3DModel` (VACE: `WanVACETransformer3DModel`) of a source (`expert`:
+    """A `WanTransformer3DModel` (VACE: `WanVACETransformer3DModel`, Animate: `WanAnimateTransformer3DModel`) of a source (`expert`:
     `transformer_2` is Wan2.2 A14B's low-noise expert), checked against the variant."""
     cls = transformer_class(source.variant)
     check_transformer_config(source, expert)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..data.atomic import new_file_mode
-from .variants import TINY_IMAGE_DIM, TINY_TEXT_DIM, Variant, get_variant, pipeline_class, transformer_class
+from .configs import TINY_IMAGE_DIM, TINY_TEXT_DIM
+from .variants import Variant, get_variant, pipeline_class, transformer_class
 
 # Words the demo and the tests use in captions; anything else becomes <unk>.
 _WORDS = """
@@ -103,7 +104,9 @@ def build_tiny_pipeline(variant: Variant | str = "tiny", seed: int = 0):
         )
     )
     image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    return WanImageToVideoPipeline(**parts, image_encoder=image_encoder.eval(), image_processor=image_processor)
+    # WanImageToVideoPipeline, or WanAnimatePipeline (the same CLIP reads its reference image)
+    return (pipeline_class(variant) if variant.animate else WanImageToVideoPipeline)(
+        **parts, image_encoder=image_encoder.eval(), image_processor=image_processor)
 
 
 def _tiny_vae(variant: Variant):

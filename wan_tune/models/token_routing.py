@@ -10,9 +10,14 @@ in its place. The routed tokens travel in the tensor itself, not beside it, so g
 (whose recompute calls the block again), activation offload, block offload, FFN chunks, attention
 checkpoints, fp8 storage and DDP / ZeRO / FSDP2 see an ordinary block call.
 
+Several routes (`train.routes`, a progressive schedule) are spans that do not overlap, each with its
+own ratio and its own draw: a token routed past one span runs through the blocks between spans and may
+be kept by the next.
+
 Which tokens are kept comes from a seed the trainer sets per micro-batch (`routing(seed)`): the same
-on a resume, drawn again for each length of sequence (a bucket's), and nothing else's random draws
-change. Outside `routing` (held-out scores, validation renders, inference) the blocks run as before.
+on a resume, drawn again for each length of sequence (a bucket's) and each route, and nothing else's
+random draws change. Outside `routing` (held-out scores, validation renders, inference) the blocks run
+as before.
 """
 
 from __future__ import annotations
@@ -34,6 +39,29 @@ def routed_span(num_layers: int, start: int, end: int) -> tuple[int, int]:
     return first, last
 
 
+def route_spans(num_layers: int, train) -> list[tuple[float, int, int]]:
+    """(ratio, first, last block) of each of the recipe's routes, in block order: `train.routes`, or the
+    shorthand `route_ratio` / `route_start` / `route_end` ([] when neither is set). ValueError naming
+    the key when a span is not in the model, or two overlap."""
+    if train.route_ratio and train.routes:
+        raise ValueError("train.route_ratio and train.routes both set: give one route by route_ratio, or several "
+                         "by routes (set route_ratio=0)")
+    given = [(r.ratio, r.start, r.end, f"train.routes[{i}]") for i, r in enumerate(train.routes)]
+    if train.route_ratio:
+        given = [(train.route_ratio, train.route_start, train.route_end, "train.route_start")]
+    spans = []
+    for ratio, start, end, key in given:
+        try:
+            spans.append((ratio, *routed_span(num_layers, start, end)))
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+    for (_, a0, a1), (_, b0, b1) in zip(spans, spans[1:]):
+        if b0 <= a1:
+            raise ValueError(f"train.routes: blocks {a0}..{a1} and {b0}..{b1} overlap or are out of order; give "
+                             "the routes in block order, each starting after the last one ends")
+    return spans
+
+
 def kept_tokens(tokens: int, ratio: float) -> int:
     """Tokens that run through the routed span (at least one)."""
     return max(1, tokens - round(ratio * tokens))
@@ -41,10 +69,10 @@ def kept_tokens(tokens: int, ratio: float) -> int:
 
 class TokenRouter:
     """The routing of one transformer: install once, then `routing(seed)` around each micro-batch's
-    forward and backward."""
+    forward and backward. `routes`: (ratio, first, last block) of each span, in block order."""
 
-    def __init__(self, ratio: float, first: int, last: int):
-        self.ratio, self.first, self.last = ratio, first, last
+    def __init__(self, routes: list[tuple[float, int, int]]):
+        self.routes = routes
         self.seed: int | None = None
         self._orders: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -57,48 +85,55 @@ class TokenRouter:
         finally:
             self.seed, self._orders = None, {}
 
-    def order(self, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(permutation, its inverse) of `tokens` positions: kept tokens first. One draw per seed and length."""
-        key = (self.seed, tokens, str(device))
+    @torch.compiler.disable
+    def order(self, tokens: int, device: torch.device, route: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(permutation, its inverse) of `tokens` positions for route `route`: kept tokens first. One
+        draw per seed, length and route (route 0's seed is the micro-batch's own). Outside
+        train.compile's graphs (a seeded CPU generator cannot be traced): the block's graph calls it
+        and goes on with its indices, and a new seed recompiles nothing."""
+        key = (route, tokens, str(device))
         if key not in self._orders:
-            g = torch.Generator().manual_seed(self.seed)
+            g = torch.Generator().manual_seed((self.seed + route * 0x9E3779B97F4A7C15) % 2**63)
             perm = torch.randperm(tokens, generator=g)
-            kept = kept_tokens(tokens, self.ratio)
+            kept = kept_tokens(tokens, self.routes[route][0])
             perm = torch.cat([perm[:kept].sort().values, perm[kept:].sort().values])  # kept in their own order
             self._orders[key] = (perm.to(device), torch.argsort(perm).to(device))
         return self._orders[key]
 
     def install(self, model) -> None:
-        for j in range(self.first, self.last + 1):
-            block = model.blocks[j]
-            whole = getattr(block, "_unrouted_forward", block.forward)
-            block._unrouted_forward = whole
-            block.forward = self._forward(whole, j)
+        for route, (_, first, last) in enumerate(self.routes):
+            for j in range(first, last + 1):
+                block = model.blocks[j]
+                whole = getattr(block, "_unrouted_forward", block.forward)
+                block._unrouted_forward = whole
+                block.forward = self._forward(whole, route, j == first, j == last)
 
-    def _forward(self, whole, j: int):
+    def _forward(self, whole, route: int, first: bool, last: bool):
+        ratio = self.routes[route][0]
+
         def forward(hidden_states: torch.Tensor, encoder_hidden_states, temb, rotary_emb, *args, **kwargs):
             if self.seed is None:
                 return whole(hidden_states, encoder_hidden_states, temb, rotary_emb, *args, **kwargs)
             tokens = hidden_states.shape[1]
-            perm, inverse = self.order(tokens, hidden_states.device)
-            if j == self.first:
+            perm, inverse = self.order(tokens, hidden_states.device, route)
+            if first:
                 hidden_states = hidden_states[:, perm]
-            kept = kept_tokens(tokens, self.ratio)
+            kept = kept_tokens(tokens, ratio)
             index = perm[:kept]
             rope = tuple(r[:, index] for r in rotary_emb) if isinstance(rotary_emb, tuple) else rotary_emb[:, index]
             temb = temb[:, index] if temb.ndim == 4 else temb  # Wan2.2 TI2V: a timestep embedding per token
             out = whole(hidden_states[:, :kept], encoder_hidden_states, temb, rope, *args, **kwargs)
             out = torch.cat([out, hidden_states[:, kept:]], dim=1)
-            return out[:, inverse] if j == self.last else out
+            return out[:, inverse] if last else out
 
         return forward
 
 
 def make_router(model, train) -> TokenRouter | None:
-    """The recipe's router installed on `model` (None when train.route_ratio is 0)."""
-    if not train.route_ratio:
+    """The recipe's router installed on `model` (None without routes)."""
+    spans = route_spans(len(model.blocks), train)
+    if not spans:
         return None
-    first, last = routed_span(len(model.blocks), train.route_start, train.route_end)
-    router = TokenRouter(train.route_ratio, first, last)
+    router = TokenRouter(spans)
     router.install(model)
     return router

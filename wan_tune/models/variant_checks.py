@@ -23,6 +23,8 @@ ARCHITECTURE_KEYS = (
     "pos_embed_seq_len",  # FLF2V's; the I2V 14B 720P is otherwise the same
     "vace_layers",  # VACE's; its main blocks are the T2V model's
     "vace_in_channels",
+    "motion_encoder_dim",  # Animate's; its blocks are the I2V 14B's
+    "inject_face_latents_blocks",
 )
 
 

@@ -9,18 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-# Shared by every Wan2.1 and Wan2.2 transformer (DESIGN.md section 3).
-_WAN_COMMON: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "attention_head_dim": 128,
-    "freq_dim": 256,
-    "text_dim": 4096,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "out_channels": 16,
-    "rope_max_seq_len": 1024,  # keep the default: small values break wide latents
-}
+from .configs import (
+    TINY_ANIMATE,
+    TINY_IMAGE_TOKENS,
+    animate,
+    tiny,
+    tiny22,
+    vace,
+    wan21,
+    wan22_5b,
+    wan22_a14b,
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,12 @@ class Variant:
         return "vace_layers" in self.transformer
 
     @property
+    def animate(self) -> bool:
+        """Wan2.2-Animate: an I2V model that also reads a pose video (latents) and a face video (pixels,
+        through its motion encoder), conditioned on a reference image of the character."""
+        return "motion_encoder_dim" in self.transformer
+
+    @property
     def vace_blocks(self) -> int:
         """How many VACE blocks the transformer has (0 for the others)."""
         return len(self.transformer.get("vace_layers", ()))
@@ -90,11 +95,15 @@ class Variant:
             return "flf2v"
         if self.vace:
             return "vace"
+        if self.animate:
+            return "animate"
         return "i2v" if self.image_conditioned(task) else "t2v"
 
     @property
     def kind(self) -> str:
-        """T2V, I2V, FLF2V or VACE, as the README's table says it."""
+        """T2V, I2V, FLF2V, VACE or Animate, as the README's table says it."""
+        if self.animate:
+            return "Animate"
         return "FLF2V" if self.last_frame else "VACE" if self.vace else self.task.upper()
 
     @property
@@ -140,10 +149,13 @@ class Variant:
 
 def transformer_class(variant: Variant | dict[str, Any]):
     """The diffusers class of a variant's (or a transformer config's) model:
-    `WanVACETransformer3DModel` for VACE, `WanTransformer3DModel` for the rest."""
+    `WanVACETransformer3DModel` for VACE, `WanAnimateTransformer3DModel` for Animate,
+    `WanTransformer3DModel` for the rest."""
     import diffusers
 
     config = variant.transformer if isinstance(variant, Variant) else variant
+    if "motion_encoder_dim" in config:
+        return diffusers.WanAnimateTransformer3DModel
     return diffusers.WanVACETransformer3DModel if "vace_layers" in config else diffusers.WanTransformer3DModel
 
 
@@ -153,6 +165,8 @@ def pipeline_class(variant: Variant, with_image: bool = False):
 
     if variant.vace:
         return diffusers.WanVACEPipeline
+    if variant.animate:
+        return diffusers.WanAnimatePipeline
     return diffusers.WanImageToVideoPipeline if variant.is_i2v or with_image else diffusers.WanPipeline
 
 
@@ -172,61 +186,6 @@ def trained_experts(variant: Variant, chosen: list[str]) -> list[str]:
     return [e for e in variant.experts if EXPERT_LABELS[e] in chosen]
 
 
-def _wan21(heads: int, layers: int, ffn: int, *, i2v: bool = False) -> dict[str, Any]:
-    cfg = dict(_WAN_COMMON, num_attention_heads=heads, num_layers=layers, ffn_dim=ffn)
-    if i2v:
-        # 16 noisy latent channels + 4 mask channels + 16 condition-latent channels.
-        cfg.update(in_channels=36, image_dim=1280, added_kv_proj_dim=heads * 128)
-    else:
-        cfg.update(in_channels=16, image_dim=None, added_kv_proj_dim=None)
-    return cfg
-
-
-def _vace(cfg: dict[str, Any], layers: list[int]) -> dict[str, Any]:
-    # diffusers' conversion script ("Wan-VACE-1.3B" / "Wan-VACE-14B"): a T2V model plus one VACE
-    # block per listed layer. 96 context channels: inactive + reactive video latents (2 x 16) and
-    # the mask folded 8 x 8 into 64 channels (WanVACEPipeline.prepare_masks).
-    return dict(cfg, vace_layers=layers, vace_in_channels=96)
-
-
-def _wan22_5b() -> dict[str, Any]:
-    # 48 latent channels in and out (the Wan2.2 VAE); no image branch: TI2V conditions on an
-    # image by replacing the first latent frame.
-    return dict(_WAN_COMMON, num_attention_heads=24, num_layers=30, ffn_dim=14336, in_channels=48, out_channels=48,
-                image_dim=None, added_kv_proj_dim=None)
-
-
-def _wan22_a14b(*, i2v: bool) -> dict[str, Any]:
-    # Each expert is a Wan2.1 14B; the I2V one takes mask + condition latents but no CLIP tokens.
-    return dict(_wan21(40, 40, 13824), in_channels=36 if i2v else 16)
-
-
-def _tiny(*, i2v: bool) -> dict[str, Any]:
-    # Two layers and small dims; the head dim must leave room for the 3-axis RoPE split.
-    cfg = dict(
-        _WAN_COMMON,
-        num_attention_heads=2,
-        attention_head_dim=24,
-        num_layers=2,
-        ffn_dim=64,
-        freq_dim=32,
-        text_dim=TINY_TEXT_DIM,
-    )
-    if i2v:
-        cfg.update(in_channels=36, image_dim=TINY_IMAGE_DIM, added_kv_proj_dim=48)
-    else:
-        cfg.update(in_channels=16, image_dim=None, added_kv_proj_dim=None)
-    return cfg
-
-
-TINY_TEXT_DIM = 32
-TINY_IMAGE_DIM = 32
-TINY_IMAGE_TOKENS = 5  # the tiny CLIP (models/tiny.py): (28 / 14)^2 patches + the class token
-
-
-def _tiny22(**changes) -> dict[str, Any]:
-    return dict(_tiny(i2v=False), **changes)
-
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in [
@@ -234,7 +193,7 @@ VARIANTS: dict[str, Variant] = {
             name="wan2.1-t2v-1.3b",
             task="t2v",
             hub_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-            transformer=_wan21(12, 30, 8960),
+            transformer=wan21(12, 30, 8960),
             flow_shift=3.0,
             resolution=(480, 832),
             expected_params=1.42e9,
@@ -243,7 +202,7 @@ VARIANTS: dict[str, Variant] = {
             name="wan2.1-t2v-14b",
             task="t2v",
             hub_id="Wan-AI/Wan2.1-T2V-14B-Diffusers",
-            transformer=_wan21(40, 40, 13824),
+            transformer=wan21(40, 40, 13824),
             flow_shift=5.0,
             resolution=(720, 1280),
             expected_params=14.3e9,
@@ -252,7 +211,7 @@ VARIANTS: dict[str, Variant] = {
             name="wan2.1-i2v-14b-480p",
             task="i2v",
             hub_id="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
-            transformer=_wan21(40, 40, 13824, i2v=True),
+            transformer=wan21(40, 40, 13824, i2v=True),
             flow_shift=3.0,
             resolution=(480, 832),
             expected_params=16.4e9,
@@ -261,7 +220,7 @@ VARIANTS: dict[str, Variant] = {
             name="wan2.1-i2v-14b-720p",
             task="i2v",
             hub_id="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
-            transformer=_wan21(40, 40, 13824, i2v=True),
+            transformer=wan21(40, 40, 13824, i2v=True),
             flow_shift=5.0,
             resolution=(720, 1280),
             expected_params=16.4e9,
@@ -272,7 +231,7 @@ VARIANTS: dict[str, Variant] = {
             hub_id="Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers",
             # diffusers' conversion script (scripts/convert_wan_to_diffusers.py, "Wan-FLF2V-14B-720P"):
             # the I2V 14B with a position embedding over the two images' 2 x 257 CLIP tokens.
-            transformer=dict(_wan21(40, 40, 13824, i2v=True), pos_embed_seq_len=2 * 257),
+            transformer=dict(wan21(40, 40, 13824, i2v=True), pos_embed_seq_len=2 * 257),
             flow_shift=16.0,  # Wan's generate.py: sample_shift 16 for flf2v
             resolution=(720, 1280),
             expected_params=16.4e9,
@@ -283,7 +242,7 @@ VARIANTS: dict[str, Variant] = {
             name="wan2.1-vace-1.3b",
             task="t2v",
             hub_id="Wan-AI/Wan2.1-VACE-1.3B-diffusers",
-            transformer=_vace(_wan21(12, 30, 8960), list(range(0, 30, 2))),
+            transformer=vace(wan21(12, 30, 8960), list(range(0, 30, 2))),
             flow_shift=16.0,  # Wan's generate.py: sample_shift 16 for vace
             resolution=(480, 832),
             expected_params=2.15e9,
@@ -293,7 +252,7 @@ VARIANTS: dict[str, Variant] = {
             name="wan2.1-vace-14b",
             task="t2v",
             hub_id="Wan-AI/Wan2.1-VACE-14B-diffusers",
-            transformer=_vace(_wan21(40, 40, 13824), list(range(0, 40, 5))),
+            transformer=vace(wan21(40, 40, 13824), list(range(0, 40, 5))),
             flow_shift=16.0,
             resolution=(720, 1280),
             expected_params=17.3e9,
@@ -305,7 +264,7 @@ VARIANTS: dict[str, Variant] = {
             # alibaba-pai's Wan2.2-VACE-Fun-A14B as diffusers' conversion script ("Wan2.2-VACE-Fun-14B")
             # writes it: each expert a VACE 14B; the diffusers-format copy is a community conversion.
             hub_id="linoyts/Wan2.2-VACE-Fun-14B-diffusers",
-            transformer=_vace(_wan21(40, 40, 13824), list(range(0, 40, 5))),
+            transformer=vace(wan21(40, 40, 13824), list(range(0, 40, 5))),
             flow_shift=3.0,  # as the Wan2.2 T2V A14B pipeline's scheduler
             resolution=(720, 1280),
             experts=("transformer", "transformer_2"),
@@ -317,7 +276,7 @@ VARIANTS: dict[str, Variant] = {
             name="wan2.2-ti2v-5b",
             task="t2v",
             hub_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-            transformer=_wan22_5b(),
+            transformer=wan22_5b(),
             flow_shift=5.0,
             resolution=(704, 1280),
             frames=121,
@@ -331,7 +290,7 @@ VARIANTS: dict[str, Variant] = {
             name="wan2.2-t2v-a14b",
             task="t2v",
             hub_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
-            transformer=_wan22_a14b(i2v=False),
+            transformer=wan22_a14b(i2v=False),
             flow_shift=3.0,
             resolution=(720, 1280),
             experts=("transformer", "transformer_2"),
@@ -343,7 +302,7 @@ VARIANTS: dict[str, Variant] = {
             name="wan2.2-i2v-a14b",
             task="i2v",
             hub_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
-            transformer=_wan22_a14b(i2v=True),
+            transformer=wan22_a14b(i2v=True),
             flow_shift=3.0,
             resolution=(720, 1280),
             experts=("transformer", "transformer_2"),
@@ -352,10 +311,22 @@ VARIANTS: dict[str, Variant] = {
             notes="two 14B experts; conditions on mask + first-frame latents, no CLIP image tokens",
         ),
         Variant(
+            name="wan2.2-animate-14b",
+            task="i2v",
+            hub_id="Wan-AI/Wan2.2-Animate-14B-Diffusers",
+            transformer=animate(wan21(40, 40, 13824, i2v=True)),
+            flow_shift=5.0,  # diffusers' conversion script: UniPC flow_shift 5 for Animate
+            resolution=(720, 1280),
+            frames=77,  # the pipeline's segment_frame_length
+            fps=30,  # Wan2.2's Animate preprocessing (preprocess_data.py) resamples the driving video to 30
+            expected_params=17.3e9,
+            notes="character animation / replacement: reference image, pose and face videos",
+        ),
+        Variant(
             name="tiny",
             task="t2v",
             hub_id=None,
-            transformer=_tiny(i2v=False),
+            transformer=tiny(i2v=False),
             flow_shift=3.0,
             resolution=(64, 96),
             frames=9,
@@ -366,7 +337,7 @@ VARIANTS: dict[str, Variant] = {
             name="tiny-i2v",
             task="i2v",
             hub_id=None,
-            transformer=_tiny(i2v=True),
+            transformer=tiny(i2v=True),
             flow_shift=3.0,
             resolution=(64, 96),
             frames=9,
@@ -377,7 +348,7 @@ VARIANTS: dict[str, Variant] = {
             name="tiny-ti2v",
             task="t2v",
             hub_id=None,
-            transformer=_tiny22(in_channels=48, out_channels=48),
+            transformer=tiny22(in_channels=48, out_channels=48),
             flow_shift=5.0,
             resolution=(64, 96),
             frames=9,
@@ -391,7 +362,7 @@ VARIANTS: dict[str, Variant] = {
             name="tiny-a14b",
             task="t2v",
             hub_id=None,
-            transformer=_tiny22(),
+            transformer=tiny22(),
             flow_shift=3.0,
             resolution=(64, 96),
             frames=9,
@@ -404,7 +375,7 @@ VARIANTS: dict[str, Variant] = {
             name="tiny-flf2v",
             task="i2v",
             hub_id=None,
-            transformer=dict(_tiny(i2v=True), pos_embed_seq_len=2 * TINY_IMAGE_TOKENS),
+            transformer=dict(tiny(i2v=True), pos_embed_seq_len=2 * TINY_IMAGE_TOKENS),
             flow_shift=3.0,
             resolution=(64, 96),
             frames=9,
@@ -416,7 +387,7 @@ VARIANTS: dict[str, Variant] = {
             name="tiny-vace",
             task="t2v",
             hub_id=None,
-            transformer=_vace(_tiny(i2v=False), [0, 1]),
+            transformer=vace(tiny(i2v=False), [0, 1]),
             flow_shift=3.0,
             resolution=(64, 96),
             frames=9,
@@ -427,7 +398,7 @@ VARIANTS: dict[str, Variant] = {
             name="tiny-vace-a14b",
             task="t2v",
             hub_id=None,
-            transformer=_vace(_tiny(i2v=False), [0, 1]),
+            transformer=vace(tiny(i2v=False), [0, 1]),
             flow_shift=3.0,
             resolution=(64, 96),
             frames=9,
@@ -440,7 +411,7 @@ VARIANTS: dict[str, Variant] = {
             name="tiny-a14b-i2v",
             task="i2v",
             hub_id=None,
-            transformer=_tiny22(in_channels=36),
+            transformer=tiny22(in_channels=36),
             flow_shift=3.0,
             resolution=(64, 96),
             frames=9,
@@ -448,6 +419,17 @@ VARIANTS: dict[str, Variant] = {
             boundary_ratio=0.9,
             tiny=True,
             notes="random init, I2V-A14B-shaped: two experts, mask + condition latents, no CLIP",
+        ),
+        Variant(
+            name="tiny-animate",
+            task="i2v",
+            hub_id=None,
+            transformer=animate(tiny(i2v=True), **TINY_ANIMATE),
+            flow_shift=5.0,
+            resolution=(64, 96),
+            frames=9,
+            tiny=True,
+            notes="random init, Animate-shaped: pose patch embedding, motion and face encoders, face adapters",
         ),
     ]
 }

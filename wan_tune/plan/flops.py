@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def step_flops(model, tokens: int, full: bool, text_tokens: int = 512, routing: tuple[float, int, int] | None = None
-               ) -> float:
+def step_flops(model, tokens: int, full: bool, text_tokens: int = 512,
+               routing: list[tuple[float, int, int]] = ()) -> float:
     """Matmul FLOPs of one step. Linears that read the text (the text embedder, cross-attention
     k/v, and the I2V image k/v, counted at the text length) run on `text_tokens`, the rest on the
     video tokens; attention adds 4*S*S*D (self) and 4*S*T*D (cross) per block. A LoRA step is ~2x
     the forward (backward to activations only; frozen weights get no gradient), full fine-tuning ~3x.
-    `routing` (ratio, first, last block): train.route_ratio's span runs on its kept tokens."""
+    `routing`: (ratio, first, last block) of each token route, whose span runs on its kept tokens."""
     cfg = model.config
     dim = cfg.num_attention_heads * cfg.attention_head_dim
     text_side = ("text_embedder", "attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj")
@@ -26,8 +26,8 @@ def step_flops(model, tokens: int, full: bool, text_tokens: int = 512, routing: 
                 video += m.in_features * m.out_features
     layers = cfg.num_layers + len(getattr(cfg, "vace_layers", None) or ())  # VACE blocks attend like the others
     forward = 2 * (video * tokens + text * text_tokens) + layers * (4 * tokens**2 * dim + 4 * tokens * text_tokens * dim)
-    if routing is not None:
-        forward -= routed_saving(model, tokens, text_tokens, text_side, *routing)
+    for route in routing:
+        forward -= routed_saving(model, tokens, text_tokens, text_side, *route)
     return (3 if full else 2) * forward + materialised_update_flops(model, tokens, text_tokens, text_side)
 
 

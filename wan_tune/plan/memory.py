@@ -18,7 +18,7 @@ from ..memory.host_arena import packed_bytes
 from ..models.precision import AUTOCAST, base_dtype
 from ..models.variants import Variant, get_variant, trained_experts
 from .flops import step_flops
-from .meta_step import StepCount, count_step, with_train
+from .meta_step import StepCount, count_step, with_routes, with_train
 
 GIB = 2**30
 # Streamed blocks on the GPU at once under train.offload=blocks: the one running, the next one
@@ -226,12 +226,21 @@ class MemoryPlan:
             engine = (self.autocast or torch.float32) if deepspeed else None
             args = (self.shape.batch_shapes(cp, self.variant.transformer["patch_size"][1:]), self.load_dtype,
                     self.autocast, engine)
-            # Kept for the process (never on disk): plans of the same recipe share their counts.
-            key = (to_yaml(recipe), self.variant.name, *map(repr, args))
-            if key not in _COUNTS:
-                _COUNTS[key] = count_step(recipe, self.variant, *args, cuda=self.device == "gpu")
-            self._counts[mine] = _COUNTS[key].extend(self.layers)
+            count = self._counted(recipe, args).extend(self.layers)
+            routes = self.routing()
+            if routes:  # the routed blocks at their kept tokens (a count per ratio: blocks 1..3 of 4 routed)
+                routed = {ratio: self._counted(recipe, args, ((ratio, 1, 3),)) for ratio, _, _ in routes}
+                count = with_routes(count, routed, routes)
+            self._counts[mine] = count
         return self._counts[mine]
+
+    def _counted(self, recipe: Recipe, args: tuple, routes: tuple = ()) -> StepCount:
+        # Kept for the process (never on disk): plans of the same recipe share their counts.
+        key = (to_yaml(recipe), self.variant.name, *map(repr, args), routes)
+        if key not in _COUNTS:
+            _COUNTS[key] = count_step(recipe, self.variant, *args, cuda=self.device == "gpu",
+                                      layers=4 if routes else 2, routes=routes)
+        return _COUNTS[key]
 
     def flops(self, cp: int = 1) -> float:
         """Matmul FLOPs of one step on one GPU (`step_flops` of the whole model, built on the meta
@@ -249,14 +258,11 @@ class MemoryPlan:
         return self.shape.batch * step_flops(model, self.shape.tokens, self.full, self.shape.text_tokens,
                                              self.routing()) / cp
 
-    def routing(self) -> tuple[float, int, int] | None:
-        """train.route_ratio's (ratio, first, last block), or None."""
-        from ..models.token_routing import routed_span
+    def routing(self) -> list[tuple[float, int, int]]:
+        """train.route_ratio's or train.routes' (ratio, first, last block) of each route ([]: none)."""
+        from ..models.token_routing import route_spans
 
-        t = self.recipe.train
-        if not t.route_ratio:
-            return None
-        return (t.route_ratio, *routed_span(self.variant.transformer["num_layers"], t.route_start, t.route_end))
+        return route_spans(self.variant.transformer["num_layers"], self.recipe.train)
 
     # --- the layout of one step ----------------------------------------------------------------
 

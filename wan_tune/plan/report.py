@@ -76,9 +76,9 @@ def flops_line(plan: MemoryPlan, cp: int = 1) -> str:
     recompute = step / (3 if plan.full else 2)  # checkpointing runs the forward once more
     line = (f"step: {_flop(step)} of matmuls per {'GPU' if plan.device == 'gpu' else 'process'} "
             f"(+{_flop(recompute)} recomputed with gradient checkpointing)")
-    routing = plan.routing()
-    if routing is not None:
-        line += f"; token routing: {routing[0]:g} of the tokens skip blocks {routing[1]}..{routing[2]}"
+    routes = plan.routing()
+    if routes:
+        line += "; token routing: " + ", ".join(f"{ratio:g} of the tokens skip blocks {a}..{b}" for ratio, a, b in routes)
     if any(src.role == "preserve" for src in data_sources(plan.recipe)):
         # the base model's prediction, without the adapter and without a graph: one more forward
         line += f"; +{_flop(recompute)} on steps that draw a role: preserve sample (the base model's prediction)"

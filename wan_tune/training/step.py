@@ -54,7 +54,7 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor, preserve: fr
     trainee = expert_of(run, step)
     model, optimizer = trainee.model, trainee.optimizer
     for micro in range(accum):
-        batch = to_device(next(batches), accelerator.device, torch.float32, recipe.data.max_text_tokens)
+        batch, kept = next_batch(run, batches, preserve)
         gen = micro_generator(recipe.run.seed, step, micro, accum, rank, world)
         if recipe.adapter.dropout > 0:  # LoRA dropout draws from the global RNG; torch.manual_seed
             # costs ~1 ms (it seeds every device type), so only when something uses it.
@@ -72,12 +72,12 @@ def train_step(run, step: int, batches, empty_prompt: torch.Tensor, preserve: fr
         sigmas = run.draw(n, gen, *run.bounds[trainee.name], tokens=clip_tokens)
         noise = torch.randn(x0.shape, generator=gen)
         with accelerator.accumulate(model), routed(run, model, step, micro):  # train.route_ratio: its kept tokens
-            base = base_prediction(run, model, batch, sigmas, noise, preserve)  # role: preserve (every rank, or none)
+            base = base_prediction(run, model, batch, sigmas, noise, kept)  # role: preserve (every rank, or none)
             with accelerator.autocast():
                 pred, target = fm.predict(model, variant, batch, sigmas.to(accelerator.device),
                                           noise.to(accelerator.device), run.compute_dtype,
                                           recipe.train.loss_mask_conditioned_frames)
-                target, weights = preserved(run, batch, target, fm.loss_weights(sigmas, t.loss_weighting), base, preserve)
+                target, weights = preserved(run, target, fm.loss_weights(sigmas, t.loss_weighting), base, kept)
                 loss = fm.flow_matching_loss(pred, target, weights.to(pred.device))
             # The backward outside autocast, as torch's AMP guide has it: the checkpoints' recomputes
             # restore the forward's autocast themselves, and no cast cached by the forward's autocast
@@ -139,12 +139,16 @@ def routed(run, model, step: int, micro: int):
     return router.routing((run.recipe.run.seed * 2_000_003 + 7 * position + 1) % 2**63)
 
 
-def _kept(batch: dict, preserve: frozenset) -> torch.Tensor | None:
-    """Which samples of the batch are of `role: preserve` sources (None: the run has none)."""
-    return torch.tensor([int(i) in preserve for i in batch["index"]]) if preserve else None
+def next_batch(run, batches, preserve: frozenset) -> tuple[dict, torch.Tensor | None]:
+    """The next micro-batch on the device, and which of its samples are of `role: preserve` sources
+    (None: the run has none), read from the host's indices before the move: on a GPU, reading them
+    back from the device would wait for it once per sample."""
+    batch = next(batches)
+    kept = torch.tensor([int(i) in preserve for i in batch["index"].tolist()]) if preserve else None
+    return to_device(batch, run.accelerator.device, torch.float32, run.recipe.data.max_text_tokens), kept
 
 
-def base_prediction(run, model, batch: dict, sigmas, noise, preserve: frozenset) -> torch.Tensor | None:
+def base_prediction(run, model, batch: dict, sigmas, noise, kept: torch.Tensor | None) -> torch.Tensor | None:
     """The base model's own prediction for the batch (adapter off, same noise, sigma and conditioning,
     no graph, the step's autocast), when any rank's batch holds a `role: preserve` sample; None
     otherwise. Every rank runs it or none does: the forward of a DDP model broadcasts its buffers, and
@@ -152,7 +156,6 @@ def base_prediction(run, model, batch: dict, sigmas, noise, preserve: frozenset)
     from .launch import agree
     from .validation import adapters_off
 
-    kept = _kept(batch, preserve)
     if kept is None or not agree(run.accelerator, bool(kept.any())):
         return None
     device = run.accelerator.device
@@ -162,11 +165,11 @@ def base_prediction(run, model, batch: dict, sigmas, noise, preserve: frozenset)
     return base
 
 
-def preserved(run, batch: dict, target, weights, base: torch.Tensor | None, preserve: frozenset):
+def preserved(run, target, weights, base: torch.Tensor | None, kept: torch.Tensor | None):
     """(target, weights) with the `role: preserve` samples' target replaced by the base model's
     prediction `base`, and their weight scaled by train.preserve_weight: the adapter learns to leave
-    those clips as the base model made them. Without `base` (no preserve sample on any rank), as given."""
-    kept = _kept(batch, preserve)
+    those clips as the base model made them. Without `base` (no preserve sample on any rank), as given.
+    `kept`: the batch's preserve samples (a host mask)."""
     if base is None or not kept.any():
         return target, weights
     where = kept.view(-1, *([1] * (target.dim() - 1))).to(target.device)
