@@ -380,11 +380,16 @@ def _vace_tensors(encoders: Encoders, sample: Sample) -> dict[str, torch.Tensor]
 
 
 def _announce_unused_vace(items: list[SourceItem], variant, say) -> None:
-    given = [it for it in items if it.vace]
+    given = [it for it in items if it.vace and (it.vace.references or it.vace.control or it.vace.mask)]
     if given and not variant.vace:
         say(f"{len(given)} clip(s) come with VACE inputs (references / control / mask, e.g. {given[0].vace.files()[0]}), "
             f"but model.variant={variant.name} is not a VACE model: they are not used. For VACE training use "
             "wan2.1-vace-1.3b or wan2.1-vace-14b")
+    animate = [it for it in items if it.vace.pose or it.vace.face or it.vace.background]
+    if animate:  # Wan2.2-Animate's inputs: training it is not built yet (#38)
+        say(f"{len(animate)} clip(s) come with Wan2.2-Animate inputs (pose / face / background videos, e.g. "
+            f"{(animate[0].vace.pose or animate[0].vace.face or animate[0].vace.background)}): not used; training "
+            "Animate is not built yet")
 
 
 def _still(video: torch.Tensor, index: int):

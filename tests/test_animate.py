@@ -85,3 +85,82 @@ def test_training_an_animate_variant_is_refused_in_one_line(capsys):
     assert main(["check", str(ROOT / "recipes" / "demo-tiny.yaml"), "model.variant=tiny-animate"]) == 2
     err = capsys.readouterr().err
     assert "model.variant: tiny-animate: training Wan2.2-Animate is not built yet" in err
+
+
+def _frames(n: int, size: tuple[int, int], seed: int):
+    """`n` random RGB frames (PIL) of `size` (width, height)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["animate", "replace"])
+def test_the_training_call_equals_the_pipelines_transformer_call(animate_folder, mode):
+    """Conditioning encoded once through the pipeline's own methods, laid beside the noisy latents
+    as a training step lays them: the transformer's inputs equal what WanAnimatePipeline hands it
+    (captured by a forward hook) at the same latents and step, in animation and replacement."""
+    from wan_tune.models.animate import clean_latents, encode_conditions, transformer_kwargs
+
+    pipe = WanAnimatePipeline.from_pretrained(animate_folder)
+    image, pose, face = _frames(1, (96, 64), 0)[0], _frames(9, (96, 64), 1), _frames(9, (40, 40), 2)
+    extra = dict(background_video=_frames(9, (96, 64), 3), mask_video=_frames(9, (96, 64), 4)) if mode == "replace" else {}
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    pipe(image=image, pose_video=pose, face_video=face, prompt="a red ball", height=64, width=96, segment_frame_length=9,
+         num_inference_steps=1, mode=mode, output_type="latent", generator=torch.Generator().manual_seed(0), **extra)
+    hook.remove()
+    (call,) = seen
+    stored = encode_conditions(pipe, image, pose, face, 64, 96, mode, extra.get("background_video"), extra.get("mask_video"))
+    batch = {k: v[None] for k, v in stored.items()}
+    noisy = call["hidden_states"][:, :16]
+    ours = transformer_kwargs(noisy, batch, pipe.transformer.dtype)
+    assert ours.keys() <= call.keys()
+    for key, value in ours.items():
+        assert value.shape == call[key].shape and torch.equal(value, call[key]), key
+    assert stored["face"].shape == (3, 9, 512, 512) and stored["pose"].shape == (16, 3, 8, 12)
+    # the clean target: the reference's latent in the slot the pipeline drops, then the clip's frames
+    clip = torch.randn(1, 16, 3, 8, 12)
+    target = clean_latents(clip, batch["reference"])
+    assert target.shape == (1, 16, 4, 8, 12) and torch.equal(target[:, :, 1:], clip)
+    assert torch.equal(target[:, :, :1], batch["reference"][:, 4:])
+
+
+def test_animate_sidecars_are_found_never_trained_as_footage_and_checked(tmp_path):
+    """clip.pose.mp4 / clip.face.mp4 / clip.bg.mp4 beside a clip are its Animate inputs (a folder's
+    sidecars or a manifest's columns), never clips; a missing, short, misshapen one is a report reason."""
+    import numpy as np
+
+    from wan_tune.media.animate_inputs import check_animate_inputs
+    from wan_tune.media.footage import SkipClip, probe
+    from wan_tune.media.vace_inputs import VaceInputs, from_record, split_sidecars
+    from wan_tune.media.video_io import write_video
+
+    def video(name, frames, h, w):
+        return write_video(tmp_path / name, np.zeros((frames, h, w, 3), np.uint8) + 128, fps=16)
+
+    clip = video("dance.mp4", 9, 64, 96)
+    pose, face, bg, mask = video("dance.pose.mp4", 9, 32, 48), video("dance.face.mp4", 9, 64, 64), \
+        video("dance.bg.mp4", 9, 64, 96), video("dance.mask.mp4", 9, 64, 96)
+    footage, inputs, orphans = split_sidecars([clip, pose, face, bg, mask, tmp_path / "solo.face.mp4"])
+    assert footage == [clip] and [o.name for o, _ in orphans] == ["solo.face.mp4"]
+    given = inputs[clip]
+    assert (given.pose, given.face, given.background, given.mask) == tuple(map(str, (pose, face, bg, mask)))
+    assert VaceInputs.from_json(given.to_json()) == given
+    assert from_record({"pose": "dance.pose.mp4", "face": "dance.face.mp4"}, tmp_path).pose == str(pose)
+    info = probe(str(clip), False)
+    check_animate_inputs(given, info, "replace")  # all present, one frame per clip frame, the clip's aspect
+    with pytest.raises(SkipClip, match=r"needs a background and a mask video per clip.*clip.bg.mp4, clip.mask.mp4"):
+        check_animate_inputs(VaceInputs(pose=str(pose), face=str(face)), info, "replace")
+    with pytest.raises(SkipClip, match="needs a face video"):
+        check_animate_inputs(VaceInputs(pose=str(pose)), info)
+    short = video("short.pose.mp4", 5, 64, 96)
+    with pytest.raises(SkipClip, match="has 5 frames, the clip 9"):
+        check_animate_inputs(VaceInputs(pose=str(short), face=str(face)), info)
+    wide_face = video("wide.face.mp4", 9, 64, 96)
+    with pytest.raises(SkipClip, match="must be square"):
+        check_animate_inputs(VaceInputs(pose=str(pose), face=str(wide_face)), info)
+    tall_pose = video("tall.pose.mp4", 9, 96, 64)
+    with pytest.raises(SkipClip, match="must have the clip's shape"):
+        check_animate_inputs(VaceInputs(pose=str(tall_pose), face=str(face)), info)

@@ -1,9 +1,11 @@
-"""VACE's per-clip inputs: reference images, a control video and its mask (#25). Prep finds and
-checks them here; validation and `wan-tune sample` check theirs with the same rules.
+"""A clip's conditioning inputs: VACE's reference images, control video and its mask (#25), and
+Wan2.2-Animate's reference image, pose and face videos, and for replacement its background and mask
+(#38: media/animate_inputs.py checks those). Prep finds and checks them here; validation and `wan-tune
+sample` check theirs with the same rules.
 
 They come as sidecar files beside a clip (`clip.ref.png`, `clip.ref-2.png`, `clip.control.mp4`,
-`clip.mask.mp4`) or as manifest columns (`reference` / `references`, `control`, `mask`). A sidecar is
-never footage of its own. Checks here turn a bad input into a report reason before anything is
+`clip.mask.mp4`, `clip.pose.mp4`, `clip.face.mp4`, `clip.bg.mp4`) or as manifest columns (`reference` /
+`references`, `control`, `mask`, `pose`, `face`, `background`). A sidecar is never footage of its own. Checks here turn a bad input into a report reason before anything is
 encoded: a control or mask whose frame count or shape differs from the clip's, a mask that is not
 black and white, a reference that would be a sliver of the frame.
 """
@@ -19,7 +21,9 @@ import numpy as np
 from wan_tune.media.footage import IMAGE_EXTS, VIDEO_EXTS, MediaInfo, SkipClip, Window, probe, read_frames
 
 # Any case: `clip.REF.png` and `clip.Control.mp4` are sidecars too (never footage trained as a clip).
-_SIDECAR = re.compile(r"^(?P<stem>.+)\.(?:(?P<ref>ref)(?:-(?P<n>\d+))?|(?P<kind>control|mask))(?P<ext>\.[^.]+)$", re.I)
+_SIDECAR = re.compile(r"^(?P<stem>.+)\.(?:(?P<ref>ref)(?:-(?P<n>\d+))?|(?P<kind>control|mask|pose|face|bg))(?P<ext>\.[^.]+)$",
+                      re.I)
+VIDEO_KINDS = {"control": "control", "mask": "mask", "pose": "pose", "face": "face", "bg": "background"}
 REFERENCE_COLUMNS = ("references", "reference", "ref")
 MIN_REFERENCE_FILL = 0.35  # share of the frame a reference fills once fitted on the pipeline's white canvas
 MAX_GREY_SHARE = 0.02  # mask pixels neither near black nor near white (codec noise sits within 48 levels)
@@ -28,23 +32,29 @@ ASPECT_TOLERANCE = 0.02
 
 @dataclass(frozen=True)
 class VaceInputs:
-    """One clip's VACE conditioning files (absolute paths)."""
+    """One clip's conditioning files (absolute paths): VACE's references, control and mask;
+    Animate's reference (the first of `references`), pose, face, and replacement's background and mask."""
 
     references: tuple[str, ...] = ()
     control: str | None = None
     mask: str | None = None
+    pose: str | None = None
+    face: str | None = None
+    background: str | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.references or self.control or self.mask)
+        return bool(self.files())
 
     def files(self) -> list[str]:
-        return [*self.references, *(p for p in (self.control, self.mask) if p)]
+        return [*self.references, *(p for p in (self.control, self.mask, self.pose, self.face, self.background) if p)]
 
     def to_json(self) -> str:
         """For the shard index's `vace` column (validation renders a clip's own inputs from it)."""
         import json
 
-        return json.dumps({"references": list(self.references), "control": self.control, "mask": self.mask}) if self else ""
+        videos = {k: getattr(self, k) for k in VIDEO_KINDS.values() if getattr(self, k)}
+        return json.dumps({"references": list(self.references), "control": self.control, "mask": self.mask,
+                           **videos}) if self else ""
 
     @classmethod
     def from_json(cls, text) -> "VaceInputs":
@@ -53,11 +63,12 @@ class VaceInputs:
         if not isinstance(text, str) or not text:
             return cls()
         d = json.loads(text)
-        return cls(tuple(d.get("references") or ()), d.get("control"), d.get("mask"))
+        return cls(tuple(d.get("references") or ()), **{k: d.get(k) for k in VIDEO_KINDS.values()})
 
 
 def sidecar_of(path: Path) -> tuple[str, str, int] | None:
-    """(clip stem, 'ref' / 'control' / 'mask', reference number) when `path` is a VACE sidecar."""
+    """(clip stem, 'ref' or a video kind (control, mask, pose, face, background), reference number) when
+    `path` is a conditioning sidecar."""
     m = _SIDECAR.match(path.name)
     if not m:
         return None
@@ -65,7 +76,7 @@ def sidecar_of(path: Path) -> tuple[str, str, int] | None:
     if m.group("ref") and ext in IMAGE_EXTS:
         return m.group("stem"), "ref", int(m.group("n") or 1)
     if m.group("kind") and ext in VIDEO_EXTS:
-        return m.group("stem"), m.group("kind").lower(), 0
+        return m.group("stem"), VIDEO_KINDS[m.group("kind").lower()], 0
     return None
 
 
@@ -88,22 +99,23 @@ def split_sidecars(paths: list[Path]) -> tuple[list[Path], dict[Path, VaceInputs
     for p, (stem, kind, n) in sorted(sidecars.items()):
         clips = by_stem.get((p.parent, stem.lower()), [])
         if len(clips) != 1:
-            orphans.append((p, f"VACE {kind} sidecar without a clip named {stem}.* beside it" if not clips else
-                            f"VACE {kind} sidecar of which clip? {' and '.join(c.name for c in clips)} share the name "
+            orphans.append((p, f"{kind} sidecar without a clip named {stem}.* beside it" if not clips else
+                            f"{kind} sidecar of which clip? {' and '.join(c.name for c in clips)} share the name "
                             f"{stem}: rename one so each sidecar names its clip"))
             continue
         clip = clips[0]
-        d = parts.setdefault(clip, {"refs": [], "control": None, "mask": None})
+        d = parts.setdefault(clip, {"refs": []})
         if kind == "ref":
             d["refs"].append((n, str(p)))
         else:
             d[kind] = str(p)
-    inputs = {c: VaceInputs(tuple(r for _, r in sorted(d["refs"])), d["control"], d["mask"]) for c, d in parts.items()}
+    inputs = {c: VaceInputs(tuple(r for _, r in sorted(d.pop("refs"))), **d) for c, d in parts.items()}
     return footage, inputs, orphans
 
 
 def from_record(rec: dict, base: Path) -> VaceInputs:
-    """A manifest row's VACE columns: references separated by `;` (or a list), control, mask."""
+    """A manifest row's conditioning columns: references separated by `;` (or a list), control, mask,
+    pose, face, background."""
     def path(value) -> str | None:
         if not isinstance(value, str) or not value.strip():
             return None
@@ -114,7 +126,7 @@ def from_record(rec: dict, base: Path) -> VaceInputs:
     if isinstance(refs, str):
         refs = refs.split(";")
     refs = tuple(p for p in (path(r) for r in (list(refs) if refs is not None and not isinstance(refs, float) else [])) if p)
-    return VaceInputs(refs, path(rec.get("control")), path(rec.get("mask")))
+    return VaceInputs(refs, **{k: path(rec.get(k)) for k in VIDEO_KINDS.values()})
 
 
 # --- checks at planning time -------------------------------------------------------------------
@@ -127,21 +139,8 @@ def _aspect(h: int, w: int) -> float:
 def check_inputs(inputs: VaceInputs, clip: MediaInfo) -> None:
     """Raise SkipClip (the report's reason) when an input cannot serve the clip."""
     for kind, file in (("control", inputs.control), ("mask", inputs.mask)):
-        if file is None:
-            continue
-        name = Path(file).name
-        try:
-            info = probe(file, False)
-        except SkipClip as err:
-            raise SkipClip(f"{kind} video {name}: {err}") from None
-        if info.frames < clip.frames:
-            raise SkipClip(f"{kind} video {name} has {info.frames} frames, the clip {clip.frames}: it must have one "
-                           "frame per clip frame (render it from the clip at the clip's frame rate)")
-        if info.frames > clip.frames + 1:  # an encoder may add one trailing frame
-            raise SkipClip(f"{kind} video {name} has {info.frames} frames, the clip {clip.frames}: they must match")
-        if abs(_aspect(info.height, info.width) / _aspect(clip.height, clip.width) - 1) > ASPECT_TOLERANCE:
-            raise SkipClip(f"{kind} video {name} is {info.width}x{info.height}, the clip {clip.width}x{clip.height}: "
-                           "a control must have the clip's shape (its size may differ, its aspect may not)")
+        if file is not None:
+            check_video(kind, file, clip)
     if inputs.mask and not inputs.control:
         raise SkipClip(f"mask {Path(inputs.mask).name} without a control video: VACE masks which frames of the "
                        "control to keep; give clip.control.mp4 too")
@@ -149,6 +148,27 @@ def check_inputs(inputs: VaceInputs, clip: MediaInfo) -> None:
         problem = reference_problem(file, clip.height, clip.width)
         if problem:
             raise SkipClip(problem)
+
+
+def check_video(kind: str, file: str, clip: MediaInfo, square: bool = False) -> None:
+    """Raise SkipClip unless the `kind` video has one frame per clip frame and the clip's aspect
+    (`square`: a square one, as Animate's face video, which its motion encoder reads as a square)."""
+    name = Path(file).name
+    try:
+        info = probe(file, False)
+    except SkipClip as err:
+        raise SkipClip(f"{kind} video {name}: {err}") from None
+    if info.frames < clip.frames:
+        raise SkipClip(f"{kind} video {name} has {info.frames} frames, the clip {clip.frames}: it must have one "
+                       "frame per clip frame (render it from the clip at the clip's frame rate)")
+    if info.frames > clip.frames + 1:  # an encoder may add one trailing frame
+        raise SkipClip(f"{kind} video {name} has {info.frames} frames, the clip {clip.frames}: they must match")
+    want = 1.0 if square else _aspect(clip.height, clip.width)
+    if abs(_aspect(info.height, info.width) / want - 1) > ASPECT_TOLERANCE:
+        if square:
+            raise SkipClip(f"{kind} video {name} is {info.width}x{info.height}: it must be square (crop it to the face)")
+        raise SkipClip(f"{kind} video {name} is {info.width}x{info.height}, the clip {clip.width}x{clip.height}: "
+                       f"a {kind} video must have the clip's shape (its size may differ, its aspect may not)")
 
 
 def reference_problem(file: str, height: int, width: int) -> str | None:
