@@ -38,7 +38,7 @@ class Encoders:
     """umT5 + Wan VAE (+ CLIP for I2V), for one source model."""
 
     def __init__(self, source: ModelSource, i2v: bool, dtype: torch.dtype = torch.float32, device: str = "cpu", max_tokens: int = 512,
-                 vae_dtype: torch.dtype = torch.float32):
+                 vae_dtype: torch.dtype = torch.float32, animate_mode: str = "animate"):
         from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
 
         self.source, self.i2v, self.device, self.max_tokens = source, i2v, torch.device(device), max_tokens
@@ -61,6 +61,8 @@ class Encoders:
             self.pipe = WanPipeline(**parts)
         self.pipe.to(self.device)
         self.vace = _vace_pipeline(self.pipe, source.variant) if source.variant.vace else None
+        self.animate = _animate_pipeline(self.pipe, source.variant) if source.variant.animate else None
+        self.animate_mode = animate_mode  # Wan2.2-Animate: animation or replacement inputs (animate.mode)
         self._blank: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -156,6 +158,20 @@ def _vace_pipeline(pipe, variant):
         transformer = transformer_class(variant)(**variant.transformer)
     return WanVACEPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
                            scheduler=pipe.scheduler, transformer=transformer)
+
+
+def _animate_pipeline(pipe, variant):
+    """A `WanAnimatePipeline` over the same encoders (CLIP included: it reads the reference image),
+    whose conditioning methods prep calls (models/animate.py); its transformer on the meta device."""
+    from diffusers import WanAnimatePipeline
+
+    from wan_tune.models.variants import transformer_class
+
+    with torch.device("meta"):
+        transformer = transformer_class(variant)(**variant.transformer)
+    return WanAnimatePipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                              scheduler=pipe.scheduler, image_processor=pipe.image_processor,
+                              image_encoder=pipe.image_encoder, transformer=transformer)
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from wan_tune.config.sources import DEFAULT_NAME, Source, data_sources
 from wan_tune.data import shards
 from wan_tune.data.atomic import writable_problem, write_json, write_text
 from wan_tune.data.progress import progress_bar
+from wan_tune.media.animate_inputs import check_animate_inputs
 from wan_tune.media.footage import SkipClip, Window, pictures, probe, read_frames, unsupported_reason
 from wan_tune.media.vace_inputs import check_inputs, mask_problem, window_frames
 from wan_tune.media.vace_media import ConditioningError, reference_images
@@ -34,6 +35,7 @@ from wan_tune.models.loading import recipe_source
 from wan_tune.models.precision import DTYPES
 from wan_tune.parallel.process_group import process_state
 
+from .animate_prep import animate_tensors
 from .buckets import aspect_buckets, fit_problem, nearest_bucket, resize_crop
 from .captions import caption_recipe, read_caption_lists
 from .encode import Encoders, settings_hash
@@ -133,6 +135,8 @@ def prep_settings(recipe: Recipe, i2v: bool) -> dict:
     shared settings, then each source's own (`data.sources`) or the one source's (`data.source`)."""
     d = recipe.data
     shared = {"max_text_tokens": d.max_text_tokens, "shard_dtype": d.shard_dtype, "i2v": i2v}
+    if get_variant(recipe.model.variant).animate:  # its conditioning differs by task: both in every sample id
+        shared["animate_mode"] = recipe.animate.mode
     sources = data_sources(recipe)
     if d.sources:
         return shared | {f"{s.name}.{k}": v for s in sources for k, v in s.settings().items()}
@@ -147,11 +151,13 @@ def source_identity(src: Source, settings: dict, encoders_identity: dict) -> str
     in a sample's id too): edit one source's fps and only its samples get new ids. The frame
     buckets, clip cap and stride are not here: they decide which windows exist, and a window that
     still exists keeps its id and is not re-encoded."""
-    return settings_hash({"fps": src.fps} | {k: settings[k] for k in ("max_text_tokens", "shard_dtype", "i2v")}
-                         | encoders_identity)
+    keys = ("max_text_tokens", "shard_dtype", "i2v", "animate_mode")
+    return settings_hash({"fps": src.fps} | {k: settings[k] for k in keys if k in settings} | encoders_identity)
 
 
-def _plan_item(item: SourceItem, captions: list[str], src: Source, identity: str, vace: bool = False) -> list[Sample]:
+def _plan_item(item: SourceItem, captions: list[str], src: Source, identity: str, vace: bool = False,
+               animate: str | None = None) -> list[Sample]:
+    """The samples of one item (`vace`: a VACE model's; `animate`: Wan2.2-Animate's mode), or SkipClip."""
     if item.problem:  # a manifest row that names no usable file or window
         raise SkipClip(item.problem)
     # The file's own defects first: a user should not caption a file that can never be used.
@@ -165,8 +171,10 @@ def _plan_item(item: SourceItem, captions: list[str], src: Source, identity: str
                            item.end_s, src.frame_extraction)
     if vace:
         check_inputs(item.vace, info)
-    # A VACE clip's conditioning files decide its tensors too: edit one, and the clip is encoded again.
-    digest = content_hash(item.path) + "".join(content_hash(f) for f in item.vace.files() if vace)
+    if animate:
+        check_animate_inputs(item.vace, info, animate)
+    # A conditioned clip's files decide its tensors too: edit one, and the clip is encoded again.
+    digest = content_hash(item.path) + "".join(content_hash(f) for f in item.vace.files() if vace or animate)
     samples, problems = [], []
     for h, w in src.resolutions:
         bucket_hw = nearest_bucket(info.height, info.width, aspect_buckets(h, w))
@@ -190,10 +198,11 @@ def plan(items: list[tuple[Source, SourceItem]], captions: dict[str, list[str]],
          progress: bool):
     """The samples of `items` ((source, item) pairs), and a report line for each item that gives none."""
     samples, skips = [], []
-    vace = get_variant(recipe.model.variant).vace
+    variant = get_variant(recipe.model.variant)
+    animate = recipe.animate.mode if variant.animate else None
     for src, item in progress_bar(items, desc="probe", unit="file", disable=not progress):
         try:
-            samples += _plan_item(item, captions.get(item.key) or [], src, identities[src.name], vace)
+            samples += _plan_item(item, captions.get(item.key) or [], src, identities[src.name], variant.vace, animate)
         except SkipClip as err:
             skips.append(skip_line(src, item, err))
     return samples, skips
@@ -311,7 +320,7 @@ def _load_encoders(recipe: Recipe, variant, i2v: bool, device, say) -> Encoders:
         say(f"encoding in fp32 on CPU (model.dtype={recipe.model.dtype}, model.vae_dtype={recipe.model.vae_dtype} "
             "are for GPUs; this CPU has no fast bf16)")
         dtype = vae_dtype = torch.float32
-    return Encoders(source, i2v, dtype, str(device), recipe.data.max_text_tokens, vae_dtype)
+    return Encoders(source, i2v, dtype, str(device), recipe.data.max_text_tokens, vae_dtype, recipe.animate.mode)
 
 
 def _encode(todo: list[Sample], encoders: Encoders, writer, i2v: bool, skips: list, timer: Timer, progress: bool) -> None:
@@ -341,7 +350,13 @@ def _encode_one(sample: Sample, encoders: Encoders, writer, i2v: bool, skips: li
     t = timer.add("text encode", t)
     tensors = {"latents": encoders.latents(video), "text": text_cache[sample.caption],
                **{f"text.{n}": text_cache[text] for n, text in enumerate(sample.alternates, start=1)}}
-    if i2v:
+    if encoders.animate is not None:
+        try:
+            tensors.update(animate_tensors(encoders.animate, sample, video, encoders.animate_mode))
+        except SkipClip as err:
+            _note_skip(skips, skip_line(sample.source, sample.item, err))
+            return timer.add("vae encode", t)
+    elif i2v:
         first, last = _still(video, 0), (_still(video, -1) if encoders.source.variant.last_frame else None)
         tensors.update(encoders.image_condition(first, sample.bucket[0], last))
     if encoders.vace is not None:
@@ -356,7 +371,7 @@ def _encode_one(sample: Sample, encoders: Encoders, writer, i2v: bool, skips: li
                 "frames": sample.bucket[0],
                 "height": sample.bucket[1], "width": sample.bucket[2], "start_frame": w.start_frame,
                 "start_s": w.start_s, "end_s": w.end_s,
-                "vace": sample.item.vace.to_json() if encoders.vace is not None else ""}, tensors)
+                "vace": sample.item.vace.to_json() if encoders.vace or encoders.animate else ""}, tensors)
     return timer.add("write", t)
 
 
@@ -386,10 +401,10 @@ def _announce_unused_vace(items: list[SourceItem], variant, say) -> None:
             f"but model.variant={variant.name} is not a VACE model: they are not used. For VACE training use "
             "wan2.1-vace-1.3b or wan2.1-vace-14b")
     animate = [it for it in items if it.vace.pose or it.vace.face or it.vace.background]
-    if animate:  # Wan2.2-Animate's inputs: training it is not built yet (#38)
+    if animate and not variant.animate:
         say(f"{len(animate)} clip(s) come with Wan2.2-Animate inputs (pose / face / background videos, e.g. "
-            f"{(animate[0].vace.pose or animate[0].vace.face or animate[0].vace.background)}): not used; training "
-            "Animate is not built yet")
+            f"{(animate[0].vace.pose or animate[0].vace.face or animate[0].vace.background)}), but "
+            f"model.variant={variant.name} is not an Animate model: they are not used (wan2.2-animate-14b uses them)")
 
 
 def _still(video: torch.Tensor, index: int):

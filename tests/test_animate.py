@@ -1,5 +1,6 @@
-"""Wan2.2-Animate (#38, first part): the variants, the tiny model, and loading it from each layout
-users hold; training it is refused in one line until prep and training land."""
+"""Wan2.2-Animate (#38, first part): the variants, the tiny model, loading it from each layout users
+hold, its conditioning as the pipeline makes it, its sidecars, and prep; training is refused in one
+line until the step lands."""
 
 from __future__ import annotations
 
@@ -79,12 +80,6 @@ def test_folder_and_single_file_load_the_saved_animate_model(animate_folder, tmp
         load_transformer(resolve_source("tiny-animate", path=str(i2v)))
 
 
-def test_training_an_animate_variant_is_refused_in_one_line(capsys):
-    from wan_tune.cli import main
-
-    assert main(["check", str(ROOT / "recipes" / "demo-tiny.yaml"), "model.variant=tiny-animate"]) == 2
-    err = capsys.readouterr().err
-    assert "model.variant: tiny-animate: training Wan2.2-Animate is not built yet" in err
 
 
 def _frames(n: int, size: tuple[int, int], seed: int):
@@ -164,3 +159,143 @@ def test_animate_sidecars_are_found_never_trained_as_footage_and_checked(tmp_pat
     tall_pose = video("tall.pose.mp4", 9, 96, 64)
     with pytest.raises(SkipClip, match="must have the clip's shape"):
         check_animate_inputs(VaceInputs(pose=str(tall_pose), face=str(face)), info)
+
+
+def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(animate_folder, tmp_path):
+    """`wan-tune prep` for tiny-animate: each clip's pose and face sidecars (and its first frame as the
+    reference) stored as the pipeline's own methods make them, the face as 8-bit frames; a clip
+    without a face video is a report row. A training step on those shards hands the transformer what
+    WanAnimatePipeline hands it at the same noisy latents and timestep (both captured by hooks); a
+    short run trains the LoRA and exports it; the plan refuses in one line."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from data_prep.buckets import resize_crop
+    from data_prep.prep import run_prep
+    from wan_tune.config import load_recipe
+    from wan_tune.data.dataset import ShardDataset, collate
+    from wan_tune.media.footage import Window, pictures, read_frames
+    from wan_tune.media.synthetic import grey_control, make_clips
+    from wan_tune.media.video_io import write_video
+    from wan_tune.models.animate import encode_conditions, face_pixels
+    from wan_tune.models.vace import training_batch
+    from wan_tune.training import flow_matching as fm
+    from wan_tune.training.loop import train
+
+    clips = make_clips(tmp_path / "clips", 3, frames=20, height=96, width=128, fps=16)
+    for i, clip in enumerate(clips):
+        video = read_frames(str(clip), Window(0, tuple(range(20)), 0.0, 20 / 16), False)
+        write_video(clip.with_suffix(".pose.mp4"), grey_control(video), 16)
+        if i < 2:
+            write_video(clip.with_suffix(".face.mp4"), np.ascontiguousarray(video[:, 16:80, 32:96]), 16)
+    recipe_overrides = [
+        "model.variant=tiny-animate", f"model.path={animate_folder}", f"data.source={clips[0].parent}",
+        f"data.shards={tmp_path / 'shards'}", "data.shard_dtype=fp32", "data.frames=[9]", "data.resolutions=[[64,96]]",
+        "data.max_clips_per_video=1", "data.holdout=0", f"run.output_dir={tmp_path / 'runs'}", "validation.every=0",
+        "train.steps=3", "checkpoint.every=3", "data.num_workers=0", "train.batch_size=1", "animate.drop_face=0.5"]
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", recipe_overrides)
+    summary = run_prep(recipe, progress=False, say=lambda *_: None)
+    assert summary["samples"] == 2
+    assert "needs a face video per clip" in dict(summary["skips"])["clip_002.mp4"]
+    index = pd.read_parquet(next((tmp_path / "shards" / "index").glob("*.parquet")))
+    row = index[index.source == "clip_000.mp4"].iloc[0]
+    stored = {k.split("/", 1)[1]: v for k, v in load_file(tmp_path / "shards" / row.file).items() if k.startswith(row.id)}
+    assert stored["face"].dtype == torch.uint8 and stored["face"].shape == (3, 9, 512, 512)
+    # the same window through WanAnimatePipeline's own methods
+    window = Window(0, tuple(range(9)), 0.0, 9 / 16)
+    cut = lambda path: pictures(resize_crop(read_frames(str(path), window, False), (64, 96)))  # noqa: E731
+    pipe = WanAnimatePipeline.from_pretrained(animate_folder)
+    face = [Image.fromarray(f) for f in read_frames(str(clips[0].with_suffix(".face.mp4")), window, False)]
+    image, pose = cut(clips[0])[0], cut(clips[0].with_suffix(".pose.mp4"))
+    want = encode_conditions(pipe, image, pose, face, 64, 96)
+    for key, value in want.items():
+        assert torch.allclose(stored[key].float(), value.float(), atol=1e-5), key
+    assert torch.equal(face_pixels(stored["face"]), face_pixels(want["face"]))
+
+    # a training step's call against the pipeline's, at the pipeline's first timestep and our noisy latents
+    variant = get_variant("tiny-animate")
+    dataset = ShardDataset(tmp_path / "shards")
+    batch = training_batch(variant, recipe, collate([dataset[dataset.ids.index(row.id)]]))
+    assert batch["latents"].shape == (1, 16, 4, 8, 12)  # the reference's slot, then the clip's 3 latent frames
+    pipe.scheduler.set_timesteps(1)
+    sigma = pipe.scheduler.timesteps[:1] / 1000
+    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(1))
+    x_t = fm.noisy_latents(batch["latents"], noise, sigma)
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
+    pipe(image=image, pose_video=pose, face_video=face, prompt=row.caption, height=64, width=96, segment_frame_length=9,
+         num_inference_steps=1, latents=x_t.clone(), output_type="latent")
+    fm.predict(pipe.transformer, variant, {**batch, "text": calls[0]["encoder_hidden_states"]}, sigma, noise, torch.float32)
+    hook.remove()
+    ours, theirs = calls[1], calls[0]
+    for key in ("hidden_states", "pose_hidden_states", "face_pixel_values", "encoder_hidden_states_image"):
+        assert torch.allclose(ours[key], theirs[key], atol=1e-4), key
+    assert torch.allclose(ours["timestep"].float(), theirs["timestep"].float())  # the scheduler hands integers
+
+    run = train(recipe, progress=False, say=lambda *_: None)
+    losses = [r["loss"] for r in map(__import__("json").loads, (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    # the GPU's regime (bf16 weights, bf16 autocast, CUDA's fp32 ops emulated): the motion encoder's
+    # fp32 QR, the face encoder's 8-bit pixels made bf16, the face adapters under autocast
+    from wan_tune.models.precision import cuda_autocast_emulated
+
+    regime = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [*recipe_overrides, "model.dtype=bf16",
+                                                                "train.mixed_precision=bf16", "run.name=regime"])
+    with cuda_autocast_emulated():
+        bf16 = train(regime, progress=False, say=lambda *_: None)
+    bf16_losses = [r["loss"] for r in map(__import__("json").loads, (Path(bf16["run_dir"]) / "metrics.jsonl")
+                                          .read_text().splitlines()) if "loss" in r]
+    assert len(bf16_losses) == 3 and all(torch.isfinite(torch.tensor(bf16_losses)))
+    assert bf16_losses == pytest.approx(losses, rel=0.05)  # bf16 rounding, not another computation
+    from wan_tune.export.run import export
+
+    checks = export(run["checkpoint"], out=tmp_path / "export", say=lambda *_: None)
+    assert checks and all(c.ok for c in checks), checks  # every format's file loads back into the Animate model
+    assert {Path(c.file).name.rsplit("-", 1)[1] for c in checks} >= {"diffusers.safetensors", "comfyui.safetensors"}
+    from wan_tune.plan import MemoryPlan
+    from wan_tune.sampling import SampleArgs, SampleError, sample
+
+    with pytest.raises(ValueError, match="does not count Wan2.2-Animate yet"):
+        MemoryPlan(recipe)
+    with pytest.raises(SampleError, match="sampling Wan2.2-Animate is not built yet"):
+        sample(SampleArgs(base=str(animate_folder), prompt="a red ball", out=tmp_path / "render.mp4"), say=lambda *_: None)
+    from wan_tune.cli import main
+
+    assert main(["check", str(ROOT / "recipes" / "demo-tiny.yaml"), "model.variant=tiny-animate"]) == 2  # renders
+
+
+def test_a_dropped_face_is_the_pipelines_unconditional_face():
+    """animate.drop_face: the blanked face video is what WanAnimatePipeline's unconditional branch
+    feeds (`face * 0 - 1`), from the stored 8-bit frames as from float ones; the latents gain the
+    reference's slot either way."""
+    from wan_tune.models.animate import animate_batch, face_pixels
+
+    face = torch.randint(0, 256, (1, 3, 5, 8, 8), dtype=torch.uint8)
+    batch = {"latents": torch.randn(1, 16, 2, 4, 6), "reference": torch.randn(1, 20, 1, 4, 6), "face": face}
+    kept, dropped = animate_batch(batch), animate_batch(batch, drop_face=True)
+    assert torch.equal(kept["face"], face) and kept["latents"].shape == (1, 16, 3, 4, 6)
+    uncond = face_pixels(face) * 0 - 1
+    assert torch.equal(face_pixels(dropped["face"]), uncond)
+    assert torch.equal(face_pixels(animate_batch({**batch, "face": face_pixels(face)}, True)["face"]), uncond)
+
+
+@pytest.mark.slow
+def test_the_demo_runs_the_animate_chain(tmp_path, monkeypatch, capsys):
+    """`wan-tune demo model.variant=tiny-animate`: clips with generated pose and face videos, prep,
+    training (no validation renders yet), export; the sample step says it is not built."""
+    from wan_tune.cli import main
+    from wan_tune.data.shards import ShardReader
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--clips", "2", "model.variant=tiny-animate", "train.steps=4", "checkpoint.every=4"]) == 0
+    out = capsys.readouterr().out
+    assert "with pose and face videos" in out and "sample: not built for Wan2.2-Animate yet" in out
+    clips = tmp_path / "data" / "demo" / "clips"
+    assert {p.name for p in clips.glob("clip_000.*")} >= {"clip_000.pose.mp4", "clip_000.face.mp4"}
+    reader = ShardReader(tmp_path / "data" / "demo" / "shards")
+    assert len(reader) == 4 and reader.tensors(0)["face"].shape[-2:] == (512, 512)
+    exported = list((tmp_path / "checkpoints").rglob("export/*-diffusers.safetensors"))
+    assert exported and "demo summary" in out

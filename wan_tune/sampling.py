@@ -205,6 +205,9 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     except ModelLoadError as err:
         raise SampleError(f"--base: {err}") from None
     variant = variant_of(folder)
+    if variant is not None and variant.animate:  # its reference, pose and face inputs have no flags yet (#38)
+        raise SampleError(f"--base {args.base} is {variant.name}: sampling Wan2.2-Animate is not built yet; load the "
+                          "exported adapter into diffusers' WanAnimatePipeline (its -diffusers.safetensors file)")
     for path, h in headers:
         if h.get("wan_tune.variant") and variant and h["wan_tune.variant"] != variant.name:
             raise SampleError(f"--lora {path} was trained for {h['wan_tune.variant']}, but --base {args.base} is {variant.name}")

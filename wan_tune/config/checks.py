@@ -180,9 +180,10 @@ def _shared_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]]:
 def _variant_errors(r: Recipe, variant: Variant, invalid: set[str]) -> list[tuple[str, str]]:
     """What the chosen variant cannot take: expert settings, sizes, first frames."""
     errors = []
-    if variant.animate:  # loading is built (models/), prep of its inputs and training are not yet
-        errors.append(("model.variant", f"{variant.name}: training Wan2.2-Animate is not built yet (its reference "
-                       "image, pose and face videos have no prep or training path); the variant loads for inspection only"))
+    if variant.animate and r.validation.every:  # a render needs each prompt's reference, pose and face videos
+        errors.append(("validation.every", f"{variant.name}: validation renders of Wan2.2-Animate are not built yet "
+                       "(they need a reference image, pose and face video per prompt); set validation.every=0 and "
+                       "watch heldout_loss"))
     if r.validation.guidance_scale_2 is not None and not variant.two_experts:
         errors.append(("validation.guidance_scale_2", f"is the low-noise expert's guidance; {variant.name} has one transformer"))
     if r.model.experts and not variant.two_experts:

@@ -159,6 +159,19 @@ class VaceConfig:
 
 
 @dataclass
+class AnimateConfig:
+    """Wan2.2-Animate (wan2.2-animate-14b): which of its tasks the clips' inputs are for."""
+
+    mode: str = opt(
+        "animate", "animate: the character (its reference image) performs the pose and face videos on a black "
+        "canvas; replace: it replaces the person in the clip, on the background video (clip.bg.mp4) outside the "
+        "mask (clip.mask.mp4, white where the person is).", choices=("animate", "replace"))
+    drop_face: float = opt(
+        0.0, "Share of steps trained with the face video blanked (all pixels -1, as the pipeline's unconditional "
+        "branch blanks it for guidance_scale > 1), so the adapter serves that branch too.", check=unit_interval)
+
+
+@dataclass
 class CaptionConfig:
     """How captions are made before encoding (`wan-tune caption`), for review."""
 
@@ -425,6 +438,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     vace: VaceConfig = field(default_factory=VaceConfig)
+    animate: AnimateConfig = field(default_factory=AnimateConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)

@@ -176,7 +176,9 @@ class ShardWriter:
             raise ValueError(f"sample row lacks {sorted(missing)}")
         sid = row["id"]
         # clone: samples of one caption share a cached text tensor; safetensors refuses shared memory
-        stored = {name: t.detach().to("cpu", self.dtype).clone() for name, t in tensors.items()}
+        # (integer tensors, Animate's 8-bit face frames, keep their dtype)
+        stored = {name: t.detach().to("cpu", self.dtype if t.is_floating_point() else t.dtype).clone()
+                  for name, t in tensors.items()}
         self._rows.append({**row, "text_len": int(tensors["text"].shape[0]), "checksum": checksum(stored),
                            "references": reference_count(tensors), "vace": row.get("vace", ""),
                            "dataset": row.get("dataset", "default"),

@@ -273,7 +273,7 @@ def write_share_files(recipe: Recipe, state: dict, checkpoint: Path, out: Path, 
     written, workflow_name = [], None
     comfy = {e: files[(expert_label(variant, e), "comfyui")] for e in variant.experts
              if (expert_label(variant, e), "comfyui") in files}
-    if comfy:
+    if comfy and not variant.animate:  # Wan2.2-Animate: no stock-node workflow yet (#38)
         workflow_name = f"{stem}-comfyui-workflow.json"
         written.append(write_json(out / workflow_name, workflow(variant, comfy, render_settings(recipe, variant))))
     samples = copy_samples(checkpoint, state["step"], out)

@@ -122,6 +122,9 @@ def check_adapter_file(path, adapter: Adapter, variant: Variant, expert: str = "
     model = empty_transformer(variant)
     tol = 1e-5 if model.dtype == torch.float32 else 2e-2
     parts = dict(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=model, transformer_2=None)
+    if variant.animate:  # WanAnimatePipeline: one transformer, and the CLIP it reads the reference with
+        parts = dict(parts, image_encoder=None, image_processor=None)
+        del parts["transformer_2"]
     if expert == "transformer_2":
         # diffusers reads `transformer.config` even when loading into transformer_2: a
         # weightless (meta) high-noise expert answers that without the memory of a second model.

@@ -67,9 +67,11 @@ def make_clips(
     fps: float = 16,
     seed: int = 0,
     vace: bool = False,
+    animate: bool = False,
 ) -> list[Path]:
     """`count` mp4 clips with sidecar captions in `folder`; returns the video paths. `vace`: each
-    clip also gets VACE sidecars made from its own frames (see `vace_sidecars`)."""
+    clip also gets VACE sidecars made from its own frames (see `vace_sidecars`); `animate`:
+    Wan2.2-Animate's pose and face videos (see `animate_sidecars`)."""
     folder = Path(folder)
     paths = []
     for i in range(count):
@@ -79,6 +81,8 @@ def make_clips(
         path.with_suffix(".txt").write_text(f"{trigger} style, a {color} {shape} drifting over a dark gradient\n")
         if vace:
             vace_sidecars(path, video, fps)
+        if animate:
+            animate_sidecars(path, video, fps)
         paths.append(path)
     return paths
 
@@ -112,3 +116,13 @@ def vace_sidecars(path: Path, video: np.ndarray, fps: float) -> dict[str, Path]:
         "mask": write_video(f"{stem}.mask.mp4", right_half_mask(t, h, w), fps),
         "ref": ref,
     }
+
+
+def animate_sidecars(path: Path, video: np.ndarray, fps: float) -> dict[str, Path]:
+    """Beside `path`: `.pose.mp4` (its grey frames, standing in for a pose render) and `.face.mp4`
+    (the middle square of each frame, standing in for the face crop)."""
+    _, h, w, _ = video.shape
+    side, stem = min(h, w), path.with_suffix("")
+    left = (w - side) // 2
+    return {"pose": write_video(f"{stem}.pose.mp4", grey_control(video), fps),
+            "face": write_video(f"{stem}.face.mp4", np.ascontiguousarray(video[:, :side, left : left + side]), fps)}

@@ -25,10 +25,14 @@ MODES = ("animate", "replace")
 
 @torch.no_grad()
 def encode_conditions(pipe, image, pose_video: list, face_video: list, height: int, width: int, mode: str = "animate",
-                      background: list | None = None, mask: list | None = None) -> dict[str, torch.Tensor]:
-    """One clip's conditioning through `pipe` (a `WanAnimatePipeline`): PIL image / frames in, the
-    tensors a training step stores out (batch dimension dropped). `pose_video`, `face_video` (and
-    replacement's `background`, `mask`) have the clip's frame count, 4k + 1."""
+                      background: list | None = None, mask: list | None = None, face_size: int | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """One clip's conditioning through `pipe` (a `WanAnimatePipeline`; prep's has no transformer:
+    `face_size` is then the variant's motion encoder size): PIL image / frames in, the tensors a
+    training step stores out (batch dimension dropped). `pose_video`, `face_video` (and replacement's
+    `background`, `mask`) have the clip's frame count, 4k + 1. The face video is kept as the 8-bit
+    frames the pipeline resized (`face_pixels` gives back exactly its [-1, 1] values): a quarter of
+    the bytes, 77 frames at 512 px being 60 MB."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     frames = len(pose_video)
@@ -36,8 +40,9 @@ def encode_conditions(pipe, image, pose_video: list, face_video: list, height: i
     pixels = pipe.vae_image_processor.preprocess(image, height=height, width=width, resize_mode="fill")
     reference = pipe.prepare_reference_image_latents(pixels.to(device, torch.float32), 1, device=device)
     pose = pipe.video_processor.preprocess_video(pose_video, height=height, width=width).to(device, torch.float32)
-    size = pipe.transformer.config.motion_encoder_size
+    size = face_size or pipe.transformer.config.motion_encoder_size
     face = pipe.video_processor.preprocess_video(face_video, height=size, width=size)
+    face = ((face[0].float() + 1) / 2 * 255).round().to(torch.uint8)  # exact: x / 255 * 2 - 1 made it
     replacing = {}
     if mode == "replace":
         replacing = dict(
@@ -52,9 +57,27 @@ def encode_conditions(pipe, image, pose_video: list, face_video: list, height: i
         "reference": reference[0].to(vae_dtype),
         "segment": segment[0],
         "pose": pipe.prepare_pose_latents(pose, 1, device=device)[0],
-        "face": face[0].float(),
+        "face": face,
         "image_embeds": pipe.encode_image(image, device)[0],
     }
+
+
+def animate_batch(batch: dict, drop_face: bool = False) -> dict:
+    """The batch an Animate step trains on: its latents with the reference's slot first, and with
+    `drop_face` the face video blanked as the pipeline's unconditional branch blanks it (every pixel
+    -1: an 8-bit 0)."""
+    out = {**batch, "latents": clean_latents(batch["latents"], batch["reference"])}
+    if drop_face:
+        out["face"] = torch.zeros_like(batch["face"]) if batch["face"].dtype == torch.uint8 else -torch.ones_like(batch["face"])
+    return out
+
+
+def face_pixels(face: torch.Tensor) -> torch.Tensor:
+    """The face video's [-1, 1] pixels from its stored 8-bit frames, computed as diffusers'
+    VideoProcessor computes them (x / 255, then 2x - 1, in fp32): the values a render feeds."""
+    if face.dtype != torch.uint8:
+        return face
+    return 2.0 * (face.float() / 255.0) - 1.0
 
 
 def clean_latents(latents: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -71,6 +94,6 @@ def transformer_kwargs(noisy: torch.Tensor, conditions: dict[str, torch.Tensor],
     return {
         "hidden_states": torch.cat([noisy, condition.to(noisy.dtype)], dim=1).to(dtype),
         "pose_hidden_states": conditions["pose"].to(dtype),
-        "face_pixel_values": conditions["face"].to(dtype),
+        "face_pixel_values": face_pixels(conditions["face"]).to(dtype),
         "encoder_hidden_states_image": conditions["image_embeds"].to(dtype),
     }

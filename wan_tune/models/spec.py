@@ -59,7 +59,11 @@ def timesteps_for(sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def given_latent_frames(variant: Variant, batch: dict) -> int:
-    """Leading latent frames that are given, not denoised (TI2V-5B's image frame): the loss skips them."""
+    """Leading latent frames the loss skips: TI2V-5B's image frame (given, not denoised), Animate's
+    reference slot (denoised by the pipeline, then dropped before decoding: the reference stands in
+    its condition channels, so predicting it back would only dilute the clip's loss)."""
+    if variant.animate:
+        return 1
     return 1 if variant.expand_timesteps and "condition" in batch else 0
 
 
@@ -75,6 +79,11 @@ def transformer_inputs(
     frame's tokens get timestep 0 (the pipeline's first-frame mask).
     """
     timestep = timesteps_for(sigmas)
+    if variant.animate:  # WanAnimatePipeline: reference and segment condition, pose, face, CLIP tokens
+        from .animate import transformer_kwargs
+
+        return dict(transformer_kwargs(x_t, batch, dtype), timestep=timestep, encoder_hidden_states=batch["text"].to(dtype),
+                    return_dict=False)
     if variant.expand_timesteps:
         mask = torch.ones_like(x_t[:, :1])  # [B, 1, F', H', W']: 0 where the image stands
         if "condition" in batch:

@@ -1,4 +1,5 @@
-"""VACE in training: the context a step feeds, and what its clip's latents become.
+"""VACE in training: the context a step feeds, and what its clip's latents become (and, in
+`training_batch`, Animate's: models/animate.py).
 
 `WanVACEPipeline` denoises the reference images' frames together with the clip (its noise has
 R more latent frames; it cuts them off before decoding), so the latents a VACE step denoises are
@@ -38,7 +39,13 @@ def vace_batch(batch: dict, drop_reference: bool = False, drop_control: bool = F
 
 def training_batch(variant, recipe, batch: dict, gen: torch.Generator | None = None) -> dict:
     """`batch` as the variant trains on it: VACE's context and latents (dropout drawn from `gen`,
-    one draw per micro-batch: its clips share a shape); other variants' batches as they are."""
+    one draw per micro-batch: its clips share a shape); Animate's latents with the reference's
+    slot before them; other variants' batches as they are."""
+    if variant.animate:
+        from .animate import animate_batch
+
+        draw = torch.rand(1, generator=gen) if gen is not None else torch.ones(1)
+        return animate_batch(batch, bool(draw[0] < recipe.animate.drop_face))
     if not variant.vace:
         return batch
     v = recipe.vace

@@ -179,6 +179,8 @@ class MemoryPlan:
             raise ValueError(f"device is 'gpu' or 'cpu', got {device!r}")
         self.recipe, self.device = recipe, device
         self.variant = get_variant(recipe.model.variant)
+        if self.variant.animate:  # its pose latents, face pixels and motion encoder are not counted yet (#38)
+            raise ValueError(f"model.variant={self.variant.name}: the plan does not count Wan2.2-Animate yet")
         self.shape = run_shape(recipe, self.variant)
         # VACE blocks are Wan blocks beside the main ones: counted as more layers of the same kind.
         # Block offload and activation offload move the main blocks' (`main_layers`) only.

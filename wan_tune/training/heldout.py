@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..data.dataset import collate, to_device
+from ..models.animate import animate_batch
 from ..models.vace import vace_batch
 from ..parallel.sharding import reshard
 from . import flow_matching as fm
@@ -91,6 +92,8 @@ class HeldOut:
                 batch = to_device(collate([self.dataset[i]]), device, torch.float32, self.max_text_tokens)
                 if variant.vace:  # every input, no dropout, the pipeline's default weight: the same score each time
                     batch = vace_batch(batch)
+                elif variant.animate:  # the reference's slot before the clip, the face kept
+                    batch = animate_batch(batch)
                 sid = self.ids[min(k, n - 1)]
                 for col, (j, sigma) in enumerate(scored):
                     g = torch.Generator().manual_seed(sample_noise_seed(self.seed, sid, j))
