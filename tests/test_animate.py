@@ -161,7 +161,7 @@ def test_animate_sidecars_are_found_never_trained_as_footage_and_checked(tmp_pat
         check_animate_inputs(VaceInputs(pose=str(tall_pose), face=str(face)), info)
 
 
-def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(animate_folder, tmp_path):
+def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(animate_folder, tiny_folders, tmp_path):
     """`wan-tune prep` for tiny-animate: each clip's pose and face sidecars (and its first frame as the
     reference) stored as the pipeline's own methods make them, the face as 8-bit frames; a clip
     without a face video is a report row. A training step on those shards hands the transformer what
@@ -260,8 +260,11 @@ def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(an
 
     with pytest.raises(ValueError, match="does not count Wan2.2-Animate yet"):
         MemoryPlan(recipe)
-    with pytest.raises(SampleError, match="sampling Wan2.2-Animate is not built yet"):
-        sample(SampleArgs(base=str(animate_folder), prompt="a red ball", out=tmp_path / "render.mp4"), say=lambda *_: None)
+    with pytest.raises(SampleError, match="give --reference-image, --pose-video, --face-video"):
+        sample(SampleArgs(base=str(animate_folder), prompt="a red ball", out=str(tmp_path / "render.mp4")), say=lambda *_: None)
+    with pytest.raises(SampleError, match="--pose-video: for Wan2.2-Animate models"):
+        sample(SampleArgs(base=str(tiny_folders["tiny"]), prompt="x", pose_video="p.mp4", out=str(tmp_path / "r.mp4")),
+               say=lambda *_: None)
     from wan_tune.cli import main
 
     assert main(["check", str(ROOT / "recipes" / "demo-tiny.yaml"), "model.variant=tiny-animate"]) == 2  # renders
@@ -285,17 +288,26 @@ def test_a_dropped_face_is_the_pipelines_unconditional_face():
 @pytest.mark.slow
 def test_the_demo_runs_the_animate_chain(tmp_path, monkeypatch, capsys):
     """`wan-tune demo model.variant=tiny-animate`: clips with generated pose and face videos, prep,
-    training (no validation renders yet), export; the sample step says it is not built."""
+    training (no validation renders yet), export, and a sample of the character (a clip's first
+    frame) performing a clip's pose and face videos, shown above the render."""
     from wan_tune.cli import main
     from wan_tune.data.shards import ShardReader
 
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--clips", "2", "model.variant=tiny-animate", "train.steps=4", "checkpoint.every=4"]) == 0
     out = capsys.readouterr().out
-    assert "with pose and face videos" in out and "sample: not built for Wan2.2-Animate yet" in out
+    assert "with pose and face videos" in out and "sampling 9 frames at 96x64" in out
     clips = tmp_path / "data" / "demo" / "clips"
     assert {p.name for p in clips.glob("clip_000.*")} >= {"clip_000.pose.mp4", "clip_000.face.mp4"}
     reader = ShardReader(tmp_path / "data" / "demo" / "shards")
     assert len(reader) == 4 and reader.tensors(0)["face"].shape[-2:] == (512, 512)
     exported = list((tmp_path / "checkpoints").rglob("export/*-diffusers.safetensors"))
     assert exported and "demo summary" in out
+    import decord
+    from PIL import Image
+
+    from wan_tune.training.overview import LABEL_HEIGHT
+
+    run = exported[0].parents[2]
+    assert len(decord.VideoReader(str(run / "sample.mp4"))) == 9
+    assert Image.open(run / "sample.png").height == 4 * (LABEL_HEIGHT + 64)  # reference, pose, face, then the sample

@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="render a video from a base model and an exported LoRA (mp4 + contact-sheet PNG)",
         description="Text-to-video (or image-to-video with --image, first-and-last-frame with --image and --last-image, "
-        "VACE with --reference-image / --control-video / --mask-video) "
+        "VACE with --reference-image / --control-video / --mask-video, Wan2.2-Animate with --reference-image / "
+        "--pose-video / --face-video) "
         "through the diffusers Wan pipelines, with an "
         "optional LoRA from `wan-tune export` (any of its formats).",
     )
@@ -390,11 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="first frame, for image-to-video models")
     p.add_argument("--last-image", default=None, help="last frame, for first-and-last-frame models (FLF2V; with --image)")
     p.add_argument("--reference-image", action="append", default=[], metavar="IMAGE",
-                   help="VACE: a reference image (product, logo, character) the video keeps; repeat for several")
+                   help="VACE: a reference image (product, logo, character) the video keeps; repeat for several. "
+                   "Wan2.2-Animate: the character (one)")
     p.add_argument("--control-video", default=None, help="VACE: control video (depth, pose, edges, grey, layout), "
                    "at least --frames long; cut to the render size as prep cuts training controls")
-    p.add_argument("--mask-video", default=None, help="VACE: black keeps the control's pixels, white generates (with --control-video)")
+    p.add_argument("--mask-video", default=None, help="VACE: black keeps the control's pixels, white generates (with "
+                   "--control-video); Wan2.2-Animate replacement: white where the person to replace is")
     p.add_argument("--conditioning-scale", type=float, default=1.0, help="VACE: weight of the reference/control hints")
+    p.add_argument("--pose-video", default=None, help="Wan2.2-Animate: the pose video to perform (with --reference-image, "
+                   "the character, and --face-video); at least --frames long")
+    p.add_argument("--face-video", default=None, help="Wan2.2-Animate: the face video (cropped square), frame for frame")
+    p.add_argument("--background-video", default=None, help="Wan2.2-Animate, replacement: the scene the character goes "
+                   "into (with --mask-video, white where the person to replace is)")
     p.add_argument("--frames", type=int, default=33, help="frame count, 4k+1")
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
     p.add_argument("--seed", type=int, default=0)

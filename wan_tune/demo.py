@@ -182,7 +182,7 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     first, last = statistics.mean(trained["first_losses"]), statistics.mean(trained["last_losses"])
     result = {
         "clips": data_sources(recipe)[0].path, "captions": recipe.data.captions, "shards": recipe.data.shards,
-        "checkpoint": trained["checkpoint"], "adapters": [c.file for c in checks], "video": str(video or ""), "contact_sheet": str(sheet or ""),
+        "checkpoint": trained["checkpoint"], "adapters": [c.file for c in checks], "video": str(video), "contact_sheet": str(sheet),
         "model_card": str(exported / "README.md"), "workflow": str(next(exported.glob("*-comfyui-workflow.json"), "")),
         "samples": prep["samples"], "first_loss": first, "last_loss": last, "loss_window": len(trained["first_losses"]), "selftest_ok": all(c.ok for c in checks), "times": times,
         "heldout": trained["heldout"], "best": trained["best"],
@@ -194,21 +194,23 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
 
 
 def _sample(recipe, variant, run_dir: Path, exported: Path, source, say) -> tuple:
-    """[6/6]: a render with the exported LoRA, or (None, None) where `sample` is not built (Animate)."""
+    """[6/6]: a render with the exported LoRA (and the variant's conditioning: a clip's)."""
+    from .config.sources import data_sources
     from .sampling import SampleArgs, sample
 
-    if variant.animate:
-        say("[6/6] sample: not built for Wan2.2-Animate yet (its -diffusers file loads into diffusers' WanAnimatePipeline)")
-        return None, None
     say("[6/6] sample with the exported LoRA")
     # The comfyui file of each expert (Wan2.2 A14B: the high- and the low-noise one).
     loras = [str(p) for p in sorted(exported.glob("*-comfyui.safetensors"))] or [str(next(exported.glob("*.safetensors")))]
     h, w = recipe.data.resolutions[0]
     image, last_image = _sample_frames(recipe, run_dir)
+    conditioning = _vace_inputs(recipe, variant)
+    if variant.animate:  # a clip's first frame as the character, its pose and face videos to perform
+        first = sorted(Path(data_sources(recipe)[0].path).glob("*.pose.mp4"))[0]
+        conditioning = dict(reference_image=[image], pose_video=str(first), face_video=str(first).replace(".pose.", ".face."))
+        image = None
     return sample(SampleArgs(base=str(source.folder), lora=loras, prompt=f"{recipe.caption.trigger_word} style, a red circle drifting over a dark gradient",
                              frames=recipe.data.frames[0], steps=10, height=h, width=w, image=image,
-                             last_image=last_image, **_vace_inputs(recipe, variant),
-                             out=str(run_dir / "sample.mp4")), say=say)
+                             last_image=last_image, **conditioning, out=str(run_dir / "sample.mp4")), say=say)
 
 
 def format_result(r: dict) -> str:
@@ -216,7 +218,7 @@ def format_result(r: dict) -> str:
             ("checkpoint", r["checkpoint"]), *[("adapter", a) for a in r["adapters"]],
             ("model card", r["model_card"]), ("ComfyUI workflow", r["workflow"]), ("video", r["video"]),
             ("contact sheet", r["contact_sheet"])] + ([("validation rounds", r["overview"])] if r.get("overview") else [])
-    lines = ["", "demo summary", ""] + [f"  {k:<20}{v}" for k, v in rows if v]  # (Animate: no sample, no workflow yet)
+    lines = ["", "demo summary", ""] + [f"  {k:<20}{v}" for k, v in rows if v]  # (Animate: no workflow yet)
     lines += ["", f"  loss: first {r['loss_window']} steps {r['first_loss']:.4f} -> last {r['loss_window']} steps {r['last_loss']:.4f} "
                   f"({(1 - r['last_loss'] / r['first_loss']):.0%} lower)",
               *([held_out_line(r["heldout"], r["best"])] if r.get("heldout") else []),

@@ -48,6 +48,12 @@ class SampleArgs:
     """VACE: which parts of the control to keep (black) and to generate (white)."""
     conditioning_scale: float = 1.0
     """VACE: weight of the hints from the references and control."""
+    pose_video: str | None = None
+    """Wan2.2-Animate: the pose video (with --reference-image, the character, and --face-video)."""
+    face_video: str | None = None
+    """Wan2.2-Animate: the face video (cropped square), one frame per pose frame."""
+    background_video: str | None = None
+    """Wan2.2-Animate, replacement: the background the character goes into (with --mask-video, the person's)."""
     negative_prompt: str = ""
     frames: int = 33
     steps: int = 30
@@ -110,9 +116,30 @@ def variant_of(folder: Path) -> Variant | None:
     return next((v for v in VARIANTS.values() if not architecture_mismatches(v, config) + pipeline_mismatches(v, index)), None)
 
 
+def animate_problems(args: SampleArgs, variant: Variant | None, base: str) -> list[str]:
+    """Wan2.2-Animate: one reference image, a pose and a face video (replacement: a background and a
+    mask video too); its options refused for other models."""
+    given = [name for name, value in (("--pose-video", args.pose_video), ("--face-video", args.face_video),
+                                      ("--background-video", args.background_video)) if value]
+    if variant is None or not variant.animate:
+        return [f"{', '.join(given)}: for Wan2.2-Animate models; {base} is not one"] if given else []
+    missing = [n for n, v in (("--reference-image", args.reference_image), ("--pose-video", args.pose_video),
+                              ("--face-video", args.face_video)) if not v]
+    problems = [f"{base} is {variant.name}: give {', '.join(missing)}"] if missing else []
+    if len(args.reference_image) > 1:
+        problems.append(f"--reference-image: Wan2.2-Animate takes one character image, got {len(args.reference_image)}")
+    if args.control_video:
+        problems.append("--control-video is VACE's; Wan2.2-Animate follows --pose-video")
+    if args.background_video and not args.mask_video:
+        problems.append("--background-video replaces the person in it: give the person's --mask-video too")
+    return problems
+
+
 def vace_problems(args: SampleArgs, variant: Variant | None, base: str) -> list[str]:
     given = [name for name, value in (("--reference-image", args.reference_image), ("--control-video", args.control_video),
                                       ("--mask-video", args.mask_video)) if value]
+    if variant is not None and variant.animate:
+        return []  # its reference image and mask: animate_problems
     if variant is not None and not variant.vace:
         return [f"{', '.join(given)}: for VACE models; {base} is {variant.name}, not one"] if given else []
     problems = []
@@ -194,7 +221,6 @@ def contact_sheet(frames: np.ndarray, count: int = 8) -> "Image.Image":
 
 def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     from diffusers import DiffusionPipeline
-    from PIL import Image
 
     loras = [args.lora] if isinstance(args.lora, str) else list(args.lora or [])
     headers = [(path, lora_header(path)) for path in loras]
@@ -205,19 +231,16 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     except ModelLoadError as err:
         raise SampleError(f"--base: {err}") from None
     variant = variant_of(folder)
-    if variant is not None and variant.animate:  # its reference, pose and face inputs have no flags yet (#38)
-        raise SampleError(f"--base {args.base} is {variant.name}: sampling Wan2.2-Animate is not built yet; load the "
-                          "exported adapter into diffusers' WanAnimatePipeline (its -diffusers.safetensors file)")
     for path, h in headers:
         if h.get("wan_tune.variant") and variant and h["wan_tune.variant"] != variant.name:
             raise SampleError(f"--lora {path} was trained for {h['wan_tune.variant']}, but --base {args.base} is {variant.name}")
     experts = [h.get("wan_tune.expert", "high_noise") for _, h in headers]
     if len(set(experts)) != len(experts):
         raise SampleError(f"--lora: two files for the same expert ({', '.join(experts)}); give one per expert")
-    is_i2v = variant.is_i2v if variant else False
+    is_i2v = variant.is_i2v and not variant.animate if variant else False  # Animate: its character, --reference-image
     if is_i2v and not args.image:
         raise SampleError(f"{args.base} is an image-to-video model: give the first frame with --image")
-    takes_image = variant is not None and variant.image_conditioned("i2v")  # I2V, or TI2V-5B (either way)
+    takes_image = variant is not None and variant.image_conditioned("i2v") and not variant.animate  # I2V, or TI2V-5B
     if args.image and not takes_image:
         raise SampleError(f"--image is for image-to-video models; {args.base} is text-to-video")
     last_frame = variant is not None and variant.last_frame
@@ -225,7 +248,8 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
         raise SampleError(f"{args.base} is a first-and-last-frame model: give the last frame with --last-image (and the first with --image)")
     if args.last_image and not last_frame:
         raise SampleError(f"--last-image is for first-and-last-frame (FLF2V) models; {args.base} is not one")
-    problems = argument_problems(args, variant) + vace_problems(args, variant, args.base)
+    problems = argument_problems(args, variant) + vace_problems(args, variant, args.base) + animate_problems(
+        args, variant, args.base)
     if problems:
         raise SampleError("; ".join(problems))
     problem = writable_problem(Path(args.out).parent)
@@ -245,26 +269,44 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     _load_adapters(pipe, headers, experts, args)
     height = args.height or (variant.resolution[0] if variant else 480)
     width = args.width or (variant.resolution[1] if variant else 832)
-    kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height, width=width,
-                  num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                  **({"guidance_scale_2": args.guidance_scale_2} if variant and variant.two_experts else {}),
-                  generator=torch.Generator().manual_seed(args.seed), output_type="np")
-    for key, path in (("image", args.image), ("last_image", args.last_image)):
-        if path:
-            kwargs[key] = Image.open(path).convert("RGB")
-    media = {}
-    if variant is not None and variant.vace:
-        media = _vace_media(args, height, width, variant.fps)
-        kwargs.update(conditioning_scale=args.conditioning_scale, **pipeline_inputs(media))
+    kwargs, rows = _render_inputs(args, variant, height, width)
     say(f"sampling {args.frames} frames at {width}x{height}, {args.steps} steps on {device}")
     frames = to_uint8(pipe(**kwargs).frames[0])
     out = write_video(args.out, frames, fps=variant.fps if variant else 16)  # TI2V-5B: 24 fps
-    if media:  # the conditioning above the render
-        sheet = write_sheet(Path(out).with_suffix(".png"), [*sheet_rows(media, height, width), ("sample", frame_row(frames))])
+    if rows:  # the conditioning above the render
+        sheet = write_sheet(Path(out).with_suffix(".png"), [*rows, ("sample", frame_row(frames))])
     else:
         sheet = atomic_write(Path(out).with_suffix(".png"), lambda tmp: contact_sheet(frames).save(tmp, format="PNG"))
     write_json(Path(out).with_suffix(".json"), {**vars(args), "height": height, "width": width})  # how it was made
     return out, sheet
+
+
+def _render_inputs(args: SampleArgs, variant: Variant | None, height: int, width: int) -> tuple[dict, list]:
+    """The pipeline call's arguments, and the contact-sheet rows of its conditioning ([] for none)."""
+    from PIL import Image
+
+    kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height, width=width,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                  **({"guidance_scale_2": args.guidance_scale_2} if variant and variant.two_experts else {}),
+                  generator=torch.Generator().manual_seed(args.seed), output_type="np")
+    if variant is not None and variant.animate:  # WanAnimatePipeline: one segment of --frames
+        from .media.animate_media import animate_media, animate_rows
+
+        try:
+            media = animate_media(args.reference_image[0], args.pose_video, args.face_video, args.frames, height, width,
+                                  variant.transformer["motion_encoder_size"], variant.fps, args.background_video,
+                                  args.mask_video)
+        except ConditioningError as err:
+            raise SampleError(str(err)) from None
+        return dict(kwargs, segment_frame_length=args.frames, **media), animate_rows(media, height, width)
+    kwargs["num_frames"] = args.frames
+    for key, path in (("image", args.image), ("last_image", args.last_image)):
+        if path:
+            kwargs[key] = Image.open(path).convert("RGB")
+    if variant is not None and variant.vace:
+        media = _vace_media(args, height, width, variant.fps)
+        return dict(kwargs, conditioning_scale=args.conditioning_scale, **pipeline_inputs(media)), sheet_rows(media, height, width)
+    return kwargs, []
 
 
 def place(pipe, device: str, say=print) -> None:

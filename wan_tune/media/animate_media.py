@@ -1,0 +1,51 @@
+"""Wan2.2-Animate's inputs for a render (`wan-tune sample`, the demo): the reference image, the
+pose and face videos (and replacement's background and mask), read and cut as prep cuts them, and
+the contact-sheet rows that show them above the render."""
+
+from __future__ import annotations
+
+from .vace_media import ConditioningError, control_frames, mask_frames
+
+
+def animate_media(reference: str, pose: str, face: str, frames: int, height: int, width: int, face_size: int,
+                  fps: float | None = None, background: str | None = None, mask: str | None = None) -> dict:
+    """The pipeline's inputs: `image` (PIL), `pose_video`, `face_video` (`frames` PIL frames each, from
+    the start at `fps`; the pose cut to `height` x `width` as prep cuts it, the face to the motion
+    encoder's square), and with a background (replacement) `background_video`, `mask_video`, `mode`."""
+    from PIL import Image
+
+    try:
+        with Image.open(reference) as im:
+            image = im.convert("RGB")
+    except Exception as err:
+        raise ConditioningError(f"reference image {reference}: not a readable image ({type(err).__name__})") from None
+    media = {"image": image, "pose_video": control_frames(pose, frames, height, width, fps=fps, what="pose video"),
+             "face_video": control_frames(face, frames, face_size, face_size, fps=fps, what="face video")}
+    if background is not None:
+        if mask is None:
+            raise ConditioningError("a background video replaces the person in it: give the person's mask video too")
+        media.update(mode="replace",
+                     background_video=control_frames(background, frames, height, width, fps=fps, what="background video"),
+                     mask_video=mask_frames(mask, frames, height, width, fps=fps))
+    return media
+
+
+def animate_rows(media: dict, height: int, width: int) -> list[tuple[str, "object"]]:
+    """Contact-sheet rows: the reference (fitted on a black canvas, as the pipeline fills it), the pose
+    and the face frames (and the background)."""
+    import numpy as np
+    from PIL import Image
+
+    from .video_io import frame_row
+
+    ref = media["image"]
+    scale = min(height / ref.height, width / ref.width)
+    canvas = Image.new("RGB", (width, height), "black")
+    fitted = ref.resize((max(1, int(ref.width * scale)), max(1, int(ref.height * scale))))
+    canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
+    rows = [("reference", np.asarray(canvas))]
+    for key, label in (("pose_video", "pose"), ("face_video", "face"), ("background_video", "background")):
+        if media.get(key):
+            frames = [np.asarray(f.resize((height, height)) if label == "face" else f) for f in media[key]]
+            rows.append((label, frame_row(np.stack(frames))))
+    return rows
