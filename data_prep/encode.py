@@ -60,8 +60,8 @@ class Encoders:
         else:
             self.pipe = WanPipeline(**parts)
         self.pipe.to(self.device)
-        self.vace = _vace_pipeline(self.pipe, source.variant) if source.variant.vace else None
-        self.animate = _animate_pipeline(self.pipe, source.variant) if source.variant.animate else None
+        self.vace = _conditioning_pipeline(self.pipe, source.variant) if source.variant.vace else None
+        self.animate = _conditioning_pipeline(self.pipe, source.variant) if source.variant.animate else None
         self.animate_mode = animate_mode  # Wan2.2-Animate: animation or replacement inputs (animate.mode)
         self._blank: dict[tuple, torch.Tensor] = {}
 
@@ -147,31 +147,17 @@ class Encoders:
         return out
 
 
-def _vace_pipeline(pipe, variant):
-    """A `WanVACEPipeline` over the same encoders whose context methods prep calls. Its transformer
-    is built on the meta device: the methods read only its config (patch size)."""
-    from diffusers import WanVACEPipeline
-
-    from wan_tune.models.variants import transformer_class
-
-    with torch.device("meta"):
-        transformer = transformer_class(variant)(**variant.transformer)
-    return WanVACEPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
-                           scheduler=pipe.scheduler, transformer=transformer)
-
-
-def _animate_pipeline(pipe, variant):
-    """A `WanAnimatePipeline` over the same encoders (CLIP included: it reads the reference image),
-    whose conditioning methods prep calls (models/animate.py); its transformer on the meta device."""
-    from diffusers import WanAnimatePipeline
-
-    from wan_tune.models.variants import transformer_class
+def _conditioning_pipeline(pipe, variant):
+    """The variant's own pipeline (`WanVACEPipeline`, `WanAnimatePipeline`) over the same encoders,
+    whose conditioning methods prep calls. Its transformer is built on the meta device: the methods
+    read only its config (patch size; Animate's face size)."""
+    from wan_tune.models.variants import pipeline_class, transformer_class
 
     with torch.device("meta"):
         transformer = transformer_class(variant)(**variant.transformer)
-    return WanAnimatePipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
-                              scheduler=pipe.scheduler, image_processor=pipe.image_processor,
-                              image_encoder=pipe.image_encoder, transformer=transformer)
+    clip = dict(image_processor=pipe.image_processor, image_encoder=pipe.image_encoder) if variant.animate else {}
+    return pipeline_class(variant)(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                   scheduler=pipe.scheduler, transformer=transformer, **clip)
 
 
 @torch.no_grad()

@@ -25,11 +25,10 @@ MODES = ("animate", "replace")
 
 @torch.no_grad()
 def encode_conditions(pipe, image, pose_video: list, face_video: list, height: int, width: int, mode: str = "animate",
-                      background: list | None = None, mask: list | None = None, face_size: int | None = None
-                      ) -> dict[str, torch.Tensor]:
-    """One clip's conditioning through `pipe` (a `WanAnimatePipeline`; prep's has no transformer:
-    `face_size` is then the variant's motion encoder size): PIL image / frames in, the tensors a
-    training step stores out (batch dimension dropped). `pose_video`, `face_video` (and replacement's
+                      background: list | None = None, mask: list | None = None) -> dict[str, torch.Tensor]:
+    """One clip's conditioning through `pipe` (a `WanAnimatePipeline`; prep's holds its transformer on
+    the meta device: only its config is read): PIL image / frames in, the tensors a training step
+    stores out (batch dimension dropped). `pose_video`, `face_video` (and replacement's
     `background`, `mask`) have the clip's frame count, 4k + 1. The face video is kept as the 8-bit
     frames the pipeline resized (`face_pixels` gives back exactly its [-1, 1] values): a quarter of
     the bytes, 77 frames at 512 px being 60 MB."""
@@ -40,7 +39,7 @@ def encode_conditions(pipe, image, pose_video: list, face_video: list, height: i
     pixels = pipe.vae_image_processor.preprocess(image, height=height, width=width, resize_mode="fill")
     reference = pipe.prepare_reference_image_latents(pixels.to(device, torch.float32), 1, device=device)
     pose = pipe.video_processor.preprocess_video(pose_video, height=height, width=width).to(device, torch.float32)
-    size = face_size or pipe.transformer.config.motion_encoder_size
+    size = pipe.transformer.config.motion_encoder_size
     face = pipe.video_processor.preprocess_video(face_video, height=size, width=size)
     face = ((face[0].float() + 1) / 2 * 255).round().to(torch.uint8)  # exact: x / 255 * 2 - 1 made it
     replacing = {}
