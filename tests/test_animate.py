@@ -311,3 +311,16 @@ def test_the_demo_runs_the_animate_chain(tmp_path, monkeypatch, capsys):
     run = exported[0].parents[2]
     assert len(decord.VideoReader(str(run / "sample.mp4"))) == 9
     assert Image.open(run / "sample.png").height == 4 * (LABEL_HEIGHT + 64)  # reference, pose, face, then the sample
+
+
+def test_token_routing_and_context_parallelism_are_refused_for_animate(capsys):
+    """The face adapters add their output to the tokens between blocks, per frame and in order:
+    routing (which reorders tokens inside its span) and context parallelism (diffusers' Animate
+    transformer has no _cp_plan) are refused in one line each."""
+    from wan_tune.cli import main
+
+    recipe = str(ROOT / "recipes" / "wan2.2-animate-14b-lora.yaml")
+    assert main(["check", recipe, "train.route_ratio=0.5"]) == 2
+    assert "train.route_ratio: wan2.2-animate-14b adds its face adapters' output" in capsys.readouterr().err
+    assert main(["check", recipe, "train.context_parallel=2"]) == 2
+    assert "diffusers 0.42 cannot split wan2.2-animate-14b (Animate) across processes" in capsys.readouterr().err

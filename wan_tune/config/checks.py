@@ -284,9 +284,10 @@ def _routing_errors(r: Recipe, variant: Variant | None) -> list[tuple[str, str]]
         except ValueError as err:
             where, _, what = str(err).partition(": ")
             errors.append((where, f"{variant.name}: {what}"))
-        if variant.vace:
-            errors.append((key, f"{variant.name} adds VACE hints to the tokens between blocks, in their "
-                           "order; routing reorders them inside its span: not built for VACE yet (set it to 0)"))
+        if variant.vace or variant.animate:
+            what = "VACE hints to" if variant.vace else "its face adapters' output (per frame) to"
+            errors.append((key, f"{variant.name} adds {what} the tokens between blocks, in their order; routing "
+                           "reorders them inside its span: not built for it yet (set it to 0)"))
     if r.train.context_parallel > 1:
         errors.append((key, "routes a clip's tokens on one process; with train.context_parallel each "
                        "holds a share of them: not built yet (set it to 0, or train.context_parallel=1)"))
@@ -302,10 +303,10 @@ def _context_parallel_errors(r: Recipe, variant: Variant | None) -> list[tuple[s
                        "(context parallelism already divides the activations)"))
     if variant is None:
         return errors
-    if variant.vace:  # diffusers' WanVACETransformer3DModel has no _cp_plan to split its tokens by
-        errors.append(("train.context_parallel", f"{variant.name} is a VACE model, which diffusers 0.42 cannot split "
-                       "across processes yet: set train.context_parallel=1 (activation offload or train.ffn_chunks "
-                       "shrink one clip's activations instead)"))
+    if variant.vace or variant.animate:  # diffusers' VACE and Animate transformers have no _cp_plan to split tokens by
+        errors.append(("train.context_parallel", f"diffusers 0.42 cannot split {variant.name} ({variant.kind}) across "
+                       "processes yet: set train.context_parallel=1 (activation offload or train.ffn_chunks shrink one "
+                       "clip's activations instead)"))
         return errors
     heads = variant.transformer["num_attention_heads"]
     if r.train.context_parallel_kind == "ulysses" and heads % cp:
