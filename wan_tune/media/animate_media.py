@@ -4,7 +4,7 @@ the contact-sheet rows that show them above the render."""
 
 from __future__ import annotations
 
-from .vace_media import ConditioningError, control_frames, mask_frames
+from .vace_media import ConditioningError, control_frames, fitted_on_canvas, mask_frames
 
 
 def animate_media(reference: str, pose: str, face: str, frames: int, height: int, width: int, face_size: int,
@@ -34,16 +34,10 @@ def animate_rows(media: dict, height: int, width: int) -> list[tuple[str, "objec
     """Contact-sheet rows: the reference (fitted on a black canvas, as the pipeline fills it), the pose
     and the face frames (and the background)."""
     import numpy as np
-    from PIL import Image
 
     from .video_io import frame_row
 
-    ref = media["image"]
-    scale = min(height / ref.height, width / ref.width)
-    canvas = Image.new("RGB", (width, height), "black")
-    fitted = ref.resize((max(1, int(ref.width * scale)), max(1, int(ref.height * scale))))
-    canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
-    rows = [("reference", np.asarray(canvas))]
+    rows = [("reference", fitted_on_canvas(media["image"], height, width, "black"))]
     for key, label in (("pose_video", "pose"), ("face_video", "face"), ("background_video", "background")):
         if media.get(key):
             frames = [np.asarray(f.resize((height, height)) if label == "face" else f) for f in media[key]]

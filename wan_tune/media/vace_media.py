@@ -68,7 +68,6 @@ def sheet_rows(media: dict, height: int, width: int) -> list[tuple[str, "object"
     """Contact-sheet rows showing the conditioning: the control, the mask, the references (each
     fitted on a white canvas the size of a frame, as the pipeline places it)."""
     import numpy as np
-    from PIL import Image
 
     from .video_io import frame_row
 
@@ -78,15 +77,21 @@ def sheet_rows(media: dict, height: int, width: int) -> list[tuple[str, "object"
             rows.append((label, frame_row(np.stack([np.asarray(p) for p in media[key]]))))
     refs = media.get("reference_images") or []
     if refs:
-        canvases = []
-        for ref in refs:
-            scale = min(height / ref.height, width / ref.width)
-            canvas = Image.new("RGB", (width, height), "white")
-            fitted = ref.resize((max(1, int(ref.width * scale)), max(1, int(ref.height * scale))))
-            canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
-            canvases.append(np.asarray(canvas))
-        rows.append(("references", np.concatenate(canvases, axis=1)))
+        rows.append(("references", np.concatenate([fitted_on_canvas(ref, height, width, "white") for ref in refs], axis=1)))
     return rows
+
+
+def fitted_on_canvas(image, height: int, width: int, color: str):
+    """`image` (PIL) fitted inside a `height` x `width` canvas of `color`, centred, as an RGB array:
+    how a pipeline places a reference of another aspect (VACE on white, Animate on black)."""
+    import numpy as np
+    from PIL import Image
+
+    scale = min(height / image.height, width / image.width)
+    canvas = Image.new("RGB", (width, height), color)
+    fitted = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+    canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
+    return np.asarray(canvas)
 
 
 def validation_media(recipe, height: int, width: int, prefer: list[int]) -> list[dict]:
