@@ -3,7 +3,8 @@
 primitives are widgets; the others are links). Taken from ComfyUI's node definitions: nodes.py
 (loaders, CLIPTextEncode, KSampler(Advanced), VAEDecode, LoadImage, CLIPVision*, ImageToMask via
 comfy_extras/nodes_mask.py), comfy_extras/nodes_wan.py (WanImageToVideo, WanFirstLastFrameToVideo,
-WanVaceToVideo, TrimVideoLatent, Wan22ImageToVideoLatent), nodes_hunyuan.py
+WanVaceToVideo, WanAnimateToVideo, TrimVideoLatent,
+Wan22ImageToVideoLatent), nodes_hunyuan.py
 (EmptyHunyuanLatentVideo), nodes_model_advanced.py (ModelSamplingSD3), nodes_video.py (LoadVideo,
 GetVideoComponents), nodes_images.py (SaveAnimatedWEBP). Combo inputs list the values the workflows
 may use."""
@@ -37,6 +38,11 @@ NODES = {
                                   "start_image": "IMAGE", "end_image": "IMAGE"}, (C, C, L)),
     "WanVaceToVideo": ({"positive": C, "negative": C, "vae": "VAE", **SIZE, "strength": F},
                        {"control_video": "IMAGE", "control_masks": "MASK", "reference_image": "IMAGE"}, (C, C, L, I)),
+    "WanAnimateToVideo": ({"positive": C, "negative": C, "vae": "VAE", **SIZE, "continue_motion_max_frames": I,
+                           "video_frame_offset": I},
+                          {"clip_vision_output": "CLIP_VISION_OUTPUT", "reference_image": "IMAGE", "face_video": "IMAGE",
+                           "pose_video": "IMAGE", "background_video": "IMAGE", "character_mask": "MASK",
+                           "continue_motion": "IMAGE"}, (C, C, L, I, I, I)),
     "TrimVideoLatent": ({"samples": L, "trim_amount": I}, {}, (L,)),
     "LoadVideo": ({"file": "COMBO"}, {}, ("VIDEO",)),
     "GetVideoComponents": ({"video": "VIDEO"}, {}, ("IMAGE", "AUDIO", F)),

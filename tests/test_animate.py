@@ -4,6 +4,7 @@ line until the step lands."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -235,18 +236,27 @@ def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(an
     assert torch.allclose(ours["timestep"].float(), theirs["timestep"].float())  # the scheduler hands integers
 
     run = train(recipe, progress=False, say=lambda *_: None)
-    losses = [r["loss"] for r in map(__import__("json").loads, (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines())
+    losses = [r["loss"] for r in map(json.loads, (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines())
               if "loss" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     # the GPU's regime (bf16 weights, bf16 autocast, CUDA's fp32 ops emulated): the motion encoder's
     # fp32 QR, the face encoder's 8-bit pixels made bf16, the face adapters under autocast
     from wan_tune.models.precision import cuda_autocast_emulated
 
+    # and a validation render at step 3 (the first GPU run of a LoRA died at its first render: audits)
     regime = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [*recipe_overrides, "model.dtype=bf16",
-                                                                "train.mixed_precision=bf16", "run.name=regime"])
+                                                                "train.mixed_precision=bf16", "run.name=regime",
+                                                                "validation.every=3", "validation.steps=2"])
     with cuda_autocast_emulated():
         bf16 = train(regime, progress=False, say=lambda *_: None)
-    bf16_losses = [r["loss"] for r in map(__import__("json").loads, (Path(bf16["run_dir"]) / "metrics.jsonl")
+    from wan_tune.training.overview import LABEL_HEIGHT
+
+    rendered = Path(bf16["run_dir"]) / "validation" / "step-000003"
+    assert len(read_frames(str(rendered / "00.mp4"), Window(0, tuple(range(9)), 0.0, 9 / 16), False)) == 9
+    # reference, pose, face above the base render and step 3's
+    assert Image.open(rendered / "00.png").height == 5 * (LABEL_HEIGHT + 64)
+    _validation_takes_a_clips_inputs(regime, tmp_path, cut)
+    bf16_losses = [r["loss"] for r in map(json.loads, (Path(bf16["run_dir"]) / "metrics.jsonl")
                                           .read_text().splitlines()) if "loss" in r]
     assert len(bf16_losses) == 3 and all(torch.isfinite(torch.tensor(bf16_losses)))
     assert bf16_losses == pytest.approx(losses, rel=0.05)  # bf16 rounding, not another computation
@@ -255,6 +265,7 @@ def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(an
     checks = export(run["checkpoint"], out=tmp_path / "export", say=lambda *_: None)
     assert checks and all(c.ok for c in checks), checks  # every format's file loads back into the Animate model
     assert {Path(c.file).name.rsplit("-", 1)[1] for c in checks} >= {"diffusers.safetensors", "comfyui.safetensors"}
+    _card_snippet_and_workflow_render(tmp_path / "export", clips[0])
     from wan_tune.plan import MemoryPlan
     from wan_tune.sampling import SampleArgs, SampleError, sample
 
@@ -267,7 +278,68 @@ def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(an
                say=lambda *_: None)
     from wan_tune.cli import main
 
-    assert main(["check", str(ROOT / "recipes" / "demo-tiny.yaml"), "model.variant=tiny-animate"]) == 2  # renders
+    assert main(["check", str(ROOT / "recipes" / "demo-tiny.yaml"), "model.variant=tiny-animate",
+                 "validation.references=['a.png;b.png']"]) == 2  # one character per prompt
+
+
+def _card_snippet_and_workflow_render(out: Path, clip: Path):
+    """The export's ComfyUI workflow feeds WanAnimateToVideo, and the card names what goes in ComfyUI's
+    input/ folder; the card's diffusers code, run as written beside a reference, pose and face video,
+    renders with the LoRA through WanAnimatePipeline."""
+    import os
+    import re
+    import shutil
+
+    from comfyui_nodes import check_graph
+
+    graph = json.loads(next(out.glob("*-comfyui-workflow.json")).read_text())
+    assert check_graph(graph) == [] and any(n["class_type"] == "WanAnimateToVideo" for n in graph.values())
+    card = (out / "README.md").read_text()
+    assert "`reference.png`, `pose.mp4`, `face.mp4` in `ComfyUI/input/`" in card
+    assert "--reference-image reference.png --pose-video pose.mp4 --face-video face.mp4" in card
+    for name, source in (("pose.mp4", clip.with_suffix(".pose.mp4")), ("face.mp4", clip.with_suffix(".face.mp4"))):
+        shutil.copy(source, out / name)
+    from PIL import Image
+
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(out / "reference.png")
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "segment_frame_length=9" in code and "pose_video=pose, face_video=face" in code
+    here = os.getcwd()
+    os.chdir(out)
+    try:
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the card's own snippet is what is under test)
+    finally:
+        os.chdir(here)
+    assert (out / "sample.mp4").stat().st_size > 0
+
+
+def _validation_takes_a_clips_inputs(recipe, tmp_path, cut):
+    """The validator's WanAnimatePipeline call: the first clip's pose and face at its window (as prep cut
+    them), its first frame as the character, unless validation.references gives one (a mascot)."""
+    import numpy as np
+    from PIL import Image
+
+    from wan_tune.config import load_recipe
+    from wan_tune.data.shards import ShardReader
+    from wan_tune.training.clip_inputs import window_pictures
+    from wan_tune.training.validation import Validator
+
+    row = ShardReader(recipe.data.shards).row(0)
+    clip = Path(recipe.data.source) / row["source"]
+    validator = Validator(recipe, torch.device("cpu"), torch.float32)
+    call = validator._call_args(0, *validator.embeds[0])
+    assert call["segment_frame_length"] == 9 and "num_frames" not in call
+    assert np.array_equal(np.stack([np.asarray(f) for f in call["pose_video"]]),
+                          np.stack([np.asarray(f) for f in cut(clip.with_suffix(".pose.mp4"))]))
+    assert call["face_video"][0].size == (512, 512)  # the motion encoder's square, as the pipeline takes it
+    assert np.array_equal(np.asarray(call["image"]), np.asarray(window_pictures(recipe, row)[0]))
+    mascot = tmp_path / "mascot.png"
+    Image.new("RGB", (40, 60), (200, 30, 30)).save(mascot)
+    given = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [f"{k}={v}" for k, v in [
+        ("model.variant", "tiny-animate"), ("model.path", recipe.model.path), ("data.source", recipe.data.source),
+        ("data.shards", recipe.data.shards), ("validation.references", f"['{mascot}']"), ("validation.every", 1)]])
+    image = Validator(given, torch.device("cpu"), torch.float32)._call_args(0, None, None)["image"]
+    assert image.size == (40, 60) and image.getpixel((0, 0)) == (200, 30, 30)
 
 
 def test_a_dropped_face_is_the_pipelines_unconditional_face():
@@ -288,13 +360,15 @@ def test_a_dropped_face_is_the_pipelines_unconditional_face():
 @pytest.mark.slow
 def test_the_demo_runs_the_animate_chain(tmp_path, monkeypatch, capsys):
     """`wan-tune demo model.variant=tiny-animate`: clips with generated pose and face videos, prep,
-    training (no validation renders yet), export, and a sample of the character (a clip's first
-    frame) performing a clip's pose and face videos, shown above the render."""
+    training with a validation render (the character, pose and face above the base and the step's
+    render), export with its ComfyUI workflow, and a sample of the character (a clip's first frame)
+    performing a clip's pose and face videos, shown above the render."""
     from wan_tune.cli import main
     from wan_tune.data.shards import ShardReader
 
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--clips", "2", "model.variant=tiny-animate", "train.steps=4", "checkpoint.every=4"]) == 0
+    assert main(["demo", "--clips", "2", "model.variant=tiny-animate", "train.steps=4", "checkpoint.every=4",
+                 "validation.every=4"]) == 0
     out = capsys.readouterr().out
     assert "with pose and face videos" in out and "sampling 9 frames at 96x64" in out
     clips = tmp_path / "data" / "demo" / "clips"
@@ -311,6 +385,8 @@ def test_the_demo_runs_the_animate_chain(tmp_path, monkeypatch, capsys):
     run = exported[0].parents[2]
     assert len(decord.VideoReader(str(run / "sample.mp4"))) == 9
     assert Image.open(run / "sample.png").height == 4 * (LABEL_HEIGHT + 64)  # reference, pose, face, then the sample
+    assert Image.open(run / "validation" / "step-000004" / "00.png").height == 5 * (LABEL_HEIGHT + 64)
+    assert list(exported[0].parent.glob("*-comfyui-workflow.json")) and "ComfyUI workflow" in out
 
 
 def test_token_routing_and_context_parallelism_are_refused_for_animate(capsys):

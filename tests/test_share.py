@@ -35,10 +35,10 @@ def test_workflow_of_every_variant_links_up_from_stock_nodes(name):
     assert sorted(lo["lora_name"] for lo in by_class["LoraLoaderModelOnly"]) == sorted(loras.values())
     assert {s["shift"] for s in by_class["ModelSamplingSD3"]} == {3.0}
     latent = next(n for c in ("EmptyHunyuanLatentVideo", "WanImageToVideo", "WanFirstLastFrameToVideo", "WanVaceToVideo",
-                              "Wan22ImageToVideoLatent") for n in by_class.get(c, []))
+                              "Wan22ImageToVideoLatent", "WanAnimateToVideo") for n in by_class.get(c, []))
     assert (latent["width"], latent["height"], latent["length"]) == (832, 480, 33)
     expected = {"T2V": "EmptyHunyuanLatentVideo", "I2V": "WanImageToVideo", "FLF2V": "WanFirstLastFrameToVideo",
-                "VACE": "WanVaceToVideo"}[variant.kind]
+                "VACE": "WanVaceToVideo", "Animate": "WanAnimateToVideo"}[variant.kind]
     if variant.expand_timesteps:
         expected = "Wan22ImageToVideoLatent"
     assert expected in by_class
@@ -48,6 +48,25 @@ def test_workflow_of_every_variant_links_up_from_stock_nodes(name):
         high, low = by_class["KSamplerAdvanced"]
         assert high["end_at_step"] == low["start_at_step"] == switch_step(20, 3.0, variant.boundary_ratio)
         assert (high["return_with_leftover_noise"], low["add_noise"]) == ("enable", "disable")
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_animate_workflow_feeds_wan_animate_to_video(replace):
+    """Wan2.2-Animate: the character (image and its CLIP), pose and face videos into WanAnimateToVideo
+    (replacement: the background video and the person's mask too); the reference's latent frame is
+    trimmed by the node's own trim_latent output before decoding."""
+    from dataclasses import replace as with_
+
+    graph = workflow(VARIANTS["wan2.2-animate-14b"], {"transformer": "mascot-comfyui.safetensors"},
+                     with_(RENDER, frames=77, replace=replace))
+    assert check_graph(graph) == []
+    node_id, animate = next((k, n["inputs"]) for k, n in graph.items() if n["class_type"] == "WanAnimateToVideo")
+    files = {n["inputs"]["file"] for n in graph.values() if n["class_type"] == "LoadVideo"}
+    assert files == {"pose.mp4", "face.mp4"} | ({"background.mp4", "mask.mp4"} if replace else set())
+    assert ("background_video" in animate and "character_mask" in animate) == replace
+    assert animate["length"] == 77 and animate["video_frame_offset"] == 0
+    trim = next(n["inputs"] for n in graph.values() if n["class_type"] == "TrimVideoLatent")
+    assert trim["trim_amount"] == [node_id, 3]
 
 
 def test_a_broken_graph_is_caught():

@@ -59,7 +59,7 @@ def _sample_frames(recipe, run_dir: Path) -> tuple[str | None, str | None]:
     """The first frame (I2V) and the last (FLF2V) the demo's sample starts and ends on: a clip's,
     written beside the run; None for what the variant does not take."""
     from .models.variants import get_variant
-    from .training.validation import clip_first_frames
+    from .training.clip_inputs import clip_first_frames
 
     variant = get_variant(recipe.model.variant)
     if not variant.image_conditioned(recipe.data.task):
@@ -95,15 +95,6 @@ def with_stills(overrides: list[str], recipe_path, stills: int) -> list[str]:
             "resolutions: [[64, 64]], holdout: 0}]"]
 
 
-def for_variant(overrides: list[str]) -> list[str]:
-    """What the demo's recipe needs for the variant asked for: Wan2.2-Animate renders no validation
-    yet (#38), so its demo trains without (unless validation.every is given)."""
-    name = next((o.split("=", 1)[1] for o in overrides if o.startswith("model.variant=")), None)
-    if name and get_variant(name).animate and not any(o.startswith("validation.every=") for o in overrides):
-        return [*overrides, "validation.every=0"]
-    return overrides
-
-
 def _make_footage(recipe, variant, clips: int, stills: int, say) -> None:
     """The demo's clips (and stills, with `--stills`) in the recipe's source folders, captioned."""
     from .config.sources import data_sources
@@ -131,7 +122,7 @@ def run_demo(recipe_path: str | Path | None = None, overrides: list[str] | None 
     from .models.loading import resolve_source
     from .training.loop import train
 
-    overrides = with_stills(for_variant(list(overrides or [])), recipe_path or find_demo_recipe(), stills)
+    overrides = with_stills(list(overrides or []), recipe_path or find_demo_recipe(), stills)
     recipe = load_recipe(recipe_path or find_demo_recipe(), overrides)
     # A run shorter than the recipe's own (train.steps=4 to try the chain) is not judged on learning.
     recipe_steps = load_recipe(recipe_path or find_demo_recipe(), warn=lambda _m: None).train.steps
@@ -218,7 +209,7 @@ def format_result(r: dict) -> str:
             ("checkpoint", r["checkpoint"]), *[("adapter", a) for a in r["adapters"]],
             ("model card", r["model_card"]), ("ComfyUI workflow", r["workflow"]), ("video", r["video"]),
             ("contact sheet", r["contact_sheet"])] + ([("validation rounds", r["overview"])] if r.get("overview") else [])
-    lines = ["", "demo summary", ""] + [f"  {k:<20}{v}" for k, v in rows if v]  # (Animate: no workflow yet)
+    lines = ["", "demo summary", ""] + [f"  {k:<20}{v}" for k, v in rows if v]
     lines += ["", f"  loss: first {r['loss_window']} steps {r['first_loss']:.4f} -> last {r['loss_window']} steps {r['last_loss']:.4f} "
                   f"({(1 - r['last_loss'] / r['first_loss']):.0%} lower)",
               *([held_out_line(r["heldout"], r["best"])] if r.get("heldout") else []),

@@ -180,10 +180,6 @@ def _shared_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]]:
 def _variant_errors(r: Recipe, variant: Variant, invalid: set[str]) -> list[tuple[str, str]]:
     """What the chosen variant cannot take: expert settings, sizes, first frames."""
     errors = []
-    if variant.animate and r.validation.every:  # a render needs each prompt's reference, pose and face videos
-        errors.append(("validation.every", f"{variant.name}: validation renders of Wan2.2-Animate are not built yet "
-                       "(they need a reference image, pose and face video per prompt); set validation.every=0 and "
-                       "watch heldout_loss"))
     if r.validation.guidance_scale_2 is not None and not variant.two_experts:
         errors.append(("validation.guidance_scale_2", f"is the low-noise expert's guidance; {variant.name} has one transformer"))
     if r.model.experts and not variant.two_experts:
@@ -216,6 +212,13 @@ def _vace_validation_errors(r: Recipe, variant: Variant) -> list[tuple[str, str]
     v, errors = r.validation, []
     for key in ("references", "controls", "masks"):
         given = getattr(v, key)
+        if key == "references" and variant.animate:  # the character of each prompt: one image or none
+            errors += [("validation.references", f"entry {i}: Wan2.2-Animate takes one character image per prompt, "
+                        f"got {len(p.split(';'))}") for i, p in enumerate(given) if ";" in p.strip(" ;")]
+            if given and len(given) != len(v.prompts):
+                errors.append(("validation.references", f"one entry per prompt ({len(given)} for {len(v.prompts)} "
+                                                        "prompts; an empty entry: the clip's own reference)"))
+            continue
         if given and not variant.vace:
             errors.append((f"validation.{key}", f"is for VACE variants; {variant.name} is not one"))
         elif given and len(given) != len(v.prompts):
@@ -322,9 +325,10 @@ def missing_inputs(r: Recipe) -> list[tuple[str, str]]:
     fail on, hours in): for `check` and for the trainer's start. Not a load rule: a checkpoint's
     recipe.yaml must still load (export) where those files are gone."""
     v = r.validation
-    return [(f"validation.{key}[{i}]", f"no such file: {p}")
-            for key, paths in (("images", v.images), ("last_images", v.last_images), ("controls", v.controls))
-            for i, p in enumerate(paths) if p and not Path(p).expanduser().is_file()]
+    named = [("images", i, p) for i, p in enumerate(v.images)] + [("last_images", i, p) for i, p in enumerate(v.last_images)]
+    named += [("controls", i, p) for i, p in enumerate(v.controls)]
+    named += [("references", i, p.strip()) for i, entry in enumerate(v.references) for p in entry.split(";")]
+    return [(f"validation.{key}[{i}]", f"no such file: {p}") for key, i, p in named if p and not Path(p).expanduser().is_file()]
 
 
 def unused_settings(r: Recipe, cli_keys: set[str]) -> list[str]:

@@ -371,9 +371,11 @@ class ValidationConfig:
     images: list[str] = opt([], "I2V only: first-frame image per prompt.")
     last_images: list[str] = opt([], "FLF2V only: last-frame image per prompt (with `images`); both empty: the first "
                                      "and last frames of held-out clips (else of the first clips).")
-    references: list[str] = opt([], "VACE only: reference image(s) per prompt, several separated by `;` (an empty "
+    references: list[str] = opt([], "VACE: reference image(s) per prompt, several separated by `;` (an empty "
                                     "entry: none). All three VACE lists empty: each prompt takes a clip's own inputs "
-                                    "(held-out clips first).")
+                                    "(held-out clips first). Wan2.2-Animate: the character image per prompt (your "
+                                    "mascot), performing a clip's pose and face videos (held-out clips first); an "
+                                    "empty entry or list: the clip's own reference, else its first frame.")
     controls: list[str] = opt([], "VACE only: control video per prompt (an empty entry: none).")
     masks: list[str] = opt([], "VACE only: mask video per prompt, for its control (an empty entry: none).")
     frames: int = opt(33, "Frames per validation video (4k+1).", check=frames_4k1)

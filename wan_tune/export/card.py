@@ -95,7 +95,7 @@ def model_card(recipe: Recipe, facts: dict, data: dict, files: dict[tuple[str, s
              f"({variant.kind}) trained with wan-tune. Trigger word: `{recipe.caption.trigger_word or '(none)'}`.\n",
              _training_section(recipe, facts, data, samples),
              _diffusers_section(variant, files, base, render),
-             _comfyui_section(variant, files, workflow),
+             _comfyui_section(variant, files, workflow, render.replace),
              _sample_section(variant, files, base, render),
              f"## Recipe\n\n```yaml\n{recipe_yaml or to_yaml(recipe)}```\n"]
     return "\n".join(parts)
@@ -157,6 +157,12 @@ def _inputs_code(variant: Variant, r) -> tuple[str, str]:
                 'control, mask = load_video("control.mp4"), load_video("mask.mp4")\n'
                 'reference = load_image("reference.png")\n'), (f"video=control, mask=mask, reference_images=[reference], "
                                                                f"conditioning_scale={r.conditioning_scale:g}, ")
+    if variant.animate:  # one segment of the pose and face videos (diffusers' load_video gives PIL frames)
+        videos = ["pose", "face"] + (["background", "mask"] if r.replace else [])
+        return ('from diffusers.utils import load_image, load_video\n'
+                'reference = load_image("reference.png")\n'
+                + "".join(f'{v} = load_video("{v}.mp4")\n' for v in videos)), (
+            "image=reference, " + "".join(f"{v}_video={v}, " for v in videos) + ('mode="replace", ' if r.replace else ""))
     if variant.last_frame:
         return ('from diffusers.utils import load_image\n'
                 'first, last = load_image("first_frame.png"), load_image("last_frame.png")\n'), "image=first, last_image=last, "
@@ -179,13 +185,14 @@ def _diffusers_section(variant: Variant, files: dict[tuple[str, str], str], base
             "DTYPE = torch.bfloat16 if DEVICE == \"cuda\" else torch.float32\n"
             f"pipe = {pipeline_class(variant).__name__}.from_pretrained(BASE, torch_dtype=DTYPE).to(DEVICE)\n"
             f"{lora}{load}"
-            f"video = pipe(prompt={r.prompt!r}, {kwargs}height={r.height}, width={r.width}, num_frames={r.frames},\n"
+            f"video = pipe(prompt={r.prompt!r}, {kwargs}height={r.height}, width={r.width}, "
+            f"{'segment_frame_length' if variant.animate else 'num_frames'}={r.frames},\n"
             f"             num_inference_steps={r.steps}, guidance_scale={r.cfg:g}).frames[0]\n"
             f'export_to_video(video, "sample.mp4", fps={r.fps})\n')
     return f"## Use it with diffusers\n\nRun from this folder (or pass the hub repository id in place of `\".\"`):\n\n```python\n{code}```\n"
 
 
-def _comfyui_section(variant: Variant, files: dict[tuple[str, str], str], workflow: str | None) -> str:
+def _comfyui_section(variant: Variant, files: dict[tuple[str, str], str], workflow: str | None, replace: bool) -> str:
     from .comfyui_workflow import INPUTS, TEXT_ENCODER, model_files
 
     models, vae = model_files(variant)
@@ -196,16 +203,18 @@ def _comfyui_section(variant: Variant, files: dict[tuple[str, str], str], workfl
              f"`models/text_encoders/`, `{vae}` in `models/vae/`"
              + (" (Comfy-Org's repackaged Wan files)." if not variant.tiny else " (a tiny test model: no ComfyUI release).")]
     if workflow:
-        needs = [INPUTS[k] for k in workflow_inputs(variant)]
+        needs = [INPUTS[k] for k in workflow_inputs(variant, replace)]
         lines.append(f"3. Open `{workflow}` (an API-format workflow: load it in ComfyUI, or POST it to `/prompt`)"
                      + (f"; put {', '.join(f'`{n}`' for n in needs)} in `ComfyUI/input/`" if needs else "") + ".")
     return "\n".join(lines) + "\n"
 
 
-def workflow_inputs(variant: Variant) -> list[str]:
+def workflow_inputs(variant: Variant, replace: bool = False) -> list[str]:
     """What a render of the variant reads besides the prompt (keys of comfyui_workflow.INPUTS)."""
     if variant.vace:
         return ["reference", "control", "mask"]
+    if variant.animate:
+        return ["reference", "pose", "face"] + (["background", "mask"] if replace else [])
     return ["first", "last"] if variant.last_frame else ["first"] if variant.is_i2v else []
 
 
@@ -213,7 +222,9 @@ def _sample_section(variant: Variant, files: dict[tuple[str, str], str], base: s
     adapters = [n for (_, fmt), n in files.items() if fmt == "comfyui"] or list(files.values())[:2]
     extra = {"VACE": " --reference-image reference.png --control-video control.mp4 --mask-video mask.mp4"
                      f" --conditioning-scale {r.conditioning_scale:g}",
-             "FLF2V": " --image first_frame.png --last-image last_frame.png", "I2V": " --image first_frame.png"}.get(variant.kind, "")
+             "FLF2V": " --image first_frame.png --last-image last_frame.png", "I2V": " --image first_frame.png",
+             "Animate": " --reference-image reference.png --pose-video pose.mp4 --face-video face.mp4"
+                        + (" --background-video background.mp4 --mask-video mask.mp4" if r.replace else "")}.get(variant.kind, "")
     loras = " ".join(f"--lora {a}" for a in adapters)
     return (f"## Use it with wan-tune\n\n```bash\nwan-tune sample --base {base} {loras} --prompt {json.dumps(r.prompt)}"
             f"{extra} --frames {r.frames}\n```\n")
@@ -228,7 +239,8 @@ def render_settings(recipe: Recipe, variant: Variant):
     return Render(prompt=v.prompts[0] if v.prompts else f"{recipe.caption.trigger_word} style".strip(), negative="",
                   width=v.width or all_resolutions(recipe)[0][1], height=v.height or all_resolutions(recipe)[0][0],
                   frames=v.frames, steps=v.steps, cfg=v.guidance_scale, fps=variant.fps, seed=v.seed,
-                  shift=inference_shift(recipe, variant), conditioning_scale=recipe.vace.conditioning_scale)
+                  shift=inference_shift(recipe, variant), conditioning_scale=recipe.vace.conditioning_scale,
+                  replace=variant.animate and recipe.animate.mode == "replace")
 
 
 def base_reference(recipe: Recipe, variant: Variant, final: Path) -> str:
@@ -273,7 +285,7 @@ def write_share_files(recipe: Recipe, state: dict, checkpoint: Path, out: Path, 
     written, workflow_name = [], None
     comfy = {e: files[(expert_label(variant, e), "comfyui")] for e in variant.experts
              if (expert_label(variant, e), "comfyui") in files}
-    if comfy and not variant.animate:  # Wan2.2-Animate: no stock-node workflow yet (#38)
+    if comfy:
         workflow_name = f"{stem}-comfyui-workflow.json"
         written.append(write_json(out / workflow_name, workflow(variant, comfy, render_settings(recipe, variant))))
     samples = copy_samples(checkpoint, state["step"], out)

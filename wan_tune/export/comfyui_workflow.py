@@ -32,12 +32,14 @@ MODEL_FILES: dict[str, tuple[tuple[str, ...], str]] = {
                         "wan_2.1_vae.safetensors"),
     "wan2.2-vace-fun-a14b": (("wan2.2_fun_vace_high_noise_14B_bf16.safetensors",
                               "wan2.2_fun_vace_low_noise_14B_bf16.safetensors"), "wan_2.1_vae.safetensors"),
+    "wan2.2-animate-14b": (("wan2.2_animate_14B_bf16.safetensors",), "wan_2.1_vae.safetensors"),
 }
 TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 CLIP_VISION = "clip_vision_h.safetensors"
 # What the workflow reads from ComfyUI's input/ folder.
 INPUTS = {"first": "first_frame.png", "last": "last_frame.png", "reference": "reference.png",
-          "control": "control.mp4", "mask": "mask.mp4"}
+          "control": "control.mp4", "mask": "mask.mp4", "pose": "pose.mp4", "face": "face.mp4",
+          "background": "background.mp4"}
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Render:
     fps: float
     seed: int = 0
     conditioning_scale: float = 1.0  # VACE: the run's vace.conditioning_scale (WanVaceToVideo's strength)
+    replace: bool = False  # Wan2.2-Animate: animate.mode=replace (a background video and the person's mask)
 
 
 def model_files(variant: Variant) -> tuple[tuple[str, ...], str]:
@@ -99,7 +102,7 @@ def workflow(variant: Variant, loras: dict[str, str], render: Render, strength: 
         models.append(out(g.add("ModelSamplingSD3", "Shift", model=model, shift=render.shift)))
     positive, negative, latent, trim = _conditioning(g, variant, render, out(positive), out(negative), out(vae))
     samples = _sample(g, variant, render, models, positive, negative, latent)
-    if trim is not None:  # VACE: the references' latent frames come off before decoding
+    if trim is not None:  # VACE, Animate: the references' latent frames come off before decoding
         samples = out(g.add("TrimVideoLatent", "Drop the reference frames", samples=samples, trim_amount=trim))
     images = g.add("VAEDecode", "Decode", samples=samples, vae=out(vae))
     g.add("SaveAnimatedWEBP", "Save", images=out(images), filename_prefix=f"wan-tune/{variant.name}", fps=render.fps,
@@ -110,6 +113,8 @@ def workflow(variant: Variant, loras: dict[str, str], render: Render, strength: 
 def _conditioning(g: Graph, variant: Variant, r: Render, positive, negative, vae):
     """(positive, negative, latent, trim) for the variant's task."""
     size = dict(width=r.width, height=r.height, length=r.frames, batch_size=1)
+    if variant.animate:
+        return _animate(g, r, positive, negative, vae, size)
     if variant.vace:
         control = g.add("GetVideoComponents", "Control frames", video=out(g.add("LoadVideo", "Control video", file=INPUTS["control"])))
         mask_frames = g.add("GetVideoComponents", "Mask frames", video=out(g.add("LoadVideo", "Mask video", file=INPUTS["mask"])))
@@ -140,6 +145,28 @@ def _conditioning(g: Graph, variant: Variant, r: Render, positive, negative, vae
         node = g.add("WanImageToVideo", "Image to video", positive=positive, negative=negative, vae=vae, **size,
                      start_image=out(first), **vision_input)
     return out(node, 0), out(node, 1), out(node, 2), None
+
+
+def _animate(g: Graph, r: Render, positive, negative, vae, size: dict):
+    """Wan2.2-Animate: the character (its CLIP too), the pose and face videos (replacement: the
+    background and the person's mask) into `WanAnimateToVideo`, one segment of `length` frames from
+    the videos' start; its `trim_latent` output takes the reference's latent frame off."""
+
+    def frames(key: str, title: str):
+        return out(g.add("GetVideoComponents", f"{title} frames", video=out(g.add("LoadVideo", title, file=INPUTS[key]))))
+
+    reference = g.add("LoadImage", "Character (reference image)", image=INPUTS["reference"])
+    vision = g.add("CLIPVisionLoader", "Load CLIP vision", clip_name=CLIP_VISION)
+    clip = g.add("CLIPVisionEncode", "CLIP of the character", clip_vision=out(vision), image=out(reference), crop="none")
+    extra = {}
+    if r.replace:
+        extra = dict(background_video=frames("background", "Background video"),
+                     character_mask=out(g.add("ImageToMask", "Mask (white: the person)",
+                                              image=frames("mask", "Mask video"), channel="red")))
+    node = g.add("WanAnimateToVideo", "Animate", positive=positive, negative=negative, vae=vae, **size,
+                 clip_vision_output=out(clip), reference_image=out(reference), pose_video=frames("pose", "Pose video"),
+                 face_video=frames("face", "Face video"), continue_motion_max_frames=5, video_frame_offset=0, **extra)
+    return out(node, 0), out(node, 1), out(node, 2), out(node, 3)
 
 
 def _sample(g: Graph, variant: Variant, r: Render, models: list, positive, negative, latent):

@@ -7,26 +7,32 @@ from __future__ import annotations
 from .vace_media import ConditioningError, control_frames, fitted_on_canvas, mask_frames
 
 
-def animate_media(reference: str, pose: str, face: str, frames: int, height: int, width: int, face_size: int,
-                  fps: float | None = None, background: str | None = None, mask: str | None = None) -> dict:
-    """The pipeline's inputs: `image` (PIL), `pose_video`, `face_video` (`frames` PIL frames each, from
-    the start at `fps`; the pose cut to `height` x `width` as prep cuts it, the face to the motion
-    encoder's square), and with a background (replacement) `background_video`, `mask_video`, `mode`."""
+def animate_media(reference, pose: str, face: str, frames: int, height: int, width: int, face_size: int,
+                  fps: float | None = None, background: str | None = None, mask: str | None = None,
+                  start_s: float = 0.0) -> dict:
+    """The pipeline's inputs: `image` (`reference`: a file, or a PIL image), `pose_video`, `face_video`
+    (`frames` PIL frames each, from `start_s` at `fps`; the pose cut to `height` x `width` as prep cuts
+    it, the face to the motion encoder's square), and with a background (replacement)
+    `background_video`, `mask_video`, `mode`."""
     from PIL import Image
 
-    try:
-        with Image.open(reference) as im:
-            image = im.convert("RGB")
-    except Exception as err:
-        raise ConditioningError(f"reference image {reference}: not a readable image ({type(err).__name__})") from None
-    media = {"image": image, "pose_video": control_frames(pose, frames, height, width, fps=fps, what="pose video"),
-             "face_video": control_frames(face, frames, face_size, face_size, fps=fps, what="face video")}
+    if isinstance(reference, Image.Image):
+        image = reference.convert("RGB")
+    else:
+        try:
+            with Image.open(reference) as im:
+                image = im.convert("RGB")
+        except Exception as err:
+            raise ConditioningError(f"reference image {reference}: not a readable image ({type(err).__name__})") from None
+    at = dict(start_s=start_s, fps=fps)
+    media = {"image": image, "pose_video": control_frames(pose, frames, height, width, **at, what="pose video"),
+             "face_video": control_frames(face, frames, face_size, face_size, **at, what="face video")}
     if background is not None:
         if mask is None:
             raise ConditioningError("a background video replaces the person in it: give the person's mask video too")
         media.update(mode="replace",
-                     background_video=control_frames(background, frames, height, width, fps=fps, what="background video"),
-                     mask_video=mask_frames(mask, frames, height, width, fps=fps))
+                     background_video=control_frames(background, frames, height, width, **at, what="background video"),
+                     mask_video=mask_frames(mask, frames, height, width, **at))
     return media
 
 

@@ -17,7 +17,8 @@ import torch
 
 from ..config import Recipe
 from ..config.checks import missing_inputs
-from ..config.sources import DEFAULT_NAME, all_resolutions, footage_file
+from ..config.sources import all_resolutions
+from ..media.animate_media import animate_rows
 from ..media.vace_media import pipeline_inputs, sheet_rows, validation_media
 from ..media.video_io import frame_row, to_uint8, write_video
 from ..memory.block_offload import BlockOffload
@@ -26,6 +27,7 @@ from ..models.precision import AUTOCAST, DTYPES, as_inference
 from ..models.variants import get_variant, pipeline_class
 from ..parallel.sharding import reshard, unpartitioned_loading
 from ..training.model_setup import load_frozen
+from .clip_inputs import animate_validation_media, clip_first_frames
 from .errors import TrainingError
 from .launch import agree
 from .overview import read_row, write_overview, write_row, write_sheet
@@ -46,7 +48,7 @@ def make_validator(recipe: Recipe, accelerator, experts: list[str], heldout, tog
     variant = get_variant(recipe.model.variant)
     try:
         first_frames = None
-        if variant.image_conditioned(recipe.data.task) and not recipe.validation.images:
+        if variant.image_conditioned(recipe.data.task) and not variant.animate and not recipe.validation.images:
             first_frames = clip_first_frames(recipe, recipe.data.shards, heldout.indices if heldout else [],
                                              len(recipe.validation.prompts), last=variant.last_frame)
         with unpartitioned_loading(accelerator):
@@ -98,7 +100,7 @@ class Validator:
         self.variant = get_variant(recipe.model.variant)
         source = resolve_source(self.variant, recipe.model.path, None, recipe.model.revision,
                                 components=("vae", "text_encoder", "tokenizer", "scheduler", "image_encoder", "image_processor"))
-        self.with_image = self.variant.image_conditioned(recipe.data.task)
+        self.with_image = self.variant.image_conditioned(recipe.data.task) and not self.variant.animate  # Animate: media
         cls = pipeline_class(self.variant, self.with_image)
         # transformer=None: the live, training transformer is plugged in at render time.
         self.pipe = cls.from_pretrained(source.folder, transformer=None, transformer_2=None, torch_dtype=dtype)
@@ -134,9 +136,15 @@ class Validator:
             if len(self.images) < len(v.prompts):
                 raise ValueError(f"I2V validation needs {len(v.prompts)} first frame(s): give validation.images")
         self.base_rows: list | None = None
-        # VACE: each prompt's references / control / mask, shown above the renders on its sheet.
-        self.media = validation_media(recipe, self.height, self.width, list(prefer)) if self.variant.vace else []
-        self.media_rows = [sheet_rows(m, self.height, self.width) for m in self.media]
+        # VACE: each prompt's references / control / mask; Animate: its character, pose and face
+        # videos; shown above the renders on its sheet.
+        if self.variant.animate:
+            self.media = animate_validation_media(recipe, self.variant.transformer["motion_encoder_size"], self.height,
+                                                  self.width, list(prefer))
+            self.media_rows = [animate_rows(m, self.height, self.width) for m in self.media]
+        else:
+            self.media = validation_media(recipe, self.height, self.width, list(prefer)) if self.variant.vace else []
+            self.media_rows = [sheet_rows(m, self.height, self.width) for m in self.media]
 
     def base_missing(self, out_dir: Path) -> bool:
         return any(not (Path(out_dir) / "base" / f"{i:02d}.png").is_file() for i in range(len(self.embeds)))
@@ -210,8 +218,11 @@ class Validator:
         """The pipeline's arguments for prompt `i`."""
         v = self.recipe.validation
         kwargs = dict(prompt_embeds=pos, negative_prompt_embeds=neg, height=self.height, width=self.width,
-                      num_frames=v.frames, num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
+                      num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
                       generator=torch.Generator().manual_seed(v.seed), output_type="np")
+        if self.variant.animate:  # one segment of validation.frames: the clip's pose and face
+            return dict(kwargs, segment_frame_length=v.frames, **self.media[i])
+        kwargs["num_frames"] = v.frames
         if self.variant.two_experts:  # the pipeline's default: the same scale for both experts
             kwargs["guidance_scale_2"] = v.guidance_scale_2
         if self.with_image:
@@ -240,43 +251,6 @@ def adapters_off(models):
     finally:
         for layer, was in zip(layers, before):
             layer._disable_adapters = was
-
-
-def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int, last: bool = False) -> list:
-    """I2V validation without `validation.images`: the first frames of the windows of `count`
-    clips, held-out ones (`prefer`) first, read from the footage prep read (`data.source`), at
-    each window's start time (through prep's own reader: rotation and variable frame rate as prep saw them).
-    `last` (FLF2V): (first, last) pairs, the last at the time of the window's last frame."""
-    from PIL import Image
-
-    from ..data.shards import ShardReader
-    from ..media.footage import IMAGE_EXTS, Window, probe, read_frames
-
-    reader = ShardReader(shards)
-    preferred = set(prefer)
-    order = list(prefer) + [i for i in range(len(reader)) if i not in preferred]
-    frames, seen = [], set()
-    for i in order:
-        row = reader.row(i)
-        clip = (row.get("dataset") or DEFAULT_NAME, row["source"])
-        if clip in seen:
-            continue
-        seen.add(clip)
-        path, fps = footage_file(recipe, *clip)
-        if not path.is_file():
-            raise ValueError(f"I2V validation takes the first frames of clips when validation.images is empty, but "
-                             f"{path} is not here (source {clip[0]}): give validation.images")
-        still = path.suffix.lower() in IMAGE_EXTS
-        info = None if still else probe(str(path), False)
-        times = [float(row["start_s"])] + ([float(row["start_s"]) + (int(row["frames"]) - 1) / fps] if last else [])
-        indices = tuple(0 if still else info.frame_at(t) for t in times)  # as prep's windows pick them
-        pictures = [Image.fromarray(a) for a in read_frames(str(path), Window(0, indices, 0.0, 0.0), still)]
-        if last and still:  # a still image is its own first and last frame
-            pictures *= 2
-        frames.append(tuple(pictures) if last else pictures[0])
-        if len(frames) == count:
-            break
-    return frames
 
 
 def log_videos(accelerator, recipe: Recipe, paths: list[Path], step: int) -> None:
