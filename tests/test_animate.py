@@ -167,7 +167,7 @@ def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(an
     reference) stored as the pipeline's own methods make them, the face as 8-bit frames; a clip
     without a face video is a report row. A training step on those shards hands the transformer what
     WanAnimatePipeline hands it at the same noisy latents and timestep (both captured by hooks); a
-    short run trains the LoRA and exports it; the plan refuses in one line."""
+    short run trains the LoRA and exports it."""
     import numpy as np
     import pandas as pd
     from PIL import Image
@@ -266,11 +266,8 @@ def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(an
     assert checks and all(c.ok for c in checks), checks  # every format's file loads back into the Animate model
     assert {Path(c.file).name.rsplit("-", 1)[1] for c in checks} >= {"diffusers.safetensors", "comfyui.safetensors"}
     _card_snippet_and_workflow_render(tmp_path / "export", clips[0])
-    from wan_tune.plan import MemoryPlan
     from wan_tune.sampling import SampleArgs, SampleError, sample
 
-    with pytest.raises(ValueError, match="does not count Wan2.2-Animate yet"):
-        MemoryPlan(recipe)
     with pytest.raises(SampleError, match="give --reference-image, --pose-video, --face-video"):
         sample(SampleArgs(base=str(animate_folder), prompt="a red ball", out=str(tmp_path / "render.mp4")), say=lambda *_: None)
     with pytest.raises(SampleError, match="--pose-video: for Wan2.2-Animate models"):
@@ -400,3 +397,42 @@ def test_token_routing_and_context_parallelism_are_refused_for_animate(capsys):
     assert "train.route_ratio: wan2.2-animate-14b adds its face adapters' output" in capsys.readouterr().err
     assert main(["check", recipe, "train.context_parallel=2"]) == 2
     assert "diffusers 0.42 cannot split wan2.2-animate-14b (Animate) across processes" in capsys.readouterr().err
+
+
+def test_face_adapters_are_checkpointed_with_the_blocks():
+    """train.gradient_checkpointing checkpoints Wan2.2-Animate's face adapters too (diffusers checkpoints
+    the blocks only): the same output and LoRA gradients as without their checkpoints, and less kept for
+    the backward (the adapter's input only)."""
+    from wan_tune.config import load_recipe
+    from wan_tune.plan.meta_step import build_model
+
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.variant=tiny-animate", "train.gradient_checkpointing=true"])
+    variant = get_variant("tiny-animate")
+    torch.manual_seed(0)
+    model = build_model(recipe, variant, 2, torch.float32, device="cpu", face_every=None)
+    assert all(a.forward is not a._unchecked_forward for a in model.face_adapter)
+    inputs = transformer_inputs("tiny-animate")
+
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+
+    def step():
+        model.zero_grad()
+        kept = {}
+
+        def pack(t):  # what autograd keeps for the backward in the forward (activations, not weights)
+            if t.untyped_storage()._cdata not in weights and torch._C._current_graph_task_id() == -1:
+                kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(**inputs, return_dict=False)[0]
+        (out.square().mean()).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, sum(kept.values())
+
+    checked = step()
+    for adapter in model.face_adapter:
+        adapter.forward = adapter._unchecked_forward
+    plain = step()
+    assert torch.equal(checked[0], plain[0])
+    assert all(torch.allclose(checked[1][n], plain[1][n], atol=1e-6) for n in plain[1])
+    assert checked[2] < plain[2]

@@ -382,3 +382,50 @@ def test_a_render_holds_the_untrained_expert_and_the_plan_counts_it():
         render - (40 - 3) * sum(count.block_frozen.values()))
     assert not rows(MemoryPlan(load_recipe(a14b, ["model.experts=[low_noise]", "validation.every=0"])).breakdown(s), "validation")
     assert not rows(MemoryPlan(load_recipe(a14b)).breakdown(s), "validation")  # both trained: both are live
+
+
+@pytest.mark.parametrize("ckpt", ["true", "false"])
+def test_animate_face_adapters_and_encoders_are_counted(ckpt):
+    """Wan2.2-Animate: the plan's 4-block model with face adapters after blocks 0 and 2, extended to 15
+    blocks with one after every 5th, against the whole 15-block model counted (its face video as 8-bit
+    frames, its motion encoder, its pose latents and the reference's extra latent frame in the batch);
+    and the meta count of an Animate step equals a real CPU step's."""
+    recipe = load_recipe(TINY, ["model.variant=tiny-animate", f"train.gradient_checkpointing={ckpt}", "train.batch_size=1"])
+    plan = MemoryPlan(recipe, "gpu")
+    assert plan.shape.latent[1] == 4 and plan.shape.extras["face"] == (3, 9, 512, 512)  # 3 latent frames + the reference
+    variant = replace(plan.variant, transformer={**plan.variant.transformer, "inject_face_latents_blocks": 5})
+    args = (variant, plan.shape.batch_shapes(), plan.load_dtype, plan.autocast)
+    predicted = count_step(recipe, *args, cuda=True, layers=4).extend(15)
+    whole = count_step(recipe, *args, cuda=True, layers=15, face_every=None)
+    assert predicted.adapters == 3 and predicted.frozen == whole.frozen and predicted.trainable == whole.trainable
+    assert predicted.saved == pytest.approx(whole.saved, rel=0.002)
+    assert predicted.peak == pytest.approx(whole.peak, rel=0.02)
+    assert predicted.adapter.block_saved > 0
+    # the tiny itself (2 blocks, an adapter after each): the plan's count shrunk to it, against it whole
+    tiny = count_step(recipe, plan.variant, *args[1:], cuda=True, layers=2, face_every=None)
+    assert plan.count(ckpt == "true", False).saved == pytest.approx(tiny.saved, rel=0.002)
+    real = count_step(recipe, plan.variant, plan.shape.batch_shapes(), torch.float32, None, device="cpu")
+    assert real == count_step(recipe, plan.variant, plan.shape.batch_shapes(), torch.float32, None)
+
+
+def test_animate_plan_counts_the_motion_encoder_and_fits_the_14b(capsys):
+    """`wan-tune plan` for the Animate 14B recipe: the reference's latent frame in the tokens, the motion
+    encoder's convolutions over every face frame in the FLOPs (forward only: frozen, fed no gradient),
+    and the checkpointed face adapters keeping their inputs only."""
+    from wan_tune.models.variants import transformer_class
+    from wan_tune.plan.flops import motion_encoder_flops, step_flops
+
+    recipe_path = ROOT / "recipes" / "wan2.2-animate-14b-lora.yaml"
+    plan = MemoryPlan(load_recipe(recipe_path))
+    assert plan.shape.tokens == 21 * 30 * 52 and plan.shape.extras["face"] == (3, 77, 512, 512)
+    with torch.device("meta"):
+        model = transformer_class(plan.variant)(**plan.variant.transformer)
+    per_frame = motion_encoder_flops(model)
+    assert 1e10 < per_frame < 1e11  # tens of GFLOP per 512 px face frame
+    without = step_flops(model, plan.shape.tokens, False, plan.shape.text_tokens)
+    assert plan.flops() == pytest.approx(without + 77 * per_frame, rel=1e-9)
+    count = plan.count(True, False)
+    assert count.adapters == 8 and count.adapter.block_saved == count.block_saved  # an input each, as a block
+    assert main(["plan", str(recipe_path), "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "face video 77 x 512x512 px" in out and "fits in 80 GiB" in out

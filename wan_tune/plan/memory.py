@@ -133,19 +133,32 @@ def run_shape(recipe: Recipe, variant: Variant) -> RunShape:
     s, z = variant.vae_spatial, variant.vae_z_dim
     latent = (z, (frames - 1) // 4 + 1, height // s, width // s)  # the VAE packs 4 frames per latent after the first
     _, ph, pw = variant.transformer["patch_size"]
-    tokens = latent[1] * (latent[2] // ph) * (latent[3] // pw)
     extras: dict[str, tuple[int, ...]] = {}
-    if variant.vace:  # the context beside the latents (a control: no reference frames counted)
+    if variant.animate:
+        latent, extras = _animate_shapes(variant, latent, frames)
+    elif variant.vace:  # the context beside the latents (a control: no reference frames counted)
         extras["vace_context"] = (variant.transformer["vace_in_channels"], *latent[1:])
-    if variant.image_conditioned(recipe.data.task):
+    if variant.image_conditioned(recipe.data.task) and not variant.animate:
         if variant.expand_timesteps:  # TI2V-5B: the image's latent replaces the first latent frame
             extras["condition"] = (z, 1, *latent[2:])
         else:  # mask + condition latents beside the noisy ones
             extras["condition"] = (variant.in_channels - z, *latent[1:])
         if variant.clip_image_tokens:  # FLF2V: the first and the last frame's
             extras["image_embeds"] = (CLIP_IMAGE_TOKENS * (2 if variant.last_frame else 1), variant.transformer["image_dim"])
+    tokens = latent[1] * (latent[2] // ph) * (latent[3] // pw)
     return RunShape(recipe.train.batch_size, frames, height, width, latent, tokens, recipe.data.max_text_tokens,
                     variant.transformer["text_dim"], extras)
+
+
+def _animate_shapes(variant: Variant, latent: tuple[int, int, int, int], frames: int):
+    """Wan2.2-Animate's step (models/animate.py): the latents with the reference's slot first (one
+    more latent frame of tokens), the reference and segment condition beside them, the pose latents
+    (the clip's frames), the face video as 8-bit frames at the motion encoder's square, the CLIP tokens."""
+    z, f, h, w = latent
+    size = variant.transformer["motion_encoder_size"]
+    extras = {"reference": (z + 4, 1, h, w), "segment": (z + 4, f, h, w), "pose": (z, f, h, w),
+              "face": (3, frames, size, size), "image_embeds": (CLIP_IMAGE_TOKENS, variant.transformer["image_dim"])}
+    return (z, f + 1, h, w), extras
 
 
 @dataclass
@@ -179,8 +192,6 @@ class MemoryPlan:
             raise ValueError(f"device is 'gpu' or 'cpu', got {device!r}")
         self.recipe, self.device = recipe, device
         self.variant = get_variant(recipe.model.variant)
-        if self.variant.animate:  # its pose latents, face pixels and motion encoder are not counted yet (#38)
-            raise ValueError(f"model.variant={self.variant.name}: the plan does not count Wan2.2-Animate yet")
         self.shape = run_shape(recipe, self.variant)
         # VACE blocks are Wan blocks beside the main ones: counted as more layers of the same kind.
         # Block offload and activation offload move the main blocks' (`main_layers`) only.
@@ -241,7 +252,7 @@ class MemoryPlan:
         key = (to_yaml(recipe), self.variant.name, *map(repr, args), routes)
         if key not in _COUNTS:
             _COUNTS[key] = count_step(recipe, self.variant, *args, cuda=self.device == "gpu",
-                                      layers=4 if routes else 2, routes=routes)
+                                      layers=4 if routes or self.variant.animate else 2, routes=routes)
         return _COUNTS[key]
 
     def flops(self, cp: int = 1) -> float:
@@ -257,8 +268,9 @@ class MemoryPlan:
             if self.recipe.adapter.method in ("loha", "lokr"):
                 model.add_adapter(lora_config(self.recipe, self.variant))
         # Attention runs within each sample: a batch costs `batch` times one sample.
+        face_frames = self.shape.frames if self.variant.animate else 0  # the motion encoder reads every face frame
         return self.shape.batch * step_flops(model, self.shape.tokens, self.full, self.shape.text_tokens,
-                                             self.routing()) / cp
+                                             self.routing(), face_frames) / cp
 
     def routing(self) -> list[tuple[float, int, int]]:
         """train.route_ratio's or train.routes' (ratio, first, last block) of each route ([]: none)."""
@@ -276,7 +288,9 @@ class MemoryPlan:
         moved = self._moved_inputs(s, count)
         rows += self._context_parallel(s)
         rows.append(("activations", "kept for backward", count.saved - moved))
-        rows.append(("activations", "backward working set", count.peak - count.saved))
+        # A small Animate model's peak is its motion encoder's, before the blocks (the 512 px face frames).
+        working = "backward working set" if count.late_peak >= count.early_peak else "motion encoder (forward)"
+        rows.append(("activations", working, count.peak - count.saved))
         optimizer = self._optimizer_temporaries(s, count)
         rows.append(("optimizer", "AdamW step temporaries", optimizer))
         render = self.render_extra(s)

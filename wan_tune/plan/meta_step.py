@@ -206,14 +206,36 @@ class StepCount:
     outer_frozen_sizes: tuple[int, ...] = ()
     """Bytes of each frozen parameter outside the blocks (embedders, head; VACE blocks): with the
     blocks', what an idle Wan2.2 expert parks in host memory."""
+    adapters: int = 0
+    """Wan2.2-Animate: face adapters in the counted model (the plan's has one after each block)."""
+    adapter_every: int = 0
+    """Wan2.2-Animate: the whole model has one after every `adapter_every`-th block (0: none)."""
+    adapter: "StepCount | None" = None
+    """What one face adapter adds (its frozen bytes, trainable elements, saved and kept bytes, in the
+    `block_*` fields)."""
+    early_peak: int = 0
+    """The most bytes alive before the first block runs: the peak when it is larger than the blocks'
+    (Wan2.2-Animate's motion encoder at 512 px over every face frame, beside a small model's blocks).
+    It does not grow with the blocks; `peak` is the larger of it and `late_peak`."""
+    late_peak: int = 0
+    """The most bytes alive from the first block on (the backward's peak, or a recompute's)."""
 
     def extend(self, layers: int) -> "StepCount":
-        """The count of the same model with `layers` blocks. The peak comes in the backward, when
-        everything the forward kept is still alive, so it too grows by what each block keeps."""
+        """The count of the same model with `layers` blocks (and its face adapters). The peak comes in
+        the backward, when everything the forward kept is still alive, so it too grows by what each
+        block (and adapter) keeps."""
         k = layers - self.layers
-        frozen = {d: self.frozen.get(d, 0) + k * self.block_frozen.get(d, 0) for d in self.frozen | self.block_frozen}
-        return replace(self, layers=layers, frozen=frozen, trainable=self.trainable + k * self.block_trainable,
-                       saved=self.saved + k * self.block_saved, peak=self.peak + k * self.block_kept)
+        a = layers // self.adapter_every - self.adapters if self.adapter_every else 0
+        late = self.late_peak + k * self.block_kept + a * (self.adapter.block_kept if self.adapter else 0)
+        extra = self.adapter or replace(self, block_frozen={}, block_trainable=0, block_saved=0, block_kept=0,
+                                        block_frozen_sizes=())
+        frozen = {d: self.frozen.get(d, 0) + k * self.block_frozen.get(d, 0) + a * extra.block_frozen.get(d, 0)
+                  for d in self.frozen | self.block_frozen | extra.block_frozen}
+        return replace(self, layers=layers, frozen=frozen, adapters=self.adapters + a,
+                       trainable=self.trainable + k * self.block_trainable + a * extra.block_trainable,
+                       saved=self.saved + k * self.block_saved + a * extra.block_saved,
+                       late_peak=late, peak=max(self.early_peak, late),
+                       outer_frozen_sizes=self.outer_frozen_sizes + extra.block_frozen_sizes * a)
 
 
 def with_routes(plain: StepCount, routed: dict[float, StepCount], routes: list[tuple[float, int, int]]) -> StepCount:
@@ -237,22 +259,25 @@ def with_routes(plain: StepCount, routed: dict[float, StepCount], routes: list[t
     unrouted = [j for j in range(plain.layers) if not any(a <= j <= b for _, a, b in routes)]
     if unrouted:
         last = max(unrouted)
-        peaks.append(plain.peak - sum(plain.block_kept for _ in range(last + 1, plain.layers)) -
+        peaks.append(plain.late_peak - sum(plain.block_kept for _ in range(last + 1, plain.layers)) -
                      sum(plain.block_kept - kept[j] for j in range(last + 1)))
     for ratio, _, last in routes:
         r = routed[ratio]
-        peaks.append(r.peak - 3 * r.block_kept + sum(kept[1:last + 1]))
-    return replace(plain, saved=plain.saved - sum(plain.block_saved - s for s in saved), peak=max(peaks))
+        peaks.append(r.late_peak - 3 * r.block_kept + sum(kept[1:last + 1]))
+    return replace(plain, saved=plain.saved - sum(plain.block_saved - s for s in saved), late_peak=max(peaks),
+                   peak=max(plain.early_peak, *peaks))
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float8_e4m3fn: "fp8",
                torch.float64: "fp64"}
 
 
-def build_model(recipe, variant, layers: int, load_dtype: torch.dtype, device: str = "meta"):
+def build_model(recipe, variant, layers: int, load_dtype: torch.dtype, device: str = "meta", face_every: int | None = 2):
     """The recipe's transformer with `layers` blocks (on the meta device: no memory), in the dtypes
     a load in `load_dtype` gives (diffusers keeps `_keep_in_fp32_modules` in fp32), adapted as the
-    trainer adapts it."""
+    trainer adapts it. Wan2.2-Animate: a face adapter after every `face_every`-th block (None: as
+    the variant has them; 2, the plan's, at 4 blocks: after blocks 0 and 2, the last one without, as
+    in the whole model)."""
     from ..models.loading import load_dtypes
     from ..models.variants import transformer_class
     from ..training.model_setup import adapt
@@ -262,6 +287,8 @@ def build_model(recipe, variant, layers: int, load_dtype: torch.dtype, device: s
         config = dict(variant.transformer, num_layers=layers)
         if variant.vace:  # the VACE blocks that fit in `layers`
             config["vace_layers"] = [i for i in variant.transformer["vace_layers"] if i < layers]
+        if variant.animate and face_every:
+            config["inject_face_latents_blocks"] = face_every
         model = transformer_class(variant)(**config)
         dtypes = load_dtypes(model, load_dtype)
         for name, p in model.named_parameters():
@@ -271,7 +298,7 @@ def build_model(recipe, variant, layers: int, load_dtype: torch.dtype, device: s
 
 def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, autocast: torch.dtype | None,
                engine_dtype: torch.dtype | None = None, layers: int = 2, device: str = "meta",
-               cuda: bool = False, routes: tuple[tuple[float, int, int], ...] = ()) -> StepCount:
+               cuda: bool = False, routes: tuple[tuple[float, int, int], ...] = (), face_every: int | None = 2) -> StepCount:
     """Run one training step of the recipe's model with `layers` blocks and count it.
 
     `batch_shapes`: name -> shape of the collated batch (as `to_device` hands it to the trainer: fp32).
@@ -283,12 +310,16 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
     (its fp32 list too; on a CPU, models/precision.py's emulation of it).
 
     `routes`: token routes (ratio, first, last block) installed and routing; what a block adds is then
-    read at block 2 (the plan routes blocks 1..3 of 4: block 2 is inside the span)."""
+    read at block 2 (the plan routes blocks 1..3 of 4: block 2 is inside the span).
+
+    Wan2.2-Animate (`face_every`: see `build_model`; the plan counts 4 blocks): what a block adds is
+    read from block 1 (after face adapter 0), what an adapter adds from the one after block 2;
+    `extend` places the model's own number of them."""
     from ..memory.working_set import shrink_working_set
     from ..models.precision import cuda_autocast_emulated
     from ..models.token_routing import TokenRouter
 
-    model = build_model(recipe, variant, layers, load_dtype, device)
+    model = build_model(recipe, variant, layers, load_dtype, device, face_every)
     if engine_dtype is not None:
         for p in model.parameters():
             if p.dtype in _CASTABLE:
@@ -314,16 +345,44 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
         router, at = TokenRouter(list(routes)), 2
         router.install(model)
         routing = router.routing(0)
+    # Animate's face video is collated as the 8-bit frames prep stored.
+    batch = {k: torch.zeros(s, device=device, dtype=torch.uint8 if k == "face" else None) for k, s in batch_shapes.items()}
+    early: list[int] = []  # the peak before block 0, then counting starts again from what is alive
+
+    def first_block(_module, _args):
+        if not early and torch._C._current_graph_task_id() == -1:
+            early.append(live.peak)
+            live.peak = live.now
+
+    start = model.blocks[0].register_forward_pre_hook(first_block)
     with kernels, autocasting, live, routing, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        saved, ends = _step(model, variant, {k: torch.zeros(s, device=device) for k, s in batch_shapes.items()}, live)
+        saved, ends, adapter_ends = _step(model, variant, batch, live)
+    start.remove()
     block = model.blocks[1]
+    adapter = None
+    if adapter_ends and face_every == 2 and layers == 4:  # Animate: adapters after blocks 0 and 2
+        # Block 2 follows block 1 alone; block 3 follows face adapter 1 (and the sum of its output
+        # with the stream): what it adds beyond a block is the adapter's.
+        block_adds = [b - a for a, b in zip(ends[1], ends[2])]
+        adapter = _part_count(model.face_adapter[1], [b - a - d for a, b, d in zip(ends[2], ends[3], block_adds)])
+        ends, at = ends[1:], 1
     # VACE: the model built has a VACE block beside its `layers` blocks; it counts as one more.
     return StepCount(layers + len(getattr(model.config, "vace_layers", None) or ()), _frozen_bytes(model), sum(p.numel() for p in trainable),
-                     max((p.numel() for p in trainable), default=0), saved, live.peak, _frozen_bytes(block),
+                     max((p.numel() for p in trainable), default=0), saved, max(live.peak, *early), _frozen_bytes(block),
                      sum(p.numel() for p in block.parameters() if p.requires_grad),
                      ends[at][0] - ends[at - 1][0], ends[at][1] - ends[at - 1][1], _frozen_sizes(block.parameters()),
-                     _frozen_sizes(p for n, p in model.named_parameters() if not n.startswith("blocks.")))
+                     _frozen_sizes(p for n, p in model.named_parameters() if not n.startswith("blocks.")),
+                     adapters=len(getattr(model, "face_adapter", ())),
+                     adapter_every=variant.transformer["inject_face_latents_blocks"] if variant.animate else 0,
+                     adapter=adapter, early_peak=early[0] if early else live.peak, late_peak=live.peak if early else 0)
+
+
+def _part_count(module, adds: list[int]) -> StepCount:
+    """What `module` (a face adapter) adds: its weights, and `adds` (saved, alive bytes), in a
+    StepCount's `block_*` fields."""
+    return StepCount(0, {}, 0, 0, 0, 0, _frozen_bytes(module), sum(p.numel() for p in module.parameters() if p.requires_grad),
+                     adds[0], adds[1], _frozen_sizes(module.parameters()))
 
 
 def _frozen_sizes(params) -> tuple[int, ...]:
@@ -338,10 +397,10 @@ def _frozen_bytes(module) -> dict[str, int]:
     return out
 
 
-def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list[tuple[int, int]]]:
+def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list, list]:
     """Forward, loss and backward as the trainer runs them. Returns the bytes autograd saved for the
     backward (unique storages, parameters excluded), and (saved, alive) bytes at the end of each
-    block's forward."""
+    block's forward, and of each face adapter's (Wan2.2-Animate)."""
     from ..training import flow_matching as fm
 
     latents = batch["latents"]
@@ -353,9 +412,11 @@ def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list[tuple
         saved.setdefault(t.untyped_storage()._cdata, t.untyped_storage())
         return t
 
-    def block_done(_module, _args, _out):
+    adapter_ends: list[tuple[int, int]] = []  # Wan2.2-Animate: after each face adapter
+
+    def block_done(_module, _args, _out, into=ends):
         if torch._C._current_graph_task_id() == -1:  # the forward, not a recompute in the backward
-            ends.append((len(saved), live.now))
+            into.append((len(saved), live.now))
 
     hooks, checkpointed = [], model.gradient_checkpointing
     if checkpointed:
@@ -373,6 +434,7 @@ def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list[tuple
         checkpoint, model._gradient_checkpointing_func = model._gradient_checkpointing_func, after
     else:
         hooks = [b.register_forward_hook(block_done) for b in model.blocks]
+    hooks += [a.register_forward_hook(partial(block_done, into=adapter_ends)) for a in getattr(model, "face_adapter", ())]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         pred, target = fm.predict(model, variant, batch, sigmas, noise, model.dtype)
         loss = fm.flow_matching_loss(pred, target, torch.ones_like(sigmas))
@@ -384,10 +446,10 @@ def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list[tuple
     # casting swaps it during the forward, and its upcast copies that autograd keeps do count).
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     sizes = [0 if k in weights else s.nbytes() for k, s in saved.items()]
-    ends = [(sum(sizes[:n]), alive) for n, alive in ends]
+    ends, adapter_ends = ([(sum(sizes[:n]), alive) for n, alive in e] for e in (ends, adapter_ends))
     saved.clear()
     loss.backward()  # pred and target stay alive through it, as in the trainer's loop
-    return sum(sizes), ends
+    return sum(sizes), ends, adapter_ends
 
 
 def _block_checkpoint(model, recipe, kernels: DeviceKernels):

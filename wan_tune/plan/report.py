@@ -36,9 +36,13 @@ def headline(plan: MemoryPlan, zero: int, gpus: int, cp: int = 1) -> str:
     where += f", ZeRO-{zero}" if zero else ""
     kind = "ring" if plan.ring else "Ulysses"
     where += f", context parallel {cp}, {kind} ({gpus // cp} clip{'s' if gpus // cp > 1 else ''} at a time)" if cp > 1 else ""
+    face = ""
+    if "face" in s.extras:  # Wan2.2-Animate: the reference's latent frame first; the face video's pixels
+        _, frames, side, _ = s.extras["face"]
+        face = f" (frame 0: the reference image); face video {frames} x {side}x{side} px into the motion encoder"
     return (f"{r.model.variant}, {method}{experts}; per {'process' if device == 'cpu' else 'GPU'}: batch {s.batch} x "
             f"{s.frames} frames at {s.height}x{s.width} -> latent {c}x{f}x{h}x{w}, "
-            f"{s.tokens:,} tokens per clip + {s.text_tokens} text\n{precision}; {where}")
+            f"{s.tokens:,} tokens per clip + {s.text_tokens} text{face}\n{precision}; {where}")
 
 
 def table(plan: MemoryPlan, columns: list[tuple[str, Setup]]) -> str:
