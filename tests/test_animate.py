@@ -195,7 +195,8 @@ def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(an
         "model.variant=tiny-animate", f"model.path={animate_folder}", f"data.source={clips[0].parent}",
         f"data.shards={tmp_path / 'shards'}", "data.shard_dtype=fp32", "data.frames=[9]", "data.resolutions=[[64,96]]",
         "data.max_clips_per_video=1", "data.holdout=0", f"run.output_dir={tmp_path / 'runs'}", "validation.every=0",
-        "train.steps=3", "checkpoint.every=3", "data.num_workers=0", "train.batch_size=1", "animate.drop_face=0.5"]
+        "train.steps=3", "checkpoint.every=3", "data.num_workers=0", "train.batch_size=1", "animate.drop_face=0.5",
+        "adapter.targets=[attention,ffn,face_adapters]"]
     recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", recipe_overrides)
     summary = run_prep(recipe, progress=False, say=lambda *_: None)
     assert summary["samples"] == 2
@@ -265,6 +266,8 @@ def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(an
     checks = export(run["checkpoint"], out=tmp_path / "export", say=lambda *_: None)
     assert checks and all(c.ok for c in checks), checks  # every format's file loads back into the Animate model
     assert {Path(c.file).name.rsplit("-", 1)[1] for c in checks} >= {"diffusers.safetensors", "comfyui.safetensors"}
+    comfy = load_file(next((tmp_path / "export").glob("*-comfyui.safetensors")))  # the face adapters' too, fused k/v
+    assert "diffusion_model.face_adapter.fuser_blocks.0.linear1_kv.lora_down.weight" in comfy
     _card_snippet_and_workflow_render(tmp_path / "export", clips[0])
     from wan_tune.sampling import SampleArgs, SampleError, sample
 
@@ -436,3 +439,58 @@ def test_face_adapters_are_checkpointed_with_the_blocks():
     assert torch.equal(checked[0], plain[0])
     assert all(torch.allclose(checked[1][n], plain[1][n], atol=1e-6) for n in plain[1])
     assert checked[2] < plain[2]
+
+
+def test_a_face_adapter_lora_is_one_fused_key_value_lora_in_comfyui(tmp_path):
+    """adapter.targets=[face_adapters]: LoRAs on each face adapter's q, k, v, o. ComfyUI holds key and
+    value as one layer (`linear1_kv`): the comfyui file gives it one pair whose update is the key's and
+    the value's stacked (alpha/rank folded into up: outside the blocks), and q and o under their
+    original names. Read back (the self-test), and loaded into diffusers by `wan-tune sample`'s path
+    (split into its two layers), every update is the trained one; kohya refuses it (outside the blocks)."""
+    from safetensors.torch import save_file
+
+    from wan_tune.config import load_recipe
+    from wan_tune.export.adapters import (
+        ExportError,
+        adapter_from_trainable,
+        comfyui_state_dict,
+        kohya_state_dict,
+        peft_from_original,
+    )
+    from wan_tune.export.selftest import check_adapter_file, check_original_file
+    from wan_tune.plan.meta_step import build_model
+
+    recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", ["model.variant=tiny-animate", "adapter.targets=[face_adapters]",
+                                                               "adapter.rank=4", "adapter.alpha=8"])
+    variant = get_variant("tiny-animate")
+    torch.manual_seed(0)
+    model = build_model(recipe, variant, 2, torch.float32, device="cpu", face_every=None)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".lora_")[0] for n in trainable} == {f"face_adapter.{i}.{m}" for i in range(2)
+                                                           for m in ("to_q", "to_k", "to_v", "to_out")}
+    with torch.no_grad():
+        for p in trainable.values():
+            p.normal_()
+    adapter = adapter_from_trainable({n: p.detach() for n, p in trainable.items()}, 4, 8.0, {})
+    comfy = comfyui_state_dict(adapter)
+    for i, block in enumerate(model.face_adapter):
+        kv = f"diffusion_model.face_adapter.fuser_blocks.{i}.linear1_kv"
+        down, up = comfy[f"{kv}.lora_down.weight"], comfy[f"{kv}.lora_up.weight"]
+        assert f"{kv}.alpha" not in comfy and down.shape[0] == 8 and up.shape == (2 * variant.inner_dim, 8)
+        want = torch.cat([block.to_k.get_delta_weight("default"), block.to_v.get_delta_weight("default")])
+        assert torch.allclose(up @ down, want, atol=1e-5)
+        q = f"diffusion_model.face_adapter.fuser_blocks.{i}.linear1_q"
+        assert torch.allclose(comfy[f"{q}.lora_up.weight"] @ comfy[f"{q}.lora_down.weight"],
+                              block.to_q.get_delta_weight("default"), atol=1e-5)
+        assert f"diffusion_model.face_adapter.fuser_blocks.{i}.linear2.lora_up.weight" in comfy
+    save_file(comfy, tmp_path / "comfy.safetensors")
+    check = check_original_file(tmp_path / "comfy.safetensors", adapter, variant)
+    assert check.ok and check.modules == 8, check
+    save_file(peft_from_original(comfy), tmp_path / "split.safetensors")  # what `wan-tune sample` hands diffusers
+    check = check_adapter_file(tmp_path / "split.safetensors", adapter, variant, fmt="diffusers")
+    assert check.ok and check.modules == 8, check
+    with pytest.raises(ExportError, match="outside the transformer blocks"):
+        kohya_state_dict(adapter, True)
+    from wan_tune.cli import main
+
+    assert main(["check", str(ROOT / "recipes" / "demo-tiny.yaml"), "adapter.targets=[face_adapters]"]) == 2  # not Animate

@@ -164,16 +164,16 @@ def _vace_media(args: SampleArgs, height: int, width: int, fps: float) -> dict:
 
 
 def _lora_weights(path: str):
-    """The file, or, for an original-key LoRA of VACE blocks (which diffusers 0.42's converter
-    refuses), its weights in diffusers' keys."""
+    """The file, or, for an original-key LoRA of VACE blocks or Animate's face adapters (which
+    diffusers 0.42's converter refuses), its weights in diffusers' keys."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from .export.adapters import peft_from_original
 
     with safe_open(path, "pt") as f:
-        vace_keys = any(k.startswith("diffusion_model.vace_blocks.") for k in f.keys())
-    return peft_from_original(load_file(path)) if vace_keys else path
+        unread = any(k.startswith(("diffusion_model.vace_blocks.", "diffusion_model.face_adapter.")) for k in f.keys())
+    return peft_from_original(load_file(path)) if unread else path
 
 
 def _load_adapters(pipe, headers: list, experts: list[str], args: SampleArgs) -> None:

@@ -6,7 +6,7 @@ import difflib
 import string
 from pathlib import Path
 
-from ..models.lora_targets import PRESET_NAMES, VACE_PRESET, expand_targets, matching, module_widths
+from ..models.lora_targets import FACE_PRESET, PRESET_NAMES, VACE_PRESET, expand_targets, matching, module_widths
 from ..models.variants import VARIANTS, Variant, get_variant
 from .schema import AdapterConfig, Recipe
 from .sources import all_frames, all_resolutions, data_sources, source_errors
@@ -71,7 +71,13 @@ def _lora_errors(r: Recipe, variant: Variant | None, invalid: set[str]) -> list[
         elif t == VACE_PRESET and variant is not None and not variant.vace:
             errors.append(("adapter.targets", f"{VACE_PRESET}: {variant.name} has no VACE blocks (the VACE variants: "
                            f"{', '.join(n for n, v in VARIANTS.items() if v.vace)})"))
+        elif t == FACE_PRESET and variant is not None and not variant.animate:
+            errors.append(("adapter.targets", f"{FACE_PRESET}: {variant.name} has no face adapters (Wan2.2-Animate's: "
+                           f"{', '.join(n for n, v in VARIANTS.items() if v.animate)})"))
     lycoris = r.adapter.method in ("loha", "lokr")
+    if lycoris and FACE_PRESET in r.adapter.targets:  # ComfyUI's face adapters hold key and value as one weight
+        errors.append(("adapter.targets", f"{FACE_PRESET} with {r.adapter.method}: ComfyUI fuses each face adapter's key "
+                       "and value into one weight, which two LoHa / LoKr updates are not; use adapter.method=lora"))
     if lycoris and r.adapter.lr_ratio not in (None, 1):
         errors.append(("adapter.lr_ratio", f"LoRA+ speeds up a LoRA's up (B) matrices; {r.adapter.method} has none: "
                        "leave adapter.lr_ratio empty, or use adapter.method=lora"))
@@ -87,7 +93,7 @@ def _lora_errors(r: Recipe, variant: Variant | None, invalid: set[str]) -> list[
         errors.append(("adapter.targets", "a LoRA needs at least one target"))
     elif variant is not None and not {"adapter.targets", "adapter.rank"} & invalid:
         errors += target_errors(r.adapter.targets, r.adapter.rank, variant)
-    outside = [t for t in r.adapter.targets if t.split(".")[0] in OUTSIDE_BLOCKS or t.startswith(VACE_PRESET)]
+    outside = [t for t in r.adapter.targets if t.split(".")[0] in OUTSIDE_BLOCKS or t.startswith((VACE_PRESET, "face_adapter"))]
     if outside and r.export.format == "kohya":  # `all` writes the formats that can hold it and names the rest
         errors.append(("export.format", f"kohya cannot carry adapters outside the transformer blocks "
                        f"({', '.join(outside)}): set export.format=comfyui, diffusers or all"))

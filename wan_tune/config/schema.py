@@ -224,7 +224,8 @@ class AdapterConfig:
     targets: list[str] = opt(
         ["attention", "ffn"],
         "Presets `attention` (self + cross q,k,v,o), `self_attention`, `cross_attention`, `ffn`, `vace_blocks` (every "
-        "layer of a VACE model's VACE blocks; the other presets then mean the main blocks only), or diffusers module "
+        "layer of a VACE model's VACE blocks; the other presets then mean the main blocks only), `face_adapters` "
+        "(Wan2.2-Animate: the q,k,v,o of its face adapters, for a character's expressions), or diffusers module "
         "names such as `attn1.to_q`.",
     )
 

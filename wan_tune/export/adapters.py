@@ -99,7 +99,7 @@ def in_blocks(module: str) -> bool:
 
 def comfyui_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     out = {}
-    for module, (a, b) in adapter.pairs.items():
+    for module, (a, b) in original_pairs(adapter).items():
         key = f"diffusion_model.{to_original(module)}"
         out[f"{key}.lora_down.weight"] = a
         if in_blocks(module):
@@ -109,18 +109,46 @@ def comfyui_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     return out
 
 
+def original_pairs(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapter's pairs by the original model's layers: a Wan2.2-Animate face adapter's key and
+    value LoRAs become one pair of its fused `linear1_kv` (key rows first), the downs stacked and the
+    ups block-diagonal, so up @ down is the two updates stacked (a rank-2r pair; a layer not trained
+    gives zeros). Named by its key layer (to_original maps both to `linear1_kv`)."""
+    out = {m: p for m, p in adapter.pairs.items() if not _face_kv(m)}
+    for prefix in sorted({m.rsplit(".", 1)[0] for m in adapter.pairs if _face_kv(m)}):
+        pairs = [adapter.pairs.get(f"{prefix}.to_k"), adapter.pairs.get(f"{prefix}.to_v")]
+        a0, b0 = next(p for p in pairs if p is not None)
+        filled = [p if p is not None else (torch.zeros_like(a0), torch.zeros_like(b0)) for p in pairs]
+        out[f"{prefix}.to_k"] = (torch.cat([a for a, _ in filled]), torch.block_diag(*(b for _, b in filled)))
+    return out
+
+
+def _face_kv(module: str) -> bool:
+    return module.startswith("face_adapter.") and module.endswith((".to_k", ".to_v"))
+
+
 def read_original(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """An original-key (ComfyUI) LoRA as {diffusers module: (down, up, scale)}: scale = alpha / rank,
     1 without an alpha (as ComfyUI and diffusers read it)."""
+    from ..models.animate_keys import face_adapter_diffusers
     from ..models.keymap import to_diffusers
 
     parts: dict[str, dict] = {}
     for key, tensor in state_dict.items():
         name = key.removeprefix("diffusion_model.")
         module, part = (name.removesuffix(".alpha"), "alpha") if name.endswith(".alpha") else name.split(".lora_", 1)
-        parts.setdefault(to_diffusers(module), {})[part] = tensor
-    return {m: (p["down.weight"], p["up.weight"], float(p["alpha"]) / p["down.weight"].shape[0] if "alpha" in p else 1.0)
-            for m, p in parts.items()}
+        parts.setdefault(module, {})[part] = tensor
+    out = {}
+    for module, p in parts.items():
+        scale = float(p["alpha"]) / p["down.weight"].shape[0] if "alpha" in p else 1.0
+        layers = face_adapter_diffusers(module)
+        if len(layers) == 2:  # a face adapter's fused key/value: each layer its rows of up, the whole down
+            up = p["up.weight"]
+            for layer, rows in zip(layers, up.chunk(2)):  # own copies: safetensors refuses shared storage
+                out[layer] = (p["down.weight"].clone(), rows.clone(), scale)
+        else:
+            out[to_diffusers(module)] = (p["down.weight"], p["up.weight"], scale)
+    return out
 
 
 def peft_from_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -69,8 +69,8 @@ def check_original_keys(state_dict: dict, variant: Variant, prefix: str) -> list
 
 def diffusers_reads(adapter: Adapter, fmt: str) -> bool:
     """Whether diffusers' loader takes the file: its converter of original-key files (0.42) knows
-    the main blocks and embedders, not VACE's blocks."""
-    return fmt == "diffusers" or not any(m.startswith("vace_blocks.") for m in adapter.pairs)
+    the main blocks and embedders, not VACE's blocks nor Animate's face adapters."""
+    return fmt == "diffusers" or not any(m.startswith(("vace_blocks.", "face_adapter.")) for m in adapter.pairs)
 
 
 def check_original_file(path, adapter: Adapter, variant: Variant) -> Check:

@@ -26,6 +26,26 @@ def is_animate_key(name: str) -> bool:
     return name.startswith(ANIMATE_PREFIXES)
 
 
+def face_adapter_original(module: str) -> str | None:
+    """A face adapter layer's original module name (a LoRA target: to_q, to_k, to_v, to_out), None for
+    other names. Key and value are one original layer, `linear1_kv` (key rows first)."""
+    m = re.fullmatch(r"face_adapter\.(\d+)\.(to_q|to_k|to_v|to_out)", module)
+    if not m:
+        return None
+    part = "linear1_kv" if m.group(2) in ("to_k", "to_v") else _ADAPTER[m.group(2)]
+    return f"face_adapter.fuser_blocks.{m.group(1)}.{part}"
+
+
+def face_adapter_diffusers(original: str) -> list[str]:
+    """The diffusers layers of an original face adapter module (two for `linear1_kv`: key, value); []
+    for other names."""
+    m = re.fullmatch(r"face_adapter\.fuser_blocks\.(\d+)\.(linear1_q|linear1_kv|linear2)", original)
+    if not m:
+        return []
+    parts = {"linear1_q": ["to_q"], "linear1_kv": ["to_k", "to_v"], "linear2": ["to_out"]}[m.group(2)]
+    return [f"face_adapter.{m.group(1)}.{p}" for p in parts]
+
+
 def to_original_animate(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The Animate-only entries of a diffusers state dict, under original names and shapes."""
     out: dict[str, torch.Tensor] = {}

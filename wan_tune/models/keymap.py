@@ -82,13 +82,22 @@ def _convert(name: str, table: list[tuple[re.Pattern[str], str]], what: str) -> 
 
 
 def to_original(name: str) -> str:
-    """diffusers name (module path or parameter key) -> original Wan name."""
-    return _convert(name, _TO_ORIGINAL, "original")
+    """diffusers name (module path or parameter key) -> original Wan name (a Wan2.2-Animate face
+    adapter's layer: its original module, `linear1_kv` for both key and value)."""
+    from .animate_keys import face_adapter_original
+
+    return face_adapter_original(name) or _convert(name, _TO_ORIGINAL, "original")
 
 
 def to_diffusers(name: str) -> str:
-    """Original Wan name (module path or parameter key) -> diffusers name."""
-    return _convert(name, _TO_DIFFUSERS, "diffusers")
+    """Original Wan name (module path or parameter key) -> diffusers name. A face adapter's fused
+    `linear1_kv` is two diffusers layers: refused here (export/adapters.py splits its LoRA)."""
+    from .animate_keys import face_adapter_diffusers
+
+    layers = face_adapter_diffusers(name)
+    if len(layers) > 1:
+        raise UnmappedKeyError(f"{name!r} is {' and '.join(layers)} in diffusers: split it first")
+    return layers[0] if layers else _convert(name, _TO_DIFFUSERS, "diffusers")
 
 
 def state_dict_to_original(state_dict: dict) -> dict:

@@ -21,7 +21,11 @@ _I2V_EXTRA = ("attn2.add_k_proj", "attn2.add_v_proj")
 # VACE: every Linear of the VACE blocks (attention, ffn, and the hint projections in and out).
 VACE_PRESET = "vace_blocks"
 _VACE_LINEARS = PRESETS["attention"] + PRESETS["ffn"] + ("proj_in", "proj_out")
-PRESET_NAMES = (*PRESETS, VACE_PRESET)
+# Wan2.2-Animate: the face adapters' projections (queries of the tokens, keys and values of the face's
+# motion tokens, output), which add the face's expression to the stream after every 5th block.
+FACE_PRESET = "face_adapters"
+FACE_LINEARS = ("to_q", "to_k", "to_v", "to_out")
+PRESET_NAMES = (*PRESETS, VACE_PRESET, FACE_PRESET)
 
 
 def expand_targets(targets: list[str], variant: Variant) -> list[str]:
@@ -35,7 +39,9 @@ def expand_targets(targets: list[str], variant: Variant) -> list[str]:
         names = PRESETS.get(t, (t,))
         if variant.is_i2v and t in ("attention", "cross_attention"):
             names = names + _I2V_EXTRA
-        if t == VACE_PRESET:
+        if t == FACE_PRESET:
+            names = tuple(f"face_adapter.{i}.{n}" for i in range(variant.face_adapters) for n in FACE_LINEARS)
+        elif t == VACE_PRESET:
             names = tuple(f"vace_blocks.{i}.{n}" for i in range(variant.vace_blocks)
                           for n in _VACE_LINEARS if i == 0 or n != "proj_in")  # only the first projects in
         elif variant.vace and t in PRESETS:
@@ -75,6 +81,8 @@ def module_widths(variant: Variant) -> dict[str, tuple[int, int] | None]:
         out[f"vace_blocks.{i}.proj_out"] = (inner, inner)
     if "vace_layers" in c:
         out["vace_patch_embedding"] = None
+    for i in range(variant.face_adapters):  # the face encoder hands the adapters motion tokens of the stream's width
+        out.update({f"face_adapter.{i}.{n}": (inner, inner) for n in FACE_LINEARS})
     out["proj_out"] = (inner, c["out_channels"] * patch)
     return out
 

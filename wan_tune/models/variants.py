@@ -75,6 +75,11 @@ class Variant:
         return "motion_encoder_dim" in self.transformer
 
     @property
+    def face_adapters(self) -> int:
+        """Wan2.2-Animate: its face adapters, one after every `inject_face_latents_blocks`-th block (0 for the others)."""
+        return self.transformer["num_layers"] // self.transformer["inject_face_latents_blocks"] if self.animate else 0
+
+    @property
     def vace_blocks(self) -> int:
         """How many VACE blocks the transformer has (0 for the others)."""
         return len(self.transformer.get("vace_layers", ()))
