@@ -276,6 +276,18 @@ def test_prep_and_a_training_step_feed_the_transformer_what_the_pipeline_does(an
     with pytest.raises(SampleError, match="--pose-video: for Wan2.2-Animate models"):
         sample(SampleArgs(base=str(tiny_folders["tiny"]), prompt="x", pose_video="p.mp4", out=str(tmp_path / "r.mp4")),
                say=lambda *_: None)
+    # a performance longer than a segment: 17 frames as two segments of 9 (the second starts on the first's last frame)
+    said, long = [], dict(base=str(animate_folder), prompt="a red ball", reference_image=[str(tmp_path / "export" / "reference.png")],
+                          pose_video=str(clips[0].with_suffix(".pose.mp4")), face_video=str(clips[0].with_suffix(".face.mp4")),
+                          lora=str(next((tmp_path / "export").glob("*-comfyui.safetensors"))), steps=2, guidance_scale=1.0,
+                          height=64, width=96, out=str(tmp_path / "long.mp4"))
+    with pytest.raises(SampleError, match="--segment-frames must be 4k\\+1"):
+        sample(SampleArgs(**long, frames=17, segment_frames=8), say=said.append)
+    video, _ = sample(SampleArgs(**long, frames=17, segment_frames=9), say=said.append)
+    assert "sampling 17 frames in 2 segments of 9 at 96x64" in said[-1]
+    from wan_tune.media.footage import probe
+
+    assert probe(str(video), False).frames == 17
     from wan_tune.cli import main
 
     assert main(["check", str(ROOT / "recipes" / "demo-tiny.yaml"), "model.variant=tiny-animate",

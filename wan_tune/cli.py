@@ -404,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background-video", default=None, help="Wan2.2-Animate, replacement: the scene the character goes "
                    "into (with --mask-video, white where the person to replace is)")
     p.add_argument("--frames", type=int, default=33, help="frame count, 4k+1")
+    p.add_argument("--segment-frames", type=int, default=None, help="Wan2.2-Animate: frames per segment (4k+1; default "
+                   "the model's 77, or --frames when fewer); a longer --frames renders segment after segment, each "
+                   "starting on the last frame of the one before")
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")

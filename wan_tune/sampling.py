@@ -54,6 +54,8 @@ class SampleArgs:
     """Wan2.2-Animate: the face video (cropped square), one frame per pose frame."""
     background_video: str | None = None
     """Wan2.2-Animate, replacement: the background the character goes into (with --mask-video, the person's)."""
+    segment_frames: int | None = None
+    """Wan2.2-Animate: frames per segment (None: the model's 77, or `frames` when fewer)."""
     negative_prompt: str = ""
     frames: int = 33
     steps: int = 30
@@ -132,6 +134,8 @@ def animate_problems(args: SampleArgs, variant: Variant | None, base: str) -> li
         problems.append("--control-video is VACE's; Wan2.2-Animate follows --pose-video")
     if args.background_video and not args.mask_video:
         problems.append("--background-video replaces the person in it: give the person's --mask-video too")
+    if args.segment_frames is not None and (args.segment_frames < 5 or (args.segment_frames - 1) % 4):
+        problems.append(f"--segment-frames must be 4k+1 and at least 5 (e.g. 77), got {args.segment_frames}")
     return problems
 
 
@@ -270,7 +274,12 @@ def sample(args: SampleArgs, say=print) -> tuple[Path, Path]:
     height = args.height or (variant.resolution[0] if variant else 480)
     width = args.width or (variant.resolution[1] if variant else 832)
     kwargs, rows = _render_inputs(args, variant, height, width)
-    say(f"sampling {args.frames} frames at {width}x{height}, {args.steps} steps on {device}")
+    segments = ""
+    if variant is not None and variant.animate and args.frames > segment_length(args, variant):
+        length = segment_length(args, variant)
+        count = -(-(args.frames - 1) // (length - 1))  # each further segment adds length - 1 frames
+        segments = f" in {count} segments of {length}"
+    say(f"sampling {args.frames} frames{segments} at {width}x{height}, {args.steps} steps on {device}")
     frames = to_uint8(pipe(**kwargs).frames[0])
     out = write_video(args.out, frames, fps=variant.fps if variant else 16)  # TI2V-5B: 24 fps
     if rows:  # the conditioning above the render
@@ -289,7 +298,7 @@ def _render_inputs(args: SampleArgs, variant: Variant | None, height: int, width
                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   **({"guidance_scale_2": args.guidance_scale_2} if variant and variant.two_experts else {}),
                   generator=torch.Generator().manual_seed(args.seed), output_type="np")
-    if variant is not None and variant.animate:  # WanAnimatePipeline: one segment of --frames
+    if variant is not None and variant.animate:  # WanAnimatePipeline: segments of --segment-frames
         from .media.animate_media import animate_media, animate_rows
 
         try:
@@ -298,7 +307,7 @@ def _render_inputs(args: SampleArgs, variant: Variant | None, height: int, width
                                   args.mask_video)
         except ConditioningError as err:
             raise SampleError(str(err)) from None
-        return dict(kwargs, segment_frame_length=args.frames, **media), animate_rows(media, height, width)
+        return dict(kwargs, segment_frame_length=segment_length(args, variant), **media), animate_rows(media, height, width)
     kwargs["num_frames"] = args.frames
     for key, path in (("image", args.image), ("last_image", args.last_image)):
         if path:
@@ -307,6 +316,13 @@ def _render_inputs(args: SampleArgs, variant: Variant | None, height: int, width
         media = _vace_media(args, height, width, variant.fps)
         return dict(kwargs, conditioning_scale=args.conditioning_scale, **pipeline_inputs(media)), sheet_rows(media, height, width)
     return kwargs, []
+
+
+def segment_length(args: SampleArgs, variant: Variant) -> int:
+    """Wan2.2-Animate's frames per segment: --segment-frames, else the model's own (77), or --frames
+    when fewer. The pipeline renders --frames as segments that each start on the previous one's last
+    frame (the pose and face videos padded to whole segments, the video cut back to --frames)."""
+    return args.segment_frames or min(args.frames, variant.frames)
 
 
 def place(pipe, device: str, say=print) -> None:
