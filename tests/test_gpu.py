@@ -48,8 +48,8 @@ def test_a2_cuda_autocast_hands_attention_fp32_q_k_and_the_cpu_emulation_agrees(
     rms_norm on CUDA's fp32 list (after 2.11: torch 2.11 on an H200 returned bf16); torch's flash
     backward refuses fp32 q/k beside a bf16 v; one_dtype makes them one dtype. The CPU emulation
     (models/precision.py) gives the same dtypes as CUDA for the same module."""
-    from wan_tune.parallel.cp_attention import one_dtype
     from wan_tune.models.precision import cuda_autocast_emulated, on_cuda_fp32_list
+    from wan_tune.parallel.cp_attention import one_dtype
 
     norm = torch.nn.RMSNorm(128, dtype=torch.bfloat16)
     x = torch.randn(1, 64, 8, 128, dtype=torch.bfloat16)
@@ -72,24 +72,26 @@ def test_a2_cuda_autocast_hands_attention_fp32_q_k_and_the_cpu_emulation_agrees(
     torch.nn.functional.scaled_dot_product_attention(qq, kk, vv).float().sum().backward()
 
 
-def _tiny_data(tmp_path: Path) -> tuple[Path, Path]:
+def _tiny_data(tmp_path: Path, variant: str = "tiny") -> tuple[Path, Path, Path]:
     from data_prep.prep import run_prep
     from wan_tune.config import load_recipe
-    from wan_tune.models.tiny import save_tiny_pipeline
     from wan_tune.media.synthetic import make_clips
+    from wan_tune.models.tiny import save_tiny_pipeline
 
-    folder = save_tiny_pipeline(tmp_path / "tiny", "tiny", seed=0)
-    clips = make_clips(tmp_path / "clips", 2, frames=20, height=96, width=128, fps=16)[0].parent
+    folder = save_tiny_pipeline(tmp_path / variant, variant, seed=0)
+    clips = make_clips(tmp_path / "clips", 2, frames=20, height=96, width=128, fps=16, animate=variant == "tiny-animate")[0].parent
     recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
-        f"model.path={folder}", f"data.source={clips}", f"data.shards={tmp_path / 'shards'}", "data.max_clips_per_video=1"])
+        f"model.variant={variant}", f"model.path={folder}", f"data.source={clips}", f"data.shards={tmp_path / 'shards'}",
+        "data.max_clips_per_video=1"])
     run_prep(recipe, progress=False, say=lambda *_: None)
-    return folder, tmp_path / "shards"
+    return folder, tmp_path / "shards", clips
 
 
-def _train(tmp_path: Path, config: str, *extra: str, module: str = "wan_tune.train") -> subprocess.CompletedProcess:
-    folder, shards = _tiny_data(tmp_path)
+def _train(tmp_path: Path, config: str, *extra: str, module: str = "wan_tune.train", variant: str = "tiny") -> subprocess.CompletedProcess:
+    folder, shards, clips = _tiny_data(tmp_path, variant)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "accelerate" / config),
-           "--num_processes", "1", "-m", module, str(ROOT / "recipes" / "demo-tiny.yaml"), f"model.path={folder}",
+           "--num_processes", "1", "-m", module, str(ROOT / "recipes" / "demo-tiny.yaml"), f"model.variant={variant}",
+           f"model.path={folder}", f"data.source={clips}",
            f"data.shards={shards}", f"run.output_dir={tmp_path / 'runs'}", "data.num_workers=0", "data.holdout=0",
            "train.batch_size=1", "train.steps=2", "validation.every=1", "validation.steps=2", *REGIME, *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -105,6 +107,15 @@ def test_a1_one_gpu_lora_run_renders_every_step(tmp_path):
     steps = [json.loads(line) for line in (tmp_path / "runs" / "demo-tiny" / "metrics.jsonl").read_text().splitlines()]
     peaks = [r["peak_mem_gb"] for r in steps if "peak_mem_gb" in r]
     assert peaks and all(0 < p <= r for p, r in zip(peaks, [r["peak_reserved_gb"] for r in steps if "peak_mem_gb" in r]))
+
+
+def test_animate_lora_with_face_adapters_renders_every_step(tmp_path):
+    """Wan2.2-Animate (#38) on one GPU: LoRAs on the blocks and face adapters, both checkpointed, the
+    motion encoder's fp32 QR under bf16 autocast, a render of a clip's pose and face every step."""
+    proc = _train(tmp_path, "single_gpu.yaml", "train.gradient_checkpointing=true",
+                  "adapter.targets=[attention,ffn,face_adapters]", variant="tiny-animate")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(list((tmp_path / "runs" / "demo-tiny" / "validation").glob("step-*/00.png"))) == 2
 
 
 def test_a3_fsdp2_feeds_wan_fp32_timesteps_and_rope_tables(tmp_path):

@@ -138,10 +138,10 @@ def regime_data(tiny_folders, tiny_shards, tmp_path_factory) -> dict[str, tuple[
 
     root = tmp_path_factory.mktemp("regime")
     data = {v: (tiny_folders[v], tiny_shards[v], tiny_shards[v].parent / "clips") for v in ("tiny", "tiny-i2v")}
-    for v in ("tiny-flf2v", "tiny-ti2v", "tiny-a14b", "tiny-vace"):
+    for v in ("tiny-flf2v", "tiny-ti2v", "tiny-a14b", "tiny-vace", "tiny-animate"):
         folder = save_tiny_pipeline(root / v, v, seed=0)
         clips = make_clips(root / f"clips-{v}", 2, frames=20, height=96, width=128, fps=24 if v == "tiny-ti2v" else 16,
-                           vace=v == "tiny-vace")[0].parent
+                           vace=v == "tiny-vace", animate=v == "tiny-animate")[0].parent
         recipe = load_recipe(ROOT / "recipes" / "demo-tiny.yaml", [
             f"model.variant={v}", f"model.path={folder}", f"data.source={clips}", f"data.shards={root / f'shards-{v}'}",
             "data.shard_dtype=fp32", "data.max_clips_per_video=1", *(["data.task=i2v"] if v == "tiny-ti2v" else [])])
@@ -194,6 +194,11 @@ CASES = {
     "routed": ("tiny", (*CKPT, "train.route_ratio=0.5", "train.route_start=0", "train.route_end=1")),
     "routes-fp8": ("tiny", ("train.fp8_base=true",
                             "train.routes=[{ratio: 0.5, start: 0, end: 0}, {ratio: 0.25, start: 1, end: 1}]")),
+    # #38: Wan2.2-Animate with LoRAs on its face adapters (checkpointed with the blocks), renders of a
+    # clip's pose and face; and with the memory settings a 14B needs on one GPU.
+    "animate": ("tiny-animate", (*CKPT, "adapter.targets=[attention,ffn,face_adapters]", "animate.drop_face=0.5")),
+    "animate-offload-fp8": ("tiny-animate", (*CKPT, "train.fp8_base=true", "train.activation_offload=true",
+                                             "train.ffn_chunks=2", "train.offload=blocks", "train.offload_keep=0")),
 }
 
 
@@ -236,9 +241,11 @@ def test_each_setting_trains_renders_every_step_and_exports_in_the_gpu_regime(ca
 def probe_launch(config: str, tiny_folders, tiny_shards, out: Path, *extra: str):
     """`launch` with CUDA's fp32 autocast ops emulated in every process, and the dtype probe:
     tests/regime_probe.py runs the trainer with hooks that print what the time embedder and block 0's
-    attention receive."""
+    attention receive. `tiny_folders` / `tiny_shards`: {variant: path} (one entry: that variant)."""
     env = {"WAN_TUNE_CUDA_AUTOCAST": "1"}
-    return launch(config, tiny_folders, tiny_shards, out, *REGIME, *EVERY_STEP, *extra, env=env, module="regime_probe")
+    variant = next(iter(tiny_folders)) if len(tiny_folders) == 1 else "tiny"
+    return launch(config, tiny_folders, tiny_shards, out, *REGIME, *EVERY_STEP, *extra, env=env, module="regime_probe",
+                  variant=variant)
 
 
 def probed(stdout: str) -> list[dict]:
@@ -277,6 +284,23 @@ def test_each_launch_trains_and_renders_every_step_in_the_gpu_regime(name, tiny_
         assert r["timestep"] == "torch.float32" and r["rope"] == ["torch.float32", "torch.float32"], r
         if name.startswith("fsdp2"):  # gradients reduce in fp32, as DDP's do
             assert r["reduce_dtype"] == "torch.float32" and r["param_dtype"] == "torch.bfloat16", r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["multi_cpu.yaml", "zero3_cpu.yaml", "fsdp2_cpu.yaml"])
+def test_animate_trains_alike_on_every_rank_in_the_gpu_regime(config, regime_data, tmp_path):
+    """Wan2.2-Animate under DDP, ZeRO-3 (each layer's weights gathered around its forward, the face
+    adapters' recompute in the backward too) and FSDP2: LoRAs on the blocks and the face adapters,
+    gradient checkpointing, a render of a clip's pose and face every step; the ranks end with the same
+    weights."""
+    folder, shards, clips = regime_data["tiny-animate"]
+    proc = probe_launch(config, {"tiny-animate": folder}, {"tiny-animate": shards}, tmp_path, f"data.source={clips}",
+                        *CKPT, "adapter.targets=[attention,ffn,face_adapters]")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    digests = rank_digests(proc.stdout)
+    assert set(digests) == {0, 1} and digests[0] == digests[1]
+    renders = sorted(p.parent.name for p in (tmp_path / "demo-tiny" / "validation").glob("step-*/00.png"))
+    assert renders == ["step-000001", "step-000002"]
 
 
 def test_ranks_outwait_a_long_render():
