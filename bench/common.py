@@ -22,8 +22,9 @@ from wan_tune.models.variants import get_variant
 def model_folder(variant_name: str, root: Path) -> Path:
     """A folder wan-tune loads the variant from: the whole tiny pipeline for tiny variants, else
     <root>/<variant>/transformer/ with random weights of the real architecture. Built once."""
-    from diffusers import WanTransformer3DModel
+    from wan_tune.models.variants import transformer_class
 
+    WanTransformer3DModel = transformer_class(get_variant(variant_name))  # Animate: its own class
     folder = root / variant_name
     if get_variant(variant_name).tiny:
         from wan_tune.models.tiny import save_tiny_pipeline
@@ -53,7 +54,8 @@ def model_folder(variant_name: str, root: Path) -> Path:
 
 
 def synthetic_shards(variant_name: str, root: Path, samples: int, latent_fhw: tuple[int, int, int], text_len: int = 32) -> Path:
-    """Shards of `samples` random samples with latents [16, F', H', W'] and text [text_len, D]."""
+    """Shards of `samples` random samples with latents [16, F', H', W'] and text [text_len, D] (I2V and
+    Animate: their conditioning as prep stores it)."""
     v = get_variant(variant_name)
     out = root / f"shards-{variant_name}-{samples}-{'x'.join(map(str, latent_fhw))}"
     if (out / shards.INDEX_FILE).is_file():
@@ -64,14 +66,20 @@ def synthetic_shards(variant_name: str, root: Path, samples: int, latent_fhw: tu
     writer = shards.ShardWriter(out, 0, per_file=16, dtype=torch.bfloat16)
     for i in range(samples):
         tensors = {"latents": torch.randn(16, f, h, w, generator=g), "text": torch.randn(text_len, v.transformer["text_dim"], generator=g)}
-        if v.is_i2v:
+        if v.animate:  # what prep stores for Animate (models/animate.py), the face as its 8-bit frames
+            size = v.transformer["motion_encoder_size"]
+            tensors.update(reference=torch.randn(20, 1, h, w, generator=g), segment=torch.randn(20, f, h, w, generator=g),
+                           pose=torch.randn(16, f, h, w, generator=g),
+                           face=torch.randint(0, 256, (3, frames, size, size), generator=g, dtype=torch.uint8),
+                           image_embeds=torch.randn(257, v.transformer["image_dim"], generator=g))
+        elif v.is_i2v:
             tensors["condition"] = torch.randn(20, f, h, w, generator=g)
             tensors["image_embeds"] = torch.randn(257, v.transformer["image_dim"], generator=g)
         writer.add({"id": f"s{i:06d}", "source": "synthetic", "caption": "benchmark", "frames": frames, "height": height,
                     "width": width, "start_frame": 0, "start_s": 0.0, "end_s": 0.0}, tensors)
     writer.close()
     shards.save_empty_prompt(out, torch.zeros(1, v.transformer["text_dim"]), torch.bfloat16)
-    shards.write_meta(out, {"variant": variant_name, "task": v.task, "vae": {}, "settings": {}, "encoders": {}})
+    shards.write_meta(out, {"variant": variant_name, "task": v.shard_task(v.task), "vae": {}, "settings": {}, "encoders": {}})
     shards.merge_index(out)
     return out
 

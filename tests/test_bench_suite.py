@@ -54,6 +54,8 @@ def test_the_gpu_suite_runs_every_row_and_writes_its_tables(tmp_path):
         part = text.split(f"<!-- settings: tiny {latent} -->")[1].split("<!-- /settings -->")[0]
         assert f"({tokens} tokens)" in part  # the plan counts the latent trained (audit A4), not the demo's
         assert re.search(r"^\| plan \(`train\.gradient_checkpointing=\w+ .*`\) \| [0-9.]+ \|", part, re.M), part
+    animate = text.split("<!-- settings: tiny-animate 2x8x12 -->")[1].split("<!-- /settings -->")[0]
+    assert re.search(r"^\| fp8 \| [0-9.]+ \|", animate, re.M) and "(72 tokens)" in animate  # 2 latent frames + the reference
     # A rerun replaces its own table.
     _suite(docs, "backends")
     again = docs.read_text()
@@ -63,7 +65,7 @@ def test_the_gpu_suite_runs_every_row_and_writes_its_tables(tmp_path):
 
 def test_an_unknown_part_is_refused():
     out = subprocess.run(["bash", "bench/gpu_suite.sh", "everything"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2 and "unknown part 'everything' (all, 1.3b, backends, 14b)" in out.stderr
+    assert out.returncode == 2 and "unknown part 'everything' (all, 1.3b, backends, 14b, animate)" in out.stderr
 
 
 def test_each_row_plans_the_shape_it_trains():
