@@ -207,7 +207,7 @@ class StepCount:
     """Bytes of each frozen parameter outside the blocks (embedders, head; VACE blocks): with the
     blocks', what an idle Wan2.2 expert parks in host memory."""
     adapters: int = 0
-    """Wan2.2-Animate: face adapters in the counted model (the plan's has one after each block)."""
+    """Wan2.2-Animate: face adapters in the counted model (the plan's: after blocks 0 and 2 of 4)."""
     adapter_every: int = 0
     """Wan2.2-Animate: the whole model has one after every `adapter_every`-th block (0: none)."""
     adapter: "StepCount | None" = None
@@ -357,11 +357,11 @@ def count_step(recipe, variant, batch_shapes: dict, load_dtype: torch.dtype, aut
     start = model.blocks[0].register_forward_pre_hook(first_block)
     with kernels, autocasting, live, routing, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        saved, ends, adapter_ends = _step(model, variant, batch, live)
+        saved, ends = _step(model, variant, batch, live)
     start.remove()
     block = model.blocks[1]
     adapter = None
-    if adapter_ends and face_every == 2 and layers == 4:  # Animate: adapters after blocks 0 and 2
+    if variant.animate and face_every == 2 and layers == 4:  # face adapters after blocks 0 and 2
         # Block 2 follows block 1 alone; block 3 follows face adapter 1 (and the sum of its output
         # with the stream): what it adds beyond a block is the adapter's.
         block_adds = [b - a for a, b in zip(ends[1], ends[2])]
@@ -397,10 +397,10 @@ def _frozen_bytes(module) -> dict[str, int]:
     return out
 
 
-def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list, list]:
+def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list[tuple[int, int]]]:
     """Forward, loss and backward as the trainer runs them. Returns the bytes autograd saved for the
     backward (unique storages, parameters excluded), and (saved, alive) bytes at the end of each
-    block's forward, and of each face adapter's (Wan2.2-Animate)."""
+    block's forward."""
     from ..training import flow_matching as fm
 
     latents = batch["latents"]
@@ -412,11 +412,9 @@ def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list, list
         saved.setdefault(t.untyped_storage()._cdata, t.untyped_storage())
         return t
 
-    adapter_ends: list[tuple[int, int]] = []  # Wan2.2-Animate: after each face adapter
-
-    def block_done(_module, _args, _out, into=ends):
+    def block_done(_module, _args, _out):
         if torch._C._current_graph_task_id() == -1:  # the forward, not a recompute in the backward
-            into.append((len(saved), live.now))
+            ends.append((len(saved), live.now))
 
     hooks, checkpointed = [], model.gradient_checkpointing
     if checkpointed:
@@ -434,7 +432,6 @@ def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list, list
         checkpoint, model._gradient_checkpointing_func = model._gradient_checkpointing_func, after
     else:
         hooks = [b.register_forward_hook(block_done) for b in model.blocks]
-    hooks += [a.register_forward_hook(partial(block_done, into=adapter_ends)) for a in getattr(model, "face_adapter", ())]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         pred, target = fm.predict(model, variant, batch, sigmas, noise, model.dtype)
         loss = fm.flow_matching_loss(pred, target, torch.ones_like(sigmas))
@@ -446,10 +443,10 @@ def _step(model, variant, batch: dict, live: LiveBytes) -> tuple[int, list, list
     # casting swaps it during the forward, and its upcast copies that autograd keeps do count).
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     sizes = [0 if k in weights else s.nbytes() for k, s in saved.items()]
-    ends, adapter_ends = ([(sum(sizes[:n]), alive) for n, alive in e] for e in (ends, adapter_ends))
+    ends = [(sum(sizes[:n]), alive) for n, alive in ends]
     saved.clear()
     loss.backward()  # pred and target stay alive through it, as in the trainer's loop
-    return sum(sizes), ends, adapter_ends
+    return sum(sizes), ends
 
 
 def _block_checkpoint(model, recipe, kernels: DeviceKernels):
