@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from wan_tune.media.animate_media import open_reference
 from wan_tune.media.footage import SkipClip, pictures
 from wan_tune.media.vace_inputs import mask_problem, window_frames
+from wan_tune.media.vace_media import ConditioningError
 from wan_tune.models.animate import encode_conditions
 
 from .buckets import resize_crop
@@ -34,10 +36,9 @@ def animate_tensors(animate_pipe, sample, video: torch.Tensor, mode: str) -> dic
             raise SkipClip(problem)
     if inputs.references:
         try:
-            with Image.open(inputs.references[0]) as im:
-                reference = im.convert("RGB")
-        except Exception as err:  # checked when planned; a file changed since is a reason, not a crash
-            raise SkipClip(f"reference image {Path(inputs.references[0]).name}: {err}") from None
+            reference = open_reference(inputs.references[0])
+        except ConditioningError as err:  # checked when planned; a file changed since is a reason, not a crash
+            raise SkipClip(str(err)) from None
     else:
         reference = pictures(video[:, [0]])[0]
     return encode_conditions(animate_pipe, reference, cut(inputs.pose), face, h, w, mode, background, mask)

@@ -458,7 +458,8 @@ def test_a_face_adapter_lora_is_one_fused_key_value_lora_in_comfyui(tmp_path):
     value as one layer (`linear1_kv`): the comfyui file gives it one pair whose update is the key's and
     the value's stacked (alpha/rank folded into up: outside the blocks), and q and o under their
     original names. Read back (the self-test), and loaded into diffusers by `wan-tune sample`'s path
-    (split into its two layers), every update is the trained one; kohya refuses it (outside the blocks)."""
+    (split into its two layers), every update is the trained one, and `adapter.init_from` continues it
+    at its own rank; kohya refuses it (outside the blocks)."""
     from safetensors.torch import save_file
 
     from wan_tune.config import load_recipe
@@ -468,6 +469,7 @@ def test_a_face_adapter_lora_is_one_fused_key_value_lora_in_comfyui(tmp_path):
         comfyui_state_dict,
         kohya_state_dict,
         peft_from_original,
+        read_original,
     )
     from wan_tune.export.selftest import check_adapter_file, check_original_file
     from wan_tune.plan.meta_step import build_model
@@ -503,6 +505,19 @@ def test_a_face_adapter_lora_is_one_fused_key_value_lora_in_comfyui(tmp_path):
     assert check.ok and check.modules == 8, check
     with pytest.raises(ExportError, match="outside the transformer blocks"):
         kohya_state_dict(adapter, True)
+    # read back as the trained rank-4 pairs (the block-diagonal halves), so adapter.init_from continues it
+    split = read_original(comfy)
+    assert split["face_adapter.1.to_v"][0].shape[0] == 4
+    assert torch.equal(split["face_adapter.1.to_v"][0], adapter.pairs["face_adapter.1.to_v"][0])
+    from wan_tune.training.init_from import start_from
+
+    torch.manual_seed(1)
+    again = build_model(recipe, variant, 2, torch.float32, device="cpu", face_every=None)
+    assert start_from(again, tmp_path / "comfy.safetensors", 4, 8.0) == 8
+    for i, block in enumerate(again.face_adapter):
+        for name in ("to_q", "to_k", "to_v", "to_out"):
+            want = getattr(model.face_adapter[i], name).get_delta_weight("default")
+            assert torch.allclose(getattr(block, name).get_delta_weight("default"), want, atol=1e-5), (i, name)
     from wan_tune.cli import main
 
     assert main(["check", str(ROOT / "recipes" / "demo-tiny.yaml"), "adapter.targets=[face_adapters]"]) == 2  # not Animate

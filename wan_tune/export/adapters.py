@@ -130,7 +130,7 @@ def _face_kv(module: str) -> bool:
 def read_original(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """An original-key (ComfyUI) LoRA as {diffusers module: (down, up, scale)}: scale = alpha / rank,
     1 without an alpha (as ComfyUI and diffusers read it)."""
-    from ..models.animate_keys import face_adapter_diffusers
+    from ..models.animate_keys import face_adapter_diffusers, split_fused_kv
     from ..models.keymap import to_diffusers
 
     parts: dict[str, dict] = {}
@@ -142,10 +142,10 @@ def read_original(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.
     for module, p in parts.items():
         scale = float(p["alpha"]) / p["down.weight"].shape[0] if "alpha" in p else 1.0
         layers = face_adapter_diffusers(module)
-        if len(layers) == 2:  # a face adapter's fused key/value: each layer its rows of up, the whole down
-            up = p["up.weight"]
-            for layer, rows in zip(layers, up.chunk(2)):  # own copies: safetensors refuses shared storage
-                out[layer] = (p["down.weight"].clone(), rows.clone(), scale)
+        if len(layers) == 2:  # a face adapter's fused key/value: its key's and value's pairs
+            for layer, pair in zip(layers, split_fused_kv(p["down.weight"], p["up.weight"])):
+                if pair is not None:
+                    out[layer] = (*pair, scale)
         else:
             out[to_diffusers(module)] = (p["down.weight"], p["up.weight"], scale)
     return out

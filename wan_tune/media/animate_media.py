@@ -16,14 +16,7 @@ def animate_media(reference, pose: str, face: str, frames: int, height: int, wid
     `background_video`, `mask_video`, `mode`."""
     from PIL import Image
 
-    if isinstance(reference, Image.Image):
-        image = reference.convert("RGB")
-    else:
-        try:
-            with Image.open(reference) as im:
-                image = im.convert("RGB")
-        except Exception as err:
-            raise ConditioningError(f"reference image {reference}: not a readable image ({type(err).__name__})") from None
+    image = reference.convert("RGB") if isinstance(reference, Image.Image) else open_reference(reference)
     at = dict(start_s=start_s, fps=fps)
     media = {"image": image, "pose_video": control_frames(pose, frames, height, width, **at, what="pose video"),
              "face_video": control_frames(face, frames, face_size, face_size, **at, what="face video")}
@@ -34,6 +27,17 @@ def animate_media(reference, pose: str, face: str, frames: int, height: int, wid
                      background_video=control_frames(background, frames, height, width, **at, what="background video"),
                      mask_video=mask_frames(mask, frames, height, width, **at))
     return media
+
+
+def open_reference(path):
+    """The character's reference image as RGB, or a ConditioningError naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as err:
+        raise ConditioningError(f"reference image {path}: not a readable image ({type(err).__name__})") from None
 
 
 def animate_rows(media: dict, height: int, width: int) -> list[tuple[str, "object"]]:

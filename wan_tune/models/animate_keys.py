@@ -36,6 +36,20 @@ def face_adapter_original(module: str) -> str | None:
     return f"face_adapter.fuser_blocks.{m.group(1)}.{part}"
 
 
+def split_fused_kv(down: torch.Tensor, up: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """A LoRA pair (down [r, in], up [2 out, r]) of a face adapter's fused `linear1_kv` as the key's
+    and the value's pairs, each with its rows of up (key first): exact for any pair. Where up is
+    block-diagonal in halves (wan-tune's own export: two rank-r/2 pairs stacked), each layer gets its
+    own half of the rank; else each takes the whole down. None for a layer whose rows are all zero
+    (wan-tune fills an untrained one so). Copies: safetensors refuses shared storage."""
+    rows, half = up.chunk(2), down.shape[0] // 2
+    if down.shape[0] % 2 == 0 and not rows[0][:, half:].any() and not rows[1][:, :half].any():
+        pairs = [(down[:half], rows[0][:, :half]), (down[half:], rows[1][:, half:])]
+    else:
+        pairs = [(down, rows[0]), (down, rows[1])]
+    return [(a.clone(), b.clone()) if b.any() else None for a, b in pairs]
+
+
 def face_adapter_diffusers(original: str) -> list[str]:
     """The diffusers layers of an original face adapter module (two for `linear1_kv`: key, value); []
     for other names."""

@@ -37,7 +37,9 @@ def spellings(modules) -> dict[str, str]:
             original = to_original(m)
         except UnmappedKeyError:  # a module only diffusers names
             original = m
-        for name in (m, original):
+        # A face adapter's key and value are one original layer (linear1_kv): named by its key layer.
+        fused_value = m.startswith("face_adapter.") and m.endswith(".to_v")
+        for name in (m,) if fused_value else (m, original):
             out[name] = out[name.replace(".", "_")] = m
     return out
 
@@ -81,6 +83,13 @@ def read_lora(path: str | Path, modules) -> tuple[dict[str, tuple[torch.Tensor, 
             raise LoraFileError(f"{path}: {module} has {'no down/A' if 0 not in p else 'no up/B'} matrix")
         rank = p[0].shape[0]
         scale = float(p["alpha"]) / rank if "alpha" in p else default_scale.get(rank, 1.0)
+        if "linear1_kv" in keys[module]:  # a face adapter's fused key/value (original keys): its two layers
+            from .animate_keys import split_fused_kv
+
+            for layer, pair in zip((module, module.removesuffix("to_k") + "to_v"), split_fused_kv(p[0], p[1])):
+                if pair is not None:
+                    pairs[layer], keys[layer] = (*pair, scale), keys[module]
+            continue
         pairs[module] = (p[0], p[1], scale)
     if not pairs:
         raise LoraFileError(f"{path} holds no LoRA pairs")
