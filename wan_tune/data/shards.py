@@ -398,6 +398,17 @@ class ShardReader:
     def row(self, i: int) -> dict:
         return self.index.iloc[i].to_dict()
 
+    def clip_rows(self, prefer: list[int] = ()):
+        """The index's rows one per clip (a clip's first window; a clip: its source within its
+        dataset), the clips of the `prefer`red samples first (validation: the held-out ones)."""
+        preferred, seen = set(prefer), set()
+        for i in [*prefer, *(i for i in range(len(self)) if i not in preferred)]:
+            row = self.row(i)
+            clip = (row.get("dataset"), row["source"])
+            if clip not in seen:
+                seen.add(clip)
+                yield row
+
     def empty_prompt(self) -> torch.Tensor:
         from safetensors.torch import load_file
 

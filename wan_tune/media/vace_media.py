@@ -117,15 +117,11 @@ def _clip_media(recipe, height: int, width: int, prefer: list[int]) -> list[dict
     from .vace_inputs import VaceInputs
 
     v = recipe.validation
-    reader = ShardReader(recipe.data.shards)
-    order = list(prefer) + [i for i in range(len(reader)) if i not in set(prefer)]
-    out, seen = [], set()
-    for i in order:
-        row = reader.row(i)
+    out = []
+    for row in ShardReader(recipe.data.shards).clip_rows(prefer):
         inputs = VaceInputs.from_json(row.get("vace"))  # the files prep encoded this clip's context from
-        if not inputs or row["source"] in seen:
+        if not inputs:
             continue
-        seen.add(row["source"])
         start = float(row["start_s"])
         out.append({"video": control_frames(inputs.control, v.frames, height, width, start, recipe.data.fps)
                     if inputs.control else None,

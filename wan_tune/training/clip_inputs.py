@@ -8,21 +8,6 @@ from ..config import Recipe
 from ..config.sources import DEFAULT_NAME, footage_file
 
 
-def clip_rows(shards, prefer: list[int]):
-    """The shard index's rows, one per clip (its first window), `prefer`red samples' clips first."""
-    from ..data.shards import ShardReader
-
-    reader = ShardReader(shards)
-    preferred = set(prefer)
-    seen = set()
-    for i in list(prefer) + [i for i in range(len(reader)) if i not in preferred]:
-        row = reader.row(i)
-        clip = (row.get("dataset") or DEFAULT_NAME, row["source"])
-        if clip not in seen:
-            seen.add(clip)
-            yield row
-
-
 def window_pictures(recipe: Recipe, row: dict, last: bool = False) -> list:
     """The first frame (PIL) of `row`'s window, and with `last` the frame at the window's last
     frame's time, through prep's own reader (rotation and variable frame rate as prep saw them)."""
@@ -46,8 +31,10 @@ def window_pictures(recipe: Recipe, row: dict, last: bool = False) -> list:
 def clip_first_frames(recipe: Recipe, shards, prefer: list[int], count: int, last: bool = False) -> list:
     """I2V validation without `validation.images`: the first frames of the windows of `count`
     clips, held-out ones (`prefer`) first. `last` (FLF2V): (first, last) pairs."""
+    from ..data.shards import ShardReader
+
     frames = []
-    for row in clip_rows(shards, prefer):
+    for row in ShardReader(shards).clip_rows(prefer):
         pictures = window_pictures(recipe, row, last)
         frames.append(tuple(pictures) if last else pictures[0])
         if len(frames) == count:
@@ -62,22 +49,20 @@ def animate_validation_media(recipe: Recipe, face_size: int, height: int, width:
     of them at the recipe's frame rate, and the character: `validation.references[i]` (your mascot
     performing the clip), else the clip's reference image, else its window's first frame (as prep
     took it for training)."""
+    from itertools import islice
+
+    from ..data.shards import ShardReader
     from ..media.animate_media import animate_media
     from ..media.vace_inputs import VaceInputs
 
-    v = recipe.validation
-    clips = []
-    for row in clip_rows(recipe.data.shards, prefer):
-        clips.append(row)
-        if len(clips) == len(v.prompts):
-            break
+    v, replace = recipe.validation, recipe.animate.mode == "replace"
+    clips = list(islice(ShardReader(recipe.data.shards).clip_rows(prefer), len(v.prompts)))
     out = []
     for i in range(len(v.prompts)):
         row = clips[i % len(clips)]
         inputs = VaceInputs.from_json(row.get("vace"))
         given = v.references[i].strip() if i < len(v.references) else ""
         reference = given or (inputs.references[0] if inputs.references else window_pictures(recipe, row)[0])
-        replace = recipe.animate.mode == "replace"
         _, fps = footage_file(recipe, row.get("dataset") or DEFAULT_NAME, row["source"])  # the source's rate
         out.append(animate_media(reference, inputs.pose, inputs.face, v.frames, height, width, face_size, fps,
                                  inputs.background if replace else None, inputs.mask if replace else None,
